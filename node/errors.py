@@ -1,0 +1,53 @@
+"""Exception types shared by every stage.
+
+Every error raised for bad input says *what* is wrong and *where* (file, tag,
+field), in one line, so that the command line, the log and the job store can
+show it verbatim.  ``InputError`` and its subclasses mean "the input is bad,
+retrying will not help"; anything else is treated as a possibly transient
+failure by the job runner.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NodeError(Exception):
+    """Base class for all errors raised by the node."""
+
+
+class InputError(NodeError):
+    """The input (a DICOM file, a series, a profile, a rule file) is unusable.
+
+    Args:
+        message: one-line description of the problem.
+        path: the file the problem was found in, if any.
+        tag: the DICOM keyword or configuration field at fault, if any.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, tag: str | None = None) -> None:
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.tag = tag
+        parts = []
+        if self.path:
+            parts.append(self.path)
+        if tag:
+            parts.append(tag)
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class SeriesError(InputError):
+    """A DICOM series cannot be turned into a volume (geometry, decoding, identity)."""
+
+
+class ProfileError(InputError):
+    """An organ profile file is invalid or cannot be found."""
+
+
+class BackendUnavailable(NodeError):
+    """A segmentation backend's package or model is not installed.
+
+    The message carries the exact command (or folder) needed to fix it.
+    """

@@ -1,0 +1,128 @@
+"""The in-memory volume every backend works on, and its link back to the source frames.
+
+Conventions (used everywhere in ``node.pipeline``):
+
+* ``Volume.array`` is indexed ``[k, j, i]`` = ``[slice, row, column]`` (C order, so it
+  maps without copying onto VTK/ITK images whose x axis is the DICOM column).
+* ``Volume.affine`` maps the index vector ``(i, j, k, 1)`` to patient coordinates in
+  DICOM LPS millimetres.  Column ``0`` is the direction of increasing column index
+  (DICOM row cosine, IOP[0:3]) times the column spacing, column ``1`` the direction of
+  increasing row index (IOP[3:6]) times the row spacing, column ``2`` the slice step.
+* ``Volume.frames`` lists the *original* image frames in acquisition geometry; when the
+  volume had to be resampled (gantry tilt, uneven spacing) the volume slices no longer
+  correspond 1:1 to frames, and :meth:`Volume.mask_on_frames` resamples a mask back
+  onto every original frame (nearest neighbour), which is what the DICOM SEG needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class SourceFrame:
+    """One original image frame (a single-frame instance or one frame of a multi-frame one)."""
+
+    path: Path | None
+    """File the frame was read from (``None`` when built in memory)."""
+    frame_number: int | None
+    """1-based frame number inside a multi-frame instance, ``None`` for single-frame."""
+    sop_instance_uid: str
+    position: np.ndarray
+    """ImagePositionPatient (LPS mm) of the first transmitted pixel."""
+    orientation: np.ndarray
+    """ImageOrientationPatient: row cosine (3) followed by column cosine (3)."""
+    pixel_spacing: tuple[float, float]
+    """(spacing between rows, spacing between columns) in mm, as DICOM PixelSpacing."""
+    rows: int
+    columns: int
+
+    def pixel_to_patient(self) -> np.ndarray:
+        """4x4 matrix mapping ``(column, row, 0, 1)`` of this frame to LPS mm."""
+        row_cos = np.asarray(self.orientation[:3], dtype=float)
+        col_cos = np.asarray(self.orientation[3:], dtype=float)
+        m = np.eye(4)
+        m[:3, 0] = row_cos * self.pixel_spacing[1]
+        m[:3, 1] = col_cos * self.pixel_spacing[0]
+        m[:3, 2] = np.cross(row_cos, col_cos)
+        m[:3, 3] = np.asarray(self.position, dtype=float)
+        return m
+
+
+@dataclass
+class SeriesInfo:
+    """Identity and descriptive tags of the series a volume came from."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str | None
+    modality: str
+    series_description: str = ""
+    series_number: int | None = None
+    contrast_applied: bool = False
+    """True when the header says a contrast agent was given (ContrastBolusAgent etc.)."""
+    source_datasets: list[Any] = field(default_factory=list)
+    """pydicom Datasets (headers, pixel data removed) of the source instances, in frame order;
+    a multi-frame source appears once.  Used to reference the source in the DICOM SEG."""
+
+
+@dataclass
+class Volume:
+    """A CT volume in Hounsfield units on a regular grid, with its geometry and provenance."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    info: SeriesInfo
+    frames: list[SourceFrame]
+    resampled: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(slices, rows, columns)``."""
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along ``(i, j, k)`` = (column step, row step, slice step)."""
+        s = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(s[0]), float(s[1]), float(s[2]))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres."""
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def mask_on_frames(self, mask: np.ndarray) -> np.ndarray:
+        """Map a boolean mask on the volume grid onto the original frames.
+
+        Returns an array ``(len(frames), rows, columns)`` of bools, frame order as
+        ``self.frames``.  Without resampling this is the mask itself re-ordered to the
+        frame order; otherwise every source pixel's centre is looked up in the volume
+        (nearest neighbour), so tilted or unevenly spaced frames get exactly the labels
+        that lie at their pixels in patient space.
+        """
+        if mask.shape != self.array.shape:
+            raise ValueError(f"mask shape {mask.shape} != volume shape {self.array.shape}")
+        if not self.resampled and len(self.frames) == mask.shape[0]:
+            return mask.astype(bool, copy=False)
+        inv = np.linalg.inv(self.affine)
+        out = np.zeros((len(self.frames), self.frames[0].rows, self.frames[0].columns), dtype=bool)
+        for n, fr in enumerate(self.frames):
+            jj, ii = np.mgrid[0 : fr.rows, 0 : fr.columns]
+            pix = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
+            idx = inv @ (fr.pixel_to_patient() @ pix)
+            ijk = np.rint(idx[:3]).astype(np.int64)
+            ok = (
+                (ijk[0] >= 0) & (ijk[0] < mask.shape[2])
+                & (ijk[1] >= 0) & (ijk[1] < mask.shape[1])
+                & (ijk[2] >= 0) & (ijk[2] < mask.shape[0])
+            )
+            vals = np.zeros(ii.size, dtype=bool)
+            vals[ok] = mask[ijk[2, ok], ijk[1, ok], ijk[0, ok]]
+            out[n] = vals.reshape(fr.rows, fr.columns)
+        return out
