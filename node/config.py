@@ -1,0 +1,292 @@
+"""Node configuration: ``node.yaml``.
+
+The keys of :class:`NodeConfig` are a public interface (operators write them),
+so they are validated strictly: an unknown key or a bad value is an error that
+names the file, the field path and the offending value, e.g.::
+
+    node.yaml: destinations.pacs.port: must be 1..65535 (got 70000)
+
+Relative paths (``storage``, ``rules``, ``profiles``, ``share.root``) are
+resolved against the folder of the configuration file; with no configuration
+file, against the current working directory.  ``rules`` and ``profiles`` have a
+further fallback to the repository (package) root when the default file is not
+found in the CWD, so that ``dicom-node serve`` without a config finds the
+shipped ``routing_rules.yaml`` and ``profiles/``.
+
+Usage::
+
+    cfg = load_config("node.yaml")      # or load_config(None) for defaults
+    cfg.spool_dir, cfg.database_path, cfg.quarantine_dir
+    cfg.destinations["pacs"].port
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.errors import InputError
+
+__all__ = [
+    "ConfigError",
+    "RetryPolicy",
+    "Destination",
+    "AllowedAE",
+    "KnownAE",
+    "ShareConfig",
+    "NetworkTimeouts",
+    "NodeConfig",
+    "load_config",
+    "REPO_ROOT",
+    "DEFAULT_CONFIG_NAME",
+]
+
+#: the repository root (folder holding ``node/``), used as a last fallback for
+#: the shipped ``routing_rules.yaml`` and ``profiles/``
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: name used in error messages when no configuration file was given
+DEFAULT_CONFIG_NAME = "node.yaml"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+
+
+class ConfigError(InputError):
+    """``node.yaml`` is unreadable or invalid.  ``str(exc)`` is ``"<file>: <field>: <problem>"``."""
+
+
+def _check_ae(value: str) -> str:
+    v = value.strip() if isinstance(value, str) else value
+    if not isinstance(v, str) or not _AE_RE.match(v):
+        raise ValueError(f"must be an AE title of 1..16 printable ASCII characters without '\\' (got {value!r})")
+    return v
+
+
+def _check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be 1..65535 (got {value})")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RetryPolicy(_Model):
+    """Retry with exponential backoff: delay(n) = min(backoff_max_s, backoff_base_s * 2**(n-1))."""
+
+    max_attempts: int = Field(3, ge=1)
+    backoff_base_s: float = Field(30.0, ge=0)
+    backoff_max_s: float = Field(3600.0, ge=0)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before the next try after ``attempt`` failed tries (attempt >= 1)."""
+        return float(min(self.backoff_max_s, self.backoff_base_s * (2 ** max(0, attempt - 1))))
+
+
+class Destination(_Model):
+    """A DICOM peer the node sends results to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
+    _port = field_validator("port")(lambda cls, v: _check_port(v))
+
+    def as_tuple(self) -> tuple[str, str, int]:
+        return (self.ae_title, self.host, self.port)
+
+
+class AllowedAE(_Model):
+    """An entry of the calling-AE allow-list; ``host`` (optional) must equal the peer address."""
+
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
+
+
+class KnownAE(_Model):
+    """Network address of a calling AE, used by the ``origin`` destination (send results back)."""
+
+    host: str
+    port: int
+    ae_title: str | None = None  #: AE title to call at that address (default: the calling AE title itself)
+
+    _port = field_validator("port")(lambda cls, v: _check_port(v))
+
+
+class ShareConfig(_Model):
+    """File share output: meshes/reports are written under ``root`` following ``path_template``."""
+
+    root: Path = Path("./var/share")
+    path_template: str = "{PatientID}/{StudyDate}_{AccessionNumber}/{SeriesNumber}_{SeriesDescription}_{organ}/"
+
+
+class NetworkTimeouts(_Model):
+    """pynetdicom timeouts in seconds (ACSE = association negotiation, DIMSE = message, network = idle)."""
+
+    acse_s: float = Field(30.0, gt=0)
+    dimse_s: float = Field(60.0, gt=0)
+    network_s: float = Field(60.0, gt=0)
+    connect_s: float = Field(10.0, gt=0)
+
+
+def _default_workers() -> int:
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+class NodeConfig(_Model):
+    """Everything in ``node.yaml``.  See the module docstring for path resolution."""
+
+    ae_title: str = "DICOMNODE"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    storage: Path = Path("./var")
+    quiet_period_s: float = Field(10.0, ge=0)
+    workers: int = Field(default_factory=_default_workers, ge=1)
+    job_timeout_s: float = Field(3600.0, gt=0)
+    job_retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(max_attempts=3, backoff_base_s=30, backoff_max_s=900))
+    dispatch_retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(max_attempts=10, backoff_base_s=30, backoff_max_s=3600)
+    )
+    rules: Path = Path("routing_rules.yaml")
+    profiles: Path = Path("profiles")
+    share: ShareConfig = Field(default_factory=ShareConfig)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    allowed_calling_aes: list[AllowedAE] = Field(default_factory=list)
+    known_aes: dict[str, KnownAE] = Field(default_factory=dict)
+    max_associations: int = Field(10, ge=1)
+    timeouts: NetworkTimeouts = Field(default_factory=NetworkTimeouts)
+    spool_retention_days: float = Field(7.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    #: the configuration file this was loaded from (None: embedded defaults)
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
+    _port = field_validator("port")(lambda cls, v: _check_port(v))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("destinations")
+    @classmethod
+    def _dest_names(cls, v: dict[str, Destination]) -> dict[str, Destination]:
+        if "origin" in v:
+            raise ValueError("'origin' is reserved (it means: send back to the calling AE, see known_aes)")
+        return v
+
+    # -- derived paths -------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        """Where received instances are written: ``<storage>/spool/<study>/<series>/<sop>.dcm``."""
+        return self.storage / "spool"
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite job store: ``<storage>/node.db``."""
+        return self.storage / "node.db"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Refused instances with a ``.reason.txt`` next to each: ``<storage>/quarantine/``."""
+        return self.storage / "quarantine"
+
+    def destination(self, name: str) -> Destination:
+        """The named destination; raises :class:`ConfigError` naming the unknown destination."""
+        try:
+            return self.destinations[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown destination {name!r} (known: {', '.join(sorted(self.destinations)) or 'none'})",
+                path=self.config_path or DEFAULT_CONFIG_NAME,
+                tag="destinations",
+            ) from None
+
+    def origin_destination(self, calling_ae: str) -> Destination | None:
+        """Address to send results back to ``calling_ae`` (from ``known_aes``), or None if unknown."""
+        known = self.known_aes.get(calling_ae.strip())
+        if known is None:
+            return None
+        return Destination(ae_title=known.ae_title or calling_ae.strip(), host=known.host, port=known.port)
+
+
+def _format_error(err: dict[str, Any]) -> tuple[str, str]:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    typ = err.get("type", "")
+    if typ == "extra_forbidden":
+        return loc, "unknown key"
+    msg = str(err.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return loc, msg
+
+
+def _resolve(p: Path, base: Path) -> Path:
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else (base / p)
+
+
+def load_config(path: str | Path | None = None) -> NodeConfig:
+    """Load and validate ``node.yaml``; ``None`` returns the embedded defaults.
+
+    Relative paths are made absolute (see module docstring).  Raises
+    :class:`ConfigError` (an :class:`~node.errors.InputError`) with a one-line
+    message naming the file and the field.
+    """
+    where = Path(path) if path is not None else Path(DEFAULT_CONFIG_NAME)
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration: {exc.strerror or exc}", path=where) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {' '.join(str(exc).split())}", path=where) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"must be a mapping of keys to values (got {type(data).__name__})", path=where)
+        if "config_path" in data:
+            raise ConfigError("unknown key", path=where, tag="config_path")
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        loc, msg = _format_error(errors[0])
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise ConfigError(msg + more, path=where, tag=loc or None) from None
+
+    explicit = set(data)
+    if path is not None:
+        base = Path(path).resolve().parent
+        cfg.config_path = Path(path).resolve()
+    else:
+        base = Path.cwd()
+    cfg.storage = _resolve(cfg.storage, base)
+    share_root_given = isinstance(data.get("share"), dict) and "root" in data["share"]
+    if share_root_given or "storage" not in explicit:
+        cfg.share.root = _resolve(cfg.share.root, base)
+    else:  # storage moved, share root left at its default: keep it under storage
+        cfg.share.root = cfg.storage / "share"
+    for key in ("rules", "profiles"):
+        value: Path = getattr(cfg, key)
+        if key in explicit:
+            setattr(cfg, key, _resolve(value, base))
+            continue
+        candidates = [_resolve(value, base), _resolve(value, Path.cwd()), _resolve(value, REPO_ROOT)]
+        chosen = next((c for c in candidates if c.exists()), candidates[0])
+        setattr(cfg, key, chosen)
+    return cfg
