@@ -1,0 +1,485 @@
+"""Write realistic DICOM CT series from a NIfTI volume (test and benchmark tooling).
+
+:func:`write_series` turns a Hounsfield-unit volume (a NIfTI file or an array with
+its RAS affine) into a single-frame (or one Enhanced multi-frame) DICOM CT series
+with consistent geometry (ImagePositionPatient / ImageOrientationPatient /
+PixelSpacing / FrameOfReferenceUID), fresh UIDs and the CT Image module
+attributes that ``dciodvfy`` asks for.  Quirks seen in real PACS traffic can be
+switched on: gantry tilt, uneven slice spacing, shuffled files with reversed
+InstanceNumbers, a localizer in the series, and every common transfer syntax.
+
+Geometry: the NIfTI is brought to the closest canonical RAS orientation; DICOM
+columns run toward patient Left (NIfTI i reversed), rows toward Posterior (NIfTI
+j reversed), slices toward Superior (NIfTI k), so the slice normal
+cross(row, col) is +z (LPS) and the IPP of slice k is the LPS position of NIfTI
+voxel (nx-1, ny-1, k).
+
+Pixel storage: unsigned 12-bit, RescaleIntercept -1024, RescaleSlope 1, so HU
+are clipped to [-1024, 3071] (what most scanners do).  ``jpeg-baseline`` needs
+8-bit samples: it stores a windowed 8-bit image (window -1000..1000 HU, so
+RescaleSlope = 2000/255, a non-integral slope).
+
+Encoders found in this environment (learned while writing this module):
+
+* pydicom's own encoders cover RLE Lossless (the native RLE encoder; pylibjpeg-rle
+  only decodes), JPEG 2000 lossless/lossy (pylibjpeg-openjpeg) and JPEG-LS
+  lossless/near-lossless (pyjpegls is installed; ``jls_error`` sets NEAR).
+  Deflated Explicit VR Little Endian is written by pydicom itself when the file
+  meta TransferSyntaxUID says so.
+* pydicom cannot *encode* any of the ISO 10918 JPEG processes; DCMTK's
+  ``dcmcjpeg`` does: ``+eb`` baseline (8-bit only), ``+ee`` extended (12-bit),
+  ``+el`` lossless process 14 (.57, we pass ``+sv 1``) and ``+e1`` lossless
+  SV1 (.70).  ``dcmcjpls`` is the fallback for JPEG-LS when pyjpegls is missing.
+* ``dcmcjpeg`` keeps the SOPInstanceUID unless asked otherwise (it only changes it for
+  lossy processes when ``+ud`` is given), so the UIDs written here survive.
+* For ``enhanced=True`` highdicom's ``LegacyConvertedEnhancedCTImage`` builds the
+  multi-frame object from the single-frame datasets (SOP class
+  1.2.840.10008.5.1.4.1.1.2.2), always written Explicit VR Little Endian
+  (highdicom only offers a few transfer syntaxes there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    MRImageStorage,
+    PYDICOM_IMPLEMENTATION_UID,
+    RLELossless,
+    generate_uid,
+)
+
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "explicit": ExplicitVRLittleEndian,
+    "implicit": ImplicitVRLittleEndian,
+    "deflate": DeflatedExplicitVRLittleEndian,
+    "jpeg-baseline": JPEGBaseline8Bit,
+    "jpeg-extended": JPEGExtended12Bit,
+    "jpeg-lossless": JPEGLosslessSV1,
+    "jpeg-lossless-57": JPEGLossless,
+    "jpeg-ls": JPEGLSLossless,
+    "jpeg-ls-near": JPEGLSNearLossless,
+    "j2k": JPEG2000Lossless,
+    "j2k-lossy": JPEG2000,
+    "rle": RLELossless,
+}
+"""Names accepted by ``transfer_syntax`` and the UID each one writes."""
+
+LOSSY = {"jpeg-baseline", "jpeg-extended", "jpeg-ls-near", "j2k-lossy"}
+
+_DCMCJPEG_FLAGS = {
+    "jpeg-baseline": ["+eb"],
+    "jpeg-extended": ["+ee"],
+    "jpeg-lossless": ["+e1"],
+    "jpeg-lossless-57": ["+el", "+sv", "1"],
+}
+
+_BASELINE_WINDOW = (-1000.0, 1000.0)
+
+
+def _load_input(volume_hu: np.ndarray | str | Path, affine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Return (data, affine) in closest-canonical RAS orientation."""
+    import nibabel as nib
+
+    if isinstance(volume_hu, (str, Path)):
+        img = nib.load(str(volume_hu))
+    else:
+        arr = np.asarray(volume_hu)
+        if arr.ndim != 3:
+            raise ValueError(f"volume must be 3-D, got shape {arr.shape}")
+        img = nib.Nifti1Image(arr, np.eye(4) if affine is None else np.asarray(affine, dtype=float))
+    img = nib.as_closest_canonical(img)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return data, np.asarray(img.affine, dtype=float)
+
+
+def _resample(data: np.ndarray, aff: np.ndarray, size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resample canonical (x, y, z) data to ``size`` = (rows, cols, slices), same field of view."""
+    from scipy import ndimage
+
+    rows, cols, slices = size
+    new_shape = (cols, rows, slices)  # x = DICOM columns, y = DICOM rows
+    old = np.array(data.shape, dtype=float)
+    new = np.array(new_shape, dtype=float)
+    out = ndimage.zoom(data, new / old, order=1, mode="nearest", grid_mode=True).astype(np.float32)
+    scale = old / new
+    new_aff = aff.copy()
+    new_aff[:3, :3] = aff[:3, :3] * scale[None, :]
+    # voxel centre u of the new grid sits at old index (u + 0.5) * scale - 0.5
+    new_aff[:3, 3] = aff[:3, :3] @ (0.5 * scale - 0.5) + aff[:3, 3]
+    return out, new_aff
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _ds_str(v: float) -> str:
+    """A DS value string of at most 16 characters."""
+    s = f"{v:.6f}".rstrip("0").rstrip(".")
+    if s in ("-0", ""):
+        s = "0"
+    if len(s) > 16:
+        s = f"{v:.8g}"
+    return s
+
+
+def _base_dataset(
+    *,
+    modality: str,
+    study_uid: str,
+    series_uid: str,
+    for_uid: str,
+    series_description: str,
+    series_number: int,
+    patient_name: str,
+    patient_id: str,
+    study_description: str,
+    accession_number: str,
+    now: _dt.datetime,
+) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.SeriesDate = ds.StudyDate
+    ds.AcquisitionDate = ds.StudyDate
+    ds.ContentDate = ds.StudyDate
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.SeriesTime = ds.StudyTime
+    ds.AcquisitionTime = ds.StudyTime
+    ds.ContentTime = ds.StudyTime
+    ds.AccessionNumber = accession_number
+    ds.Modality = modality
+    ds.Manufacturer = "node synth_series"
+    ds.ManufacturerModelName = "synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = study_description
+    ds.SeriesDescription = series_description
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "CHEST" if modality == "CT" else "HEAD"
+    if modality == "CT":
+        ds.KVP = "120"
+        ds.ConvolutionKernel = "B30f"
+    else:
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.EchoTime = "10"
+        ds.RepetitionTime = "500"
+        ds.EchoTrainLength = "1"
+        ds.MagneticFieldStrength = "1.5"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = series_number
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    if modality == "CT":
+        ds.RescaleType = "HU"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    return ds
+
+
+def _finish(ds: Dataset, ts_uid: str) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ts_uid
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "NODE_SYNTH"
+    ds.file_meta = meta
+
+
+def _store(ds: Dataset, hu: np.ndarray, ts: str) -> None:
+    """Put ``hu`` (rows, cols) into ``ds`` as pixel data for transfer syntax name ``ts``."""
+    if ts == "jpeg-baseline":
+        lo, hi = _BASELINE_WINDOW
+        slope = (hi - lo) / 255.0
+        stored = np.clip(np.rint((hu - lo) / slope), 0, 255).astype(np.uint8)
+        ds.BitsAllocated = 8
+        ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.RescaleSlope = _ds_str(slope)
+        ds.RescaleIntercept = _ds_str(lo)
+    else:
+        stored = np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16)
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
+
+
+def _write(ds: Dataset, path: Path, ts: str) -> None:
+    """Write ``ds`` (native pixel data) to ``path`` with the named transfer syntax."""
+    if ts in ("explicit", "implicit", "deflate"):
+        _finish(ds, TRANSFER_SYNTAXES[ts])
+        ds.save_as(path, enforce_file_format=True, implicit_vr=(ts == "implicit"), little_endian=True)
+        return
+    if ts in _DCMCJPEG_FLAGS:
+        if shutil.which("dcmcjpeg") is None:
+            raise RuntimeError("dcmcjpeg (DCMTK) is needed for the JPEG transfer syntaxes")
+        _finish(ds, ExplicitVRLittleEndian)
+        tmp = path.with_suffix(".tmp.dcm")
+        ds.save_as(tmp, enforce_file_format=True)
+        subprocess.run(["dcmcjpeg", *_DCMCJPEG_FLAGS[ts], str(tmp), str(path)], check=True, capture_output=True)
+        tmp.unlink()
+        return
+    uid = TRANSFER_SYNTAXES[ts]
+    _finish(ds, ExplicitVRLittleEndian)
+    kwargs: dict = {"generate_instance_uid": False}
+    if ts == "jpeg-ls-near":
+        kwargs["jls_error"] = 2
+    if ts == "j2k-lossy":
+        kwargs["j2k_cr"] = [15]
+    try:
+        ds.compress(uid, **kwargs)
+    except (RuntimeError, ImportError):
+        if ts.startswith("jpeg-ls") and shutil.which("dcmcjpls"):
+            tmp = path.with_suffix(".tmp.dcm")
+            ds.save_as(tmp, enforce_file_format=True)
+            flags = ["+ee"] if ts == "jpeg-ls-near" else ["+el"]
+            subprocess.run(["dcmcjpls", *flags, str(tmp), str(path)], check=True, capture_output=True)
+            tmp.unlink()
+            return
+        raise
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_series(
+    volume_hu: np.ndarray | str | Path,
+    out_dir: str | Path,
+    *,
+    affine: np.ndarray | None = None,
+    size: tuple[int, int, int] | None = None,
+    tilt_deg: float = 0.0,
+    uneven: bool = False,
+    shuffle: bool = False,
+    localizer: bool = False,
+    transfer_syntax: str = "explicit",
+    enhanced: bool = False,
+    modality: str = "CT",
+    series_description: str = "synthetic CT",
+    series_number: int = 1,
+    patient_name: str = "SYNTH^PATIENT",
+    patient_id: str = "SYNTH0001",
+    study_description: str = "synthetic study",
+    accession_number: str = "SYN0001",
+    study_instance_uid: str | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Write a DICOM series made from a HU volume and return the written files.
+
+    Args:
+        volume_hu: NIfTI path, or an array indexed like a NIfTI (i, j, k) whose RAS
+            affine is ``affine`` (identity when omitted).
+        out_dir: folder to write into (created).
+        affine: RAS affine for an array input.
+        size: ``(rows, cols, slices)`` to resample to (same field of view), e.g.
+            ``(512, 512, 400)``; ``None`` keeps the NIfTI grid.
+        tilt_deg: gantry tilt: the column cosine is rotated about the x axis by this
+            angle while slice positions keep stepping along z; pixels are sampled from
+            the volume on the tilted planes (linear interpolation, -1024 HU outside).
+        uneven: drop a few slices so that some gaps are doubled.
+        shuffle: random file names order and reversed InstanceNumbers (descending
+            along the slice normal), so that nothing but geometry sorts them.
+        localizer: add one LOCALIZER image (coronal projection) to the series.
+        transfer_syntax: one of :data:`TRANSFER_SYNTAXES`.
+        enhanced: write ONE Legacy Converted Enhanced CT multi-frame object instead.
+        modality: ``"CT"`` or ``"MR"`` (MR Image Storage, for rejection tests).
+        seed: random seed for ``shuffle``.
+
+    Returns:
+        Paths of the files written (the localizer last), in slice order unless shuffled.
+    """
+    if transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"unknown transfer syntax {transfer_syntax!r}; choose from {sorted(TRANSFER_SYNTAXES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, aff = _load_input(volume_hu, affine)
+    if size is not None:
+        data, aff = _resample(data, aff, tuple(int(s) for s in size))  # type: ignore[arg-type]
+    nx, ny, nz = data.shape
+    flip = np.array([-1.0, -1.0, 1.0])
+    # LPS-aligned stack L[k, r, c]: column c -> left (-i), row r -> posterior (-j)
+    stack = np.ascontiguousarray(np.transpose(data[::-1, ::-1, :], (2, 1, 0)))
+    del data
+    row_cos = _unit(flip * -aff[:3, 0])
+    col_cos = _unit(flip * -aff[:3, 1])
+    dc = float(np.linalg.norm(aff[:3, 0]))
+    dr = float(np.linalg.norm(aff[:3, 1]))
+    dz = float(np.linalg.norm(aff[:3, 2]))
+    origin = flip * (aff @ np.array([nx - 1, ny - 1, 0, 1.0]))[:3]
+    step = flip * aff[:3, 2]
+
+    rng = np.random.default_rng(seed)
+    keep = list(range(nz))
+    if uneven and nz >= 6:
+        for idx in sorted({nz // 3, (2 * nz) // 3}, reverse=True):
+            del keep[idx]
+
+    t = np.deg2rad(tilt_deg)
+    if tilt_deg:
+        # rotate the column cosine about the x (row) axis
+        c, s = np.cos(t), np.sin(t)
+        rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+        frame_col = rot @ col_cos
+    else:
+        frame_col = col_cos
+    rows, cols = ny, nx
+
+    now = _dt.datetime.now()
+    study_uid = study_instance_uid or generate_uid()
+    series_uid = generate_uid()
+    for_uid = generate_uid()
+    base_kw = dict(
+        modality=modality, study_uid=study_uid, series_uid=series_uid, for_uid=for_uid,
+        series_description=series_description, series_number=series_number,
+        patient_name=patient_name, patient_id=patient_id, study_description=study_description,
+        accession_number=accession_number, now=now,
+    )
+    n = len(keep)
+    numbers = list(range(n, 0, -1)) if shuffle else list(range(1, n + 1))
+    names = [f"IM{idx + 1:05d}.dcm" for idx in range(n)]
+    if shuffle:
+        names = [f"{code:08x}.dcm" for code in rng.choice(16**6, size=n, replace=False)]
+    datasets: list[Dataset] = []
+    for m, k in enumerate(keep):
+        if tilt_deg:
+            from scipy import ndimage
+
+            # slice centre keeps the untilted centre; the plane is tilted around it
+            centre = origin + k * step + row_cos * dc * (cols - 1) / 2 + col_cos * dr * (rows - 1) / 2
+            ipp = centre - row_cos * dc * (cols - 1) / 2 - frame_col * dr * (rows - 1) / 2
+            jj, ii = np.mgrid[0:rows, 0:cols].astype(np.float64)
+            pts = ipp[:, None, None] + row_cos[:, None, None] * dc * ii + frame_col[:, None, None] * dr * jj
+            rel = pts - origin[:, None, None]
+            ci = np.tensordot(row_cos, rel, axes=1) / dc
+            ri = np.tensordot(col_cos, rel, axes=1) / dr
+            ki = np.tensordot(_unit(step), rel, axes=1) / dz
+            img = ndimage.map_coordinates(stack, [ki, ri, ci], order=1, cval=-1024.0)
+        else:
+            ipp = origin + k * step
+            img = stack[k]
+        ds = _base_dataset(**base_kw)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = numbers[m]
+        ds.ImagePositionPatient = [_ds_str(v) for v in ipp]
+        ds.ImageOrientationPatient = [_ds_str(v) for v in (*row_cos, *frame_col)]
+        ds.PixelSpacing = [_ds_str(dr), _ds_str(dc)]
+        ds.SliceThickness = _ds_str(dz)
+        ds.SliceLocation = _ds_str(float(ipp[2]))
+        if modality == "CT":
+            ds.GantryDetectorTilt = _ds_str(tilt_deg)
+        ds.Rows = rows
+        ds.Columns = cols
+        _store(ds, img, "explicit" if enhanced else transfer_syntax)
+        datasets.append(ds)
+
+    written: list[Path] = []
+    if enhanced:
+        from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+        for ds in datasets:
+            _finish(ds, ExplicitVRLittleEndian)
+        mf = LegacyConvertedEnhancedCTImage(
+            datasets, series_instance_uid=series_uid, series_number=series_number,
+            sop_instance_uid=generate_uid(), instance_number=1,
+        )
+        path = out / "ENHANCED.dcm"
+        mf.save_as(path, enforce_file_format=True)
+        written.append(path)
+    else:
+        for ds, name in zip(datasets, names):
+            path = out / name
+            _write(ds, path, transfer_syntax)
+            written.append(path)
+    if localizer:
+        ds = _base_dataset(**base_kw)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n + 1
+        proj = stack.mean(axis=1)[::-1]  # (z descending, columns): coronal projection
+        ds.ImagePositionPatient = [_ds_str(v) for v in origin + (nz - 1) * step]
+        ds.ImageOrientationPatient = [_ds_str(v) for v in (*row_cos, 0.0, 0.0, -1.0)]
+        ds.PixelSpacing = [_ds_str(dz), _ds_str(dc)]
+        ds.SliceThickness = _ds_str(dr * ny)
+        ds.Rows, ds.Columns = proj.shape
+        _store(ds, proj, "explicit")
+        path = out / "LOCALIZER.dcm"
+        _finish(ds, ExplicitVRLittleEndian)
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m node.tools.synth_series --nifti ct.nii.gz --out dir ...``."""
+    p = argparse.ArgumentParser(prog="python -m node.tools.synth_series", description=__doc__.split("\n")[0])
+    p.add_argument("--nifti", required=True, help="input NIfTI volume in HU")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", help="ROWSxCOLSxSLICES, e.g. 512x512x400")
+    p.add_argument("--tilt", type=float, default=0.0, help="gantry tilt in degrees")
+    p.add_argument("--uneven", action="store_true", help="double a few slice gaps")
+    p.add_argument("--shuffle", action="store_true", help="shuffle files, reverse InstanceNumbers")
+    p.add_argument("--localizer", action="store_true", help="add a LOCALIZER image")
+    p.add_argument("--ts", default="explicit", choices=sorted(TRANSFER_SYNTAXES), help="transfer syntax")
+    p.add_argument("--enhanced", action="store_true", help="write one Legacy Converted Enhanced CT object")
+    p.add_argument("--modality", default="CT", choices=["CT", "MR"])
+    p.add_argument("--series-description", default="synthetic CT")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    size = None
+    if a.size:
+        try:
+            size = tuple(int(v) for v in a.size.lower().split("x"))
+            if len(size) != 3:
+                raise ValueError
+        except ValueError:
+            p.error(f"--size must look like 512x512x400, got {a.size!r}")
+    files = write_series(
+        a.nifti, a.out, size=size, tilt_deg=a.tilt, uneven=a.uneven, shuffle=a.shuffle,
+        localizer=a.localizer, transfer_syntax=a.ts, enhanced=a.enhanced, modality=a.modality,
+        series_description=a.series_description, seed=a.seed,
+    )
+    print(f"wrote {len(files)} file(s) ({a.ts}{', enhanced' if a.enhanced else ''}) to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
