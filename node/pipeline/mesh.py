@@ -132,7 +132,7 @@ class MeshOptions:
 # --------------------------------------------------------------------------- mesh
 
 
-@dataclass
+@dataclass(eq=False)
 class Mesh:
     """A triangle mesh in patient coordinates (LPS mm), faces wound outward.
 

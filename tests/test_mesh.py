@@ -1,0 +1,401 @@
+"""Tests for node.pipeline.mesh and node.pipeline.mesh_io."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from node.errors import ProfileError
+from node.pipeline.mesh import (
+    Mesh,
+    MeshOptions,
+    float32_groups,
+    mesh_from_mask,
+    mesh_labels,
+    separate_coincident,
+    topology,
+)
+from node.pipeline.mesh_io import check_mesh, check_stl, load_stl, read_ply, read_stl, write_ply, write_stl
+
+# ---------------------------------------------------------------------- fixtures
+
+
+def _grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k, j, i = np.indices(shape, dtype=np.float64)
+    return i, j, k
+
+
+def sphere_mask(shape=(48, 48, 48), radius_vox=(15.0, 15.0, 15.0), center=None) -> np.ndarray:
+    """Ellipsoid in index space, radii given along (i, j, k)."""
+    i, j, k = _grid(shape)
+    c = center if center is not None else [(shape[2] - 1) / 2, (shape[1] - 1) / 2, (shape[0] - 1) / 2]
+    return ((i - c[0]) / radius_vox[0]) ** 2 + ((j - c[1]) / radius_vox[1]) ** 2 + ((k - c[2]) / radius_vox[2]) ** 2 <= 1
+
+
+def torus_mask(shape=(28, 56, 56), big=16.0, small=6.0) -> np.ndarray:
+    i, j, k = _grid(shape)
+    ci, cj, ck = (shape[2] - 1) / 2, (shape[1] - 1) / 2, (shape[0] - 1) / 2
+    q = np.hypot(i - ci, j - cj) - big
+    return q**2 + (k - ck) ** 2 <= small**2
+
+
+def diagonal_cubes_mask() -> np.ndarray:
+    """Two cubes touching along an edge, plus a third touching the second at a corner."""
+    m = np.zeros((20, 20, 20), dtype=bool)
+    m[2:8, 2:8, 2:8] = True  # [k, j, i]
+    m[2:8, 8:14, 8:14] = True  # shares the edge (j=8, i=8) with the first, along k
+    m[8:14, 14:18, 14:18] = True  # shares only a corner with the second
+    return m
+
+
+def noisy_blob_mask(seed: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.standard_normal((44, 44, 44)), 2.0)
+    m = field > 0.02
+    m[:, :, :2] = m[:, :, -2:] = False
+    # add salt so there are single voxels and thin bridges
+    m |= rng.random(m.shape) > 0.995
+    return m
+
+
+def spacing_affine(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3] = np.diag(spacing)
+    a[:3, 3] = origin
+    return a
+
+
+def oblique_affine(spacing=(0.7, 0.9, 1.6), origin=(-120.0, 35.5, 410.25)) -> np.ndarray:
+    """Rotated direction matrix, anisotropic spacing, negative determinant."""
+    def rot(axis: int, ang: float) -> np.ndarray:
+        c, s = math.cos(ang), math.sin(ang)
+        r = np.eye(3)
+        a, b = [x for x in range(3) if x != axis]
+        r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+        return r
+
+    d = rot(2, 0.6) @ rot(0, -0.45) @ rot(1, 0.3)
+    d[:, 2] *= -1.0  # left-handed: slices run against row x column
+    a = np.eye(4)
+    a[:3, :3] = d * np.asarray(spacing)[None, :]
+    a[:3, 3] = origin
+    return a
+
+
+def assert_printable_on_disk(mesh: Mesh, tmp_path: Path, name: str = "m.stl") -> None:
+    assert mesh.triangles > 0
+    assert mesh.is_watertight and mesh.is_manifold
+    assert mesh.coincident_vertices() == 0
+    path = write_stl(mesh, tmp_path / name)
+    chk = check_stl(path)
+    assert chk.triangles == mesh.triangles
+    assert chk.watertight, chk
+    assert chk.manifold, chk
+    assert chk.vertices == len(mesh.vertices), "float32-coincident vertices merged on re-read"
+    assert chk.volume_ml > 0 and chk.outward and chk.printable
+    assert chk.volume_ml == pytest.approx(mesh.volume_ml, rel=1e-4)
+
+
+# ---------------------------------------------------------------------- options
+
+
+def test_options_defaults_and_from_dict():
+    o = MeshOptions()
+    assert (o.smoothing, o.iterations, o.pass_band, o.decimate, o.max_triangles) == (
+        "windowed_sinc", 20, 0.03, None, None,
+    )
+    o2 = MeshOptions.from_dict({"smoothing": "taubin", "iterations": 10, "decimate": 0.5, "max_triangles": 1000})
+    assert o2 == MeshOptions("taubin", 10, 0.03, 0.5, 1000)
+    assert MeshOptions.from_dict(o2.to_dict()) == o2
+    assert MeshOptions.from_dict(None) == MeshOptions()
+    assert MeshOptions.from_dict({"iterations": None}) == MeshOptions()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"smoothing": "gaussian"},
+        {"iterations": -1},
+        {"iterations": 2.5},
+        {"iterations": True},
+        {"pass_band": 0},
+        {"pass_band": 1.5},
+        {"decimate": 0},
+        {"decimate": 1.2},
+        {"decimate": "half"},
+        {"max_triangles": 2},
+        {"max_triangles": 10.5},
+        {"colour": "red"},
+    ],
+)
+def test_options_validation(bad):
+    with pytest.raises(ProfileError):
+        MeshOptions.from_dict(bad)
+
+
+# ---------------------------------------------------------------------- volume
+
+
+SPHERE_SPACING = (0.8, 0.8, 1.25)
+SPHERE_RADIUS_MM = 14.0
+
+
+def _sphere_mm() -> tuple[np.ndarray, np.ndarray]:
+    rv = tuple(SPHERE_RADIUS_MM / s for s in SPHERE_SPACING)
+    shape = tuple(int(2 * r + 6) for r in rv[::-1])
+    return sphere_mask(shape, rv), spacing_affine(SPHERE_SPACING, (10.0, -20.0, 30.0))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        MeshOptions("windowed_sinc"),
+        MeshOptions("taubin"),
+        MeshOptions("windowed_sinc", decimate=0.3),
+        MeshOptions("taubin", decimate=0.3),
+        MeshOptions("none"),
+    ],
+    ids=["windowed_sinc", "taubin", "wsinc+decimate0.3", "taubin+decimate0.3", "none"],
+)
+def test_sphere_volume(opts, tmp_path):
+    mask, aff = _sphere_mm()
+    mesh = mesh_from_mask(mask, aff, opts)
+    analytic_ml = 4.0 / 3.0 * math.pi * SPHERE_RADIUS_MM**3 / 1000.0
+    assert mesh.volume_ml == pytest.approx(analytic_ml, rel=0.03)
+    if opts.decimate:
+        full = mesh_from_mask(mask, aff, MeshOptions(opts.smoothing))
+        assert mesh.triangles <= 0.31 * full.triangles
+        assert mesh.triangles >= 0.25 * full.triangles
+    assert_printable_on_disk(mesh, tmp_path)
+
+
+def test_laplacian_shrinks_but_stays_closed(tmp_path):
+    mask, aff = _sphere_mm()
+    wsinc = mesh_from_mask(mask, aff, MeshOptions("windowed_sinc"))
+    lap = mesh_from_mask(mask, aff, MeshOptions("laplacian"))
+    assert lap.volume_ml < wsinc.volume_ml
+    assert_printable_on_disk(lap, tmp_path)
+
+
+def test_max_triangles(tmp_path):
+    mask, aff = _sphere_mm()
+    mesh = mesh_from_mask(mask, aff, MeshOptions(max_triangles=800))
+    assert 600 <= mesh.triangles <= 800
+    assert_printable_on_disk(mesh, tmp_path)
+    both = mesh_from_mask(mask, aff, MeshOptions(decimate=0.9, max_triangles=800))
+    assert both.triangles <= 800
+
+
+# ---------------------------------------------------------------------- watertight / manifold on disk
+
+
+SHAPES = {
+    "sphere": lambda: sphere_mask((40, 40, 40), (13.0, 13.0, 13.0)),
+    "torus": torus_mask,
+    "diagonal_cubes": diagonal_cubes_mask,
+    "noisy_blob": noisy_blob_mask,
+}
+PIPELINES = {
+    "default": MeshOptions(),
+    "none": MeshOptions("none"),
+    "taubin": MeshOptions("taubin"),
+    "decimate0.3": MeshOptions(decimate=0.3),
+    "wsinc60": MeshOptions(iterations=60),
+    "wsinc60+decimate0.2": MeshOptions(iterations=60, decimate=0.2),
+}
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_watertight_on_disk(shape, pipeline, tmp_path):
+    mask = SHAPES[shape]()
+    aff = spacing_affine((0.6, 0.6, 1.0), (-50.0, 20.0, 100.0))
+    mesh = mesh_from_mask(mask, aff, PIPELINES[pipeline])
+    assert_printable_on_disk(mesh, tmp_path)
+
+
+def test_torus_genus_and_diagonal_components():
+    torus = mesh_from_mask(torus_mask(), np.eye(4), MeshOptions())
+    # Euler characteristic V - E + F = 2 - 2g = 0 for a torus
+    topo = topology(torus.faces, len(torus.vertices))
+    assert len(torus.vertices) - topo.edges + topo.triangles == 0
+    assert topo.components == 1
+
+
+def test_mask_touching_volume_edge_is_closed(tmp_path):
+    mask = np.zeros((10, 12, 14), dtype=bool)
+    mask[:, :6, :] = True  # touches five faces of the volume
+    mesh = mesh_from_mask(mask, spacing_affine((1.0, 2.0, 3.0)), MeshOptions())
+    assert_printable_on_disk(mesh, tmp_path)
+    # box of 14 x 6 x 10 voxels = 14 * 12 * 30 mm^3, a bit less after rounding the corners
+    assert 0.85 * 5.04 < mesh.volume_ml < 5.04
+
+
+# ---------------------------------------------------------------------- position (oblique affine)
+
+
+def test_oblique_affine_position(tmp_path):
+    aff = oblique_affine()
+    assert np.linalg.det(aff[:3, :3]) < 0
+    shape = (30, 52, 60)  # [k, j, i]
+    center_ijk = np.array([31.3, 24.6, 13.2])
+    target_lps = aff[:3, :3] @ center_ijk + aff[:3, 3]
+    radius_mm = 9.0
+    i, j, k = _grid(shape)
+    ijk = np.stack([i, j, k], axis=-1)
+    lps = ijk @ aff[:3, :3].T + aff[:3, 3]
+    mask = np.linalg.norm(lps - target_lps, axis=-1) <= radius_mm
+
+    mesh = mesh_from_mask(mask, aff, MeshOptions())
+    half_voxel = 0.5 * min(np.linalg.norm(aff[:3, :3], axis=0))
+    assert np.linalg.norm(mesh.centroid - target_lps) < half_voxel
+    assert mesh.volume_ml > 0  # outward in spite of the negative determinant
+    assert mesh.volume_ml == pytest.approx(4 / 3 * math.pi * radius_mm**3 / 1000, rel=0.05)
+    assert_printable_on_disk(mesh, tmp_path)
+    # the file holds the same LPS positions
+    disk = load_stl(tmp_path / "m.stl")
+    assert np.linalg.norm(disk.centroid - target_lps) < half_voxel
+
+    # a dicom2stl-style pipeline (origin + spacing, direction ignored) lands elsewhere
+    naive = spacing_affine(np.linalg.norm(aff[:3, :3], axis=0), aff[:3, 3])
+    wrong = mesh_from_mask(mask, naive, MeshOptions())
+    assert np.linalg.norm(wrong.centroid - target_lps) > 10 * half_voxel
+
+
+def test_mesh_labels_crops_match_full_masks():
+    lab = np.zeros((36, 40, 44), dtype=np.int16)
+    lab[sphere_mask(lab.shape, (8, 8, 8), center=(12, 12, 12))] = 3
+    lab[sphere_mask(lab.shape, (6, 9, 7), center=(30, 26, 22))] = 7
+    aff = oblique_affine()
+    opts = MeshOptions()
+    out = mesh_labels(lab, aff, {3: opts, 7: MeshOptions("taubin"), 9: None})
+    assert list(out) == [3, 7, 9]
+    ref3 = mesh_from_mask(lab == 3, aff, opts)
+    np.testing.assert_allclose(out[3].vertices, ref3.vertices, atol=1e-9)
+    np.testing.assert_array_equal(out[3].faces, ref3.faces)
+    assert out[7].triangles > 0 and out[7].is_watertight and out[7].volume_ml > 0
+    assert out[9].is_empty
+
+
+# ---------------------------------------------------------------------- files
+
+
+def test_stl_header_and_layout(tmp_path):
+    mesh = mesh_from_mask(sphere_mask((20, 20, 20), (6, 6, 6)), np.eye(4), MeshOptions())
+    path = write_stl(mesh, tmp_path / "sub" / "s.stl")
+    raw = path.read_bytes()
+    assert raw.startswith(b"SPACE=LPS")
+    assert len(raw) == 84 + 50 * mesh.triangles
+    tris, header = read_stl(path)
+    assert header.startswith("SPACE=LPS")
+    np.testing.assert_array_equal(tris, mesh.vertices.astype(np.float32)[mesh.faces])
+    # normals are unit and point outward (same side as the winding)
+    normals = np.frombuffer(raw, dtype="<f4", count=mesh.triangles * 12 + 0, offset=84)
+    rec = np.frombuffer(raw[84:], dtype=np.dtype([("n", "<f4", 3), ("v", "<f4", (3, 3)), ("a", "<u2")]))
+    np.testing.assert_allclose(np.linalg.norm(rec["n"], axis=1), 1.0, atol=1e-5)
+    outward = np.einsum("ij,ij->i", rec["n"], rec["v"].mean(axis=1) - mesh.centroid)
+    assert np.all(outward > 0)
+    del normals
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["s.stl"]  # no temp file left
+    with pytest.raises(ValueError):
+        write_stl(mesh, tmp_path / "bad.stl", header="solid looks like ascii")
+
+
+def test_stl_readable_by_trimesh(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    mesh = mesh_from_mask(torus_mask(), spacing_affine((0.5, 0.5, 0.8)), MeshOptions(decimate=0.5))
+    path = write_stl(mesh, tmp_path / "t.stl")
+    tm = trimesh.load(path, force="mesh")
+    assert tm.is_watertight and tm.is_winding_consistent
+    assert tm.volume == pytest.approx(mesh.volume_ml * 1000, rel=1e-4)
+
+
+def test_ply_colors_round_trip(tmp_path):
+    mesh = mesh_from_mask(sphere_mask((20, 20, 20), (6, 6, 6)), spacing_affine((0.5, 0.5, 0.5)), MeshOptions())
+    path = write_ply(mesh, tmp_path / "s.ply", color=(230, 41, 7))
+    raw = path.read_bytes()
+    assert raw.startswith(b"ply\nformat binary_little_endian 1.0\n")
+    back, colors = read_ply(path)
+    assert colors.shape == (len(mesh.vertices), 3)
+    assert np.all(colors == (230, 41, 7))
+    np.testing.assert_array_equal(back.faces, mesh.faces)
+    np.testing.assert_allclose(back.vertices, mesh.vertices, atol=1e-5)
+    trimesh = pytest.importorskip("trimesh")
+    tm = trimesh.load(path, process=False)
+    assert np.all(np.asarray(tm.visual.vertex_colors)[:, :3] == (230, 41, 7))
+    assert len(tm.faces) == mesh.triangles
+    with pytest.raises(ValueError):
+        write_ply(mesh, tmp_path / "bad.ply", color=(256, 0, 0))
+
+
+def test_check_stl_detects_float32_coincident_vertices(tmp_path):
+    # two tetrahedra whose apexes are distinct in float64 but equal in float32: in memory
+    # everything is fine, on disk the apexes merge into a pinch vertex.
+    base = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=np.float64)
+    apex = np.array([0.3, 0.3, 1.0])
+    v = np.vstack([base, [apex], base + [0, 0, 2.0], [apex + [0, 0, 1e-9]]])
+    tet = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [2, 0, 3]])
+    lower = tet
+    # upper tetra mirrored in z so its apex points down onto the lower apex
+    upper = tet[:, ::-1] + 4
+    mesh = Mesh(v, np.vstack([lower, upper]))
+    mesh.vertices[4:7, 2] = 2.0
+    assert mesh.is_watertight and mesh.is_manifold
+    assert mesh.coincident_vertices() == 1
+    write_stl(mesh, tmp_path / "pinch.stl")
+    chk = check_stl(tmp_path / "pinch.stl")
+    assert chk.watertight and not chk.manifold and chk.nonmanifold_vertices == 1
+    assert not check_mesh(mesh).manifold
+
+    fixed_v, moved = separate_coincident(mesh.vertices, mesh.faces)
+    assert moved == 1
+    _, n_unique = float32_groups(fixed_v)
+    assert n_unique == len(fixed_v)
+    assert np.abs(fixed_v - mesh.vertices).max() < 1e-3
+    write_stl(Mesh(fixed_v, mesh.faces), tmp_path / "fixed.stl")
+    assert check_stl(tmp_path / "fixed.stl").manifold
+
+
+def test_check_stl_detects_open_and_flipped(tmp_path):
+    mesh = mesh_from_mask(sphere_mask((16, 16, 16), (5, 5, 5)), np.eye(4), MeshOptions())
+    write_stl(Mesh(mesh.vertices, mesh.faces[1:]), tmp_path / "open.stl")
+    chk = check_stl(tmp_path / "open.stl")
+    assert not chk.watertight and chk.boundary_edges == 3
+    flipped = mesh.faces.copy()
+    flipped[0] = flipped[0, ::-1]
+    write_stl(Mesh(mesh.vertices, flipped), tmp_path / "flip.stl")
+    chk = check_stl(tmp_path / "flip.stl")
+    assert not chk.watertight and chk.inconsistent_edges == 3
+    write_stl(Mesh(mesh.vertices, mesh.faces[:, ::-1]), tmp_path / "inside_out.stl")
+    chk = check_stl(tmp_path / "inside_out.stl")
+    assert chk.watertight and chk.volume_ml < 0 and not chk.printable
+
+
+# ---------------------------------------------------------------------- empty
+
+
+def test_empty_mask(tmp_path):
+    mesh = mesh_from_mask(np.zeros((5, 6, 7), dtype=bool), oblique_affine(), MeshOptions(decimate=0.5))
+    assert mesh.is_empty and mesh.triangles == 0 and mesh.volume_ml == 0.0
+    assert mesh.vertices.shape == (0, 3) and mesh.faces.shape == (0, 3)
+    assert not mesh.is_watertight
+    path = write_stl(mesh, tmp_path / "empty.stl")
+    assert path.stat().st_size == 84
+    chk = check_stl(path)
+    assert chk.triangles == 0 and not chk.watertight
+    write_ply(mesh, tmp_path / "empty.ply")
+    back, colors = read_ply(tmp_path / "empty.ply")
+    assert back.is_empty and colors.shape == (0, 3)
+    assert mesh_labels(np.zeros((4, 4, 4), dtype=np.uint8), np.eye(4), {1: None})[1].is_empty
+
+
+def test_single_voxel(tmp_path):
+    mask = np.zeros((3, 3, 3), dtype=bool)
+    mask[1, 1, 1] = True
+    for opts in (MeshOptions(), MeshOptions(decimate=0.5), MeshOptions("taubin", iterations=60)):
+        mesh = mesh_from_mask(mask, spacing_affine((0.5, 0.5, 0.5)), opts)
+        assert_printable_on_disk(mesh, tmp_path)
