@@ -170,7 +170,13 @@ class NodeConfig(_Model):
     config_path: Path | None = Field(default=None, exclude=True)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
-    _port = field_validator("port")(lambda cls, v: _check_port(v))
+
+    @field_validator("port")
+    @classmethod
+    def _listen_port(cls, v: int) -> int:
+        if not 0 <= v <= 65535:
+            raise ValueError(f"must be 1..65535, or 0 for any free port (got {v})")
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
