@@ -1,0 +1,229 @@
+"""The SQLite job store: instances, quiet series, jobs, dispatches, concurrency."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from node.store import InstanceRecord, Store, rules_version
+
+
+def rec(sop: str, series: str = "S1", study: str = "T1", at: float | None = None, **kw) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        series_uid=series,
+        study_uid=study,
+        path=f"/spool/{study}/{series}/{sop}.dcm",
+        transfer_syntax="1.2.840.10008.1.2.4.90",
+        size=100,
+        calling_ae="CT01",
+        called_ae="DICOMNODE",
+        peer_address="127.0.0.1",
+        received_at=at,
+        tags=kw.pop("tags", {"Modality": "CT", "SeriesDescription": "CT Body 3.0", "ImageType": ["ORIGINAL", "PRIMARY"]}),
+        **kw,
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "node.db")
+    yield s
+    s.close()
+
+
+def test_migrate_idempotent_and_wal(tmp_path):
+    s = Store(tmp_path / "node.db")
+    assert s.migrate() == s.migrate() == s.schema_version() == 1
+    assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
+    s2 = Store(tmp_path / "node.db")  # reopen: no error, data kept
+    assert s2.schema_version() == 1
+    s2.close()
+
+
+def test_record_new_duplicate_and_series(store):
+    t0 = time.time() - 100
+    assert store.record_instance(rec("1", at=t0)) == "new"
+    assert store.record_instance(rec("2", at=t0 + 1)) == "new"
+    assert store.record_instance(rec("2", at=t0 + 5)) == "duplicate"
+    inst = store.get_instance("2")
+    assert inst.received_count == 2 and inst.tags["ImageType"] == ["ORIGINAL", "PRIMARY"]
+    assert inst.calling_ae == "CT01" and inst.called_ae == "DICOMNODE"
+    s = store.get_series("S1")
+    assert s.instance_count == 2 and s.state == "receiving" and s.generation == 1
+    assert s.last_received_at == pytest.approx(t0 + 1)  # a duplicate does not restart the clock
+    assert s.tags["Modality"] == "CT"
+    assert [i.sop_instance_uid for i in store.series_instances("S1")] == ["1", "2"]
+    assert len(store.indexed_paths()) == 2
+
+
+def test_quiet_period_uses_persisted_clock(tmp_path):
+    s = Store(tmp_path / "node.db")
+    now = time.time()
+    s.record_instance(rec("1", series="OLD", at=now - 30))
+    s.record_instance(rec("2", series="NEW", at=now - 2))
+    s.close()
+    s = Store(tmp_path / "node.db")  # "restart"
+    assert [x.series_uid for x in s.quiet_series(10)] == ["OLD"]
+    assert s.complete_series("OLD", quiet_period_s=10)
+    assert not s.complete_series("OLD", quiet_period_s=10)  # already complete
+    assert not s.complete_series("NEW", quiet_period_s=10)  # not quiet yet
+    assert s.get_series("OLD").state == "complete"
+    assert s.quiet_series(10) == []
+    assert [x.series_uid for x in s.quiet_series(1)] == ["NEW"]
+    s.close()
+
+
+def test_late_instance_reopens_series_new_generation(store):
+    t0 = time.time() - 100
+    store.record_instance(rec("1", at=t0))
+    assert store.complete_series("S1", quiet_period_s=10)
+    jid, created = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v1", generation=1)
+    assert created
+    store.record_instance(rec("9"))  # arrives after completion
+    s = store.get_series("S1")
+    assert s.state == "receiving" and s.generation == 2 and s.instance_count == 2
+    assert store.get_job(jid).state == "superseded"
+    # stale stage working on generation 1 cannot overwrite the state
+    assert not store.set_series_state("S1", "routed", from_states=("complete",), generation=1)
+
+
+def test_series_state_transitions(store):
+    store.record_instance(rec("1", at=time.time() - 50))
+    assert not store.set_series_state("S1", "routed", from_states=("complete",))
+    assert store.complete_series("S1", quiet_period_s=1)
+    assert store.set_series_state("S1", "routed", from_states=("complete",), generation=1)
+    assert store.set_series_state("S1", "processing", from_states=("routed",))
+    assert store.set_series_state("S1", "done", generation=1)
+    s = store.get_series("S1")
+    assert s.state == "done" and s.processed_generation == 1
+    assert [x.series_uid for x in store.list_series("done")] == ["S1"]
+    with pytest.raises(ValueError):
+        store.set_series_state("S1", "bogus")
+
+
+def test_job_unique_per_series_rule_version_generation(store):
+    store.record_instance(rec("1"))
+    a = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v1", generation=1)
+    b = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v1", generation=1)
+    assert a[1] and not b[1] and a[0] == b[0]
+    c = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v2", generation=1)
+    assert c[1] and c[0] != a[0]
+    # the constraint holds in the database itself, not only in create_job
+    with pytest.raises(sqlite3.IntegrityError):
+        store.conn.execute(
+            "INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation, created_at)"
+            " VALUES ('S1','liver','p','b','v1',1,0)"
+        )
+
+
+def test_claim_fail_retry_complete(store):
+    store.record_instance(rec("1"))
+    jid, _ = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v", generation=1,
+                              max_attempts=2, params={"organ": "liver"})
+    job = store.claim_job("w1")
+    assert job.id == jid and job.state == "running" and job.attempts == 1 and job.params == {"organ": "liver"}
+    assert store.claim_job("w2") is None
+    assert store.fail_job(jid, "boom", retry_at=time.time() + 60) == "queued"
+    assert store.claim_job("w1") is None  # not due yet
+    job = store.claim_job("w1", now=time.time() + 61)
+    assert job.attempts == 2
+    assert store.fail_job(jid, "boom again", retry_at=time.time()) == "failed"  # attempts exhausted
+    assert store.get_job(jid).error == "boom again"
+    jid2, _ = store.create_job("S1", "spleen", profile="spleen", backend="b", rules_version="v", generation=1)
+    store.claim_job("w1")
+    assert store.complete_job(jid2, {"seg": "/out/seg.dcm", "meshes": "/out/m"}, seg_series_uid="1.2.3")
+    j = store.get_job(jid2)
+    assert j.state == "done" and j.result["seg"] == "/out/seg.dcm" and j.seg_series_uid == "1.2.3"
+    assert not store.complete_job(jid2, {})  # not running any more
+    assert [x.id for x in store.list_jobs("failed")] == [jid]
+
+
+def test_requeue_running_on_startup(tmp_path):
+    s = Store(tmp_path / "node.db")
+    s.record_instance(rec("1"))
+    jid, _ = s.create_job("S1", "liver", profile="liver", backend="b", rules_version="v", generation=1)
+    s.claim_job("w1")
+    s.close()  # crash
+    s = Store(tmp_path / "node.db")
+    assert s.requeue_running_jobs() == 1
+    job = s.claim_job("w1")
+    assert job.id == jid and job.attempts == 2
+    s.close()
+
+
+def test_dispatch_bookkeeping(store):
+    store.record_instance(rec("1"))
+    jid, _ = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v", generation=1)
+    d1, created = store.add_dispatch(jid, "pacs", "dicom")
+    assert created and store.add_dispatch(jid, "pacs", "dicom") == (d1, False)
+    d2, _ = store.add_dispatch(jid, "share", "share")
+    with pytest.raises(ValueError):
+        store.add_dispatch(jid, "x", "ftp")
+    a = store.claim_dispatch(lease_s=60)
+    b = store.claim_dispatch(lease_s=60)
+    assert {a.id, b.id} == {d1, d2} and store.claim_dispatch() is None
+    assert store.mark_dispatch_failed(d1, "peer down", retry_at=time.time() - 1) == "pending"
+    again = store.claim_dispatch()
+    assert again.id == d1 and again.attempts == 2 and again.last_error == "peer down"
+    assert store.mark_dispatch_sent(d1)
+    assert store.mark_dispatch_failed(d2, "rejected") == "failed"
+    assert store.get_dispatch(d1).state == "sent" and store.get_dispatch(d1).sent_at
+    assert [d.state for d in store.list_dispatches(job_id=jid)] == ["sent", "failed"]
+    # a dispatcher that died: its lease expires and the dispatch is due again
+    d3, _ = store.add_dispatch(jid, "pacs2", "dicom")
+    store.claim_dispatch(lease_s=5)
+    assert store.claim_dispatch() is None
+    assert store.claim_dispatch(now=time.time() + 6).id == d3
+
+
+def _claim_all(path: str, worker: str, q) -> None:
+    s = Store(path)
+    got = []
+    while (job := s.claim_job(worker)) is not None:
+        got.append(job.id)
+    q.put(got)
+
+
+def test_claim_is_exclusive_across_processes_and_threads(tmp_path):
+    path = tmp_path / "node.db"
+    s = Store(path)
+    for i in range(40):
+        s.record_instance(rec(str(i), series=f"S{i}"))
+        s.create_job(f"S{i}", "r", profile="p", backend="b", rules_version="v", generation=1)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(path), f"p{i}", q)) for i in range(3)]
+    for p in procs:
+        p.start()
+    thread_got: list[int] = []
+
+    def claim_in_thread() -> None:
+        while (job := s.claim_job("thread")) is not None:
+            thread_got.append(job.id)
+
+    threads = [threading.Thread(target=claim_in_thread) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = [j for _ in procs for j in q.get(timeout=30)] + thread_got
+    for p in procs:
+        p.join(timeout=30)
+    assert sorted(got) == sorted(j.id for j in s.list_jobs())
+    assert len(got) == len(set(got)) == 40
+    assert all(j.state == "running" and j.attempts == 1 for j in s.list_jobs())
+
+
+def test_rules_version(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("a: 1\n")
+    v1 = rules_version(f)
+    f.write_text("a: 2\n")
+    assert rules_version(f) != v1 and rules_version(b"a: 1\n") == v1
