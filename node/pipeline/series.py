@@ -102,9 +102,6 @@ def find_series(inputs: Sequence[str | Path]) -> dict[str, list[Path]]:
     for path in _iter_files(inputs):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("%s: not a readable DICOM file, skipped (%s)", path, exc)
-            continue
         except Exception as exc:  # pydicom raises assorted errors on broken files
             log.warning("%s: not a readable DICOM file, skipped (%s)", path, exc)
             continue
@@ -447,10 +444,6 @@ def _warn(warnings: list[str], message: str) -> None:
     log.warning("%s", message)
 
 
-def _orientation_key(iop: np.ndarray) -> tuple[int, ...]:
-    return tuple(int(v) for v in np.rint(iop / _ORIENT_TOL))
-
-
 def _same_pixels(a: _Frame, b: _Frame) -> bool:
     ra = _decode_chunk([(str(a.path), a.frame_number, a.rows, a.cols, 1.0, 0.0, False, a.ts)])
     rb = _decode_chunk([(str(b.path), b.frame_number, b.rows, b.cols, 1.0, 0.0, False, b.ts)])
@@ -571,7 +564,12 @@ def load_series(
     # frames, localizers, orientation
     frames: list[_Frame] = []
     for path, ds in headers:
-        frames.extend(_frames_of(path, ds))
+        try:
+            frames.extend(_frames_of(path, ds))
+        except SeriesError:
+            raise
+        except Exception as exc:  # malformed values that pydicom only notices on access
+            raise SeriesError(f"malformed image header ({type(exc).__name__}: {exc})", path=path) from None
     kept = []
     for fr in frames:
         if fr.localizer:
@@ -580,11 +578,21 @@ def load_series(
             kept.append(fr)
     frames = kept
     if frames:
-        keys = Counter(_orientation_key(fr.iop) for fr in frames)
-        major = keys.most_common(1)[0][0]
-        kept = []
+        # cluster orientations (max cosine difference _ORIENT_TOL), keep the biggest cluster
+        reps: list[np.ndarray] = []
+        cluster: list[int] = []
         for fr in frames:
-            if _orientation_key(fr.iop) == major:
+            for n, rep in enumerate(reps):
+                if np.max(np.abs(fr.iop - rep)) <= _ORIENT_TOL:
+                    cluster.append(n)
+                    break
+            else:
+                reps.append(fr.iop)
+                cluster.append(len(reps) - 1)
+        major = Counter(cluster).most_common(1)[0][0]
+        kept = []
+        for fr, n in zip(frames, cluster):
+            if n == major:
                 kept.append(fr)
             else:
                 _warn(

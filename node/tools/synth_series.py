@@ -265,7 +265,7 @@ def _write(ds: Dataset, path: Path, ts: str) -> None:
     if ts == "jpeg-ls-near":
         kwargs["jls_error"] = 2
     if ts == "j2k-lossy":
-        kwargs["j2k_cr"] = [15]
+        kwargs["j2k_psnr"] = [55.0]  # ~7 HU RMS on the 12-bit range
     try:
         ds.compress(uid, **kwargs)
     except (RuntimeError, ImportError):
@@ -432,6 +432,8 @@ def write_series(
     if localizer:
         ds = _base_dataset(**base_kw)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        if "RescaleType" in ds:
+            del ds.RescaleType  # dciodvfy: not HU for ORIGINAL LOCALIZER images
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = n + 1
         proj = stack.mean(axis=1)[::-1]  # (z descending, columns): coronal projection
