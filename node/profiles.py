@@ -1,0 +1,313 @@
+"""Organ profiles: what to segment, how, and how to present it.
+
+A profile is one YAML file in ``profiles/`` (``profiles/liver.yaml`` is the profile
+``liver``).  It names the backend (``model_type``) and lists tissues; each tissue has
+its HU range (optionally one per contrast phase), an ordered list of morphology steps
+with sizes in millimetres, mesh options, display colour and the SNOMED CT concepts
+used in the DICOM SEG.  Every schema error is reported with the file, the field path
+and what is allowed, e.g.::
+
+    profiles/liver.yaml: tissues[0].morphology[1].op: 'clsoing' is not allowed;
+    allowed: closing, dilation, erosion, fill_holes, grow, keep_largest, median, opening, remove_small
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.errors import ProfileError
+
+MODEL_TYPES = ("hu_based", "totalsegmentator", "monai", "nnunet")
+PHASES = ("non_contrast", "contrast")
+
+
+def default_profiles_dir() -> Path:
+    """The profiles folder: ``$DICOM_NODE_PROFILES`` or the repository's ``profiles/``."""
+    env = os.environ.get("DICOM_NODE_PROFILES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Strict):
+    """A coded concept (SNOMED CT by default) as used in the SEG segment description."""
+
+    value: str
+    meaning: str
+    scheme: str = "SCT"
+
+
+HURange = Annotated[tuple[float, float], Field(description="[low, high] in HU, inclusive")]
+
+
+class PhaseRanges(_Strict):
+    """HU ranges per contrast phase; the phase is read from the DICOM header."""
+
+    non_contrast: HURange
+    contrast: HURange
+
+
+# -- morphology steps ---------------------------------------------------------------
+
+
+class _RadiusStep(_Strict):
+    radius_mm: float = Field(gt=0, le=50)
+
+
+class Closing(_RadiusStep):
+    op: Literal["closing"]
+
+
+class Opening(_RadiusStep):
+    op: Literal["opening"]
+
+
+class Dilation(_RadiusStep):
+    op: Literal["dilation"]
+
+
+class Erosion(_RadiusStep):
+    op: Literal["erosion"]
+
+
+class Median(_RadiusStep):
+    op: Literal["median"]
+
+
+class FillHoles(_Strict):
+    op: Literal["fill_holes"]
+    mode: Literal["3d", "slice"] = "3d"
+
+
+class KeepLargest(_Strict):
+    op: Literal["keep_largest"]
+    n: int = Field(default=1, ge=1)
+
+
+class RemoveSmall(_Strict):
+    op: Literal["remove_small"]
+    min_ml: float = Field(gt=0)
+
+
+class Grow(_Strict):
+    """Add voxels in ``hu`` that are connected to the mask (hysteresis), at most ``max_mm`` away."""
+
+    op: Literal["grow"]
+    hu: HURange
+    max_mm: float | None = Field(default=None, gt=0)
+
+
+MorphologyStep = Annotated[
+    Union[Closing, Opening, Dilation, Erosion, Median, FillHoles, KeepLargest, RemoveSmall, Grow],
+    Field(discriminator="op"),
+]
+STEP_OPS = ("closing", "dilation", "erosion", "fill_holes", "grow", "keep_largest", "median", "opening", "remove_small")
+
+
+class Inside(_Strict):
+    """Restrict a tissue to the filled envelope of an earlier tissue (e.g. marrow inside cortex)."""
+
+    tissue: str
+    closing_mm: float = Field(default=0, ge=0, le=50)
+    fill: Literal["3d", "slice"] = "slice"
+
+
+class MeshSpec(_Strict):
+    """Surface mesh options (see :class:`node.pipeline.mesh.MeshOptions`)."""
+
+    enabled: bool = True
+    smoothing: Literal["windowed_sinc", "taubin", "laplacian", "none"] = "windowed_sinc"
+    iterations: int = Field(default=20, ge=0, le=500)
+    pass_band: float = Field(default=0.03, gt=0, le=2)
+    decimate: float | None = Field(default=None, gt=0, le=1, description="fraction of triangles to keep")
+    max_triangles: int | None = Field(default=None, ge=100)
+
+
+class Tissue(_Strict):
+    """One output structure of a profile: a SEG segment and a mesh."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$")
+    description: str
+    color: tuple[int, int, int]
+    hu: HURange | PhaseRanges | None = None
+    smooth_mm: float = Field(default=0, ge=0, le=10, description="Gaussian sigma applied to HU before thresholding")
+    inside: Inside | None = None
+    exclude: list[str] = Field(default_factory=list, description="earlier tissues removed from this one")
+    morphology: list[MorphologyStep] = Field(default_factory=list)
+    mesh: MeshSpec = MeshSpec()
+    category: Code
+    type: Code
+    labels: list[int] = Field(default_factory=list, description="model label ids (AI backends)")
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(c < 0 or c > 255 for c in v):
+            raise ValueError("each RGB component must be 0..255")
+        return v
+
+    @field_validator("hu")
+    @classmethod
+    def _ordered(cls, v: Any) -> Any:
+        ranges = [v] if isinstance(v, tuple) else [v.non_contrast, v.contrast] if v is not None else []
+        for lo, hi in ranges:
+            if lo >= hi:
+                raise ValueError(f"HU range [{lo}, {hi}] must have low < high")
+        return v
+
+    def hu_range(self, phase: str) -> tuple[float, float] | None:
+        """The HU range for ``phase`` (``non_contrast`` or ``contrast``)."""
+        if self.hu is None or isinstance(self.hu, tuple):
+            return self.hu
+        return getattr(self.hu, phase)
+
+
+class BodyMaskSpec(_Strict):
+    """How the body outline is found before any tissue threshold."""
+
+    enabled: bool = True
+    threshold_hu: float = -400
+    opening_mm: float = Field(default=3, ge=0)
+    min_component_ml: float = Field(default=20, gt=0)
+
+
+class Profile(_Strict):
+    """An organ profile as loaded from ``profiles/<name>.yaml``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$")
+    description: str
+    model_type: Literal["hu_based", "totalsegmentator", "monai", "nnunet"] = "hu_based"
+    modality: str = "CT"
+    phase: Literal["auto", "non_contrast", "contrast"] = "auto"
+    body_mask: BodyMaskSpec = BodyMaskSpec()
+    tissues: list[Tissue] = Field(min_length=1)
+    model: dict[str, Any] = Field(default_factory=dict, description="backend-specific settings")
+    source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Profile":
+        seen: list[str] = []
+        for n, t in enumerate(self.tissues):
+            if t.name in seen:
+                raise ValueError(f"tissues[{n}].name: duplicate tissue name '{t.name}'")
+            refs = ([t.inside.tissue] if t.inside else []) + list(t.exclude)
+            for r in refs:
+                if r not in seen:
+                    raise ValueError(
+                        f"tissues[{n}] ({t.name}): refers to '{r}', which is not an earlier tissue; "
+                        f"earlier tissues: {', '.join(seen) or 'none'}"
+                    )
+            if self.model_type == "hu_based" and t.hu is None:
+                raise ValueError(f"tissues[{n}].hu: required for model_type hu_based")
+            seen.append(t.name)
+        return self
+
+    def resolve_phase(self, contrast_applied: bool, override: str | None = None) -> str:
+        """Pick the contrast phase: explicit override, then the profile's setting, then the header."""
+        choice = override or self.phase
+        if choice not in ("auto", *PHASES):
+            raise ProfileError(f"phase must be one of auto, {', '.join(PHASES)} (got {choice!r})")
+        if choice == "auto":
+            return "contrast" if contrast_applied else "non_contrast"
+        return choice
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in STEP_OPS or part in ("tuple[float, float]", "PhaseRanges"):
+            continue  # pydantic's union branch names, not a field
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _format_error(err: dict[str, Any], data: Any) -> str:
+    loc = _loc(err["loc"])
+    kind = err["type"]
+    if kind == "union_tag_invalid":
+        got = err.get("input", {}).get("op") if isinstance(err.get("input"), dict) else err.get("input")
+        hint = difflib.get_close_matches(str(got), STEP_OPS, n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"{loc}.op: '{got}' is not allowed{extra}; allowed: {', '.join(STEP_OPS)}"
+    if kind == "union_tag_not_found":
+        return f"{loc}: missing 'op'; allowed: {', '.join(STEP_OPS)}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{loc}: {err['input']!r} is not allowed; allowed: {expected}"
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown field"
+    if kind == "missing":
+        return f"{loc}: required field missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_profile(data: Any, source: str) -> Profile:
+    """Validate a profile mapping; raise :class:`ProfileError` listing every problem."""
+    if not isinstance(data, dict):
+        raise ProfileError("a profile must be a YAML mapping", path=source)
+    try:
+        return Profile.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        seen: list[str] = []
+        for e in exc.errors():
+            line = _format_error(e, data)
+            if line not in seen:
+                seen.append(line)
+        raise ProfileError("; ".join(seen), path=source) from None
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    """Load and validate one profile file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile: {exc.strerror}", path=p) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ProfileError(f"{where}invalid YAML: {getattr(exc, 'problem', exc)}", path=p) from None
+    profile = parse_profile(data, str(p))
+    if profile.name != p.stem:
+        raise ProfileError(f"name: '{profile.name}' must match the file name '{p.stem}'", path=p)
+    return profile
+
+
+def list_profiles(directory: str | Path | None = None) -> list[str]:
+    """Names of the profiles in ``directory`` (default :func:`default_profiles_dir`)."""
+    d = Path(directory) if directory else default_profiles_dir()
+    return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path, directory: str | Path | None = None) -> Profile:
+    """Load a profile by name (from the profiles folder) or by file path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return load_profile_file(p)
+    d = Path(directory) if directory else default_profiles_dir()
+    f = d / f"{name_or_path}.yaml"
+    if not f.exists():
+        names = list_profiles(d)
+        hint = difflib.get_close_matches(str(name_or_path), names, n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ProfileError(f"unknown profile '{name_or_path}'{extra}; available: {', '.join(names) or 'none'}", path=d)
+    return load_profile_file(f)
