@@ -20,7 +20,8 @@ status   when
 0xA900   "data set does not match SOP class": StudyInstanceUID,
          SeriesInstanceUID, SOPInstanceUID or SOPClassUID missing or
          empty; SOP Instance/Class UID in the data set differing from the
-         command's Affected SOP Instance/Class UID
+         command's Affected SOP Instance/Class UID; an image without pixel
+         data (a data set cut short by corruption)
 0xC000   "cannot understand": the data set cannot be parsed
 0xA700   "out of resources": the spool could not be written (not quarantined:
          the disk is the problem; the sender will retry)
@@ -195,7 +196,8 @@ class Receiver:
         self.quarantine_dir = Path(config.quarantine_dir)
         self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations)
         self._server: Any = None
-        self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        #: counters since start: stored, duplicates, refused, index_errors
         self.stats = {"stored": 0, "duplicates": 0, "refused": 0, "index_errors": 0}
 
     # -- lifecycle -------------------------------------------------------
@@ -250,6 +252,10 @@ class Receiver:
             return int(self.config.port)
         return int(self._server.server_address[1])
 
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
     # -- handlers --------------------------------------------------------
     def _on_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
@@ -275,7 +281,7 @@ class Receiver:
         who = f"from {calling!r} at {peer}:{assoc.requestor.port}"
 
         def refuse(status: int, reason: str) -> int:
-            self.stats["refused"] += 1
+            self._count("refused")
             qpath = self._quarantine(data, reason, calling=calling, called=called, peer=peer, sop=cmd_inst,
                                      sop_class=cmd_class, ts=ts)
             log.warning("C-STORE refused (0x%04X) %s: SOP instance %r: %s; kept as %s", status, who, cmd_inst,
@@ -293,6 +299,8 @@ class Receiver:
         missing = [kw for kw in _REQUIRED_UIDS if not _str_uid(ds, kw)]
         if missing:
             return refuse(STATUS_DATASET_MISMATCH, f"missing or empty {', '.join(missing)}")
+        if "Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            return refuse(STATUS_DATASET_MISMATCH, "image (Rows present) without pixel data: truncated or corrupt")
         sop_uid = _str_uid(ds, "SOPInstanceUID")
         if sop_uid != cmd_inst:
             return refuse(
@@ -338,14 +346,14 @@ class Receiver:
             )
             outcome = self.store.record_instance(rec)
         except Exception:  # noqa: BLE001 - the rescan at next start indexes the file
-            self.stats["index_errors"] += 1
+            self._count("index_errors")
             log.exception("C-STORE %s: stored %s but could not index it (will be indexed on rescan)", who, path)
             return STATUS_SUCCESS
         if outcome == "duplicate":
-            self.stats["duplicates"] += 1
+            self._count("duplicates")
             log.info("C-STORE %s: duplicate SOP instance %s (kept the first copy)", who, sop_uid)
         else:
-            self.stats["stored"] += 1
+            self._count("stored")
             log.debug("C-STORE %s: stored %s", who, path)
         return STATUS_SUCCESS
 
