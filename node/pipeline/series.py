@@ -349,21 +349,25 @@ def _decode_all(
         raise _decode_error(*exc.args) from None
     if len(in_process) == n:
         return vol
-    nchunks = min(len(compressed), workers * 4)
+    # small chunks, consumed in order as they arrive (pool.map drops each result once
+    # yielded), so that little more than the output volume is held at any time
+    nchunks = min(len(compressed), workers * 8)
     chunks = [c.tolist() for c in np.array_split(np.array(compressed), nchunks) if len(c)]
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-        futures = [pool.submit(_decode_chunk, [items[i] for i in chunk]) for chunk in chunks]
-        for chunk, fut in zip(chunks, futures):
+        results = pool.map(_decode_chunk, [[items[i] for i in chunk] for chunk in chunks])
+        for chunk in chunks:
             try:
-                res = fut.result()
+                res = next(results)
             except Exception as exc:  # a worker died (e.g. a codec crashed)
-                raise _decode_error(str(frames[chunk[0]].path), frames[chunk[0]].ts, f"decoder process failed: {exc}") from None
+                first = frames[chunk[0]]
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise _decode_error(str(first.path), first.ts, f"decoder process failed: {exc}") from None
             if isinstance(res, tuple):
-                for f in futures:
-                    f.cancel()
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise _decode_error(*res)
             for i, sl in zip(chunk, res):
                 put(i, sl)
+            del res
     return vol
 
 
