@@ -1,0 +1,270 @@
+"""One pipeline run: DICOM files -> volume -> tissue masks -> meshes, DICOM SEG and a report.
+
+This is what the offline command (``dicom-node run``) and the node's workers call.
+It never touches the network.  Every stage is timed and its peak memory recorded in
+the JSON report written next to the outputs::
+
+    <output>/<organ>_seg.dcm
+    <output>/<organ>_<tissue>.stl
+    <output>/<organ>_<tissue>_colored.ply
+    <output>/report.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from node import __version__
+from node.errors import InputError, SeriesError
+from node.pipeline.backends import get_backend
+from node.pipeline.mesh import MeshOptions, mesh_from_mask
+from node.pipeline.mesh_io import check_stl, write_ply, write_stl
+from node.pipeline.series import find_series, load_series
+from node.pipeline.seg import SegmentSpec, write_seg
+from node.pipeline.volume import Volume
+from node.profiles import Profile, load_profile
+
+log = logging.getLogger(__name__)
+
+#: ``progress(stage, message)`` callback; stages: load, segment, mesh, seg, report
+Progress = Callable[[str, str], None]
+
+ALGORITHM_NAMES = {
+    "hu_based": "dicom-node HU threshold",
+    "totalsegmentator": "TotalSegmentator",
+    "nnunet": "nnU-Net",
+    "monai": "MONAI",
+}
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    output_dir: Path
+    report: dict[str, Any]
+    seg_path: Path | None = None
+    mesh_paths: list[Path] = field(default_factory=list)
+    report_path: Path | None = None
+    volume: Volume | None = None
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux; the peak of this process so far
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _Stages:
+    """Times each stage and records the process peak RSS after it."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+
+    def run(self, stage: str, message: str, fn: Callable[[], Any]) -> Any:
+        if self.progress:
+            self.progress(stage, message)
+        t0 = time.perf_counter()
+        out = fn()
+        self.timings[stage] = round(time.perf_counter() - t0, 3)
+        self.peak_rss_mb[stage] = round(_peak_rss_mb(), 1)
+        return out
+
+
+def select_series(inputs: Sequence[str | Path], series_uid: str | None = None) -> list[Path]:
+    """The files of the one series to process among ``inputs``.
+
+    Raises :class:`SeriesError` when there is no DICOM file, when the wanted series is
+    absent, or when several series are present and none was chosen.
+    """
+    groups = find_series(inputs)
+    if not groups:
+        raise SeriesError("no DICOM files found", path=", ".join(str(p) for p in inputs))
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise SeriesError(f"series {series_uid} not found; present: {', '.join(sorted(groups))}")
+        return groups[series_uid]
+    if len(groups) > 1:
+        listing = "; ".join(f"{uid or '<empty SeriesInstanceUID>'} ({len(f)} files)" for uid, f in sorted(groups.items()))
+        raise SeriesError(f"the input holds {len(groups)} series, choose one with --series: {listing}")
+    return next(iter(groups.values()))
+
+
+def _segment_specs(profile: Profile, masks: dict[str, np.ndarray]) -> list[SegmentSpec]:
+    specs = []
+    for t in profile.tissues:
+        specs.append(
+            SegmentSpec(
+                label=f"{profile.name} {t.name}",
+                tissue=t.name,
+                description=t.description,
+                color=tuple(t.color),  # type: ignore[arg-type]
+                category=(t.category.value, t.category.scheme, t.category.meaning),
+                type=(t.type.value, t.type.scheme, t.type.meaning),
+                mask=masks[t.name],
+            )
+        )
+    return specs
+
+
+def run_pipeline(
+    inputs: Sequence[str | Path],
+    profile: Profile | str,
+    output_dir: str | Path,
+    *,
+    backend: str | None = None,
+    phase: str | None = None,
+    series_uid: str | None = None,
+    fill_missing_uids: bool = False,
+    write_segmentation: bool = True,
+    write_meshes: bool = True,
+    seg_series_uid: str | None = None,
+    decode_workers: int | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Segment one series and write the SEG, the meshes and ``report.json``.
+
+    Args:
+        inputs: folders (searched recursively) and/or files.
+        profile: a :class:`Profile` or a profile name / YAML path.
+        output_dir: created if needed; files are written atomically.
+        backend: override of the profile's ``model_type``.
+        phase: ``contrast`` / ``non_contrast`` override of the header-derived phase.
+        series_uid: which series to take when the input holds several.
+        fill_missing_uids: offline opt-in for files whose identifying UIDs are empty.
+        write_segmentation / write_meshes: switch outputs off.
+        seg_series_uid: SeriesInstanceUID for the SEG (the node passes a stable one).
+        decode_workers: processes for decoding compressed pixel data.
+        progress: ``progress(stage, message)`` callback.
+
+    Raises:
+        InputError: bad input (series, profile); the message says which file/field.
+        BackendUnavailable: the backend's package or model is missing.
+    """
+    t_start = time.perf_counter()
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(progress)
+
+    files = select_series(inputs, series_uid)
+    volume: Volume = stages.run(
+        "load",
+        f"reading {len(files)} files",
+        lambda: load_series(
+            files, fill_missing_uids=fill_missing_uids, require_modality=prof.modality, decode_workers=decode_workers
+        ),
+    )
+    model_type = backend or prof.model_type
+    seg_backend = get_backend(model_type)
+    chosen_phase = prof.resolve_phase(volume.info.contrast_applied, phase)
+    masks: dict[str, np.ndarray] = stages.run(
+        "segment",
+        f"{model_type} segmentation, profile {prof.name}, {chosen_phase} phase",
+        lambda: seg_backend.segment(volume, prof, phase=chosen_phase),
+    )
+    missing = [t.name for t in prof.tissues if t.name not in masks]
+    if missing:
+        raise InputError(f"backend {model_type} returned no mask for tissue(s) {', '.join(missing)}")
+
+    voxel_ml = volume.voxel_volume_ml
+    tissues: dict[str, dict[str, Any]] = {}
+    for t in prof.tissues:
+        n = int(np.count_nonzero(masks[t.name]))
+        tissues[t.name] = {"voxels": n, "volume_ml_voxels": round(n * voxel_ml, 3)}
+        if n == 0:
+            log.warning("tissue %s of profile %s is empty", t.name, prof.name)
+
+    mesh_paths: list[Path] = []
+
+    def _meshes() -> None:
+        for t in prof.tissues:
+            info = tissues[t.name]
+            if not t.mesh.enabled:
+                continue
+            opts = MeshOptions.from_dict(t.mesh.model_dump(exclude={"enabled"}))
+            mesh = mesh_from_mask(masks[t.name], volume.affine, opts)
+            info.update({"triangles": mesh.triangles, "volume_ml_mesh": round(mesh.volume_ml, 3)})
+            if mesh.is_empty:
+                info.update({"watertight": None, "stl": None, "ply": None})
+                continue
+            stl = write_stl(mesh, out / f"{prof.name}_{t.name}.stl")
+            ply = write_ply(mesh, out / f"{prof.name}_{t.name}_colored.ply", tuple(t.color))
+            check = check_stl(stl)  # as any reader sees the file, not the in-memory mesh
+            info.update(
+                {
+                    "watertight": check.watertight,
+                    "manifold": check.manifold,
+                    "stl": stl.name,
+                    "ply": ply.name,
+                }
+            )
+            if not check.printable:
+                log.warning("mesh %s is not printable: %s", stl.name, check)
+            mesh_paths.extend([stl, ply])
+
+    if write_meshes:
+        stages.run("mesh", f"meshing {len(prof.tissues)} tissues", _meshes)
+
+    seg_path: Path | None = None
+    seg_uid: str | None = None
+    if write_segmentation:
+        seg_path = out / f"{prof.name}_seg.dcm"
+
+        def _seg() -> None:
+            nonlocal seg_uid
+            ds = write_seg(
+                volume,
+                _segment_specs(prof, masks),
+                seg_path,
+                algorithm_name=ALGORITHM_NAMES.get(model_type, model_type),
+                algorithm_version=__version__,
+                series_instance_uid=seg_series_uid,
+                series_description=f"SEG {prof.name} {volume.info.series_description}".strip()[:64],
+            )
+            seg_uid = str(ds.SeriesInstanceUID)
+
+        stages.run("seg", "writing DICOM SEG", _seg)
+
+    report = {
+        "software": {"name": "dicom-node", "version": __version__},
+        "input": {
+            "series_instance_uid": volume.info.series_instance_uid,
+            "study_instance_uid": volume.info.study_instance_uid,
+            "series_description": volume.info.series_description,
+            "files": len(files),
+            "shape_kji": list(volume.shape),
+            "spacing_mm_ijk": [round(s, 4) for s in volume.spacing],
+            "resampled": volume.resampled,
+            "contrast_applied": volume.info.contrast_applied,
+            "warnings": list(volume.warnings),
+        },
+        "profile": {"name": prof.name, "source": prof.source, "model_type": model_type, "phase": chosen_phase},
+        "tissues": tissues,
+        "outputs": {
+            "seg": seg_path.name if seg_path else None,
+            "seg_series_instance_uid": seg_uid,
+            "meshes": [p.name for p in mesh_paths],
+        },
+        "timings_s": stages.timings,
+        "peak_rss_mb": stages.peak_rss_mb,
+    }
+    report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    if progress:
+        progress("report", "writing report.json")
+    report_path = out / "report.json"
+    tmp = report_path.with_name(f".{report_path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, report_path)
+    return RunResult(out, report, seg_path, mesh_paths, report_path, volume, masks)
