@@ -340,6 +340,35 @@ def test_enhanced_ct_matches_single_frame(tmp_path: Path, ref_volume) -> None:
     np.testing.assert_array_equal(vol.array[k], full[vol.frames[k].frame_number - 1].astype(int) - 1024)
 
 
+def test_enhanced_ct_compressed_parallel(tmp_path: Path, ref_volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = write_series(SMALL_CT, tmp_path, size=SIZE, enhanced=True, transfer_syntax="j2k")
+    assert pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+    monkeypatch.setattr(series_mod, "PARALLEL_MIN_FRAMES", 2)
+    vol = load_series(files, decode_workers=2)
+    np.testing.assert_array_equal(vol.array, ref_volume.array)
+
+
+def test_source_datasets_build_a_seg(tmp_path: Path) -> None:
+    hd = pytest.importorskip("highdicom")
+    from pydicom.sr.codedict import codes
+
+    files = write_series(SMALL_CT, tmp_path, size=SIZE, tilt_deg=10)
+    vol = load_series(files)
+    frames_mask = vol.mask_on_frames(vol.array > 200)
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="bone", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Bone, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=vol.info.source_datasets, pixel_array=frames_mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="0", device_serial_number="0",
+    )
+    refs = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == {fr.sop_instance_uid for fr in vol.frames}
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -34,8 +34,8 @@ Encoders found in this environment (learned while writing this module):
   lossy processes when ``+ud`` is given), so the UIDs written here survive.
 * For ``enhanced=True`` highdicom's ``LegacyConvertedEnhancedCTImage`` builds the
   multi-frame object from the single-frame datasets (SOP class
-  1.2.840.10008.5.1.4.1.1.2.2), always written Explicit VR Little Endian
-  (highdicom only offers a few transfer syntaxes there).
+  1.2.840.10008.5.1.4.1.1.2.2); highdicom encodes it itself, but only as
+  explicit/implicit VR LE, JPEG 2000 lossless, JPEG-LS lossless or RLE.
 """
 
 from __future__ import annotations
@@ -96,6 +96,9 @@ _DCMCJPEG_FLAGS = {
 }
 
 _BASELINE_WINDOW = (-1000.0, 1000.0)
+
+# what highdicom's LegacyConvertedEnhancedCTImage can encode
+_ENHANCED_SYNTAXES = {"explicit", "implicit", "j2k", "jpeg-ls", "rle"}
 
 
 def _load_input(volume_hu: np.ndarray | str | Path, affine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -417,9 +420,14 @@ def write_series(
 
         for ds in datasets:
             _finish(ds, ExplicitVRLittleEndian)
+        if transfer_syntax not in _ENHANCED_SYNTAXES:
+            raise ValueError(
+                f"enhanced=True supports transfer syntaxes {sorted(_ENHANCED_SYNTAXES)}, not {transfer_syntax!r}"
+            )
         mf = LegacyConvertedEnhancedCTImage(
             datasets, series_instance_uid=series_uid, series_number=series_number,
             sop_instance_uid=generate_uid(), instance_number=1,
+            transfer_syntax_uid=TRANSFER_SYNTAXES[transfer_syntax],
         )
         path = out / "ENHANCED.dcm"
         mf.save_as(path, enforce_file_format=True)
@@ -474,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError
         except ValueError:
             p.error(f"--size must look like 512x512x400, got {a.size!r}")
+    if a.enhanced and a.ts not in _ENHANCED_SYNTAXES:
+        p.error(f"--enhanced supports --ts {', '.join(sorted(_ENHANCED_SYNTAXES))}")
+    if not Path(a.nifti).is_file():
+        p.error(f"--nifti {a.nifti}: no such file")
     files = write_series(
         a.nifti, a.out, size=size, tilt_deg=a.tilt, uneven=a.uneven, shuffle=a.shuffle,
         localizer=a.localizer, transfer_syntax=a.ts, enhanced=a.enhanced, modality=a.modality,
