@@ -16,8 +16,12 @@ the median gap.  ``Volume.resampled`` is then True and ``Volume.frames`` keeps t
 original frames so :meth:`Volume.mask_on_frames` can map a mask back.
 
 Compressed pixel data are decoded in a process pool (chunks of frames per task,
-each worker returns the rescaled slices); native (uncompressed) data are read in
-process.  Every problem with the input is raised as :class:`SeriesError` naming the
+each worker returns the rescaled slices, consumed in order so that little more
+than the output volume is held); native (uncompressed) data, and series with fewer
+than :data:`PARALLEL_MIN_FRAMES` compressed frames, are decoded in process.  The
+volume is int16 when every RescaleSlope/Intercept is integral and the HU fit, else
+float32.  Resampling along the normal (uneven spacing) briefly holds the input and
+the output stack; the tilt correction works in place.  Every problem with the input is raised as :class:`SeriesError` naming the
 file and, where there is one, the tag.
 """
 
