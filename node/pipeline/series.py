@@ -677,8 +677,13 @@ def load_series(
     # geometry
     dr, dc = sp_major
     gaps = np.diff(d)
-    if np.any(gaps <= 0):
-        raise SeriesError("frames at the same position along the slice normal", path=frames[0].path, tag="ImagePositionPatient")
+    if np.any(gaps <= _MIN_GAP_MM):
+        k = int(np.argmax(gaps <= _MIN_GAP_MM))
+        raise SeriesError(
+            f"{frames[k].label()} and {frames[k + 1].label()} lie in the same plane at different in-plane "
+            "positions (two acquisitions mixed in one series?)",
+            path=frames[k + 1].path, tag="ImagePositionPatient",
+        )
     median_gap = float(np.median(gaps))
     tol = max(_MIN_GAP_MM, _REL_GAP * median_gap)
     rel = np.array([fr.ipp - frames[0].ipp for fr in frames])
