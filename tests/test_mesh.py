@@ -235,6 +235,17 @@ def test_mask_touching_volume_edge_is_closed(tmp_path):
     assert 0.85 * 5.04 < mesh.volume_ml < 5.04
 
 
+def test_hollow_sphere_cavity_wound_inward(tmp_path):
+    shape = (40, 40, 40)
+    shell = sphere_mask(shape, (15, 15, 15)) & ~sphere_mask(shape, (9, 9, 9))
+    for aff in (spacing_affine((1.0, 1.0, 1.0)), oblique_affine((1.0, 1.0, 1.0))):
+        mesh = mesh_from_mask(shell, aff, MeshOptions())
+        expected_ml = 4 / 3 * math.pi * (15**3 - 9**3) / 1000
+        assert mesh.volume_ml == pytest.approx(expected_ml, rel=0.04)
+        assert topology(mesh.faces, len(mesh.vertices)).components == 2
+        assert_printable_on_disk(mesh, tmp_path)
+
+
 # ---------------------------------------------------------------------- position (oblique affine)
 
 

@@ -604,6 +604,9 @@ def separate_coincident(
         v[dup] += vn * d[:, None]
         moved += len(dup)
         step *= 2
+    _, n_unique = float32_groups(v)
+    if n_unique != len(v):
+        log.warning("%d vertices still float32-coincident after separation", len(v) - n_unique)
     return v, moved
 
 
