@@ -187,7 +187,7 @@ class Mesh:
         """Number of distinct vertices that share their float32 coordinates with another one."""
         if self.vertices.shape[0] == 0:
             return 0
-        inv, n_unique = float32_groups(self.vertices)
+        _, n_unique = float32_groups(self.vertices)
         return int(self.vertices.shape[0] - n_unique)
 
 
@@ -533,17 +533,17 @@ def _manifold_roundtrip(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.nda
     """Pass a mesh through manifold3d (collapses degenerate triangles); ``None`` if it refuses."""
     import manifold3d
 
-    m = manifold3d.Manifold(
-        manifold3d.Mesh64(
+    if hasattr(manifold3d, "Mesh64"):  # manifold3d >= 3.1: keep float64 positions
+        src = manifold3d.Mesh64(
             vert_properties=np.ascontiguousarray(vertices, dtype=np.float64),
             tri_verts=np.ascontiguousarray(faces, dtype=np.uint64),
         )
-    ) if hasattr(manifold3d, "Mesh64") else manifold3d.Manifold(
-        manifold3d.Mesh(
+    else:  # pragma: no cover - older manifold3d
+        src = manifold3d.Mesh(
             vert_properties=np.ascontiguousarray(vertices, dtype=np.float32),
             tri_verts=np.ascontiguousarray(faces, dtype=np.uint32),
         )
-    )
+    m = manifold3d.Manifold(src)
     if m.status() != manifold3d.Error.NoError or m.is_empty():
         return None
     out = m.to_mesh64() if hasattr(m, "to_mesh64") else m.to_mesh()
