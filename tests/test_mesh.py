@@ -410,3 +410,16 @@ def test_single_voxel(tmp_path):
     for opts in (MeshOptions(), MeshOptions(decimate=0.5), MeshOptions("taubin", iterations=60)):
         mesh = mesh_from_mask(mask, spacing_affine((0.5, 0.5, 0.5)), opts)
         assert_printable_on_disk(mesh, tmp_path)
+
+
+def test_decimation_falls_back_to_undecimated_when_not_manifold(monkeypatch, tmp_path, caplog):
+    import node.pipeline.mesh as mesh_mod
+
+    monkeypatch.setattr(mesh_mod, "_manifold_roundtrip", lambda v, f: None)
+    mask = sphere_mask((24, 24, 24), (8, 8, 8))
+    full = mesh_from_mask(mask, np.eye(4), MeshOptions())
+    with caplog.at_level("WARNING", logger="node.pipeline.mesh"):
+        mesh = mesh_from_mask(mask, np.eye(4), MeshOptions(decimate=0.3))
+    assert mesh.triangles == full.triangles
+    assert "could not keep the mesh manifold" in caplog.text
+    assert_printable_on_disk(mesh, tmp_path)
