@@ -1,0 +1,158 @@
+"""``dicom-node jobs``: look at and act on the node's jobs (the operator's view).
+
+* ``dicom-node jobs list [--state S]`` - one line per job: id, state, attempts,
+  rule/profile, series, age, error.
+* ``dicom-node jobs show ID`` - every field of a job, its result paths and dispatches.
+* ``dicom-node jobs retry ID`` - a failed job is re-queued with fresh attempts; for a
+  done job, its failed dispatches are re-queued.
+* ``dicom-node jobs series [--state S]`` - the series the node knows, with their
+  state (``unrouted`` series are kept and listed here, with the reason).
+
+``--config node.yaml`` (default: embedded defaults, i.e. ``./var/node.db``) or
+``--db PATH`` says which database to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from node.config import load_config
+from node.errors import InputError
+from node.store import JOB_STATES, SERIES_STATES, Store
+
+
+def _open(args: argparse.Namespace) -> Store:
+    db = Path(args.db) if args.db else load_config(args.config).database_path
+    if not db.is_file():
+        raise InputError("no node database here (has the node run with this configuration?)", path=db)
+    return Store(db, migrate=False)
+
+
+def _ts(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _short(uid: str | None, n: int = 24) -> str:
+    uid = uid or "-"
+    return uid if len(uid) <= n else "..." + uid[-(n - 3):]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    store = _open(args)
+    try:
+        jobs = store.list_jobs(args.state)
+    finally:
+        store.close()
+    print(f"{'ID':>5}  {'STATE':<10} {'TRIES':>5}  {'RULE':<20} {'PROFILE':<9} {'GEN':>3}  {'SERIES':<26} "
+          f"{'CREATED':<19}  ERROR")
+    for j in jobs:
+        err = (j.error or "").replace("\n", " ")
+        print(f"{j.id:>5}  {j.state:<10} {j.attempts:>2}/{j.max_attempts:<2}  {j.rule[:20]:<20} {j.profile[:9]:<9} "
+              f"{j.generation:>3}  {_short(j.series_uid, 26):<26} {_ts(j.created_at):<19}  {err[:100]}")
+    print(f"{len(jobs)} job(s)")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    store = _open(args)
+    try:
+        job = store.get_job(args.id)
+        if job is None:
+            raise InputError(f"no job {args.id}")
+        dispatches = store.list_dispatches(job_id=job.id)
+        series = store.get_series(job.series_uid)
+    finally:
+        store.close()
+    rows = [
+        ("job", job.id), ("state", job.state), ("error", job.error or "-"),
+        ("series", job.series_uid), ("generation", job.generation),
+        ("series state", series.state if series else "-"),
+        ("rule", job.rule), ("rules version", job.rules_version), ("profile", job.profile),
+        ("backend", job.backend), ("attempts", f"{job.attempts}/{job.max_attempts}"),
+        ("next attempt", _ts(job.next_attempt_at)), ("worker", job.worker or "-"),
+        ("created", _ts(job.created_at)), ("started", _ts(job.started_at)), ("finished", _ts(job.finished_at)),
+        ("SEG series UID", job.seg_series_uid or "-"),
+    ]
+    for k, v in rows:
+        print(f"{k + ':':<16} {v}")
+    print(f"{'params:':<16} {json.dumps(job.params, sort_keys=True)}")
+    if job.result:
+        print("result:")
+        for k, v in sorted(job.result.items()):
+            if isinstance(v, list):
+                print(f"  {k}:")
+                for item in v:
+                    print(f"    {item}")
+            else:
+                print(f"  {k}: {json.dumps(v) if isinstance(v, dict) else v}")
+    print(f"dispatches: {len(dispatches)}")
+    for d in dispatches:
+        print(f"  #{d.id} {d.kind}:{d.destination} {d.state} attempts={d.attempts} sent={_ts(d.sent_at)}"
+              f"{' next=' + _ts(d.next_attempt_at) if d.state == 'pending' and d.next_attempt_at else ''}"
+              f"{' error=' + d.last_error if d.last_error else ''}")
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from node.worker import retry_job
+
+    store = _open(args)
+    try:
+        msg = retry_job(store, args.id)
+    finally:
+        store.close()
+    print(msg)
+    return 0 if ("re-queued" in msg) else 1
+
+
+def _cmd_series(args: argparse.Namespace) -> int:
+    store = _open(args)
+    try:
+        series = store.list_series(args.state)
+    finally:
+        store.close()
+    print(f"{'STATE':<10} {'GEN':>3} {'INST':>5}  {'MODALITY':<8} {'DESCRIPTION':<24} {'CALLING AE':<16} "
+          f"{'LAST RECEIVED':<19}  SERIES / NOTE")
+    for s in series:
+        desc = str(s.tags.get("SeriesDescription", ""))[:24]
+        note = f"  ({s.error})" if s.error else ""
+        print(f"{s.state:<10} {s.generation:>3} {s.instance_count:>5}  {str(s.tags.get('Modality', ''))[:8]:<8} "
+              f"{desc:<24} {(s.calling_ae or '-')[:16]:<16} {_ts(s.last_received_at):<19}  {s.series_uid}"
+              f"{note[:300]}")
+    print(f"{len(series)} series")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("jobs", help="list, show and retry the node's jobs; list its series")
+    sub = p.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", default=None, metavar="FILE", help="node.yaml (finds the database)")
+        sp.add_argument("--db", default=None, metavar="PATH", help="the node database (instead of --config)")
+
+    lp = sub.add_parser("list", help="one line per job")
+    lp.add_argument("--state", choices=JOB_STATES, default=None)
+    common(lp)
+    lp.set_defaults(func=_cmd_list)
+    sp = sub.add_parser("show", help="everything about one job")
+    sp.add_argument("id", type=int)
+    common(sp)
+    sp.set_defaults(func=_cmd_show)
+    rp = sub.add_parser("retry", help="re-queue a failed job (or a done job's failed dispatches)")
+    rp.add_argument("id", type=int)
+    common(rp)
+    rp.set_defaults(func=_cmd_retry)
+    ser = sub.add_parser("series", help="the series the node knows (unrouted ones included)")
+    ser.add_argument("--state", choices=SERIES_STATES, default=None)
+    common(ser)
+    ser.set_defaults(func=_cmd_series)
+
+    def _help(_args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=_help)

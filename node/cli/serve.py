@@ -1,0 +1,40 @@
+"""``dicom-node serve [--config node.yaml]``: run the node until SIGTERM/SIGINT.
+
+Without ``--config`` the embedded defaults apply (AE ``DICOMNODE``, port 11112,
+``./var``, workers = cores - 1, the repository's ``routing_rules.yaml`` and
+``profiles/``).  Prints one line once listening::
+
+    dicom-node: listening as DICOMNODE on port 11112, storage /srv/node/var
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from node.config import load_config
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from node.service import NodeService
+
+    cfg = load_config(args.config)
+    if args.port is not None:
+        cfg.port = args.port
+    level = (args.log_level or cfg.log_level).upper()
+    logging.getLogger().setLevel(getattr(logging, level, logging.INFO))
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+    def ready(svc: NodeService) -> None:
+        print(f"dicom-node: listening as {cfg.ae_title} on port {svc.port}, storage {cfg.storage}", flush=True)
+
+    NodeService(cfg).run_forever(on_ready=ready)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the node: receive, route, segment, dispatch")
+    p.add_argument("--config", "-c", default=None, metavar="FILE", help="node.yaml (default: embedded defaults)")
+    p.add_argument("--port", type=int, default=None, help="override the listening port (0 = any free port)")
+    p.set_defaults(func=_cmd_serve)

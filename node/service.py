@@ -1,0 +1,222 @@
+"""The running node: receiver + scheduler + worker pool around one job store.
+
+:class:`NodeService` wires the stages together (each hands on through the
+store, so any of them can die and a restart carries on)::
+
+    Receiver (C-STORE -> spool + store)
+      -> completion sweep (every second: quiet series -> complete)
+      -> router (complete -> jobs, or unrouted)
+      -> WorkerPool (job processes: queued -> running -> done | failed)
+      -> Dispatcher (node.dispatcher, if present: dispatch rows -> C-STORE / share)
+
+Periodic work runs on an APScheduler ``BackgroundScheduler``:
+
+=====================  =======  ====================================================
+job                    every    what
+=====================  =======  ====================================================
+``complete-and-route``  1 s     :func:`node.completion.sweep`, then route complete series
+``rules-reload``        2 s     :meth:`RuleSetHolder.reload_if_changed` (a broken edit
+                                keeps the previous rules; logged once)
+``dispatch``            2 s     ``node.dispatcher.Dispatcher(config, store).run_due()``
+``spool-retention``     1 h     delete spool files of series ``done`` for longer than
+                                ``spool_retention_days`` (0 = keep forever); rows stay
+=====================  =======  ====================================================
+
+On start: the spool is rescanned (receiver), ``running`` jobs of a crashed run
+are re-queued, done jobs missing their dispatch rows get them, complete series
+are routed, then the worker pool starts.  ``stop()`` (SIGTERM/SIGINT in
+:meth:`run_forever`) stops accepting associations, stops the scheduler and the
+pool (running jobs get a short grace period, then are killed and re-queued
+without counting the try).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from node.completion import sweep
+from node.profiles import list_profiles
+from node.router import Router, short_version
+from node.routing.rules import RuleSetHolder
+from node.scp.receiver import Receiver
+from node.store import Store
+from node.worker import WorkerPool, ensure_dispatches
+
+__all__ = ["NodeService", "clean_spool"]
+
+log = logging.getLogger("node.service")
+
+
+def clean_spool(config: Any, store: Store, *, now: float | None = None) -> int:
+    """Delete the spool files of series processed (``done``) more than ``spool_retention_days`` ago.
+
+    The series and instance rows are kept (history); ``unrouted`` and ``failed``
+    series are never cleaned.  ``spool_retention_days: 0`` disables cleaning.
+    Returns the number of files deleted.
+    """
+    days = float(config.spool_retention_days)
+    if days <= 0:
+        return 0
+    cutoff = (now if now is not None else time.time()) - days * 86400.0
+    spool = Path(config.spool_dir).resolve()
+    removed = 0
+    for s in store.list_series("done"):
+        if s.state_changed_at > cutoff:
+            continue
+        folders = set()
+        for inst in store.series_instances(s.series_uid):
+            p = Path(inst.path)
+            try:
+                if spool not in p.resolve().parents:
+                    continue  # never delete outside the spool
+                if p.is_file():
+                    p.unlink()
+                    removed += 1
+                folders.add(p.parent)
+            except OSError as exc:
+                log.warning("retention: cannot delete %s: %s", p, exc)
+        for folder in folders:
+            for d in (folder, folder.parent):
+                try:
+                    d.rmdir()  # only when empty
+                except OSError:
+                    pass
+    if removed:
+        log.info("spool retention: deleted %d file(s) of series done more than %g day(s) ago", removed, days)
+    return removed
+
+
+class NodeService:
+    """The node (see the module docstring).
+
+    Args:
+        config: a loaded :class:`node.config.NodeConfig`.
+
+    After :meth:`start`, :attr:`port` is the port actually listened on.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.store: Store | None = None
+        self.receiver: Receiver | None = None
+        self.rules: RuleSetHolder | None = None
+        self.router: Router | None = None
+        self.pool: WorkerPool | None = None
+        self.scheduler: Any = None
+        self._stopped = threading.Event()
+        self._route_lock = threading.Lock()
+        self._dispatcher: Any = None
+        self._dispatcher_missing_logged = False
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port if self.receiver is not None else int(self.config.port)
+
+    # -- periodic jobs
+    def complete_and_route(self) -> None:
+        """Completion sweep, then route every complete series; wakes the pool when jobs were created."""
+        assert self.store is not None and self.router is not None
+        with self._route_lock:
+            sweep(self.store, self.config.quiet_period_s)
+            outcomes = self.router.route_pending()
+        if any(o.jobs for o in outcomes) and self.pool is not None:
+            self.pool.wake()
+
+    def reload_rules(self) -> None:
+        assert self.rules is not None
+        self.rules.reload_if_changed()
+
+    def run_dispatch(self) -> None:
+        """``node.dispatcher.Dispatcher(config, store).run_due()`` when the module exists."""
+        if self._dispatcher is None:
+            try:
+                mod = importlib.import_module("node.dispatcher")
+            except ModuleNotFoundError as exc:
+                if exc.name != "node.dispatcher":
+                    raise
+                if not self._dispatcher_missing_logged:
+                    log.warning("node.dispatcher is not installed: results are kept, nothing is sent")
+                    self._dispatcher_missing_logged = True
+                return
+            self._dispatcher = mod.Dispatcher(self.config, self.store)
+        self._dispatcher.run_due()
+
+    def clean_spool(self) -> None:
+        assert self.store is not None
+        clean_spool(self.config, self.store)
+
+    # -- lifecycle
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        cfg = self.config
+        Path(cfg.storage).mkdir(parents=True, exist_ok=True)
+        self.store = store = Store(cfg.database_path)
+        self.rules = RuleSetHolder(
+            cfg.rules,
+            known_profiles=lambda: list_profiles(cfg.profiles),
+            known_destinations=lambda: list(cfg.destinations),
+        )
+        log.info("routing rules %s: %d rule(s), version %s", cfg.rules, len(self.rules.ruleset),
+                 short_version(self.rules.ruleset.version))
+        self.router = Router(cfg, store, self.rules)
+        requeued = store.requeue_running_jobs()
+        if requeued:
+            log.warning("re-queued %d job(s) left running by a previous run", requeued)
+        ensure_dispatches(cfg, store)
+        self.receiver = Receiver(cfg, store)
+        self.receiver.start()  # rescans the spool first
+        self.complete_and_route()  # complete-but-unrouted series from before the restart
+        self.pool = WorkerPool(cfg, store)
+        self.pool.start()
+        self.scheduler = sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+                                                                   "misfire_grace_time": 30})
+        sched.add_job(self.complete_and_route, "interval", seconds=1, id="complete-and-route")
+        sched.add_job(self.reload_rules, "interval", seconds=2, id="rules-reload")
+        sched.add_job(self.run_dispatch, "interval", seconds=2, id="dispatch")
+        sched.add_job(self.clean_spool, "interval", hours=1, id="spool-retention")
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        sched.start()
+        self.clean_spool()
+
+    def stop(self) -> None:
+        """Stop everything (idempotent)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("node stopping")
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.stop()
+        if self.store is not None:
+            self.store.close()
+        log.info("node stopped")
+
+    def run_forever(self, on_ready: Any = None) -> None:
+        """Start, call ``on_ready(self)``, serve until SIGTERM/SIGINT, then stop cleanly."""
+        stop_requested = threading.Event()
+
+        def _signal(signum: int, _frame: Any) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            stop_requested.set()
+
+        old = {s: signal.signal(s, _signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            if on_ready is not None:
+                on_ready(self)
+            while not stop_requested.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
