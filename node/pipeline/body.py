@@ -24,8 +24,12 @@ def _steps(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
 
 
 def _upsample(mask: np.ndarray, steps: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    idx = np.ix_(*(np.arange(n) // f for n, f in zip(shape, steps)))
-    return mask[idx]
+    """Nearest-neighbour upsampling by integer factors, cropped to ``shape``."""
+    out = mask
+    for axis, f in enumerate(steps):
+        if f > 1:
+            out = np.repeat(out, f, axis=axis)
+    return out[: shape[0], : shape[1], : shape[2]]
 
 
 def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None) -> np.ndarray:

@@ -60,17 +60,18 @@ def dilation(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray
 
 
 def erosion(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
-    """Shrink the mask by a ball of ``radius_mm`` (voxels outside the array count as background)."""
+    """Shrink the mask by a ball of ``radius_mm`` (voxels outside the array count as background).
+
+    Computed as the complement of a dilation of the complement: ITK's binary dilation
+    is about three times faster than its erosion for the same ball.
+    """
     radius = radius_voxels(radius_mm, spacing)
     if not any(radius) or not mask.any():
         return mask.copy()
-    f = sitk.BinaryErodeImageFilter()
-    f.SetKernelType(sitk.sitkBall)
-    f.SetKernelRadius(radius)
-    f.SetForegroundValue(1)
-    f.SetBackgroundValue(0)
-    f.SetBoundaryToForeground(False)
-    return _from_sitk(f.Execute(_to_sitk(mask, spacing)))
+    pad = [(r, r) for r in reversed(radius)]
+    grown = dilation(~np.pad(mask, pad), radius_mm, spacing)
+    sl = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, mask.shape))
+    return ~grown[sl]
 
 
 def opening(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
@@ -133,12 +134,10 @@ def fill_holes(mask: np.ndarray, mode: str = "3d") -> np.ndarray:
     return lut[labels] | mask
 
 
-def _component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Label 26-connected components; return (labels, voxel count per label)."""
-    img = sitk.ConnectedComponent(_to_sitk(mask, (1.0, 1.0, 1.0)), True)
-    labels = sitk.GetArrayFromImage(img)
-    counts = np.bincount(labels.ravel())
-    return labels, counts
+def _relabel(mask: np.ndarray, min_voxels: int = 0) -> sitk.Image:
+    """26-connected components relabelled by decreasing size (1 = largest), small ones dropped."""
+    cc = sitk.ConnectedComponent(_to_sitk(mask, (1.0, 1.0, 1.0)), True)
+    return sitk.RelabelComponent(cc, minimumObjectSize=int(min_voxels), sortByObjectSize=True)
 
 
 def keep_largest(mask: np.ndarray, n: int = 1) -> np.ndarray:
@@ -147,12 +146,8 @@ def keep_largest(mask: np.ndarray, n: int = 1) -> np.ndarray:
         raise ValueError("keep_largest needs n >= 1")
     if not mask.any():
         return mask.copy()
-    labels, counts = _component_sizes(mask)
-    counts[0] = 0
-    order = np.argsort(counts)[::-1][:n]
-    keep = np.zeros(counts.size, dtype=bool)
-    keep[order[counts[order] > 0]] = True
-    return keep[labels]
+    labels = _relabel(mask)
+    return _from_sitk(sitk.BinaryThreshold(labels, 1, n, 1, 0))
 
 
 def remove_small(mask: np.ndarray, min_ml: float, spacing: Spacing) -> np.ndarray:
@@ -161,7 +156,5 @@ def remove_small(mask: np.ndarray, min_ml: float, spacing: Spacing) -> np.ndarra
         return mask.copy()
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     min_voxels = int(np.ceil(min_ml / voxel_ml))
-    labels, counts = _component_sizes(mask)
-    keep = counts >= min_voxels
-    keep[0] = False
-    return keep[labels]
+    labels = _relabel(mask, min_voxels)
+    return _from_sitk(labels != 0)
