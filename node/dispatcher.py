@@ -334,7 +334,7 @@ class Dispatcher:
         if not result.ok:
             raise NodeError(f"{where}: {result.summary()}")  # peer's failure status: retried with backoff
         sops = ", ".join(i.sop_instance_uid for i in result.sent)
-        return f"{where}: {result.summary()}; SOP Instance {sops}", where
+        return f"{result.summary()}; SOP Instance {sops}", where
 
     # -- share -------------------------------------------------------------------
     def _send_share(self, job: Job, d: Dispatch) -> tuple[str, str]:
