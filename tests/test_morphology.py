@@ -1,0 +1,154 @@
+"""Millimetre morphology on anisotropic grids, body mask, HU backend on synthetic phantoms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from node.pipeline import morphology as M
+from node.pipeline.backend_hu import HUBackend
+from node.pipeline.body import body_mask, bounding_box
+from node.pipeline.volume import SeriesInfo, Volume
+from node.profiles import parse_profile
+
+
+def _ball(shape, centre_kji, radius_mm, spacing):
+    k, j, i = np.indices(shape)
+    si, sj, sk = spacing
+    d2 = ((i - centre_kji[2]) * si) ** 2 + ((j - centre_kji[1]) * sj) ** 2 + ((k - centre_kji[0]) * sk) ** 2
+    return d2 <= radius_mm**2
+
+
+def test_radius_is_in_millimetres_per_axis():
+    assert M.radius_voxels(3.0, (0.5, 1.0, 3.0)) == [6, 3, 1]
+    assert M.radius_voxels(2.0, (0.7, 0.7, 5.0)) == [2, 2, 0]  # thick slices: no reach across
+
+
+def test_dilation_and_erosion_grow_by_the_radius_in_mm():
+    sp = (0.5, 0.8, 2.0)
+    shape = (40, 80, 120)
+    ball = _ball(shape, (20, 40, 60), 10.0, sp)
+    grown = M.dilation(ball, 4.0, sp)
+    expected = _ball(shape, (20, 40, 60), 14.0, sp)
+    agree = (grown == expected).mean()
+    assert agree > 0.995
+    shrunk = M.erosion(ball, 4.0, sp)
+    assert (shrunk == _ball(shape, (20, 40, 60), 6.0, sp)).mean() > 0.995
+
+
+def test_erosion_treats_outside_as_background():
+    m = np.ones((10, 10, 10), bool)
+    e = M.erosion(m, 1.0, (1, 1, 1))
+    assert not e[0].any() and not e[:, :, -1].any() and e[5, 5, 5]
+
+
+def test_closing_fills_gap_and_keeps_edges():
+    sp = (1.0, 1.0, 1.0)
+    m = np.zeros((20, 30, 30), bool)
+    m[:, 5:14, 5:25] = True
+    m[:, 16:25, 5:25] = True  # 2 mm gap between two slabs that touch the array edges in k
+    c = M.closing(m, 2.0, sp)
+    assert c[:, 14:16, 10:20].all(), "gap not closed"
+    assert c[0, 10, 10] and c[-1, 10, 10], "closing ate the mask at the array edge"
+
+
+def test_opening_removes_thin_bridge():
+    sp = (1.0, 1.0, 1.0)
+    m = _ball((30, 30, 60), (15, 15, 12), 8, sp) | _ball((30, 30, 60), (15, 15, 48), 8, sp)
+    m[15, 15, 12:48] = True  # 1-voxel bridge
+    assert M.keep_largest(m, 1).sum() == m.sum()
+    o = M.opening(m, 2.0, sp)
+    assert not o[15, 15, 30]
+    assert M.keep_largest(o, 1).sum() < o.sum()
+
+
+def test_fill_holes_3d_versus_slice():
+    m = np.zeros((10, 20, 20), bool)
+    m[:, 5:15, 5:15] = True
+    m[:, 8:12, 8:12] = False  # a tube open at the top and bottom
+    assert not M.fill_holes(m, "3d")[5, 10, 10]  # connected to the k faces in 3D
+    assert M.fill_holes(m, "slice")[5, 10, 10]  # a hole in every slice
+    closed = m.copy()
+    closed[0] = True
+    closed[-1] = True
+    assert M.fill_holes(closed, "3d")[5, 10, 10]
+    with pytest.raises(ValueError):
+        M.fill_holes(m, "2d")
+
+
+def test_keep_largest_and_remove_small():
+    sp = (1.0, 1.0, 1.0)
+    shape = (30, 30, 90)
+    a = _ball(shape, (15, 15, 15), 10, sp)  # ~4.2 mL
+    b = _ball(shape, (15, 15, 45), 6, sp)  # ~0.9 mL
+    c = _ball(shape, (15, 15, 75), 3, sp)  # ~0.1 mL
+    m = a | b | c
+    assert (M.keep_largest(m, 1) == a).all()
+    assert (M.keep_largest(m, 2) == (a | b)).all()
+    assert (M.remove_small(m, 0.5, sp) == (a | b)).all()
+    # c holds 123 voxels: 0.12 mL at 1 mm slices, 0.25 mL at 2 mm slices; voxel volume counts
+    assert (M.remove_small(m, 0.2, sp) == (a | b)).all()
+    assert (M.remove_small(m, 0.2, (1.0, 1.0, 2.0)) == m).all()
+
+
+def _phantom(spacing=(0.8, 0.8, 2.0)):
+    """Body ellipse with a bone ring and a liver-like blob, a CT table below, air around."""
+    shape = (30, 200, 200)
+    hu = np.full(shape, -1000, np.int16)
+    k, j, i = np.indices(shape)
+    body = ((i - 100) / 80.0) ** 2 + ((j - 95) / 60.0) ** 2 <= 1
+    hu[body] = 30
+    r = np.hypot((i - 100) * spacing[0], (j - 120) * spacing[1])
+    hu[body & (r < 12) & (r >= 8)] = 900  # cortical ring
+    hu[body & (r < 8)] = 200  # marrow
+    organ = (((i - 70) / 25.0) ** 2 + ((j - 80) / 20.0) ** 2 <= 1) & (k > 3) & (k < 26)
+    hu[organ] = 80
+    hu[:, 170:174, 20:180] = 600  # dense table, separate from the body
+    vol = Volume(
+        hu,
+        np.diag([spacing[0], spacing[1], spacing[2], 1.0]),
+        SeriesInfo("1.2.3", "1.2", "1.2.3.4", "CT"),
+        frames=[],
+    )
+    return vol, body, organ
+
+
+def test_body_mask_drops_table_and_keeps_interior():
+    vol, body, _ = _phantom()
+    b = body_mask(vol.array, vol.spacing)
+    assert not b[:, 170:174, :].any(), "table in body mask"
+    assert (b == body).mean() > 0.99
+    box = bounding_box(b)
+    assert box[1].stop < 170
+
+
+def test_hu_backend_thresholds_inside_body_only():
+    vol, body, organ = _phantom()
+    profile = parse_profile(
+        {
+            "name": "phantom",
+            "description": "test",
+            "tissues": [
+                {"name": "bone", "description": "b", "color": [255, 255, 255], "hu": [300, 1500],
+                 "category": {"value": "91723000", "meaning": "Anatomical Structure"},
+                 "type": {"value": "272673000", "meaning": "Bone"}},
+                {"name": "marrow", "description": "m", "color": [200, 100, 100], "hu": [100, 400],
+                 "inside": {"tissue": "bone", "fill": "slice"}, "exclude": ["bone"],
+                 "category": {"value": "91723000", "meaning": "Anatomical Structure"},
+                 "type": {"value": "14016003", "meaning": "Bone marrow"}},
+                {"name": "organ", "description": "o", "color": [200, 100, 50],
+                 "hu": {"non_contrast": [60, 100], "contrast": [70, 90]},
+                 "morphology": [{"op": "opening", "radius_mm": 2}, {"op": "keep_largest", "n": 1}],
+                 "category": {"value": "91723000", "meaning": "Anatomical Structure"},
+                 "type": {"value": "10200004", "meaning": "Liver"}},
+            ],
+        },
+        "phantom.yaml",
+    )
+    masks = HUBackend().segment(vol, profile, phase="non_contrast")
+    assert not masks["bone"][:, 170:174, :].any(), "the table became bone"
+    assert masks["bone"].sum() > 0
+    assert (masks["bone"] & masks["marrow"]).sum() == 0
+    assert masks["marrow"].sum() == (vol.array == 200).sum()
+    inter = (masks["organ"] & organ).sum()
+    assert 2 * inter / (masks["organ"].sum() + organ.sum()) > 0.97
