@@ -15,9 +15,9 @@ Shape::
 * Timeout: after ``config.job_timeout_s`` the supervisor SIGKILLs the job
   process and its whole process group (the job process starts its own session,
   so decoder pools it spawned die with it), then records a transient failure.
-* A job process dies with its parent (``PR_SET_PDEATHSIG``; the forkserver exits
-  when the main process dies), so a node killed with SIGKILL leaves no job
-  running; the restarted node re-queues the job (``Store.requeue_running_jobs``)
+* A job process kills itself (and its process group) within half a second when
+  the node process is gone (:func:`_watch_node`), so a node killed with SIGKILL
+  leaves no job running; the restarted node re-queues the job (``Store.requeue_running_jobs``)
   and runs it again with the same SEG SeriesInstanceUID (:func:`seg_series_uid`)
   into the same result folder: the job completes once, one SEG identity.
 * Failures: :class:`~node.errors.InputError` (bad series, profile) and
@@ -40,7 +40,6 @@ superseded.  The series follows: routed -> processing -> done | failed.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -71,7 +70,6 @@ log = logging.getLogger("node.worker")
 
 #: what the job process reports: ("ok", result) | ("error", kind, message); kind: input|backend|transient
 _INPUT, _BACKEND, _TRANSIENT = "input", "backend", "transient"
-_PR_SET_PDEATHSIG = 1
 
 
 def seg_series_uid(job: Job) -> str:
@@ -93,12 +91,31 @@ def job_output_dir(config: Any, job_id: int) -> Path:
 # ---------------------------------------------------------------------------------- job process
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # noqa: BLE001 - not Linux: the supervisor still kills on timeout
-        pass
+def _watch_node(node_pid: int, node_started: float, interval_s: float = 0.5) -> None:
+    """Kill this job's process group as soon as the node process is gone (a daemon thread).
+
+    The parent of a job process is the forkserver, which outlives a node killed
+    with SIGKILL while any job process is alive (each holds its liveness pipe), so
+    ``PR_SET_PDEATHSIG`` cannot be used; the job watches the node itself (pid and
+    start time, so a recycled pid is not mistaken for the node).
+    """
+    import psutil
+
+    def alive() -> bool:
+        try:
+            return abs(psutil.Process(node_pid).create_time() - node_started) < 1e-3
+        except psutil.Error:
+            return False
+
+    def loop() -> None:
+        while alive():
+            time.sleep(interval_s)
+        try:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=loop, name="node-watch", daemon=True).start()
 
 
 def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -115,8 +132,9 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     profile = load_profile(spec["profile"], spec["profiles_dir"])
     final = Path(spec["output_dir"])
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     res = run_pipeline(
         [str(p) for p in paths],
         profile,
@@ -142,13 +160,11 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _job_process(conn: Any, spec: dict[str, Any]) -> None:
     """Entry point of a job process (module level: started by forkserver)."""
-    _die_with_parent()
     try:
         os.setsid()  # own process group: the supervisor kills the whole group on timeout
     except OSError:
         pass
-    if os.getppid() == 1:  # parent already gone
-        os._exit(1)
+    _watch_node(spec["node_pid"], spec["node_started"])
     logging.basicConfig(level=spec.get("log_level", "INFO"),
                         format=f"%(asctime)s %(levelname)s %(name)s [job {spec['job_id']}]: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -395,6 +411,9 @@ class WorkerPool:
         self._thread: threading.Thread | None = None
         self._name = f"{socket.gethostname()}:{os.getpid()}"
         self.decode_workers = max(1, (os.cpu_count() or 1) // self.size)
+        import psutil
+
+        self._node_started = psutil.Process(os.getpid()).create_time()
 
     # -- lifecycle
     def start(self) -> None:
@@ -469,6 +488,8 @@ class WorkerPool:
                 "seg_series_uid": seg_series_uid(job),
                 "decode_workers": self.decode_workers,
                 "log_level": self.config.log_level,
+                "node_pid": os.getpid(),
+                "node_started": self._node_started,
             }
             parent, child = self._ctx.Pipe(duplex=False)
             proc = self._ctx.Process(target=_job_process, args=(child, spec), name=f"job-{job.id}", daemon=False)

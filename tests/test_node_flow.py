@@ -1,0 +1,358 @@
+"""The node as a whole, with real processes: ``dicom-node serve`` as a subprocess, DCMTK
+``storescu`` as the scanner, the real pipeline in the worker pool.  No mocks.
+
+Covers: receive -> quiet period -> routing -> job -> results (SEG, STL, report) and
+dispatch rows; unrouted series kept and visible; bad input failed without retry
+(and ``jobs retry``); SIGKILL of the node while a job runs and while instances
+arrive; a per-job timeout that really kills the job process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import pydicom
+import pytest
+import yaml
+
+from node.store import Store
+from node.worker import seg_series_uid
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
+J2K = DATA / "ct-abdomen-siemens-j2k" / "dicom"
+MR_NII = DATA / "mr-small" / "mr.nii.gz"
+DICOM_NODE = [sys.executable, "-c", "import sys; from node.cli import main; sys.exit(main())"]
+STORESCU = "/usr/bin/storescu"  # DCMTK's (the venv also has pynetdicom's storescu)
+
+pytestmark = [
+    pytest.mark.skipif(not J2K.is_dir(), reason=f"test data not found: {J2K}"),
+    pytest.mark.skipif(not Path(STORESCU).exists(), reason="DCMTK storescu not installed"),
+]
+
+RULES = """
+rules:
+  - name: body-bones
+    match:
+      Modality: CT
+      SeriesDescription: {regex: "(?i)body"}
+    profile: bones
+    destinations: [origin]
+    share: true
+  - name: forced-bones
+    match:
+      SeriesDescription: {regex: "force-bones"}
+    profile: bones
+    share: false
+"""
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Node:
+    """``dicom-node serve`` in a subprocess, on a temp storage folder."""
+
+    def __init__(self, tmp: Path, **overrides: Any) -> None:
+        self.tmp = tmp
+        self.storage = tmp / "var"
+        (tmp / "rules.yaml").write_text(RULES)
+        cfg = {
+            "port": 0,
+            "storage": str(self.storage),
+            "quiet_period_s": 2,
+            "workers": 1,
+            "rules": str(tmp / "rules.yaml"),
+            "profiles": str(REPO / "profiles"),
+            "log_level": "INFO",
+            "share": {"root": str(tmp / "share")},
+            "job_retry": {"max_attempts": 3, "backoff_base_s": 1, "backoff_max_s": 2},
+        }
+        cfg.update(overrides)
+        self.config = tmp / "node.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.starts = 0
+
+    def start(self) -> "Node":
+        self.starts += 1
+        self.log = self.tmp / f"node-{self.starts}.log"
+        self.proc = subprocess.Popen(
+            [*DICOM_NODE, "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=open(self.log, "wb"), text=True, cwd=self.tmp,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # one line once listening
+        m = re.search(r"listening as DICOMNODE on port (\d+), storage (.+)$", line.strip())
+        assert m, f"unexpected first line {line!r}; log:\n{self.log.read_text()[-3000:]}"
+        self.port = int(m.group(1))
+        assert Path(m.group(2)) == self.storage
+        return self
+
+    def kill(self) -> list[int]:
+        """SIGKILL the node (not its children); returns the pids of its descendants at that moment."""
+        assert self.proc is not None
+        kids = [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        return kids
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def store(self) -> Store:
+        return Store(self.storage / "node.db", migrate=False)
+
+    def send(self, files: list[Path], *, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([STORESCU, "-xv", "-aec", "DICOMNODE", "-aet", "SCANNER", "127.0.0.1", str(self.port),
+                            *map(str, files)], capture_output=True, text=True, timeout=120)
+        if check:
+            assert r.returncode == 0, r.stdout + r.stderr
+        return r
+
+    def cli(self, *args: str) -> str:
+        r = subprocess.run([*DICOM_NODE, "jobs", *args, "--config", str(self.config)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    def jobs(self, **kw: Any) -> list:
+        s = self.store()
+        try:
+            return s.list_jobs(**kw)
+        finally:
+            s.close()
+
+    def series(self, uid: str):
+        s = self.store()
+        try:
+            return s.get_series(uid)
+        finally:
+            s.close()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path):
+    nodes: list[Node] = []
+
+    def make(**overrides: Any) -> Node:
+        n = Node(tmp_path, **overrides)
+        nodes.append(n)
+        return n
+
+    yield make
+    for n in nodes:
+        n.stop()
+
+
+def ct_files() -> list[Path]:
+    return sorted(J2K.glob("*.dcm"))
+
+
+def ct_series_uid() -> str:
+    return str(pydicom.dcmread(ct_files()[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def mr_series(out: Path, description: str) -> tuple[list[Path], str]:
+    from node.tools.synth_series import write_series
+
+    files = write_series(MR_NII, out, modality="MR", series_description=description, size=(48, 48, 6))
+    return files, str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def job_of(node: Node, series_uid: str, states: tuple[str, ...]) -> Any:
+    jobs = [j for j in node.jobs(series_uid=series_uid) if j.state in states]
+    return jobs[0] if jobs else None
+
+
+def test_flow_done_unrouted_and_bad_input(node_factory, tmp_path):
+    """CT -> done with SEG/STL/report and dispatch rows; MR to a CT profile -> failed, not retried;
+    MR no rule matches -> unrouted, kept and listed; the jobs command shows all of it."""
+    node = node_factory().start()
+    bad_files, bad_uid = mr_series(tmp_path / "mr-bad", "MR force-bones")
+    other_files, other_uid = mr_series(tmp_path / "mr-other", "MR knee")
+    node.send(ct_files())
+    node.send(bad_files)
+    node.send(other_files)
+    ct_uid = ct_series_uid()
+
+    job = wait_for(lambda: job_of(node, ct_uid, ("done", "failed")), 90, "the CT job to finish")
+    assert job.state == "done", job.error
+    assert job.attempts == 1 and job.rule == "body-bones" and job.profile == "bones"
+    assert len(job.rules_version) == 16
+    # result files
+    out = node.storage / "results" / str(job.id)
+    seg = out / "bones_seg.dcm"
+    assert seg.is_file() and (out / "report.json").is_file()
+    assert sorted(p.name for p in out.glob("*.stl")), "no STL written"
+    assert job.result["seg"] == str(seg)
+    ds = pydicom.dcmread(seg, stop_before_pixels=True)
+    assert ds.Modality == "SEG"
+    assert ds.SeriesInstanceUID == job.seg_series_uid == seg_series_uid(job)
+    # dispatch rows: share, and origin (SCANNER has no known address -> failed with the reason)
+    s = node.store()
+    try:
+        disp = {(d.kind, d.destination): d for d in s.list_dispatches(job_id=job.id)}
+        ct_series = s.get_series(ct_uid)
+    finally:
+        s.close()
+    assert set(disp) == {("share", "share"), ("dicom", "origin")}
+    assert disp[("dicom", "origin")].state == "failed"
+    assert "known_aes" in (disp[("dicom", "origin")].last_error or "")
+    assert ct_series.state == "done" and ct_series.instance_count == 20
+
+    # bad input: failed at once, with the reason, not retried
+    bad = wait_for(lambda: job_of(node, bad_uid, ("failed", "done")), 60, "the MR job to fail")
+    assert bad.state == "failed" and bad.attempts == 1
+    assert bad.error.startswith("bad input") and "MR" in bad.error, bad.error
+    assert node.series(bad_uid).state == "failed"
+
+    # unrouted: kept, visible, no job, files still in the spool
+    other = wait_for(lambda: (lambda s: s if s and s.state == "unrouted" else None)(node.series(other_uid)), 30,
+                     "the unmatched series to be unrouted")
+    assert "no rule matched" in (other.error or "")
+    assert node.jobs(series_uid=other_uid) == []
+    assert len(list((node.storage / "spool").rglob(f"{other_uid}/*.dcm"))) == len(other_files)
+
+    # the operator's view
+    listing = node.cli("list")
+    assert re.search(rf"^\s*{job.id}\s+done\s", listing, re.M), listing
+    assert re.search(rf"^\s*{bad.id}\s+failed\s", listing, re.M), listing
+    assert "bad input" in node.cli("list", "--state", "failed")
+    shown = node.cli("show", str(job.id))
+    assert job.seg_series_uid in shown and "share:share" in shown and "origin" in shown
+    series_out = node.cli("series", "--state", "unrouted")
+    assert other_uid in series_out and "unrouted" in series_out
+
+    # retry of the failed job: re-queued, runs again, fails again for the same reason
+    assert "re-queued" in node.cli("retry", str(bad.id))
+    wait_for(lambda: (lambda j: j if j.state == "failed" and j.attempts == 1 and j.finished_at != bad.finished_at
+                      else None)(node.jobs(series_uid=bad_uid)[0]), 60, "the retried job to fail again")
+    node.stop()
+    assert "node stopped" in node.log.read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_while_job_runs_completes_once(node_factory):
+    """The node is SIGKILLed while the pipeline runs: the job process dies with it; after a restart
+    the job is re-queued and completes once, with the same SEG identity."""
+    node = node_factory().start()
+    node.send(ct_files())
+    uid = ct_series_uid()
+    running = wait_for(lambda: job_of(node, uid, ("running",)), 60, "the job to start")
+    time.sleep(1.5)  # well inside the pipeline (~5 s)
+    kids = node.kill()
+    # the work really stopped: every process of the node is gone, none finishes the job
+    wait_for(lambda: not [p for p in kids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
+             15, "the node's child processes to die")
+    stale = node.jobs(series_uid=uid)
+    assert [j.state for j in stale] == ["running"]
+    assert not (node.storage / "results" / str(running.id)).exists()
+
+    node.start()
+    job = wait_for(lambda: job_of(node, uid, ("done", "failed")), 90, "the job to finish after restart")
+    assert job.state == "done", job.error
+    jobs = node.jobs(series_uid=uid)
+    assert len(jobs) == 1 and jobs[0].id == running.id
+    assert job.attempts == 2  # the interrupted try counts
+    seg = pydicom.dcmread(node.storage / "results" / str(job.id) / "bones_seg.dcm", stop_before_pixels=True)
+    assert seg.SeriesInstanceUID == job.seg_series_uid == seg_series_uid(job)
+    leftovers = [p.name for p in (node.storage / "results").iterdir() if p.name != str(job.id)]
+    assert leftovers == []
+    s = node.store()
+    try:
+        assert len(s.list_dispatches(job_id=job.id)) == 2
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_sigkill_while_instances_arrive(node_factory):
+    """The node is SIGKILLed in the middle of an association: every instance it acknowledged is
+    still there after the restart; the sender sends the series again; one job, done."""
+    node = node_factory(quiet_period_s=6).start()
+    files = ct_files()
+    uid = ct_series_uid()
+    sender = subprocess.Popen([STORESCU, "-xv", "-aec", "DICOMNODE", "-aet", "SCANNER", "127.0.0.1",
+                               str(node.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def count() -> int:
+        try:
+            s = node.store()
+            try:
+                return s.count_instances()
+            finally:
+                s.close()
+        except Exception:  # noqa: BLE001 - database not created yet
+            return 0
+
+    wait_for(lambda: count() >= 3, 30, "the first instances", interval=0.01)
+    node.kill()
+    sender.wait(60)
+    s = node.store()
+    try:
+        before = {i.sop_instance_uid: i.path for i in s.series_instances(uid)}
+    finally:
+        s.close()
+    assert 3 <= len(before) <= len(files)
+    print(f"instances indexed when the node was killed: {len(before)}/{len(files)}; sender rc {sender.returncode}")
+    assert all(Path(p).is_file() for p in before.values())
+
+    node.start()
+    node.send(files)  # the scanner sends the series again (duplicates are counted, stored once)
+    job = wait_for(lambda: job_of(node, uid, ("done", "failed")), 90, "the job")
+    assert job.state == "done", job.error
+    s = node.store()
+    try:
+        after = {i.sop_instance_uid: i.path for i in s.series_instances(uid)}
+        series = s.get_series(uid)
+        jobs = s.list_jobs(series_uid=uid)
+    finally:
+        s.close()
+    assert set(before) <= set(after) and len(after) == len(files)
+    assert all(Path(p).is_file() for p in after.values())
+    assert series.instance_count == len(files) and series.generation == 1
+    assert [(j.state, j.generation) for j in jobs] == [("done", 1)]
+
+
+@pytest.mark.slow
+def test_job_timeout_kills_the_job_process(node_factory):
+    """job_timeout_s far below the pipeline's run time: each try is killed (its process is gone,
+    no result written), retried with backoff up to max_attempts, then failed with the reason."""
+    node = node_factory(job_timeout_s=1, job_retry={"max_attempts": 2, "backoff_base_s": 0.5,
+                                                   "backoff_max_s": 1}).start()
+    node.send(ct_files())
+    uid = ct_series_uid()
+    job = wait_for(lambda: job_of(node, uid, ("done", "failed")), 60, "the job to fail")
+    assert job.state == "failed" and job.attempts == 2
+    assert "timeout" in job.error and "job_timeout_s" in job.error
+    assert not (node.storage / "results" / str(job.id)).exists()
+    pids = [int(p) for p in re.findall(rf"job {job.id} started \(.*?pid (\d+)\)", node.log.read_text())]
+    assert len(pids) == 2, pids
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", f"job process {pid} alive"
+    assert node.series(uid).state == "failed"
