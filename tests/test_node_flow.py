@@ -356,3 +356,65 @@ def test_job_timeout_kills_the_job_process(node_factory):
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", f"job process {pid} alive"
     assert node.series(uid).state == "failed"
+
+
+def test_router_generations_supersede_and_idempotence(tmp_path):
+    """In process: routing twice creates no second job; late instances -> new generation, new job,
+    the older queued job superseded; a rule with supersede: false ignores them; unmatched -> unrouted."""
+    from node.completion import sweep
+    from node.config import load_config
+    from node.router import Router, short_version
+    from node.routing.rules import RuleSetHolder
+    from node.store import InstanceRecord, rules_version
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES + """
+  - name: keep-first
+    match:
+      SeriesDescription: {regex: "keep"}
+    profile: bones
+    supersede: false
+""")
+    cfg_file = tmp_path / "node.yaml"
+    cfg_file.write_text(yaml.safe_dump({"storage": str(tmp_path / "var"), "rules": str(rules),
+                                        "profiles": str(REPO / "profiles")}))
+    cfg = load_config(cfg_file)
+    store = Store(cfg.database_path)
+    router = Router(cfg, store, RuleSetHolder(rules))
+    assert short_version(router.rules.ruleset.version) == rules_version(rules)
+
+    def add(series: str, sop: str, desc: str, t: float) -> None:
+        store.record_instance(InstanceRecord(
+            sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid=series, study_uid="1.2",
+            path=str(tmp_path / "missing" / f"{sop}.dcm"), transfer_syntax="1.2.840.10008.1.2.1", size=1,
+            calling_ae="SCANNER", called_ae="DICOMNODE", received_at=t,
+            tags={"Modality": "CT", "SeriesDescription": desc}))
+
+    t0 = time.time() - 100
+    add("1.1", "1.1.1", "CT Body", t0)
+    add("1.3", "1.3.1", "keep", t0 - 10)  # first received: routed first, its job is the oldest
+    add("1.4", "1.4.1", "scout", t0)
+    assert set(sweep(store, 10)) == {"1.1", "1.3", "1.4"}
+    router.route_pending()
+    router.route_pending()  # idempotent
+    (j1,) = store.list_jobs(series_uid="1.1")
+    assert (j1.rule, j1.generation, j1.state, j1.rules_version) == ("body-bones", 1, "queued", rules_version(rules))
+    assert store.get_series("1.4").state == "unrouted" and store.list_jobs(series_uid="1.4") == []
+    assert len(store.list_jobs(series_uid="1.3")) == 1
+
+    first = store.claim_job("w")
+    assert first is not None and first.series_uid == "1.3"
+    assert store.complete_job(first.id, {})
+
+    # late instances: generation 2, a new job; the older queued job is superseded
+    add("1.1", "1.1.2", "CT Body", t0 + 1)
+    add("1.3", "1.3.2", "keep", t0 + 1)
+    sweep(store, 10)
+    router.route_pending()
+    jobs = {(j.generation, j.state) for j in store.list_jobs(series_uid="1.1")}
+    assert jobs == {(1, "superseded"), (2, "queued")}
+    assert store.get_series("1.1").state == "routed" and store.get_series("1.1").generation == 2
+    # supersede: false -> the late instances of 1.3 are ignored: its done job stands
+    assert [(j.generation, j.state) for j in store.list_jobs(series_uid="1.3")] == [(1, "done")]
+    assert store.get_series("1.3").state == "done" and store.get_series("1.3").generation == 2
+    store.close()
