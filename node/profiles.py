@@ -8,7 +8,8 @@ used in the DICOM SEG.  Every schema error is reported with the file, the field 
 and what is allowed, e.g.::
 
     profiles/liver.yaml: tissues[0].morphology[1].op: 'clsoing' is not allowed;
-    allowed: closing, dilation, erosion, fill_holes, grow, keep_largest, median, opening, remove_small
+    allowed: closing, connected_to, dilation, erosion, fill_holes, grow, keep_largest, median, opening,
+    remove_small, remove_thick
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ class Median(_RadiusStep):
 class FillHoles(_Strict):
     op: Literal["fill_holes"]
     mode: Literal["3d", "slice"] = "3d"
+    max_area_mm2: float | None = Field(
+        default=None, gt=0, description="slice mode only: fill only holes of at most this area (mm^2) per slice"
+    )
+
+    @model_validator(mode="after")
+    def _area_needs_slice(self) -> "FillHoles":
+        if self.max_area_mm2 is not None and self.mode != "slice":
+            raise ValueError("max_area_mm2 needs mode: slice")
+        return self
 
 
 class KeepLargest(_Strict):
@@ -107,11 +117,37 @@ class Grow(_Strict):
     max_mm: float | None = Field(default=None, gt=0)
 
 
+class RemoveThick(_RadiusStep):
+    """Drop the parts of the mask a ball of ``radius_mm`` fits into (large blobs such as a
+    contrast-filled aorta or an organ); thin structures (cartilage, vessel walls) stay.
+    The scan's first and last slices do not cut a blob short."""
+
+    op: Literal["remove_thick"]
+
+
+class ConnectedTo(_Strict):
+    """Keep the parts of the mask connected to an earlier ``tissue`` (6-connected).
+
+    The other tissue's mask grown by ``margin_mm`` is the seed; the margin itself is then
+    removed from the result (it is that tissue's partial-volume rim, not this tissue).
+    """
+
+    op: Literal["connected_to"]
+    tissue: str
+    margin_mm: float = Field(default=0, ge=0, le=20)
+
+
 MorphologyStep = Annotated[
-    Union[Closing, Opening, Dilation, Erosion, Median, FillHoles, KeepLargest, RemoveSmall, Grow],
+    Union[
+        Closing, Opening, Dilation, Erosion, Median, FillHoles, KeepLargest, RemoveSmall, Grow, RemoveThick,
+        ConnectedTo,
+    ],
     Field(discriminator="op"),
 ]
-STEP_OPS = ("closing", "dilation", "erosion", "fill_holes", "grow", "keep_largest", "median", "opening", "remove_small")
+STEP_OPS = (
+    "closing", "connected_to", "dilation", "erosion", "fill_holes", "grow", "keep_largest", "median", "opening",
+    "remove_small", "remove_thick",
+)
 
 
 class Inside(_Strict):
@@ -148,6 +184,11 @@ class Tissue(_Strict):
     category: Code
     type: Code
     labels: list[int] = Field(default_factory=list, description="model label ids (AI backends)")
+    structures: list[str] = Field(
+        default_factory=list,
+        description="model structure names (AI backends): TotalSegmentator class names or the labels of the "
+        "model's dataset.json; resolved to label ids by the backend and united with ``labels``",
+    )
 
     @field_validator("color")
     @classmethod
@@ -181,6 +222,67 @@ class BodyMaskSpec(_Strict):
     min_component_ml: float = Field(default=20, gt=0)
 
 
+# -- backend-specific model sections (``model:`` in the profile) ------------------------
+
+Device = str  # auto | cpu | cuda | cuda:N (checked when the backend runs)
+
+
+class TotalSegmentatorModel(_Strict):
+    """``model:`` of a ``totalsegmentator`` profile (passed to ``totalsegmentator.python_api``)."""
+
+    task: str = "total"
+    fast: bool = False
+    roi_subset: list[str] | None = None
+    device: Device = "auto"
+    weights: str | None = Field(default=None, description="weights folder (TOTALSEG_WEIGHTS_PATH); "
+                                "relative to the models root; default: the node's TotalSegmentator folder")
+    threads: int | None = Field(default=None, ge=1, le=64)
+
+
+class NnUNetModel(_Strict):
+    """``model:`` of an ``nnunet`` profile: a trained nnU-Net v2 results folder."""
+
+    folder: str = Field(description="trainer folder (holds dataset.json, plans.json, fold_N/); "
+                        "relative to the models root")
+    configuration: str = "3d_fullres"
+    folds: list[int | Literal["all"]] = Field(default_factory=lambda: [0], min_length=1)
+    checkpoint: str = "checkpoint_final.pth"
+    device: Device = "auto"
+    step_size: float = Field(default=0.5, gt=0, le=1)
+    mirroring: bool = False
+    threads: int | None = Field(default=None, ge=1, le=64)
+
+
+class MonaiModel(_Strict):
+    """``model:`` of a ``monai`` profile: a bundle folder, or a TorchScript file with its settings."""
+
+    bundle: str | None = Field(default=None, description="MONAI bundle folder (configs/inference.json, models/)")
+    torchscript: str | None = Field(default=None, description="TorchScript model file")
+    window: HURange | None = Field(default=None, description="HU window scaled to [0, 1] (TorchScript)")
+    spacing: tuple[float, float, float] | None = Field(
+        default=None, description="(i, j, k) mm the model expects; the volume is resampled to it and back")
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    sw_batch_size: int = Field(default=1, ge=1)
+    overlap: float = Field(default=0.25, ge=0, lt=1)
+    device: Device = "auto"
+    threads: int | None = Field(default=None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "MonaiModel":
+        if (self.bundle is None) == (self.torchscript is None):
+            raise ValueError("set exactly one of bundle or torchscript")
+        if self.torchscript is not None and self.window is None:
+            raise ValueError("window: required with torchscript ([low, high] HU scaled to 0..1)")
+        return self
+
+
+MODEL_SECTIONS: dict[str, type[_Strict]] = {
+    "totalsegmentator": TotalSegmentatorModel,
+    "nnunet": NnUNetModel,
+    "monai": MonaiModel,
+}
+
+
 class Profile(_Strict):
     """An organ profile as loaded from ``profiles/<name>.yaml``."""
 
@@ -201,6 +303,7 @@ class Profile(_Strict):
             if t.name in seen:
                 raise ValueError(f"tissues[{n}].name: duplicate tissue name '{t.name}'")
             refs = ([t.inside.tissue] if t.inside else []) + list(t.exclude)
+            refs += [s.tissue for s in t.morphology if isinstance(s, ConnectedTo)]
             for r in refs:
                 if r not in seen:
                     raise ValueError(
@@ -209,8 +312,29 @@ class Profile(_Strict):
                     )
             if self.model_type == "hu_based" and t.hu is None:
                 raise ValueError(f"tissues[{n}].hu: required for model_type hu_based")
+            if self.model_type != "hu_based" and not (t.labels or t.structures):
+                raise ValueError(f"tissues[{n}] ({t.name}): model_type {self.model_type} needs labels "
+                                 "(model label ids) or structures (model structure names)")
             seen.append(t.name)
+        section = MODEL_SECTIONS.get(self.model_type)
+        if section is not None:
+            try:
+                section.model_validate(self.model)
+            except ValidationError as exc:
+                lines = []
+                for e in exc.errors():
+                    loc = _loc(("model", *e["loc"]))
+                    msg = e["msg"].removeprefix("Value error, ")
+                    if e["type"] == "extra_forbidden":
+                        msg = f"unknown field; allowed: {', '.join(section.model_fields)}"
+                    lines.append(f"{loc}: {msg}")
+                raise ValueError("; ".join(lines)) from None
         return self
+
+    def model_settings(self) -> Any:
+        """The typed ``model:`` section for this profile's backend (``None`` for hu_based)."""
+        section = MODEL_SECTIONS.get(self.model_type)
+        return section.model_validate(self.model) if section else None
 
     def resolve_phase(self, contrast_applied: bool, override: str | None = None) -> str:
         """Pick the contrast phase: explicit override, then the profile's setting, then the header."""
