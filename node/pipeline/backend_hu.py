@@ -35,14 +35,24 @@ def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spaci
     return keep[labels]
 
 
-def apply_step(step, mask: np.ndarray, src: np.ndarray, body: np.ndarray, spacing) -> np.ndarray:
-    """Apply one profile morphology step to ``mask``."""
+def apply_step(
+    step, mask: np.ndarray, src: np.ndarray, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Apply one profile morphology step to ``mask`` (``masks``: earlier tissues, for ``connected_to``)."""
     op = step.op
     if op in ("closing", "opening", "dilation", "erosion", "median"):
         out = getattr(morphology, op)(mask, step.radius_mm, spacing)
         return out & body if op in ("closing", "dilation") else out
     if op == "fill_holes":
+        if getattr(step, "max_area_mm2", None):
+            return morphology.fill_holes(mask, step.mode, step.max_area_mm2, spacing) & body
         return morphology.fill_holes(mask, step.mode)
+    if op == "remove_thick":
+        return morphology.remove_thick(mask, step.radius_mm, spacing)
+    if op == "connected_to":
+        if masks is None or step.tissue not in masks:
+            raise ValueError(f"connected_to: tissue {step.tissue!r} has not been segmented yet")
+        return morphology.connected_to(mask, masks[step.tissue], step.margin_mm, spacing)
     if op == "keep_largest":
         return morphology.keep_largest(mask, step.n)
     if op == "remove_small":
@@ -76,7 +86,7 @@ class HUBackend:
                     env = morphology.closing(env, tissue.inside.closing_mm, spacing)
                 m &= morphology.fill_holes(env, tissue.inside.fill)
             for step in tissue.morphology:
-                m = apply_step(step, m, src, inside_body, spacing)
+                m = apply_step(step, m, src, inside_body, spacing, masks)
             for other in tissue.exclude:
                 m &= ~masks[other]
             masks[tissue.name] = m

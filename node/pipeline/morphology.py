@@ -107,15 +107,33 @@ def median(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     return _from_sitk(f.Execute(_to_sitk(mask, spacing)))
 
 
-def fill_holes(mask: np.ndarray, mode: str = "3d") -> np.ndarray:
+def fill_holes(
+    mask: np.ndarray, mode: str = "3d", max_area_mm2: float | None = None, spacing: Spacing | None = None
+) -> np.ndarray:
     """Fill background regions not connected to the array border.
 
     ``mode="3d"`` uses 6-connectivity in 3D; ``mode="slice"`` fills every slice on
     its own (4-connectivity in-plane), which closes e.g. the lungs inside the body
-    outline even where they reach the top or bottom slice.
+    outline even where they reach the top or bottom slice.  With ``max_area_mm2``
+    (slice mode only; needs ``spacing``) only holes of at most that in-plane area are
+    filled, e.g. the medullary cavity of a rib or humerus but not the spinal canal.
     """
     if mode not in ("3d", "slice"):
         raise ValueError(f"fill_holes mode must be '3d' or 'slice', got {mode!r}")
+    if max_area_mm2 is not None:
+        if mode != "slice" or spacing is None:
+            raise ValueError("fill_holes max_area_mm2 needs mode 'slice' and the spacing")
+        if not mask.any():
+            return mask.copy()
+        structure = ndimage.generate_binary_structure(3, 1)
+        structure[0] = False
+        structure[2] = False
+        holes = fill_holes(mask, "slice") & ~mask
+        labels, _ = ndimage.label(holes, structure=structure)
+        area = np.bincount(labels.ravel()) * float(spacing[0]) * float(spacing[1])
+        small = area <= max_area_mm2
+        small[0] = False
+        return mask | small[labels]
     if not mask.any():
         return mask.copy()
     structure = ndimage.generate_binary_structure(3, 1)
@@ -158,3 +176,45 @@ def remove_small(mask: np.ndarray, min_ml: float, spacing: Spacing) -> np.ndarra
     min_voxels = int(np.ceil(min_ml / voxel_ml))
     labels = _relabel(mask, min_voxels)
     return _from_sitk(labels != 0)
+
+
+def remove_thick(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
+    """Remove the parts of the mask that a ball of ``radius_mm`` fits into.
+
+    ``mask & ~opening(mask)``: large blobs (a contrast-filled aorta, an organ) go,
+    structures thinner than the ball (cartilage, vessel walls) stay.  The array is
+    padded by repeating its edge slices first, so a blob cut by the first or last
+    slice of the scan still counts as thick.
+    """
+    if not any(radius_voxels(radius_mm, spacing)) or not mask.any():
+        return mask.copy()
+    # "thick" is a coarse notion: find it on a grid of about radius/2.5 mm (a 5 mm ball
+    # on a 0.7 mm scan is a huge kernel), then map the blobs back to full resolution.
+    steps = [max(1, int((radius_mm / 2.5) // float(s))) for s in spacing]  # (i, j, k)
+    coarse_sp = [float(s) * f for s, f in zip(spacing, steps)]
+    radius = radius_voxels(radius_mm, coarse_sp)
+    if not any(radius):
+        return mask.copy()
+    small = mask[:: steps[2], :: steps[1], :: steps[0]]
+    pad = [(r, r) for r in reversed(radius)]  # numpy order is (k, j, i)
+    padded = np.pad(small, pad, mode="edge")
+    thick = opening(padded, radius_mm, coarse_sp)
+    thick = thick[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, small.shape))]
+    idx = np.ix_(*(np.arange(n) // f for n, f in zip(mask.shape, reversed(steps))))
+    return mask & ~thick[idx]
+
+
+def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing: Spacing) -> np.ndarray:
+    """Parts of ``mask`` 6-connected to ``other`` grown by ``margin_mm``, without that margin.
+
+    The margin is ``other``'s partial-volume rim: it may link the mask to ``other``
+    but is not returned (nor is ``other`` itself).
+    """
+    seed = dilation(other, margin_mm, spacing) if margin_mm else other
+    if not mask.any() or not seed.any():
+        return np.zeros_like(mask, dtype=bool)
+    labels, _ = ndimage.label(mask | seed, structure=ndimage.generate_binary_structure(3, 1))
+    keep = np.zeros(labels.max() + 1, dtype=bool)
+    keep[np.unique(labels[seed])] = True
+    keep[0] = False
+    return keep[labels] & mask & ~seed
