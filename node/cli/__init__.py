@@ -18,7 +18,7 @@ from node import __version__
 from node.errors import NodeError
 
 #: command modules, in the order they appear in ``--help``
-COMMAND_MODULES = ("run", "profiles", "serve", "rules", "jobs", "synth")
+COMMAND_MODULES = ("run", "profiles", "serve", "rules", "jobs", "synth", "dataset", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,103 @@
+"""Shared helpers of the AI backend tests (tests/test_backend_*.py)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NNUNET_TINY = FIXTURES / "nnunet_tiny"
+HELD_OUT_SEEDS = (7, 8)  # never used for training (scripts/train_tiny_nnunet.py uses 100..111)
+
+_connects: list = []
+_armed = {"on": False}
+
+
+def _hook(event, args):
+    if event == "socket.connect" and _armed["on"]:
+        _connects.append(args[1] if len(args) > 1 else args)
+        raise AssertionError(f"network connect during patient processing: {args[1] if len(args) > 1 else args}")
+
+
+class fail_on_connect:
+    """Audit hook that fails on ANY socket.connect inside the block (records it even if swallowed)."""
+
+    installed = False
+
+    def __enter__(self):
+        if not fail_on_connect.installed:
+            sys.addaudithook(_hook)
+            fail_on_connect.installed = True
+        _connects.clear()
+        _armed["on"] = True
+        return _connects
+
+    def __exit__(self, *exc):
+        _armed["on"] = False
+        return False
+
+
+def self_check_hook() -> None:
+    """Prove the hook sees a connect (so a silent pass means no connect happened)."""
+    with fail_on_connect() as seen:
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", 9))
+        except AssertionError:
+            pass
+        finally:
+            s.close()
+    assert seen, "audit hook did not see socket.connect"
+
+
+def tissue_profile(model_type: str, model: dict, tissues: list[tuple[str, dict]], name: str = "synth"):
+    """A profile with tissues ``(name, {labels|structures})`` for the synthetic organ/bone."""
+    from node.profiles import parse_profile
+
+    colors = {"organ": [50, 170, 60], "bone": [241, 214, 145]}
+    data = {
+        "name": name,
+        "description": "synthetic shapes",
+        "model_type": model_type,
+        "model": model,
+        "tissues": [
+            {
+                "name": t,
+                "description": t,
+                "color": colors.get(t, [200, 100, 100]),
+                "category": {"value": "123037004", "meaning": "Anatomical Structure"},
+                "type": {"value": "78961009", "meaning": "Spleen"} if t == "organ" else
+                {"value": "3138006", "meaning": "Bone"},
+                **spec,
+            }
+            for t, spec in tissues
+        ],
+    }
+    return parse_profile(data, f"<test {name}>")
+
+
+def write_case_series(case, out_dir: Path, **kw):
+    """Write a synthetic case as a DICOM CT series; returns (files, truth labels on the loaded grid)."""
+    from node.tools.synth_series import write_series
+    from node.tools.synth_shapes import case_affine
+
+    aff_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ case_affine(case)
+    files = write_series(case.hu.transpose(2, 1, 0).astype(np.float32), out_dir, affine=aff_ras, **kw)
+    return files
+
+
+def truth_on_loaded(case, volume) -> np.ndarray:
+    """The case's truth mapped onto a volume loaded from its DICOM series (via patient coordinates)."""
+    from node.tools.synth_shapes import case_affine
+
+    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij")
+    pts = np.stack([ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)])
+    src = np.linalg.inv(case_affine(case)) @ (volume.affine @ pts)
+    idx = np.rint(src[:3]).astype(int)
+    out = np.zeros(ii.size, dtype=np.uint8)
+    ok = np.all((idx >= 0) & (idx < np.array(case.labels.shape[::-1])[:, None]), axis=0)
+    out[ok] = case.labels[idx[2, ok], idx[1, ok], idx[0, ok]]
+    return out.reshape(volume.shape)
