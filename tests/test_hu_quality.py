@@ -9,10 +9,10 @@ The reference is put on the Volume grid by composing affines, not by assuming an
 axis order: Volume voxel (i, j, k) -> DICOM LPS (``Volume.affine``) -> RAS (flip x, y)
 -> NIfTI voxel (inverse of the NIfTI affine), nearest neighbour.
 
-Measured (2026-11, this series): liver 0.964, bones 0.779.
+Measured (2026-11, this series): liver 0.964, bones 0.784 (precision 0.708, recall 0.878).
 
-Bones floor: the issue asks for 0.80; the HU profile reaches 0.779, so the floor
-asserted is 0.77.  What is missing (see the figures printed with ``pytest -s``):
+Bones floor: the issue asks for 0.80; the HU profile reaches 0.784, so the floor
+asserted is 0.775.  What is missing (see the figures printed with ``pytest -s``):
 * the reference is tight around bone: even restricted to 3 mm around the reference
   and with the best single HU threshold plus hole filling, thresholding reaches
   only ~0.82, so boundary partial volume alone costs most of the gap;
@@ -32,12 +32,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from node.pipeline import morphology as M
 from node.pipeline.backend_hu import HUBackend
 from node.pipeline.series import load_series
 from node.pipeline.volume import Volume
-from node.profiles import load_profile
+from node.errors import ProfileError
+from node.profiles import load_profile, parse_profile
 
-nib = pytest.importorskip("nibabel")
+try:
+    import nibabel as nib
+except ImportError:  # pragma: no cover
+    nib = None
 
 DATA = Path(os.environ.get("NODE_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 CASE = DATA / "ct-abdomen-siemens-j2k"
@@ -45,16 +50,11 @@ DICOM_DIR = CASE / "dicom"
 REFERENCE = CASE / "reference_seg_totalsegmentator.nii.gz"
 LABELS = CASE / "reference_labels.json"
 
-pytestmark = pytest.mark.skipif(
-    not (DICOM_DIR.exists() and REFERENCE.exists() and LABELS.exists()),
-    reason=f"real series or reference labels missing under {CASE}",
-)
-
 LIVER_FLOOR = 0.85
-# The issue's target is 0.80; the HU profile measures 0.779 on this series (see the
+# The issue's target is 0.80; the HU profile measures 0.784 on this series (see the
 # module docstring for what is missing), so the floor is set a little below that.
 BONES_TARGET = 0.80
-BONES_FLOOR = 0.77
+BONES_FLOOR = 0.775
 
 #: reference structures that make up "bones" (names as in reference_labels.json)
 BONE_PREFIXES = ("vertebrae_", "rib_", "humerus_", "scapula_", "clavicula_")
@@ -87,6 +87,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def case():
+    if nib is None:
+        pytest.skip("nibabel not installed")
+    if not (DICOM_DIR.exists() and REFERENCE.exists() and LABELS.exists()):
+        pytest.skip(f"real series or reference labels missing under {CASE}")
     files = sorted(p for p in DICOM_DIR.iterdir() if p.is_file())
     volume = load_series(files)
     ref = reference_on_grid(volume, REFERENCE)
@@ -139,3 +143,73 @@ def test_bones_dice(case):
            f"floor {BONES_FLOOR}, issue target {BONES_TARGET} not reached by HU thresholds)")
     print("\n" + msg)
     assert d >= BONES_FLOOR, msg
+
+
+# --------------------------------------------------------------------------- the ops the bones profile uses
+# (synthetic, always run)
+
+SP = (1.0, 1.0, 2.0)  # (i, j, k) mm
+
+
+def test_remove_thick_drops_blobs_keeps_thin_bars():
+    m = np.zeros((12, 60, 60), dtype=bool)
+    k, j, i = np.indices(m.shape)
+    blob = ((i - 20) ** 2 + (j - 30) ** 2) <= 12**2  # 24 mm wide tube through every slice (cut by the scan)
+    bar = (np.abs(j - 30) <= 2) & (i >= 40) & (i < 58)  # 5 mm thick bar
+    m |= blob | bar
+    out = M.remove_thick(m, 6, SP)
+    core = ((i - 20) ** 2 + (j - 30) ** 2) <= 9**2
+    assert out[blob].mean() < 0.2  # the tube goes (a ragged voxel rim may stay) ...
+    assert not out[core].any()  # ... also on the first and last slice, which cut it
+    assert out[bar & (i >= 45)].all()  # the bar stays (away from where it touches the tube)
+
+
+def test_connected_to_keeps_touching_parts_without_the_margin():
+    bone = np.zeros((6, 40, 40), dtype=bool)
+    bone[:, 10:14, 5:15] = True
+    soft = np.zeros_like(bone)
+    soft[:, 10:14, 15:30] = True  # touches the bone
+    soft[:, 30:34, 5:30] = True  # floats free
+    out = M.connected_to(soft, bone, 1, SP)
+    assert out[:, 10:14, 17:30].all()
+    assert not out[:, 10:14, 15].any()  # within 1 mm of the bone: the bone's rim
+    assert not out[:, 30:34].any()
+    assert not out[bone].any()
+
+
+def test_fill_holes_max_area_fills_small_holes_only():
+    m = np.zeros((3, 60, 60), dtype=bool)
+    m[:, 5:15, 5:15] = True
+    m[:, 8:12, 8:12] = False  # 16 mm^2 hole
+    m[:, 20:50, 20:50] = True
+    m[:, 25:45, 25:45] = False  # 400 mm^2 hole
+    out = M.fill_holes(m, "slice", 100, SP)
+    assert out[:, 8:12, 8:12].all()
+    assert not out[:, 25:45, 25:45].any()
+    with pytest.raises(ValueError):
+        M.fill_holes(m, "3d", 100, SP)
+
+
+def _bones_dict(**extra_step):
+    return {
+        "name": "b", "description": "d", "model_type": "hu_based",
+        "tissues": [
+            {"name": "cortical", "description": "c", "color": [1, 2, 3], "hu": [300, 1500],
+             "category": {"value": "1", "meaning": "x"}, "type": {"value": "2", "meaning": "y"}},
+            {"name": "cartilage", "description": "c", "color": [1, 2, 3], "hu": [110, 300],
+             "morphology": [extra_step],
+             "category": {"value": "1", "meaning": "x"}, "type": {"value": "2", "meaning": "y"}},
+        ],
+    }
+
+
+def test_schema_validates_the_new_steps():
+    parse_profile(_bones_dict(op="connected_to", tissue="cortical", margin_mm=1), "t.yaml")
+    parse_profile(_bones_dict(op="remove_thick", radius_mm=6), "t.yaml")
+    parse_profile(_bones_dict(op="fill_holes", mode="slice", max_area_mm2=200), "t.yaml")
+    with pytest.raises(ProfileError, match="not an earlier tissue"):
+        parse_profile(_bones_dict(op="connected_to", tissue="cartilage"), "t.yaml")
+    with pytest.raises(ProfileError, match="max_area_mm2 needs mode: slice"):
+        parse_profile(_bones_dict(op="fill_holes", max_area_mm2=200), "t.yaml")
+    with pytest.raises(ProfileError, match="radius_mm"):
+        parse_profile(_bones_dict(op="remove_thick"), "t.yaml")
