@@ -50,8 +50,27 @@ def get_backend(model_type: str) -> Backend:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        hint = f"pip install 'dicom-seg-node[{extra}]' -c constraints.txt" if extra else "reinstall dicom-seg-node"
+        hint = (f"pip install torch==2.13.0 && pip install -e '.[{extra}]' -c constraints.txt "
+                "(in the dicom-node checkout; see docs/ai-backends.md)" if extra else "reinstall dicom-seg-node")
         raise BackendUnavailable(
             f"backend '{model_type}' is not available ({exc.name} is not installed): run {hint}"
         ) from None
     return getattr(mod, cls)()
+
+
+def check_profile(profile: Profile, backend: str | None = None) -> str | None:
+    """Why ``profile`` cannot run here with ``backend`` (default: its model_type), or None.
+
+    Reports a missing package (with the install command) and, for AI backends, a missing
+    model folder or weights and structure names the model does not have.
+    """
+    from node.errors import NodeError
+
+    try:
+        be = get_backend(backend or profile.model_type)
+        check = getattr(be, "check", None)
+        if check is not None:
+            check(profile)
+    except NodeError as exc:
+        return str(exc)
+    return None

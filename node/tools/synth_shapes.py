@@ -2,7 +2,7 @@
 
 Every case is a box of air with a "body" (an ellipsoid of fat/soft tissue), one
 "organ" (a smooth, randomly placed ellipsoid at ~130 HU, label 1) and one "bone"
-(a cylinder with a cortical shell at ~700 HU, label 2).  Shapes, positions and noise
+(a cylinder with a cortical shell at ~700 HU, label 2) and an air pocket (-850 HU, label 3).  Shapes, positions and noise
 come from one integer seed, so the training data of the committed fixture and the
 held-out test volumes can be rebuilt bit for bit.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: label ids of the synthetic truth
-LABELS = {"background": 0, "organ": 1, "bone": 2}
+LABELS = {"background": 0, "organ": 1, "bone": 2, "air": 3}
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Case:
     hu: np.ndarray
     """int16 HU, ``[k, j, i]``."""
     labels: np.ndarray
-    """uint8 truth, ``[k, j, i]``: 0 background, 1 organ, 2 bone."""
+    """uint8 truth, ``[k, j, i]``: 0 background, 1 organ, 2 bone, 3 air."""
     spacing: tuple[float, float, float]
     """(i, j, k) mm."""
     seed: int
@@ -70,6 +70,17 @@ def make_case(seed: int, shape: tuple[int, int, int] = (40, 48, 48),
     hu[bone] = 250.0
     hu[bone & (rr >= rbone - 3.5)] = 750.0
     labels[bone] = 2
+
+    # air pocket (bowel gas / lung-like), label 3: besides being realistic it matters for
+    # nnU-Net's CT normalisation, which clips intensities to the 0.5..99.5 percentiles of the
+    # labelled voxels; with only organ and bone labelled, everything darker than the organ was
+    # clipped to the organ's own lower tail and the organ was never learnt.
+    ra = rng.uniform(8, 12, 3)
+    ca = np.array([ck + rng.uniform(-0.3, 0.3) * ck, cj - 0.45 * cj, ci + rng.uniform(-0.2, 0.2) * ci])
+    air = ((k - ca[0]) / ra[0]) ** 2 + ((j - ca[1]) / ra[1]) ** 2 + ((i - ca[2]) / ra[2]) ** 2 <= 1
+    air &= inner & ~organ & ~bone
+    hu[air] = -850.0
+    labels[air] = 3
 
     hu += rng.normal(0, 10, shape).astype(np.float32)
     hu[~body] = -1000.0 + rng.normal(0, 5, int((~body).sum()))
