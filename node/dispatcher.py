@@ -20,8 +20,9 @@ Kinds:
 
 * ``dicom``: the job's SEG (``<organ>_seg.dcm``) is sent with
   :func:`node.scp.sender.send_datasets` to ``config.destinations[name]``, or
-  for ``origin`` to the address of the series' calling AE from
-  ``config.known_aes``.  :class:`~node.scp.sender.DestinationUnavailable`
+  for ``origin`` to the address of the calling AE (``job.params["calling_ae"]``,
+  else the series' calling AE) from ``config.known_aes``, falling back to the
+  address the worker recorded in ``job.result["origin"]``.  :class:`~node.scp.sender.DestinationUnavailable`
   (peer down, association rejected/aborted) and failure statuses from the
   peer are retried with backoff; an unknown destination, an origin AE with no
   known address or a missing SEG file fail at once (``jobs retry`` after
