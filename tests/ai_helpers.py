@@ -18,12 +18,15 @@ _armed = {"on": False}
 
 def _hook(event, args):
     if event == "socket.connect" and _armed["on"]:
+        if getattr(args[0], "family", None) == socket.AF_UNIX:
+            return  # local IPC (multiprocessing managers inside nnU-Net/TotalSegmentator), not network
         _connects.append(args[1] if len(args) > 1 else args)
         raise AssertionError(f"network connect during patient processing: {args[1] if len(args) > 1 else args}")
 
 
 class fail_on_connect:
-    """Audit hook that fails on ANY socket.connect inside the block (records it even if swallowed)."""
+    """Audit hook that fails on any IP socket.connect inside the block, loopback included (and records
+    it even when the library swallows the error).  AF_UNIX connects are local IPC and allowed."""
 
     installed = False
 

@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -176,16 +177,30 @@ class NetworkBlocked(RuntimeError):
     """A library tried to open a network connection while a patient was being processed."""
 
 
+def _is_ip_socket_event(event: str, args: tuple) -> bool:
+    if event == "socket.getaddrinfo":
+        return True  # name resolution is network traffic
+    if event in ("socket.connect", "socket.sendto"):
+        sock = args[0]
+        family = getattr(sock, "family", None)
+        # AF_UNIX (multiprocessing managers/queues inside nnU-Net and TotalSegmentator) is local IPC
+        return family is None or int(family) in (socket.AF_INET, socket.AF_INET6)
+    return False
+
+
 def _audit(event: str, args: tuple) -> None:
-    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and getattr(_guard, "depth", 0):
-        target = args[1] if len(args) > 1 else args
-        _guard.blocked = getattr(_guard, "blocked", []) + [f"{event} {target!r}"]
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and getattr(_guard, "depth", 0) \
+            and _is_ip_socket_event(event, args):
+        target = args[:2] if event == "socket.getaddrinfo" else (args[1] if len(args) > 1 else args)
+        _guard.blocked.append(f"{event} {target!r}")
         raise NetworkBlocked(f"network access refused during patient processing: {event} {target!r}")
 
 
 @contextlib.contextmanager
 def no_network() -> Iterator[list[str]]:
-    """Refuse every network connection attempted by this thread inside the block.
+    """Refuse every network (IPv4/IPv6) connection and name lookup by this thread inside the block.
+
+    Local IPC over AF_UNIX sockets (multiprocessing managers used by nnU-Net) stays allowed.
 
     Yields the list of refused attempts (filled as they happen).  Libraries that swallow
     the exception (TotalSegmentator's usage statistics do) still never reach the network.
