@@ -51,6 +51,8 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: name used in error messages when no configuration file was given
 DEFAULT_CONFIG_NAME = "node.yaml"
+#: the ``pacs`` destination of the embedded defaults (Orthanc's defaults on this host)
+EMBEDDED_PACS = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 
@@ -251,7 +253,9 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
     message naming the file and the field.
     """
     where = Path(path) if path is not None else Path(DEFAULT_CONFIG_NAME)
-    data: Any = {}
+    # The embedded defaults mirror the documented example: a local PACS (Orthanc's
+    # default AE/port) named ``pacs``, the destination the shipped rules send to.
+    data: Any = {"destinations": {"pacs": dict(EMBEDDED_PACS)}}
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")

@@ -175,13 +175,13 @@ class NodeService:
         self.complete_and_route()  # complete-but-unrouted series from before the restart
         self.pool = WorkerPool(cfg, store)
         self.pool.start()
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # before add_job: it logs there
         self.scheduler = sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                                    "misfire_grace_time": 30})
         sched.add_job(self.complete_and_route, "interval", seconds=1, id="complete-and-route")
         sched.add_job(self.reload_rules, "interval", seconds=2, id="rules-reload")
         sched.add_job(self.run_dispatch, "interval", seconds=2, id="dispatch")
         sched.add_job(self.clean_spool, "interval", hours=1, id="spool-retention")
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         sched.start()
         self.clean_spool()
 

@@ -49,7 +49,9 @@ def test_defaults_without_file(tmp_path, monkeypatch):
     assert cfg.ae_title == "DICOMNODE" and cfg.port == 11112 and cfg.bind_address == "0.0.0.0"
     assert cfg.storage == tmp_path / "var"
     assert cfg.max_associations == 10 and cfg.workers >= 1
-    assert cfg.allowed_calling_aes == [] and cfg.destinations == {}
+    assert cfg.allowed_calling_aes == []
+    # the shipped rules send to `pacs`: the embedded defaults define it (Orthanc's defaults)
+    assert cfg.destinations["pacs"].as_tuple() == ("ORTHANC", "127.0.0.1", 4242)
     # no routing_rules.yaml in the CWD: falls back to the repository root
     assert cfg.rules == REPO_ROOT / "routing_rules.yaml" or cfg.rules == tmp_path / "routing_rules.yaml"
     (tmp_path / "routing_rules.yaml").write_text("rules: []\n")

@@ -29,3 +29,10 @@ def test_default_rules_name_existing_profiles():
     rules = load_rules(REPO / "routing_rules.yaml", known_profiles=set(list_profiles()), known_destinations={"pacs"})
     assert {r.profile for r in rules.rules} <= set(list_profiles())
     assert yaml.safe_load((REPO / "routing_rules.yaml").read_text())["rules"]
+
+
+def test_embedded_defaults_accept_the_shipped_rules(tmp_path, monkeypatch):
+    """`dicom-node serve` with no config must start: every destination the default rules use exists."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None)
+    load_rules(cfg.rules, known_profiles=set(list_profiles(cfg.profiles)), known_destinations=set(cfg.destinations))
