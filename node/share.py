@@ -52,18 +52,17 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import platform
 import re
 import string
 import unicodedata
-import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from node import __version__
+from node.durable import atomic_copy, atomic_write, fsync_dir, makedirs_durable
 from node.config import ConfigError
 from node.store import RULE_TAGS
 
@@ -278,79 +277,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _mkdirs(path: Path) -> None:
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        _fsync_dir(d.parent)
-
-
-def _tmp_name(folder: Path, name: str) -> Path:
-    return folder / f".{name}.{uuid.uuid4().hex[:12]}.part"
-
-
-def _copy_atomic(src: Path, dst: Path) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` via a temp file in dst's folder; returns (size, sha256)."""
-    tmp = _tmp_name(dst.parent, dst.name)
-    h = hashlib.sha256()
-    size = 0
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while True:
-                b = fi.read(1 << 20)
-                if not b:
-                    break
-                h.update(b)
-                size += len(b)
-                fo.write(b)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    return size, h.hexdigest()
-
-
-def _write_atomic(dst: Path, data: bytes) -> None:
-    tmp = _tmp_name(dst.parent, dst.name)
-    try:
-        with open(tmp, "wb") as fo:
-            fo.write(data)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -447,7 +373,7 @@ def drop(
     series_uid = str(inputs.get("series_instance_uid") or job.get("series_uid") or "")
     organ = str(job.get("profile") or fields.get("organ") or "")
     generation = int(job.get("generation") or 0)
-    _mkdirs(root)
+    makedirs_durable(root)
     folder, relative = _choose_folder(root, relative, series_uid, organ)
     if not _inside(root, folder):  # cannot happen after sanitising; defence in depth
         raise ConfigError(f"rendered folder {relative!r} escapes the share root", tag=_TEMPLATE_KEY)
@@ -471,12 +397,12 @@ def drop(
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate share output names: {names}")
 
-    _mkdirs(folder)
+    makedirs_durable(folder)
     outputs = []
     for f in files:
-        size, digest = _copy_atomic(Path(f.source), folder / f.name)
+        size, digest = atomic_copy(Path(f.source), folder / f.name)
         outputs.append({"name": f.name, "kind": f.kind, "size": size, "sha256": digest})
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
     supersede_list = []
     marked: list[str] = []
@@ -502,8 +428,8 @@ def drop(
                                       "seg_series_instance_uid": seg_series_uid},
                     "marked_at": _now_iso(),
                 }
-                _write_atomic(old_folder / SUPERSEDED_NAME, (json.dumps(marker, indent=2) + "\n").encode())
-                _fsync_dir(old_folder)
+                atomic_write(old_folder / SUPERSEDED_NAME, (json.dumps(marker, indent=2) + "\n").encode())
+                fsync_dir(old_folder)
                 marked.append(str(old_rel))
 
     manifest: dict[str, Any] = {
@@ -517,7 +443,7 @@ def drop(
         "software": software_versions(),
         "supersedes": supersede_list,
     }
-    _write_atomic(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode())
+    atomic_write(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode())
     # a re-run of a newer generation into this folder: an old SUPERSEDED marker no longer applies
     stale_marker = folder / SUPERSEDED_NAME
     if stale_marker.exists():
@@ -541,10 +467,10 @@ def drop(
                 except FileNotFoundError:
                     pass
     # leftovers of a crash in the middle of an earlier drop
-    for p in folder.glob(".*.part"):
+    for p in folder.glob(".*.tmp"):
         try:
             p.unlink()
         except OSError:
             pass
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return ShareDrop(folder, relative, manifest, removed, marked)

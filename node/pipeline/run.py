@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from node import __version__
+from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
 from node.pipeline.mesh import MeshOptions, mesh_from_mask
@@ -264,7 +264,5 @@ def run_pipeline(
     if progress:
         progress("report", "writing report.json")
     report_path = out / "report.json"
-    tmp = report_path.with_name(f".{report_path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, report_path)
+    atomic_write(report_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     return RunResult(out, report, seg_path, mesh_paths, report_path, volume, masks)

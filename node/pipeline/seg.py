@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -43,6 +42,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from node.durable import atomic_open
 from node.errors import InputError
 from node.pipeline.volume import SourceFrame, Volume
 
@@ -405,29 +405,8 @@ def write_seg(
 
 
 def _atomic_write(ds: Dataset, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the file is meant to be shared
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(out_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_open(out_path) as fh:
+        ds.save_as(fh, enforce_file_format=True)
 
 
 # --------------------------------------------------------------------------- reading

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
 import time
@@ -63,6 +62,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.durable import atomic_write
 from node.scp.policy import AssociationPolicy
 from node.store import InstanceRecord, Store, tags_from_dataset
 
@@ -121,51 +121,9 @@ def spool_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -
     return spool_dir / _safe_name(study_uid) / _safe_name(series_uid) / f"{_safe_name(sop_uid)}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durable(path: Path) -> None:
-    """mkdir -p, fsync-ing the parent of every folder created."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        _fsync_dir(d.parent)
-
-
 def durable_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename + fsync dir)."""
-    _makedirs_durable(path.parent)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, data)
 
 
 def _str_uid(ds: Any, keyword: str) -> str:

@@ -1,0 +1,86 @@
+"""Durable, atomic file writes shared by every stage that persists data.
+
+A reader (a PACS pulling the share, the node after a crash) must never see a
+half-written file: everything is written to a temporary name in the target's
+folder, fsynced, renamed over the target, and the folder fsynced so the rename
+itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that renames/creations inside it are durable (best effort)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: str | os.PathLike[str]) -> None:
+    """``mkdir -p`` that fsyncs the parent of every folder it creates."""
+    missing = []
+    p = Path(path)
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Open a temporary file next to ``path`` for binary writing; on success it is
+    fsynced and renamed onto ``path`` (and the folder fsynced); on error it is removed."""
+    target = Path(path)
+    makedirs_durable(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates 0600
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably."""
+    with atomic_open(path) as fh:
+        fh.write(data)
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` atomically; returns ``(size, sha256 hex)`` of what was written."""
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fi, atomic_open(dst) as fo:
+        while chunk := fi.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+            fo.write(chunk)
+    return size, h.hexdigest()
