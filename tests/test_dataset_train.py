@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ai_helpers import tissue_profile, truth_on_loaded, write_case_series
+from ai_helpers import truth_on_loaded, write_case_series
 
 from node.pipeline.run import select_series
 from node.pipeline.seg import SegmentSpec, write_seg
@@ -89,14 +89,14 @@ def test_train_tiny_and_register_profile(exported, tmp_path):
     prof = tmp_path / "profiles" / "synth_nnunet.yaml"
     env = {**os.environ, "DICOM_NODE_MODELS": str(tmp_path / "models")}
     r = subprocess.run(CLI + ["train", "nnunet", "--dataset", str(folder), "--work", str(tmp_path / "work"),
-                              "--tiny", "--epochs", "2", "--iterations", "4", "--device", "cpu",
+                              "--tiny", "--epochs", "2", "--iterations", "4", "--device", "cpu", "--fold", "all",
                               "--profile", str(prof)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = tmp_path / "models" / "Dataset991_Synth" / "TinyTrainer__nnUNetPlans__3d_fullres"
-    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    assert (model / "fold_all" / "checkpoint_final.pth").is_file()
     import torch
 
-    ck = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ck["optimizer_state"] is None and ck["trainer_name"] == "nnUNetTrainer"
     from node.profiles import load_profile_file
 
@@ -117,4 +117,3 @@ def test_train_tiny_and_register_profile(exported, tmp_path):
         assert set(masks) == {"organ", "bone"}
     finally:
         ai_common._settings["models_root"] = None
-    del tissue_profile
