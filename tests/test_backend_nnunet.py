@@ -81,4 +81,6 @@ def test_rule_override_end_to_end_dicom_to_seg(tmp_path):
     seg = hd.seg.segread(res.seg_path)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["synth organ", "synth bone"]
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "nnU-Net"
+    family = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0]
+    assert family.CodeMeaning == "Artificial Intelligence"
     assert res.report["profile"]["model_type"] == "nnunet"

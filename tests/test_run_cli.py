@@ -99,6 +99,11 @@ def test_seg_is_valid_and_matches_report(liver_run):
     res = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
     errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln]
     assert not errors, errors
+    ds = pydicom.dcmread(seg)
+    for item in ds.SegmentSequence:
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert item.SegmentAlgorithmName == "dicom-node HU threshold"
+        assert item.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0].CodeValue == "123105"
     masks = read_seg_masks(seg)
     rep = json.loads((out / "report.json").read_text())
     assert set(masks) == {"liver tissue", "liver vessels"}

@@ -41,15 +41,11 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_problem(model_type: str) -> str | None:
-    """Why the backend for ``model_type`` cannot run here, or None."""
-    from node.pipeline.backends import get_backend
+def _backend_problem(profile) -> str | None:
+    """Why ``profile`` cannot run here (missing package, model folder or weights), or None."""
+    from node.pipeline.backends import check_profile
 
-    try:
-        get_backend(model_type)
-    except NodeError as exc:
-        return str(exc)
-    return None
+    return check_profile(profile)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -62,7 +58,7 @@ def _validate(args: argparse.Namespace) -> int:
             bad += 1
             print(f"ERROR {exc}")
             continue
-        problem = _backend_problem(p.model_type)
+        problem = _backend_problem(p)
         if problem:
             bad += 1
             print(f"ERROR {f}: model_type: {problem}")

@@ -30,7 +30,7 @@ from node.pipeline.backends import get_backend
 from node.pipeline.mesh import MeshOptions, mesh_from_mask
 from node.pipeline.mesh_io import check_stl, write_ply, write_stl
 from node.pipeline.series import find_series, load_series
-from node.pipeline.seg import SegmentSpec, write_seg
+from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, write_seg
 from node.pipeline.volume import Volume
 from node.profiles import Profile, load_profile
 
@@ -221,6 +221,7 @@ def run_pipeline(
             seg_path,  # type: ignore[arg-type]
             algorithm_name=ALGORITHM_NAMES.get(model_type, model_type),
             algorithm_version=__version__,
+            algorithm_family=ALGORITHM_FAMILY_THRESHOLD if model_type == "hu_based" else ALGORITHM_FAMILY_AI,
             series_instance_uid=seg_series_uid,
             series_description=f"SEG {prof.name} {volume.info.series_description}".strip()[:64],
         )
