@@ -40,6 +40,7 @@ __all__ = [
     "KnownAE",
     "ShareConfig",
     "NetworkTimeouts",
+    "ModelsConfig",
     "NodeConfig",
     "load_config",
     "REPO_ROOT",
@@ -130,6 +131,20 @@ class ShareConfig(_Model):
     path_template: str = "{PatientID}/{StudyDate}_{AccessionNumber}/{SeriesNumber}_{SeriesDescription}_{organ}/"
 
 
+class ModelsConfig(_Model):
+    """Where AI models live and how they run (see docs/ai-backends.md)."""
+
+    root: Path | None = None
+    """Folder that model paths in profiles are relative to; default $DICOM_NODE_MODELS, else <repo>/models."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1)
+    """torch threads per job (two threads on two busy cores measured 25x slower than one)."""
+    totalseg_weights: Path | None = None
+    """TotalSegmentator weights folder (TOTALSEG_WEIGHTS_PATH); default under ``root``."""
+    totalseg_home: Path | None = None
+    """TotalSegmentator home with config.json (TOTALSEG_HOME_DIR); default under ``root``."""
+
+
 class NetworkTimeouts(_Model):
     """pynetdicom timeouts in seconds (ACSE = association negotiation, DIMSE = message, network = idle)."""
 
@@ -167,6 +182,7 @@ class NodeConfig(_Model):
     timeouts: NetworkTimeouts = Field(default_factory=NetworkTimeouts)
     spool_retention_days: float = Field(7.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     #: the configuration file this was loaded from (None: embedded defaults)
     config_path: Path | None = Field(default=None, exclude=True)
@@ -291,6 +307,10 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
         cfg.share.root = _resolve(cfg.share.root, base)
     else:  # storage moved, share root left at its default: keep it under storage
         cfg.share.root = cfg.storage / "share"
+    for attr in ("root", "totalseg_weights", "totalseg_home"):
+        value = getattr(cfg.models, attr)
+        if value is not None:
+            setattr(cfg.models, attr, _resolve(value, base))
     for key in ("rules", "profiles"):
         value: Path = getattr(cfg, key)
         if key in explicit:

@@ -118,6 +118,17 @@ def _watch_node(node_pid: int, node_started: float, interval_s: float = 0.5) -> 
     threading.Thread(target=loop, name="node-watch", daemon=True).start()
 
 
+def _configure_models(models: dict[str, Any]) -> None:
+    """Apply node.yaml's ``models`` section in the job process (AI backends read it)."""
+    from node.pipeline import ai_common
+
+    ai_common.configure(models_root=models.get("root"), device=models.get("device"), threads=models.get("threads"))
+    if models.get("totalseg_weights"):
+        os.environ["TOTALSEG_WEIGHTS_PATH"] = str(models["totalseg_weights"])
+    if models.get("totalseg_home"):
+        os.environ["TOTALSEG_HOME_DIR"] = str(models["totalseg_home"])
+
+
 def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the pipeline for one job (in the job process)."""
     from node.errors import InputError
@@ -130,6 +141,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"{len(missing)} spool file(s) of the series are missing (retention cleanup?)",
                          path=missing[0])
     profile = load_profile(spec["profile"], spec["profiles_dir"])
+    _configure_models(spec.get("models") or {})
     final = Path(spec["output_dir"])
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
@@ -487,6 +499,7 @@ class WorkerPool:
                 "output_dir": str(job_output_dir(self.config, job.id)),
                 "seg_series_uid": seg_series_uid(job),
                 "decode_workers": self.decode_workers,
+                "models": self.config.models.model_dump(mode="json"),
                 "log_level": self.config.log_level,
                 "node_pid": os.getpid(),
                 "node_started": self._node_started,

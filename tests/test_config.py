@@ -117,3 +117,29 @@ def test_model_defaults_are_independent():
     a, b = NodeConfig(), NodeConfig()
     a.destinations["x"] = {"ae_title": "X", "host": "h", "port": 1}  # type: ignore[assignment]
     assert b.destinations == {}
+
+
+def test_models_section(tmp_path):
+    p = tmp_path / "node.yaml"
+    p.write_text("models: {root: models, device: cpu, threads: 2, totalseg_weights: /opt/ts}\n")
+    cfg = load_config(p)
+    assert cfg.models.root == tmp_path / "models" and cfg.models.device == "cpu" and cfg.models.threads == 2
+    assert str(cfg.models.totalseg_weights) == "/opt/ts" and cfg.models.totalseg_home is None
+    p.write_text("models: {device: tpu}\n")
+    with pytest.raises(ConfigError, match=r"models.device"):
+        load_config(p)
+    assert load_config(None).models.root is None  # AI code falls back to $DICOM_NODE_MODELS / <repo>/models
+
+
+def test_job_process_applies_models_section(monkeypatch, tmp_path):
+    from node.pipeline import ai_common
+    from node.worker import _configure_models
+
+    import os
+
+    for key in ("models_root", "device", "threads"):  # restored after the test
+        monkeypatch.setitem(ai_common._settings, key, ai_common._settings.get(key))
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", "before")
+    _configure_models({"root": str(tmp_path), "device": "cpu", "threads": 1, "totalseg_weights": str(tmp_path / "w")})
+    assert ai_common.models_root() == tmp_path
+    assert os.environ["TOTALSEG_WEIGHTS_PATH"] == str(tmp_path / "w")
