@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Install everything the node needs on a fresh Debian/Ubuntu machine (run as root).
 #
-#   bash scripts/install.sh          # runtime: Python venv in .venv, DCMTK
+#   bash scripts/install.sh          # runtime: Python venv in .venv with the AI backends, DCMTK
 #   bash scripts/install.sh --test   # + test peers (dicom3tools, Orthanc) and test tools
+#   bash scripts/install.sh --no-ai  # without TotalSegmentator/nnU-Net/MONAI (HU backend only)
+#
+# The AI extras are installed against constraints.txt, which pins torch==2.13.0
+# (the CPU build is installed first): without it nnunetv2 -> timm -> torchvision
+# would replace it with a multi-GB CUDA build.  See docs/ai-backends.md.
 #
 # Idempotent: system packages already present are not reinstalled, the venv is
 # reused, and pip only installs what is missing.
@@ -10,10 +15,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TEST=0
+AI=1
 for arg in "$@"; do
   case "$arg" in
     --test) TEST=1 ;;
-    *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+    --no-ai) AI=0 ;;
+    *) echo "usage: $0 [--test] [--no-ai]" >&2; exit 2 ;;
   esac
 done
 
@@ -38,9 +45,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-if [ "$TEST" = 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[test]'
-else
-  .venv/bin/python -m pip install -q -e .
+extras=()
+[ "$TEST" = 1 ] && extras+=(test)
+if [ "$AI" = 1 ]; then
+  extras+=(ai)
+  .venv/bin/python -m pip install -q torch==2.13.0
 fi
+spec="."
+if [ "${#extras[@]}" -gt 0 ]; then
+  spec=".[$(IFS=,; echo "${extras[*]}")]"
+fi
+.venv/bin/python -m pip install -q -e "$spec" -c constraints.txt
 echo "installed: $(.venv/bin/dicom-node --version)"
