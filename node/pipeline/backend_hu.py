@@ -9,6 +9,7 @@ into voxels with the volume's spacing by :mod:`node.pipeline.morphology`.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -62,6 +63,16 @@ def apply_step(
     raise ValueError(f"unknown morphology op {op!r}")  # the profile schema prevents this
 
 
+def _gaussian(hu: np.ndarray, sigma_kji) -> np.ndarray:
+    """scipy's float32 gaussian of ``hu`` (reflecting edges); int16 input is not copied first."""
+    return ndimage.gaussian_filter(hu, sigma_kji, output=np.float32)
+
+
+def _gauss_radius(sigma: float) -> int:
+    """Half-width of scipy's gaussian kernel (``truncate=4``)."""
+    return int(4.0 * float(sigma) + 0.5)
+
+
 class HUBackend:
     """Threshold + morphology segmentation driven entirely by the profile."""
 
@@ -74,35 +85,76 @@ class HUBackend:
         box = bounding_box(body, margin=2)
         hu = volume.array[box]
         inside_body = body[box]
+        del body
         masks: dict[str, np.ndarray] = {}
-        smoothed: dict[float, np.ndarray] = {}
-        for tissue in profile.tissues:
-            src = self._source(hu, tissue, spacing, smoothed)
-            lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
-            m = (src >= lo) & (src <= hi) & inside_body
-            if tissue.inside:
-                env = masks[tissue.inside.tissue]
-                if tissue.inside.closing_mm:
-                    env = morphology.closing(env, tissue.inside.closing_mm, spacing)
-                m &= morphology.fill_holes(env, tissue.inside.fill)
-            for step in tissue.morphology:
-                m = apply_step(step, m, src, inside_body, spacing, masks)
-            for other in tissue.exclude:
-                m &= ~masks[other]
-            masks[tissue.name] = m
-            log.debug("tissue %s: %d voxels", tissue.name, int(m.sum()))
+        # Smoothed sources that the whole box needs are computed in a background thread
+        # while the other tissues' morphology (SimpleITK, which releases the GIL) runs.
+        # A tissue inside another one only needs its source on the envelope's box.
+        full_smooth = {t.smooth_mm for t in profile.tissues if t.smooth_mm and not self._croppable(t)}
+        last_use = {t.smooth_mm: i for i, t in enumerate(profile.tissues) if t.smooth_mm}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hu-smooth") as pool:
+            smoothed: dict[float, Future] = {
+                mm: pool.submit(_gaussian, hu, self._sigma(mm, spacing)) for mm in sorted(full_smooth, reverse=True)
+            }
+            for idx, tissue in enumerate(profile.tissues):
+                lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
+                env = None
+                if tissue.inside:
+                    env = masks[tissue.inside.tissue]
+                    if tissue.inside.closing_mm:
+                        env = morphology.closing(env, tissue.inside.closing_mm, spacing)
+                    env = morphology.fill_holes(env, tissue.inside.fill)
+                if env is not None and tissue.smooth_mm and self._croppable(tissue):
+                    src = None  # only the grow step reads the source, and this tissue has none
+                    m = self._threshold_on(env, hu, tissue.smooth_mm, spacing, lo, hi) & inside_body
+                else:
+                    if tissue.smooth_mm:
+                        src = smoothed[tissue.smooth_mm].result()
+                    else:
+                        src = hu
+                    m = (src >= lo) & (src <= hi) & inside_body
+                    if env is not None:
+                        m &= env
+                del env
+                for step in tissue.morphology:
+                    m = apply_step(step, m, src, inside_body, spacing, masks)
+                for other in tissue.exclude:
+                    m &= ~masks[other]
+                masks[tissue.name] = m
+                del src
+                if tissue.smooth_mm and last_use[tissue.smooth_mm] == idx:
+                    smoothed.pop(tissue.smooth_mm, None)  # free the float32 volume
+                log.debug("tissue %s: %d voxels", tissue.name, int(m.sum()))
         out = {}
-        for name, m in masks.items():
+        for name in list(masks):
             full = np.zeros(volume.array.shape, dtype=bool)
-            full[box] = m
+            full[box] = masks.pop(name)
             out[name] = full
         return out
 
     @staticmethod
-    def _source(hu: np.ndarray, tissue: Tissue, spacing, cache: dict[float, np.ndarray]) -> np.ndarray:
-        if not tissue.smooth_mm:
-            return hu
-        if tissue.smooth_mm not in cache:
-            sigma = [tissue.smooth_mm / s for s in (spacing[2], spacing[1], spacing[0])]
-            cache[tissue.smooth_mm] = ndimage.gaussian_filter(hu.astype(np.float32), sigma)
-        return cache[tissue.smooth_mm]
+    def _croppable(tissue: Tissue) -> bool:
+        """A tissue inside an envelope whose source no morphology step reads."""
+        return bool(tissue.inside) and not any(step.op == "grow" for step in tissue.morphology)
+
+    @staticmethod
+    def _sigma(smooth_mm: float, spacing) -> list[float]:
+        return [smooth_mm / s for s in (spacing[2], spacing[1], spacing[0])]
+
+    def _threshold_on(self, env: np.ndarray, hu: np.ndarray, smooth_mm: float, spacing, lo, hi) -> np.ndarray:
+        """``lo <= gaussian(hu) <= hi`` and ``env``, smoothing only the envelope's box.
+
+        The box is grown by the kernel's half-width (where the array allows), so every
+        voxel inside it gets exactly the value the whole-array filter would give it.
+        """
+        out = np.zeros(env.shape, dtype=bool)
+        inner = morphology._bbox(env)
+        if inner is None:
+            return out
+        sigma = self._sigma(smooth_mm, spacing)
+        outer = morphology._grow_box(inner, [_gauss_radius(s) for s in sigma], env.shape)
+        g = _gaussian(hu[outer], sigma)
+        sub = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+        g = g[sub]
+        out[inner] = (g >= lo) & (g <= hi) & env[inner]
+        return out

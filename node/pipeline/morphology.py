@@ -9,11 +9,20 @@ SimpleITK does the heavy lifting: its binary filters are multi-threaded C++ and
 take a per-axis ball radius, which scipy's structuring-element filters cannot do
 without building huge kernels.  Hole filling and component bookkeeping that
 SimpleITK has no per-slice variant for use ``scipy.ndimage.label``.
+
+Every operation runs on the bounding box of its input mask, grown by what the
+operation can reach (its radius, plus one voxel where a boundary condition or a
+border-connected background is involved), and the result is put back on the full
+grid.  This is exact, not an approximation: outside that box the result is known
+(background), and inside it every voxel sees the same neighbourhood as on the full
+array.  Tissue masks are typically a small part of the body box (bones: ~40 %).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,15 +30,87 @@ from scipy import ndimage
 
 Spacing = Sequence[float]
 
+#: at least this many slices per slab before a local filter is split across threads
+MIN_SLAB_SLICES = 32
+
+
+def _workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def _slabs(fn: Callable[[np.ndarray], np.ndarray], mask: np.ndarray, overlap: int) -> np.ndarray:
+    """``fn(mask)`` for a filter that sees at most ``overlap`` slices away, in parallel slabs.
+
+    The array is cut across slices into one slab per worker thread, each extended by
+    ``overlap`` slices on both sides, and only its own slices are kept: every kept voxel
+    sees the same neighbourhood as on the whole array, so the result is identical.
+    SimpleITK releases the GIL, and its binary morphology is mostly single-threaded.
+    """
+    n = mask.shape[0]
+    parts = min(_workers(), n // max(MIN_SLAB_SLICES, 2 * overlap + 1))
+    if parts < 2:
+        return fn(mask)
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    out = np.empty(mask.shape, dtype=bool)
+
+    def run(p: int) -> None:
+        k0, k1 = int(bounds[p]), int(bounds[p + 1])
+        lo, hi = max(0, k0 - overlap), min(n, k1 + overlap)
+        out[k0:k1] = fn(mask[lo:hi])[k0 - lo : k0 - lo + (k1 - k0)]
+
+    with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="morph") as pool:
+        list(pool.map(run, range(parts)))
+    return out
+
 
 def _to_sitk(mask: np.ndarray, spacing: Spacing) -> sitk.Image:
-    img = sitk.GetImageFromArray(mask.astype(np.uint8, copy=False))
+    m = np.ascontiguousarray(mask)
+    img = sitk.GetImageFromArray(m.view(np.uint8) if m.dtype == bool else m.astype(np.uint8))
     img.SetSpacing([float(s) for s in spacing])
     return img
 
 
 def _from_sitk(img: sitk.Image) -> np.ndarray:
-    return sitk.GetArrayViewFromImage(img).astype(bool)
+    return sitk.GetArrayFromImage(img).view(bool)
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Smallest box ``(k, j, i)`` holding every true voxel, ``None`` for an empty mask."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if ks.size == 0:
+        return None
+    sub = mask[ks[0] : ks[-1] + 1]
+    js = np.flatnonzero(sub.any(axis=(0, 2)))
+    ii = np.flatnonzero(sub.any(axis=(0, 1)))
+    return (slice(ks[0], ks[-1] + 1), slice(js[0], js[-1] + 1), slice(ii[0], ii[-1] + 1))
+
+
+def _grow_box(box: tuple[slice, ...], margin_kji: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(
+        slice(max(0, b.start - int(m)), min(int(n), b.stop + int(m))) for b, m, n in zip(box, margin_kji, shape)
+    )
+
+
+def _on_box(mask: np.ndarray, margin_kji: Sequence[int], fn) -> np.ndarray:
+    """``fn`` applied to the bounding box of ``mask`` grown by ``margin_kji`` voxels, on the full grid.
+
+    Only valid for operations whose result is background wherever the box (grown by
+    the margin) holds no foreground, and whose result inside the box does not depend
+    on voxels beyond the margin: the callers choose the margin accordingly.
+    """
+    box = _bbox(mask)
+    if box is None:
+        return np.zeros(mask.shape, dtype=bool)
+    box = _grow_box(box, margin_kji, mask.shape)
+    if all(b.stop - b.start == n for b, n in zip(box, mask.shape)):
+        return fn(np.ascontiguousarray(mask, dtype=bool))
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = fn(np.ascontiguousarray(mask[box], dtype=bool))
+    return out
 
 
 def radius_voxels(radius_mm: float, spacing: Spacing) -> list[int]:
@@ -41,7 +122,9 @@ def radius_voxels(radius_mm: float, spacing: Spacing) -> list[int]:
     return [int(np.floor(radius_mm / float(s) + 1e-6)) for s in spacing]
 
 
-def _ball_filter(flt: type, mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
+def _ball_filter(
+    flt: type, mask: np.ndarray, radius_mm: float, spacing: Spacing, outside_foreground: bool = False
+) -> np.ndarray:
     radius = radius_voxels(radius_mm, spacing)
     if not any(radius) or not mask.any():
         return mask.copy()
@@ -51,12 +134,30 @@ def _ball_filter(flt: type, mask: np.ndarray, radius_mm: float, spacing: Spacing
     f.SetForegroundValue(1)
     if hasattr(f, "SetBackgroundValue"):
         f.SetBackgroundValue(0)
+    if outside_foreground:
+        f.SetBoundaryToForeground(True)
     return _from_sitk(f.Execute(_to_sitk(mask, spacing)))
+
+
+def _dilate_full(mask: np.ndarray, radius_mm: float, spacing: Spacing, outside_foreground: bool = False) -> np.ndarray:
+    """Ball dilation of the whole array (no cropping).
+
+    ``outside_foreground=True`` lets ITK take the voxels beyond the array for foreground,
+    so that foreground touching the array's faces is not treated as a surface to paint
+    the ball from.  That only changes voxels within the radius of the faces; the
+    complement dilations below (erosion, closing) pad by the radius and drop those,
+    and are about three times faster for it (their foreground fills the array).
+    """
+    return _ball_filter(sitk.BinaryDilateImageFilter, mask, radius_mm, spacing, outside_foreground)
 
 
 def dilation(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     """Grow the mask by a ball of ``radius_mm``."""
-    return _ball_filter(sitk.BinaryDilateImageFilter, mask, radius_mm, spacing)
+    radius = radius_voxels(radius_mm, spacing)
+    if not any(radius):
+        return mask.copy()
+    # the ball reaches ``radius`` voxels beyond the mask's box, nothing further
+    return _on_box(mask, radius[::-1], lambda m: _slabs(lambda x: _dilate_full(x, radius_mm, spacing), m, radius[2]))
 
 
 def erosion(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
@@ -68,10 +169,41 @@ def erosion(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     radius = radius_voxels(radius_mm, spacing)
     if not any(radius) or not mask.any():
         return mask.copy()
-    pad = [(r, r) for r in reversed(radius)]
-    grown = dilation(~np.pad(mask, pad), radius_mm, spacing)
-    sl = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, mask.shape))
-    return ~grown[sl]
+    # the result lies inside the mask's box; around the box there is only background,
+    # which the padding below stands for as well as the outside of the array does
+    return _on_box(mask, (0, 0, 0), lambda m: _slabs(lambda x: _erode_full(x, radius_mm, spacing), m, radius[2]))
+
+
+#: block size (voxels per axis) of the coarse "near the mask" test in erosions
+_NEAR_BLOCK = 8
+
+
+def _erode_full(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
+    """Ball erosion of the whole array, voxels outside the array counting as background.
+
+    Computed as ``mask & ~dilation(complement)``, where only the part of the complement
+    that can reach the mask is dilated: ITK's dilation costs time per foreground voxel,
+    and the complement of a sparse mask is nearly the whole array.  "Can reach" is
+    tested on blocks of ``_NEAR_BLOCK`` voxels (a block within the radius of a block
+    that holds mask voxels), a superset of the voxels within the radius of the mask,
+    so the result is exact.
+    """
+    radius = radius_voxels(radius_mm, spacing)
+    rk, rj, ri = radius[::-1]
+    b = _NEAR_BLOCK
+    full = [n + 2 * r for n, r in zip(mask.shape, (rk, rj, ri))]
+    nb = [-(-n // b) for n in full]
+    buf = np.zeros([x * b for x in nb], dtype=bool)
+    buf[rk : rk + mask.shape[0], rj : rj + mask.shape[1], ri : ri + mask.shape[2]] = mask
+    occ = buf.reshape(nb[0], b, nb[1], b, nb[2], b).any(axis=(1, 3, 5))
+    reach = [2 * (-(-r // b)) + 1 for r in (rk, rj, ri)]
+    near = ndimage.maximum_filter(occ, size=reach, mode="constant", cval=False)
+    np.logical_not(buf, out=buf)
+    buf.reshape(nb[0], b, nb[1], b, nb[2], b)[...] &= near[:, None, :, None, :, None]
+    # voxels beyond the padded array are at least radius + 1 from the mask: harmless
+    grown = _dilate_full(buf, radius_mm, spacing, outside_foreground=True)
+    grown = grown[rk : rk + mask.shape[0], rj : rj + mask.shape[1], ri : ri + mask.shape[2]]
+    return mask & ~grown
 
 
 def opening(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
@@ -88,9 +220,16 @@ def closing(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     radius = radius_voxels(radius_mm, spacing)
     if not any(radius) or not mask.any():
         return mask.copy()
+    # the closing lies inside the mask's bounding box (it is inside the dilation, and
+    # the erosion takes back everything the ball cannot cover from inside the box)
+    return _on_box(mask, (0, 0, 0), lambda m: _slabs(lambda x: _closing_full(x, radius_mm, spacing), m, 2 * radius[2]))
+
+
+def _closing_full(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
+    radius = radius_voxels(radius_mm, spacing)
     pad = [(r, r) for r in reversed(radius)]  # numpy order is (k, j, i)
-    padded = np.pad(mask, pad)
-    out = erosion(dilation(padded, radius_mm, spacing), radius_mm, spacing)
+    grown = _dilate_full(np.pad(mask, pad), radius_mm, spacing)  # fits in the padded array
+    out = _erode_full(grown, radius_mm, spacing)
     sl = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, mask.shape))
     return out[sl]
 
@@ -100,11 +239,17 @@ def median(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     radius = radius_voxels(radius_mm, spacing)
     if not any(radius) or not mask.any():
         return mask.copy()
-    f = sitk.BinaryMedianImageFilter()
-    f.SetRadius(radius)
-    f.SetForegroundValue(1)
-    f.SetBackgroundValue(0)
-    return _from_sitk(f.Execute(_to_sitk(mask, spacing)))
+
+    def run(m: np.ndarray) -> np.ndarray:
+        f = sitk.BinaryMedianImageFilter()
+        f.SetRadius(radius)
+        f.SetForegroundValue(1)
+        f.SetBackgroundValue(0)
+        return _from_sitk(f.Execute(_to_sitk(m, spacing)))
+
+    # a voxel more than ``radius`` from the box has no foreground in its window; one
+    # voxel more so that the filter's edge replication only ever repeats background
+    return _on_box(mask, [r + 1 for r in radius[::-1]], lambda m: _slabs(run, m, radius[2]))
 
 
 def fill_holes(
@@ -120,22 +265,32 @@ def fill_holes(
     """
     if mode not in ("3d", "slice"):
         raise ValueError(f"fill_holes mode must be '3d' or 'slice', got {mode!r}")
+    if max_area_mm2 is not None and (mode != "slice" or spacing is None):
+        raise ValueError("fill_holes max_area_mm2 needs mode 'slice' and the spacing")
+    if not mask.any():
+        return mask.copy()
+    # Holes lie inside the mask's box; one voxel of background around it (where the
+    # array allows) is connected to everything outside the box, which is background
+    # connected to the array border.  Slice mode needs no margin across slices.
+    margin = (0, 1, 1) if mode == "slice" else (1, 1, 1)
+    return _on_box(mask, margin, lambda m: _fill_holes_full(m, mode, max_area_mm2, spacing))
+
+
+def _fill_holes_full(
+    mask: np.ndarray, mode: str, max_area_mm2: float | None, spacing: Spacing | None
+) -> np.ndarray:
     if max_area_mm2 is not None:
-        if mode != "slice" or spacing is None:
-            raise ValueError("fill_holes max_area_mm2 needs mode 'slice' and the spacing")
-        if not mask.any():
-            return mask.copy()
+        assert spacing is not None
         structure = ndimage.generate_binary_structure(3, 1)
         structure[0] = False
         structure[2] = False
-        holes = fill_holes(mask, "slice") & ~mask
+        holes = _fill_holes_full(mask, "slice", None, None)
+        holes &= ~mask
         labels, _ = ndimage.label(holes, structure=structure)
         area = np.bincount(labels.ravel()) * float(spacing[0]) * float(spacing[1])
         small = area <= max_area_mm2
         small[0] = False
         return mask | small[labels]
-    if not mask.any():
-        return mask.copy()
     structure = ndimage.generate_binary_structure(3, 1)
     if mode == "slice":
         structure[0] = False
@@ -164,8 +319,9 @@ def keep_largest(mask: np.ndarray, n: int = 1) -> np.ndarray:
         raise ValueError("keep_largest needs n >= 1")
     if not mask.any():
         return mask.copy()
-    labels = _relabel(mask)
-    return _from_sitk(sitk.BinaryThreshold(labels, 1, n, 1, 0))
+    # components lie inside the box; the raster order of their voxels (which breaks
+    # ties between equal sizes) is the same on the box as on the full array
+    return _on_box(mask, (0, 0, 0), lambda m: _from_sitk(sitk.BinaryThreshold(_relabel(m), 1, n, 1, 0)))
 
 
 def remove_small(mask: np.ndarray, min_ml: float, spacing: Spacing) -> np.ndarray:
@@ -174,8 +330,7 @@ def remove_small(mask: np.ndarray, min_ml: float, spacing: Spacing) -> np.ndarra
         return mask.copy()
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     min_voxels = int(np.ceil(min_ml / voxel_ml))
-    labels = _relabel(mask, min_voxels)
-    return _from_sitk(labels != 0)
+    return _on_box(mask, (0, 0, 0), lambda m: _from_sitk(sitk.BinaryThreshold(_relabel(m, min_voxels), 1, 2**32 - 1, 1, 0)))
 
 
 def remove_thick(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
@@ -213,8 +368,14 @@ def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing:
     seed = dilation(other, margin_mm, spacing) if margin_mm else other
     if not mask.any() or not seed.any():
         return np.zeros_like(mask, dtype=bool)
-    labels, _ = ndimage.label(mask | seed, structure=ndimage.generate_binary_structure(3, 1))
+    both = mask | seed
+    box = _bbox(both)  # every component of mask | seed lies inside it
+    assert box is not None
+    m, sd = mask[box], seed[box]
+    labels, _ = ndimage.label(both[box], structure=ndimage.generate_binary_structure(3, 1))
     keep = np.zeros(labels.max() + 1, dtype=bool)
-    keep[np.unique(labels[seed])] = True
+    keep[np.unique(labels[sd])] = True
     keep[0] = False
-    return keep[labels] & mask & ~seed
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = keep[labels] & m & ~sd
+    return out
