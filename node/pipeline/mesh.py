@@ -187,8 +187,7 @@ class Mesh:
         """Number of distinct vertices that share their float32 coordinates with another one."""
         if self.vertices.shape[0] == 0:
             return 0
-        _, n_unique = float32_groups(self.vertices)
-        return int(self.vertices.shape[0] - n_unique)
+        return int(self.vertices.shape[0] - float32_unique_count(self.vertices))
 
 
 # --------------------------------------------------------------------------- geometry/topology helpers
@@ -249,19 +248,70 @@ def _bincount_add(acc: np.ndarray, idx: np.ndarray, vals: np.ndarray) -> None:
         acc[:, d] += np.bincount(idx, weights=vals[:, d], minlength=n)
 
 
+def _float32_keys(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(k1, k2)``: the x, y float32 bits as one uint64 and the z bits (``-0.0`` as ``+0.0``)."""
+    v32 = np.ascontiguousarray(np.asarray(vertices, dtype=np.float32) + np.float32(0.0))
+    u = v32.view(np.uint32).reshape(-1, 3)
+    k1 = (u[:, 0].astype(np.uint64) << np.uint64(32)) | u[:, 1].astype(np.uint64)
+    return k1, u[:, 2]
+
+
+def _hash_groups(k1: np.ndarray, k2: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Group equal ``(k1, k2)`` by sorting one 64-bit mix of both keys.
+
+    Returns ``(order, start)`` (the sort order and where each group starts in it), or
+    ``None`` when two different keys share a mix value (then the caller sorts both keys).
+    """
+    h = (k1 * np.uint64(0x9E3779B97F4A7C15)) ^ k2.astype(np.uint64)
+    order = np.argsort(h)
+    hs = h[order]
+    start = np.empty(len(h), dtype=bool)
+    start[0] = True
+    np.not_equal(hs[1:], hs[:-1], out=start[1:])
+    del hs
+    s1, s2 = k1[order], k2[order]
+    same = ~start[1:]
+    if np.any(same & ((s1[1:] != s1[:-1]) | (s2[1:] != s2[:-1]))):
+        return None  # pragma: no cover - a 64-bit collision between distinct coordinates
+    return order, start
+
+
+def float32_unique_count(vertices: np.ndarray) -> int:
+    """Number of distinct float32 coordinate triples (``-0.0`` equal to ``+0.0``)."""
+    n = len(vertices)
+    if n == 0:
+        return 0
+    k1, k2 = _float32_keys(vertices)
+    res = _hash_groups(k1, k2)
+    if res is None:  # pragma: no cover
+        return float32_groups(vertices)[1]
+    return int(np.count_nonzero(res[1]))
+
+
 def float32_groups(vertices: np.ndarray) -> tuple[np.ndarray, int]:
     """Group vertices by their exact float32 coordinates (as an STL reader would merge them).
 
-    Returns ``(inverse, n_unique)``: ``inverse[i]`` is the group of vertex ``i``.
+    Returns ``(inverse, n_unique)``: ``inverse[i]`` is the group of vertex ``i``; groups
+    are numbered in lexicographic order of their ``(x, y, z)`` float32 bit patterns.
     ``-0.0`` and ``+0.0`` fall in the same group.
     """
-    v32 = np.ascontiguousarray(np.asarray(vertices, dtype=np.float32) + np.float32(0.0))
-    n = v32.shape[0]
+    n = np.asarray(vertices).reshape(-1, 3).shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64), 0
-    u = v32.view(np.uint32).reshape(n, 3)
-    k1 = (u[:, 0].astype(np.uint64) << np.uint64(32)) | u[:, 1].astype(np.uint64)
-    k2 = u[:, 2]
+    k1, k2 = _float32_keys(vertices)
+    res = _hash_groups(k1, k2)
+    if res is not None:
+        order, start = res
+        gid_sorted = np.cumsum(start) - 1
+        n_unique = int(gid_sorted[-1]) + 1
+        if n_unique < n // 2:
+            # number the groups as a sort of both keys would: sort the representatives only
+            first = order[start]
+            rank = np.empty(n_unique, dtype=np.int64)
+            rank[np.lexsort((k2[first], k1[first]))] = np.arange(n_unique)
+            inverse = np.empty(n, dtype=np.int64)
+            inverse[order] = rank[gid_sorted]
+            return inverse, n_unique
     order = np.lexsort((k2, k1))
     s1, s2 = k1[order], k2[order]
     new = np.empty(n, dtype=bool)
@@ -310,8 +360,14 @@ class Topology:
 
 
 def topology(faces: np.ndarray, n_vertices: int | None = None) -> Topology:
-    """Edge counts, winding consistency and vertex fans of a triangle mesh, in numpy/scipy."""
-    from scipy.sparse import coo_matrix
+    """Edge counts, winding consistency and vertex fans of a triangle mesh, in numpy/scipy.
+
+    One sort of the undirected edge keys gives the edge counts, the winding check and,
+    for a closed consistently wound mesh (every edge used twice, once per direction),
+    each half-edge's twin directly (the two uses are adjacent in sorted order).  Other
+    meshes look their twins up by binary search.
+    """
+    from scipy.sparse import coo_matrix, csr_matrix
     from scipy.sparse.csgraph import connected_components
 
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
@@ -321,49 +377,71 @@ def topology(faces: np.ndarray, n_vertices: int | None = None) -> Topology:
     nv = int(n_vertices) if n_vertices is not None else int(f.max()) + 1
     degenerate = int(np.count_nonzero((f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])))
     a = f.ravel()  # corner c = 3*face + slot, vertex a[c]
-    b = f[:, [1, 2, 0]].ravel()  # directed half-edge a -> b belongs to corner c
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    ukey = lo * nv + hi
-    uniq, inv, counts = np.unique(ukey, return_inverse=True, return_counts=True)
+    b = np.empty_like(f)  # directed half-edge a -> b belongs to corner c
+    b[:, :2] = f[:, 1:]
+    b[:, 2] = f[:, 0]
+    b = b.ravel()
+    fwd = a < b  # direction of the half-edge along its undirected edge
+    ukey = np.where(fwd, a, b) * nv + np.where(fwd, b, a)
+    order = np.argsort(ukey)
+    sk = ukey[order]
+    n3 = len(sk)
+    start = np.empty(n3, dtype=bool)
+    start[0] = True
+    np.not_equal(sk[1:], sk[:-1], out=start[1:])
+    starts = np.flatnonzero(start)
+    del start, sk
+    counts = np.diff(np.append(starts, n3))
+    n_edges = len(starts)
     boundary = int(np.count_nonzero(counts == 1))
     nonmanifold = int(np.count_nonzero(counts > 2))
-    # direction: +1 if a<b.  Two uses in the same direction -> inconsistent winding.
-    fwd = (a < b).astype(np.int64)
-    fwd_count = np.bincount(inv, weights=fwd, minlength=len(uniq)).astype(np.int64)
-    two = counts == 2
-    inconsistent = int(np.count_nonzero(two & (fwd_count != 1)))
+    # Two uses in the same direction -> inconsistent winding.
+    fwd_count = np.add.reduceat(fwd[order].astype(np.int64), starts)
+    inconsistent = int(np.count_nonzero((counts == 2) & (fwd_count != 1)))
 
     # vertex fans: corner c (vertex a[c], outgoing edge a->b) is linked to the corner of the
     # twin half-edge's face at the same vertex: twin is b->a in face g; at vertex a in g the
     # corner is the one whose *incoming* edge is b->a, i.e. the next corner after the twin.
-    nonmanifold_vertices = 0
-    dkey = a * nv + b
-    order = np.argsort(dkey, kind="stable")
-    sk = dkey[order]
-    tkey = b * nv + a
-    pos = np.searchsorted(sk, tkey)
-    pos_c = np.minimum(pos, len(sk) - 1)
-    found = sk[pos_c] == tkey
-    c_idx = np.nonzero(found)[0]
-    twin = order[pos_c[found]]
-    nxt = (twin // 3) * 3 + (twin % 3 + 1) % 3  # corner at vertex a in the twin's face
-    graph = coo_matrix((np.ones(len(c_idx), dtype=np.int8), (c_idx, nxt)), shape=(3 * m, 3 * m))
-    n_comp, lab = connected_components(graph, directed=False)
-    # number of fan components per vertex vs number of used vertices
-    pairs = np.unique(a * n_comp + lab) if n_comp * nv < 2**62 else np.unique(np.stack([a, lab], 1), axis=0)
-    used = np.unique(a)
-    nonmanifold_vertices_total = len(pairs) - len(used)
-    if nonmanifold_vertices_total:
-        pv = pairs // n_comp if pairs.ndim == 1 else pairs[:, 0]
-        nonmanifold_vertices = int(np.count_nonzero(np.bincount(pv, minlength=nv) > 1))
+    if boundary == 0 and nonmanifold == 0 and inconsistent == 0:
+        # every edge: two half-edges in opposite directions, adjacent in ``order``
+        pairs = order.reshape(-1, 2)
+        twin = np.empty(n3, dtype=np.int64)
+        twin[pairs[:, 0]] = pairs[:, 1]
+        twin[pairs[:, 1]] = pairs[:, 0]
+        del pairs
+        nxt = twin - twin % 3 + (twin % 3 + 1) % 3  # a permutation of the corners
+        del twin
+        graph = csr_matrix(
+            (np.ones(n3, dtype=np.int8), nxt, np.arange(n3 + 1, dtype=np.int64)), shape=(n3, n3)
+        )
+        n_comp, lab = connected_components(graph, directed=True, connection="weak")
+    else:
+        dkey = a * nv + b
+        dorder = np.argsort(dkey, kind="stable")
+        dsk = dkey[dorder]
+        tkey = b * nv + a
+        pos = np.searchsorted(dsk, tkey)
+        pos_c = np.minimum(pos, len(dsk) - 1)
+        found = dsk[pos_c] == tkey
+        c_idx = np.nonzero(found)[0]
+        twin = dorder[pos_c[found]]
+        nxt = (twin // 3) * 3 + (twin % 3 + 1) % 3  # corner at vertex a in the twin's face
+        graph = coo_matrix((np.ones(len(c_idx), dtype=np.int8), (c_idx, nxt)), shape=(n3, n3))
+        n_comp, lab = connected_components(graph, directed=False)
+    # every fan (component of the corner graph) lies at one vertex: count fans per vertex
+    fan_vertex = np.empty(n_comp, dtype=np.int64)
+    fan_vertex[lab] = a
+    fans = np.bincount(fan_vertex, minlength=nv)
+    nonmanifold_vertices = int(np.count_nonzero(fans > 1))
+    used = fans > 0
 
     # connected components by shared vertices
     vg = coo_matrix((np.ones(3 * m, dtype=np.int8), (a, b)), shape=(nv, nv))
     _, vlab = connected_components(vg, directed=False)
-    n_components = len(np.unique(vlab[used]))
+    n_components = int(np.count_nonzero(np.bincount(vlab[used])))
     return Topology(
         triangles=m,
-        edges=len(uniq),
+        edges=n_edges,
         boundary_edges=boundary,
         nonmanifold_edges=nonmanifold,
         inconsistent_edges=inconsistent,
@@ -585,9 +663,9 @@ def separate_coincident(
     moved = 0
     step = step_mm
     for _ in range(max_rounds):
-        inv, n_unique = float32_groups(v)
-        if n_unique == len(v):
+        if float32_unique_count(v) == len(v):  # the usual case: nothing to separate
             return v, moved
+        inv, n_unique = float32_groups(v)
         order = np.argsort(inv, kind="stable")
         g_sorted = inv[order]
         start = np.r_[True, g_sorted[1:] != g_sorted[:-1]]
@@ -604,7 +682,7 @@ def separate_coincident(
         v[dup] += vn * d[:, None]
         moved += len(dup)
         step *= 2
-    _, n_unique = float32_groups(v)
+    n_unique = float32_unique_count(v)
     if n_unique != len(v):
         log.warning("%d vertices still float32-coincident after separation", len(v) - n_unique)
     return v, moved
