@@ -25,15 +25,15 @@ log = logging.getLogger(__name__)
 def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spacing) -> np.ndarray:
     """Hysteresis: add ``step.hu`` voxels connected to ``mask`` (within ``max_mm`` of it)."""
     lo, hi = step.hu
-    allowed = (src >= lo) & (src <= hi) & body
+    allowed = src >= lo
+    allowed &= src <= hi
+    allowed &= body
     if step.max_mm:
         dist = ndimage.distance_transform_edt(~mask, sampling=(spacing[2], spacing[1], spacing[0]))
         allowed &= dist <= step.max_mm
-    labels, _ = ndimage.label(allowed | mask, structure=ndimage.generate_binary_structure(3, 1))
-    keep = np.zeros(labels.max() + 1, dtype=bool)
-    keep[np.unique(labels[mask])] = True
-    keep[0] = False
-    return keep[labels]
+        del dist
+    allowed |= mask
+    return morphology.components_touching(allowed, mask)
 
 
 def apply_step(

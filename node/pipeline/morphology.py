@@ -307,6 +307,27 @@ def _fill_holes_full(
     return lut[labels] | mask
 
 
+def components_touching(region: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The 6-connected components of ``region`` that contain a ``seed`` voxel (seed inside region).
+
+    Runs on the bounding box of ``region`` (every component lies inside it) with ITK's
+    multi-threaded connected components (face connectivity, as ``ndimage.label``'s
+    default structure), about twice as fast as ``ndimage.label``.
+    """
+    box = _bbox(region)
+    if box is None:
+        return np.zeros(region.shape, dtype=bool)
+    cc = sitk.ConnectedComponent(_to_sitk(region[box], (1.0, 1.0, 1.0)), False)
+    labels = sitk.GetArrayViewFromImage(cc)
+    keep = np.zeros(int(labels.max()) + 1, dtype=bool)
+    keep[labels[seed[box]]] = True
+    keep[0] = False
+    out = np.zeros(region.shape, dtype=bool)
+    out[box] = keep[labels]
+    del labels, cc
+    return out
+
+
 def _relabel(mask: np.ndarray, min_voxels: int = 0) -> sitk.Image:
     """26-connected components relabelled by decreasing size (1 = largest), small ones dropped."""
     cc = sitk.ConnectedComponent(_to_sitk(mask, (1.0, 1.0, 1.0)), True)
@@ -368,14 +389,7 @@ def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing:
     seed = dilation(other, margin_mm, spacing) if margin_mm else other
     if not mask.any() or not seed.any():
         return np.zeros_like(mask, dtype=bool)
-    both = mask | seed
-    box = _bbox(both)  # every component of mask | seed lies inside it
-    assert box is not None
-    m, sd = mask[box], seed[box]
-    labels, _ = ndimage.label(both[box], structure=ndimage.generate_binary_structure(3, 1))
-    keep = np.zeros(labels.max() + 1, dtype=bool)
-    keep[np.unique(labels[sd])] = True
-    keep[0] = False
-    out = np.zeros(mask.shape, dtype=bool)
-    out[box] = keep[labels] & m & ~sd
+    out = components_touching(mask | seed, seed)
+    out &= mask
+    out &= ~seed
     return out
