@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 import pytest
 
 from node.pipeline import morphology as M
@@ -152,3 +153,70 @@ def test_hu_backend_thresholds_inside_body_only():
     assert masks["marrow"].sum() == (vol.array == 200).sum()
     inter = (masks["organ"] & organ).sum()
     assert 2 * inter / (masks["organ"].sum() + organ.sum()) > 0.97
+
+
+def _fill_reference(mask, mode, max_area_mm2=None, spacing=None):
+    """Straightforward ndimage definition of fill_holes (whole array, no cropping)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 1)
+    if mode == "slice":
+        structure[0] = False
+        structure[2] = False
+    labels, _ = ndimage.label(~mask, structure=structure)
+    border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
+    if mode == "3d":
+        border += [labels[0], labels[-1]]
+    hole = np.ones(labels.max() + 1, dtype=bool)
+    hole[np.concatenate([b.ravel() for b in border])] = False
+    hole[0] = False
+    if max_area_mm2 is not None:
+        area = np.bincount(labels.ravel(), minlength=len(hole)) * spacing[0] * spacing[1]
+        hole &= area <= max_area_mm2
+    return mask | hole[labels]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cropped_and_itk_ops_match_whole_array_definitions(seed):
+    """Box cropping, slab threads and ITK labelling give the whole-array results exactly."""
+    rng = np.random.default_rng(seed)
+    shape = (70, 40, 45)
+    m = np.zeros(shape, dtype=bool)
+    # blobs somewhere inside (and sometimes touching the array edge)
+    k0, j0, i0 = rng.integers(0, 20, 3)
+    m[k0 : k0 + 45, j0 : j0 + 22, i0 : i0 + 25] = rng.random((45, 22, 25)) > 0.45
+    sp = (0.7, 0.6, 0.9)
+    old_min = M.MIN_SLAB_SLICES
+    M.MIN_SLAB_SLICES = 8  # force slab threads on this small array
+    try:
+        for r in (1.0, 2.0):
+            full_d = M._dilate_full(m, r, sp)
+            assert np.array_equal(M.dilation(m, r, sp), full_d)
+            pad = [(x, x) for x in reversed(M.radius_voxels(r, sp))]
+            sl = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, shape))
+            ref_e = ~M._dilate_full(~np.pad(m, pad), r, sp)[sl]
+            assert np.array_equal(M.erosion(m, r, sp), ref_e)
+            padded = np.pad(m, pad)
+            ref_c = ~M._dilate_full(~np.pad(M._dilate_full(padded, r, sp), pad), r, sp)
+            ref_c = ref_c[tuple(slice(2 * p[0], 2 * p[0] + n) for p, n in zip(pad, shape))]
+            assert np.array_equal(M.closing(m, r, sp), ref_c)
+        f = sitk.BinaryMedianImageFilter()
+        f.SetRadius(M.radius_voxels(1.0, sp))
+        ref_med = sitk.GetArrayFromImage(f.Execute(sitk.GetImageFromArray(m.astype(np.uint8)))).astype(bool)
+        assert np.array_equal(M.median(m, 1.0, sp), ref_med)
+    finally:
+        M.MIN_SLAB_SLICES = old_min
+    for mode in ("slice", "3d"):
+        assert np.array_equal(M.fill_holes(m, mode), _fill_reference(m, mode))
+    assert np.array_equal(M.fill_holes(m, "slice", 2.0, sp), _fill_reference(m, "slice", 2.0, sp))
+    other = np.zeros(shape, dtype=bool)
+    other[k0 + 10, j0 + 5 : j0 + 9, i0 : i0 + 25] = True
+    got = M.connected_to(m, other, 1.0, sp)
+    from scipy import ndimage
+
+    seed_m = M.dilation(other, 1.0, sp)
+    labels, _ = ndimage.label(m | seed_m)
+    keep = np.zeros(labels.max() + 1, dtype=bool)
+    keep[np.unique(labels[seed_m])] = True
+    keep[0] = False
+    assert np.array_equal(got, keep[labels] & m & ~seed_m)

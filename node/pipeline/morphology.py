@@ -279,32 +279,44 @@ def fill_holes(
 def _fill_holes_full(
     mask: np.ndarray, mode: str, max_area_mm2: float | None, spacing: Spacing | None
 ) -> np.ndarray:
+    """Background components not touching the border (``mode``'s connectivity), filled.
+
+    The background is labelled by ITK's connected components with face connectivity.
+    In slice mode the slices are laid out one under the other in a single 2-D image,
+    separated by a row of foreground, so that no component crosses from one slice to
+    the next; the rows that were each slice's first and last count as border.
+    """
+    nk, nj, ni = mask.shape
+    if mode == "slice":
+        stacked = np.ones((nk, nj + 1, ni), dtype=bool)
+        np.logical_not(mask, out=stacked[:, :nj])
+        img = sitk.GetImageFromArray(stacked.view(np.uint8).reshape(nk * (nj + 1), ni))
+        del stacked
+        cc = sitk.ConnectedComponent(img, False)
+        del img
+        flat = sitk.GetArrayViewFromImage(cc).ravel()  # separator rows: label 0
+        labels = flat.reshape(nk, nj + 1, ni)[:, :nj]
+        border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
+    else:
+        cc = sitk.ConnectedComponent(_to_sitk(~mask, (1.0, 1.0, 1.0)), False)
+        labels = sitk.GetArrayViewFromImage(cc)
+        flat = labels.ravel()
+        border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1], labels[0], labels[-1]]
+    n = int(labels.max()) + 1
+    fill = np.ones(n, dtype=bool)  # label 0 = foreground voxels
+    for bd in border:
+        fill[bd] = False
+    fill[0] = True
     if max_area_mm2 is not None:
         assert spacing is not None
-        structure = ndimage.generate_binary_structure(3, 1)
-        structure[0] = False
-        structure[2] = False
-        holes = _fill_holes_full(mask, "slice", None, None)
-        holes &= ~mask
-        labels, _ = ndimage.label(holes, structure=structure)
-        area = np.bincount(labels.ravel()) * float(spacing[0]) * float(spacing[1])
-        small = area <= max_area_mm2
-        small[0] = False
-        return mask | small[labels]
-    structure = ndimage.generate_binary_structure(3, 1)
-    if mode == "slice":
-        structure[0] = False
-        structure[2] = False
-    labels, _ = ndimage.label(~mask, structure=structure)
-    border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
-    if mode == "3d":
-        border += [labels[0], labels[-1]]
-    outside = np.unique(np.concatenate([b.ravel() for b in border]))
-    outside = outside[outside > 0]
-    lut = np.ones(labels.max() + 1, dtype=bool)
-    lut[0] = True  # label 0 = foreground voxels
-    lut[outside] = False
-    return lut[labels] | mask
+        # holes are whole background components, so their areas are component sizes
+        area = np.bincount(flat, minlength=n) * float(spacing[0]) * float(spacing[1])
+        fill &= area <= max_area_mm2
+        fill[0] = True
+    out = fill[labels]
+    del labels, flat, cc
+    out |= mask
+    return out
 
 
 def components_touching(region: np.ndarray, seed: np.ndarray) -> np.ndarray:
