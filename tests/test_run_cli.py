@@ -154,3 +154,13 @@ def test_fill_missing_uids_opt_in(tmp_path):
 def test_list_profiles():
     res = _run("run", "--list-profiles")
     assert res.returncode == 0 and "bones" in res.stdout.split()
+
+
+def test_synth_command_writes_a_series_the_loader_reads(tmp_path):
+    nifti = DATA / "ct-body-3mm-small" / "ct.nii.gz"
+    res = _run("synth", "--nifti", str(nifti), "--out", str(tmp_path / "s"), "--tilt", "10", "--ts", "rle")
+    assert res.returncode == 0, res.stderr
+    vol = load_series(next(iter(find_series([tmp_path / "s"]).values())))
+    assert vol.resampled and vol.shape[0] >= 30
+    bad = _run("run", "--input", str(tmp_path / "s"), "--organ", "bones", "--bogus")
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
