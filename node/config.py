@@ -167,6 +167,9 @@ class NodeConfig(_Model):
     storage: Path = Path("./var")
     quiet_period_s: float = Field(10.0, ge=0)
     workers: int = Field(default_factory=_default_workers, ge=1)
+    """CPU job slots."""
+    gpus: list[int] = Field(default_factory=list)
+    """GPU ids (CUDA device numbers) with one model job slot each, beside the CPU slots; [] = no GPU."""
     job_timeout_s: float = Field(3600.0, gt=0)
     job_retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(max_attempts=3, backoff_base_s=30, backoff_max_s=900))
     dispatch_retry: RetryPolicy = Field(
@@ -200,6 +203,15 @@ class NodeConfig(_Model):
     @classmethod
     def _upper_level(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_ids(cls, v: list[int]) -> list[int]:
+        if any(g < 0 for g in v):
+            raise ValueError(f"GPU ids must be >= 0 (got {v})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"GPU ids must be unique (got {v})")
+        return v
 
     @field_validator("destinations")
     @classmethod

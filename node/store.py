@@ -58,6 +58,8 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 __all__ = [
     "SCHEMA_VERSION",
+    "MODEL_BACKENDS",
+    "RESOURCES",
     "RULE_TAGS",
     "SERIES_STATES",
     "JOB_STATES",
@@ -72,7 +74,12 @@ __all__ = [
     "rules_version",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: backends that run a model (a job of theirs wants a GPU slot when the node has GPUs)
+MODEL_BACKENDS: tuple[str, ...] = ("totalsegmentator", "nnunet", "monai")
+#: slot kinds of the worker pool (``jobs.resource``)
+RESOURCES: tuple[str, ...] = ("cpu", "gpu")
 
 #: DICOM keywords copied into ``instances.tags`` / ``series.tags`` for the routing rules
 RULE_TAGS: tuple[str, ...] = (
@@ -197,6 +204,10 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX dispatches_state ON dispatches(state, next_attempt_at);
     """,
+    # 1 -> 2: jobs.resource = the worker-pool slot kind a job needs ('cpu' | 'gpu'; NULL on rows
+    # written before: the pool classifies them, claim_job falls back on the backend).  The ALTER
+    # is applied only when the column is missing (see _add_column), so re-running it is harmless.
+    "@add_column jobs resource TEXT",
 )
 
 
@@ -239,10 +250,27 @@ def tags_from_dataset(ds: Any, keywords: Iterable[str] = RULE_TAGS) -> dict[str,
     return out
 
 
+def _check_resource(value: str | None) -> str | None:
+    if value is not None and value not in RESOURCES:
+        raise ValueError(f"job resource must be one of {', '.join(RESOURCES)} (got {value!r})")
+    return value
+
+
 def rules_version(source: str | Path | bytes) -> str:
     """Version id of a rule file: the SHA-256 (hex, first 16 chars) of its bytes."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _add_column(c: sqlite3.Connection, table: str, column: str, decl: str) -> None:
+    """``ALTER TABLE table ADD COLUMN column decl`` unless the column exists (idempotent)."""
+    have = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+    if column not in have:
+        c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
+#: SQL for the slot kind of a job row: its ``resource``, else (rows from before schema 2) by backend
+_RESOURCE_SQL = (f"COALESCE(resource, CASE WHEN backend IN ({_in(MODEL_BACKENDS)}) THEN 'gpu' ELSE 'cpu' END)")
 
 
 def _loads(text: str | None) -> Any:
@@ -342,6 +370,7 @@ class Job:
     params: dict[str, Any]  #: free-form rule parameters given to create_job
     result: dict[str, Any]  #: result paths (SEG path, mesh folder, report) given to complete_job
     seg_series_uid: str | None
+    resource: str | None = None  #: worker-pool slot kind 'cpu' | 'gpu' (None: not classified yet)
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Job":
@@ -452,7 +481,10 @@ class Store:
                 )
             for version in range(current, SCHEMA_VERSION):
                 for stmt in _MIGRATIONS[version].split(";"):
-                    if stmt.strip():
+                    if stmt.strip().startswith("@add_column"):
+                        _, table, column, decl = stmt.split(None, 3)
+                        _add_column(c, table, column, decl)
+                    elif stmt.strip():
                         c.execute(stmt)
                 c.execute("UPDATE schema_version SET version = ?", (version + 1,))
         return SCHEMA_VERSION
@@ -650,8 +682,12 @@ class Store:
         generation: int,
         max_attempts: int = 3,
         params: Mapping[str, Any] | None = None,
+        resource: str | None = None,
     ) -> tuple[int, bool]:
         """Queue a job; idempotent on (series_uid, rule, rules_version, generation).
+
+        ``resource`` ('cpu' | 'gpu') is the worker-pool slot kind the job needs; None leaves it to
+        the pool (:meth:`unclassified_jobs` / :meth:`set_job_resource`).
 
         Returns ``(job_id, created)``; ``created`` is False when the job
         already existed (whatever its state), e.g. the router ran twice
@@ -660,7 +696,7 @@ class Store:
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation,"
-                " max_attempts, params, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                " max_attempts, params, created_at, resource) VALUES (?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (series_uid, rule, rules_version, generation) DO NOTHING",
                 (
                     series_uid,
@@ -672,6 +708,7 @@ class Store:
                     max_attempts,
                     json.dumps(dict(params or {}), sort_keys=True),
                     time.time(),
+                    _check_resource(resource),
                 ),
             )
             if cur.rowcount == 1:
@@ -682,21 +719,51 @@ class Store:
             ).fetchone()
             return int(row[0]), False
 
-    def claim_job(self, worker: str, now: float | None = None) -> Job | None:
+    def claim_job(self, worker: str, now: float | None = None, *,
+                  kinds: Sequence[str] | None = None) -> Job | None:
         """Atomically take the oldest due ``queued`` job: state -> running, attempts + 1.
 
         Safe with many worker threads/processes: exactly one caller gets each
-        job.  Returns None when nothing is due.
+        job (one conditional UPDATE).  Returns None when nothing is due.
+
+        Args:
+            kinds: only jobs whose slot kind (``resource``: 'cpu' | 'gpu') is one of these;
+                None: any job.  Rows without a ``resource`` (written before schema 2 or not
+                classified yet) count as 'gpu' when their backend runs a model
+                (:data:`MODEL_BACKENDS`), else 'cpu'.
         """
         t = now if now is not None else time.time()
+        where, args = "", []
+        if kinds is not None:
+            ks = [_check_resource(k) for k in kinds]
+            if not ks:
+                return None
+            where = f" AND {_RESOURCE_SQL} IN ({','.join('?' * len(ks))})"
+            args = ks
         r = self.conn.execute(
             "UPDATE jobs SET state = 'running', started_at = ?, finished_at = NULL, attempts = attempts + 1,"
             " worker = ? WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued'"
-            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1)"
+            f" AND (next_attempt_at IS NULL OR next_attempt_at <= ?){where} ORDER BY created_at, id LIMIT 1)"
             " RETURNING *",
-            (t, worker, t),
+            (t, worker, t, *args),
         ).fetchone()
         return Job._from(r) if r else None
+
+    def unclassified_jobs(self) -> list[Job]:
+        """Queued jobs whose ``resource`` is not set yet (the pool classifies them)."""
+        rows = self.conn.execute(
+            "SELECT * FROM jobs WHERE state = 'queued' AND resource IS NULL ORDER BY id").fetchall()
+        return [Job._from(r) for r in rows]
+
+    def set_job_resource(self, job_id: int, resource: str) -> bool:
+        """Set the slot kind of a job that has none yet; False if it already had one."""
+        return self.conn.execute("UPDATE jobs SET resource = ? WHERE id = ? AND resource IS NULL",
+                                 (_check_resource(resource), job_id)).rowcount == 1
+
+    def merge_job_params(self, job_id: int, extra: Mapping[str, Any]) -> None:
+        """Add keys to a job's ``params`` (e.g. the slot a try ran in); one atomic statement."""
+        self.conn.execute("UPDATE jobs SET params = json_patch(params, ?) WHERE id = ?",
+                          (json.dumps(dict(extra), sort_keys=True, default=str), job_id))
 
     def complete_job(
         self, job_id: int, result: Mapping[str, Any] | None = None, *, seg_series_uid: str | None = None

@@ -1,21 +1,34 @@
-"""The worker pool: runs jobs, each in its own process, with a timeout that really stops it.
+"""The worker pool: runs jobs in separate processes (CPU and GPU slots), with a timeout that really stops them.
 
 Shape::
 
     main process (receiver, scheduler)          forkserver (pipeline modules preloaded)
       WorkerPool supervisor thread                 |
-        claim_job() while a slot is free  ------>  job process (one per job, own session)
+        claim_job(kinds) while a slot is free -->  HU job: job process (one per job, own session)
+                                                   model job: the slot's long-lived process
+                                                     (own session, runs job specs from a pipe)
         poll result pipe / exit / deadline             run_pipeline(...) -> results/.<id>.tmp-*/
         record: complete_job + dispatch rows           rename -> storage/results/<job id>/
                 or fail_job (retry / no retry)         send ("ok", paths) on a pipe
 
-* ``config.workers`` slots; each job runs in a separate process (multiprocessing
-  ``forkserver`` with the pipeline preloaded, so a job starts in milliseconds and
-  the receiver in the main process stays responsive while it runs).
-* Timeout: after ``config.job_timeout_s`` the supervisor SIGKILLs the job
+* Slots: ``config.workers`` CPU slots plus one GPU slot per id in ``config.gpus``.
+  A job's slot kind (``jobs.resource``, see :func:`job_resource`) is 'gpu' for a model
+  backend (nnU-Net, TotalSegmentator, MONAI) whose device is not ``cpu``, else 'cpu'.
+  With GPUs configured a GPU slot claims only 'gpu' jobs (one model job per GPU at a
+  time, its processes see ``CUDA_VISIBLE_DEVICES=<gpu>`` and ``models.device: cuda``)
+  and CPU slots only 'cpu' jobs (``CUDA_VISIBLE_DEVICES=""``); without GPUs every slot
+  takes any job.
+* Processes (multiprocessing ``forkserver`` with the pipeline preloaded, so a job
+  starts in milliseconds and the receiver in the main process stays responsive):
+  an HU job runs in a process of its own; a model job runs in its slot's long-lived
+  process (:func:`_slot_process`, fed job specs over a pipe), so the backend's
+  per-process model cache (nnU-Net predictors) stays warm across jobs; the job's
+  ``report.json`` says ``backend.model_cache: hit|miss``.  A killed or ended slot
+  process is started again for the slot's next model job.
+* Timeout: after ``config.job_timeout_s`` the supervisor SIGKILLs the job (or slot)
   process and its whole process group (the job process starts its own session,
   so decoder pools it spawned die with it), then records a transient failure.
-* A job process kills itself (and its process group) within half a second when
+* A job or slot process kills itself (and its process group) within half a second when
   the node process is gone (:func:`_watch_node`), so a node killed with SIGKILL
   leaves no job running; the restarted node re-queues the job (``Store.requeue_running_jobs``)
   and runs it again with the same SEG SeriesInstanceUID (:func:`seg_series_uid`)
@@ -40,6 +53,7 @@ superseded.  The series follows: routed -> processing -> done | failed.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -53,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.store import Job, Store
+from node.store import MODEL_BACKENDS, Job, Store
 
 __all__ = [
     "WorkerPool",
@@ -129,8 +143,42 @@ def _configure_models(models: dict[str, Any]) -> None:
         os.environ["TOTALSEG_HOME_DIR"] = str(models["totalseg_home"])
 
 
+#: what this (job or slot) process is: slot name, long-lived or not, jobs run so far
+_PROC: dict[str, Any] = {"slot": None, "persistent": False, "jobs": 0, "job_id": None}
+
+
+def _apply_env(env: dict[str, str] | None) -> None:
+    """Set the slot's environment (``CUDA_VISIBLE_DEVICES``) before anything imports torch."""
+    for key, value in (env or {}).items():
+        os.environ[key] = str(value)
+
+
+def _backend_info(spec: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """``report["backend"]``: which backend ran, in which process, and its model cache."""
+    import sys
+
+    info: dict[str, Any] = {
+        "name": model_type,
+        "process": {
+            "pid": os.getpid(),
+            "slot": _PROC["slot"],
+            "persistent": _PROC["persistent"],
+            "jobs_in_process": _PROC["jobs"],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        },
+    }
+    if model_type == "nnunet":
+        mod = sys.modules.get("node.pipeline.backend_nnunet")
+        if mod is not None and hasattr(mod, "last_run_info"):
+            info.update(mod.last_run_info())
+    return info
+
+
 def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run the pipeline for one job (in the job process)."""
+    """Run the pipeline for one job (in the job process, or in a long-lived slot process)."""
+    import sys
+
+    from node.durable import atomic_write
     from node.errors import InputError
     from node.pipeline.run import run_pipeline
     from node.profiles import load_profile
@@ -147,6 +195,9 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    nnunet = sys.modules.get("node.pipeline.backend_nnunet")
+    if nnunet is not None and hasattr(nnunet, "_last_run"):
+        nnunet._last_run.clear()  # a long-lived process: no stale cache info from the last job
     res = run_pipeline(
         [str(p) for p in paths],
         profile,
@@ -156,6 +207,9 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         seg_series_uid=spec["seg_series_uid"],
         decode_workers=spec.get("decode_workers"),
     )
+    backend_info = _backend_info(spec, str(res.report.get("profile", {}).get("model_type") or spec.get("backend")))
+    res.report["backend"] = backend_info
+    atomic_write(tmp / "report.json", (json.dumps(res.report, indent=2) + "\n").encode("utf-8"))
     # publish the folder whole: results/<id>/ only ever holds a finished run
     if final.exists():
         shutil.rmtree(final)
@@ -167,35 +221,85 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "report": str(final / "report.json"),
         "seg_series_uid": res.report.get("outputs", {}).get("seg_series_instance_uid"),
         "timings_s": res.report.get("timings_s", {}),
+        "backend": backend_info,
     }
 
 
-def _job_process(conn: Any, spec: dict[str, Any]) -> None:
-    """Entry point of a job process (module level: started by forkserver)."""
+def _execute(spec: dict[str, Any]) -> tuple[Any, ...]:
+    """Run one job; ``("ok", result)`` or ``("error", kind, message)``."""
+    from node.errors import BackendUnavailable, InputError
+
+    try:
+        return ("ok", _run_spec(spec))
+    except InputError as exc:
+        return ("error", _INPUT, str(exc))
+    except BackendUnavailable as exc:
+        return ("error", _BACKEND, str(exc))
+    except BaseException as exc:  # noqa: BLE001 - everything else may be transient
+        tb = traceback.format_exc(limit=4).strip().splitlines()
+        where = tb[-3].strip() if len(tb) >= 3 else ""
+        return ("error", _TRANSIENT, f"{type(exc).__name__}: {exc} ({where})")
+
+
+class _JobIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job = _PROC["job_id"]
+        return True
+
+
+def _setup_process(info: dict[str, Any], slot_label: str) -> None:
+    """Common start of a job/slot process: own session, slot env, node watch, logging."""
     try:
         os.setsid()  # own process group: the supervisor kills the whole group on timeout
     except OSError:
         pass
-    _watch_node(spec["node_pid"], spec["node_started"])
-    logging.basicConfig(level=spec.get("log_level", "INFO"),
-                        format=f"%(asctime)s %(levelname)s %(name)s [job {spec['job_id']}]: %(message)s")
+    _apply_env(info.get("env"))
+    _watch_node(info["node_pid"], info["node_started"])
+    logging.basicConfig(level=info.get("log_level", "INFO"),
+                        format=f"%(asctime)s %(levelname)s %(name)s [{slot_label}job %(job)s]: %(message)s")
+    for h in logging.getLogger().handlers:
+        h.addFilter(_JobIdFilter())
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    from node.errors import BackendUnavailable, InputError
 
-    try:
-        msg: tuple[Any, ...] = ("ok", _run_spec(spec))
-    except InputError as exc:
-        msg = ("error", _INPUT, str(exc))
-    except BackendUnavailable as exc:
-        msg = ("error", _BACKEND, str(exc))
-    except BaseException as exc:  # noqa: BLE001 - everything else may be transient
-        tb = traceback.format_exc(limit=4).strip().splitlines()
-        where = tb[-3].strip() if len(tb) >= 3 else ""
-        msg = ("error", _TRANSIENT, f"{type(exc).__name__}: {exc} ({where})")
+
+def _job_process(conn: Any, spec: dict[str, Any]) -> None:
+    """Entry point of a one-job process (module level: started by forkserver)."""
+    _PROC.update(slot=spec.get("slot"), persistent=False, jobs=1, job_id=spec["job_id"])
+    _setup_process(spec, "")
+    msg = _execute(spec)
     try:
         conn.send(msg)
     finally:
         conn.close()
+
+
+def _slot_process(conn: Any, info: dict[str, Any]) -> None:
+    """Entry point of a long-lived slot process: runs the job specs it receives, one at a time.
+
+    Model backends keep their per-process caches (nnU-Net predictors) between jobs here.
+    ``None`` (or a closed pipe) ends it.  After a transient error the process ends too, so the
+    next job gets a fresh one (a broken CUDA context or a leaking library does not live on).
+    """
+    _PROC.update(slot=info.get("slot"), persistent=True, jobs=0, job_id=None)
+    _setup_process(info, f"slot {info.get('slot')} ")
+    while True:
+        try:
+            spec = conn.recv()
+        except (EOFError, OSError):
+            break
+        if spec is None:
+            break
+        _PROC["jobs"] += 1
+        _PROC["job_id"] = spec["job_id"]
+        msg = _execute(spec)
+        _PROC["job_id"] = None
+        try:
+            conn.send(msg)
+        except (OSError, ValueError):
+            break
+        if msg[0] == "error" and msg[1] == _TRANSIENT:
+            break
+    conn.close()
 
 
 # ---------------------------------------------------------------------------------- recording
@@ -366,11 +470,32 @@ def _give_back(store: Store, job_id: int, why: str) -> bool:
 
 
 @dataclass
+class _Slot:
+    """One job slot: ``cpu<N>`` (``config.workers`` of them) or ``gpu<id>`` (one per ``config.gpus``).
+
+    ``proc``/``conn``: the slot's long-lived process for model jobs (None until the first one,
+    and again after it was killed or ended).
+    """
+
+    index: int
+    kind: str  # 'cpu' | 'gpu'
+    gpu: int | None
+    env: dict[str, str]
+    proc: Any = None
+    conn: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"gpu{self.gpu}" if self.kind == "gpu" else f"cpu{self.index}"
+
+
+@dataclass
 class _Running:
     job: Job
     proc: Any
     conn: Any
     deadline: float
+    persistent: bool = False
     started: float = field(default_factory=time.monotonic)
 
 
@@ -401,8 +526,46 @@ def _kill_tree(proc: Any) -> None:
     proc.join(10)
 
 
+def job_backend(job: Job) -> str:
+    """The backend a job runs: the rule's override, else the profile's model_type recorded at routing."""
+    return str(job.params.get("backend_override") or job.backend)
+
+
+def job_resource(config: Any, job: Job) -> str:
+    """The slot kind a job needs: 'gpu' for a model backend whose device is not ``cpu`` (the
+    profile's ``model.device`` when it sets one, else ``models.device`` of node.yaml), else 'cpu'.
+
+    Independent of whether this node has GPUs: without ``gpus`` every slot takes every job.
+    """
+    if job_backend(job) not in MODEL_BACKENDS:
+        return "cpu"
+    device = None
+    try:
+        from node.profiles import load_profile
+
+        device = (load_profile(job.profile, config.profiles).model or {}).get("device")
+    except Exception:  # noqa: BLE001 - the job itself reports a broken profile
+        pass
+    device = str(device or config.models.device or "auto").lower()
+    return "cpu" if device == "cpu" else "gpu"
+
+
 class WorkerPool:
-    """``config.workers`` job slots served by one supervisor thread (see module docstring).
+    """CPU slots (``config.workers``) and GPU slots (``config.gpus``) served by one supervisor thread.
+
+    * A job's slot kind is ``jobs.resource`` (:func:`job_resource`, set by the pool for jobs
+      queued without one): model jobs (nnU-Net, TotalSegmentator, MONAI) whose device is not
+      ``cpu`` are 'gpu', everything else 'cpu'.  With GPUs configured, a GPU slot only claims
+      'gpu' jobs and a CPU slot only 'cpu' jobs (``Store.claim_job(kinds=...)``, one atomic
+      UPDATE), so at most one model job runs per GPU and HU jobs run beside them.  Without
+      GPUs every slot claims any job.
+    * A GPU slot's processes get ``CUDA_VISIBLE_DEVICES=<its gpu>`` and ``models.device: cuda``
+      (a profile with ``device: auto`` then uses that GPU as ``cuda:0``); when GPUs are
+      configured, CPU slot processes get ``CUDA_VISIBLE_DEVICES=""`` (no GPU).
+    * Model jobs run in the slot's long-lived process (:func:`_slot_process`), so the
+      backend's per-process model cache stays warm across jobs; other jobs run in a process of
+      their own (:func:`_job_process`).  A timeout kills the process group of whichever process
+      runs the job; a killed slot process is started again for the next model job.
 
     Args:
         config: :class:`node.config.NodeConfig`.
@@ -414,10 +577,15 @@ class WorkerPool:
         self.config = config
         self.store = store
         self.size = max(1, int(config.workers))
+        self.gpus = [int(g) for g in (getattr(config, "gpus", None) or [])]
         self.poll_s = poll_s
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["node.worker", "node.pipeline.run"])
-        self._running: dict[int, _Running] = {}  # slot -> running job
+        cpu_env = {"CUDA_VISIBLE_DEVICES": ""} if self.gpus else {}
+        self.slots: list[_Slot] = [_Slot(i, "cpu", None, dict(cpu_env)) for i in range(self.size)]
+        self.slots += [_Slot(self.size + n, "gpu", g, {"CUDA_VISIBLE_DEVICES": str(g)})
+                       for n, g in enumerate(self.gpus)]
+        self._running: dict[int, _Running] = {}  # slot index -> running job
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -434,7 +602,10 @@ class WorkerPool:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="worker-pool", daemon=True)
         self._thread.start()
-        log.info("worker pool: %d slot(s), job timeout %.0f s", self.size, self.config.job_timeout_s)
+        log.info("worker pool: %d CPU slot(s), %d GPU slot(s)%s, job timeout %.0f s", self.size, len(self.gpus),
+                 f" (GPUs {', '.join(map(str, self.gpus))})" if self.gpus else "", self.config.job_timeout_s)
+        if self.gpus and str(self.config.models.device) == "cpu":
+            log.warning("gpus are configured but models.device is cpu: model jobs use the CPU slots")
 
     def wake(self) -> None:
         """Look for due jobs now (called after routing created jobs)."""
@@ -469,26 +640,86 @@ class WorkerPool:
         while self._running and time.monotonic() < end:
             self._reap()
             time.sleep(0.1)
-        for slot, r in list(self._running.items()):
+        for idx, r in list(self._running.items()):
             _kill_tree(r.proc)
+            if r.persistent:
+                self._forget_slot_process(self.slots[idx])
             if _give_back(self.store, r.job.id, "interrupted (node shut down)"):
                 log.warning("job %d interrupted by shutdown: re-queued", r.job.id)
-            self._running.pop(slot, None)
+            self._running.pop(idx, None)
+        for slot in self.slots:  # idle long-lived slot processes: ask them to end, then make sure
+            if slot.proc is not None:
+                try:
+                    slot.conn.send(None)
+                except Exception:  # noqa: BLE001
+                    pass
+                slot.proc.join(5)
+                if slot.proc.is_alive():
+                    _kill_tree(slot.proc)
+                self._forget_slot_process(slot)
+
+    def _classify(self) -> None:
+        """Give queued jobs without a slot kind theirs (rows from the router or an older schema)."""
+        for job in self.store.unclassified_jobs():
+            self.store.set_job_resource(job.id, job_resource(self.config, job))
 
     def _fill(self) -> None:
-        for slot in range(self.size):
-            if slot in self._running or self._stop.is_set():
+        if self._stop.is_set():
+            return
+        self._classify()
+        empty: set[Any] = set()  # claim kinds that found nothing in this pass
+        for slot in self.slots:
+            if slot.index in self._running or self._stop.is_set():
                 continue
-            job = self.store.claim_job(worker=f"{self._name}:{slot}")
+            kinds = (slot.kind,) if self.gpus else None
+            if kinds in empty:
+                continue
+            job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds)
             if job is None:
-                return
+                empty.add(kinds)
+                continue
             self._start_job(slot, job)
 
-    def _start_job(self, slot: int, job: Job) -> None:
+    def _slot_info(self, slot: _Slot) -> dict[str, Any]:
+        return {"slot": slot.name, "env": dict(slot.env), "log_level": self.config.log_level,
+                "node_pid": os.getpid(), "node_started": self._node_started}
+
+    def _forget_slot_process(self, slot: _Slot) -> None:
+        if slot.conn is not None:
+            try:
+                slot.conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if slot.proc is not None and not slot.proc.is_alive():
+            slot.proc.join(1)
+        slot.proc = slot.conn = None
+
+    def _slot_process_for(self, slot: _Slot) -> tuple[Any, Any]:
+        """The slot's long-lived process (started when missing or ended)."""
+        if slot.proc is not None and not slot.proc.is_alive():
+            log.info("slot %s: its process (pid %s) ended (exit code %s)", slot.name, slot.proc.pid,
+                     slot.proc.exitcode)
+            self._forget_slot_process(slot)
+        if slot.proc is None:
+            parent, child = self._ctx.Pipe(duplex=True)
+            proc = self._ctx.Process(target=_slot_process, args=(child, self._slot_info(slot)),
+                                     name=f"slot-{slot.name}", daemon=False)
+            proc.start()
+            child.close()
+            slot.proc, slot.conn = proc, parent
+            log.info("slot %s: started its model process (pid %d%s)", slot.name, proc.pid,
+                     f", CUDA_VISIBLE_DEVICES={slot.env['CUDA_VISIBLE_DEVICES']!r}" if slot.env else "")
+        return slot.proc, slot.conn
+
+    def _start_job(self, slot: _Slot, job: Job) -> None:
         store = self.store
+        persistent = job_backend(job) in MODEL_BACKENDS
         try:
             store.set_series_state(job.series_uid, "processing", from_states=("routed", "processing"),
                                    generation=job.generation)
+            models = self.config.models.model_dump(mode="json")
+            if slot.kind == "gpu":
+                models["device"] = "cuda"
             spec = {
                 "job_id": job.id,
                 "series_uid": job.series_uid,
@@ -499,25 +730,38 @@ class WorkerPool:
                 "output_dir": str(job_output_dir(self.config, job.id)),
                 "seg_series_uid": seg_series_uid(job),
                 "decode_workers": self.decode_workers,
-                "models": self.config.models.model_dump(mode="json"),
-                "log_level": self.config.log_level,
-                "node_pid": os.getpid(),
-                "node_started": self._node_started,
+                "models": models,
+                **self._slot_info(slot),
             }
-            parent, child = self._ctx.Pipe(duplex=False)
-            proc = self._ctx.Process(target=_job_process, args=(child, spec), name=f"job-{job.id}", daemon=False)
-            proc.start()
-            child.close()
+            if persistent:
+                proc, conn = self._slot_process_for(slot)
+                conn.send(spec)
+            else:
+                conn, child = self._ctx.Pipe(duplex=False)
+                proc = self._ctx.Process(target=_job_process, args=(child, spec), name=f"job-{job.id}",
+                                         daemon=False)
+                proc.start()
+                child.close()
+            store.merge_job_params(job.id, {"slot": {
+                "name": slot.name, "kind": slot.kind, "gpu": slot.gpu, "pid": proc.pid,
+                "process": "slot" if persistent else "job", "device": models.get("device"),
+                "cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES")}})
         except Exception as exc:  # noqa: BLE001
             log.exception("job %d: cannot start its process", job.id)
+            if persistent and slot.proc is not None:
+                _kill_tree(slot.proc)
+                self._forget_slot_process(slot)
             record_failure(self.config, store, job, _TRANSIENT, f"cannot start job process: {exc}")
             return
-        log.info("job %d started (attempt %d/%d, series %s, rule %s, profile %s, pid %d)", job.id, job.attempts,
-                 job.max_attempts, job.series_uid, job.rule, job.profile, proc.pid)
-        self._running[slot] = _Running(job, proc, parent, time.monotonic() + float(self.config.job_timeout_s))
+        log.info("job %d started (attempt %d/%d, series %s, rule %s, profile %s, backend %s, slot %s, %spid %d)",
+                 job.id, job.attempts, job.max_attempts, job.series_uid, job.rule, job.profile, job_backend(job),
+                 slot.name, "long-lived process " if persistent else "", proc.pid)
+        self._running[slot.index] = _Running(job, proc, conn, time.monotonic() + float(self.config.job_timeout_s),
+                                             persistent)
 
     def _reap(self) -> None:
-        for slot, r in list(self._running.items()):
+        for idx, r in list(self._running.items()):
+            slot = self.slots[idx]
             msg = None
             try:
                 if r.conn.poll():
@@ -528,14 +772,22 @@ class WorkerPool:
                 if time.monotonic() < r.deadline:
                     continue
                 _kill_tree(r.proc)
-                r.conn.close()
-                self._running.pop(slot, None)
+                if r.persistent:
+                    self._forget_slot_process(slot)  # a fresh one for the next model job
+                else:
+                    r.conn.close()
+                self._running.pop(idx, None)
                 record_failure(self.config, self.store, r.job, _TRANSIENT,
                                f"timeout: killed after {self.config.job_timeout_s:g} s (job_timeout_s)")
                 continue
-            r.proc.join(10)
-            r.conn.close()
-            self._running.pop(slot, None)
+            if r.persistent:
+                if msg is None:  # the slot process died under the job
+                    r.proc.join(10)
+                    self._forget_slot_process(slot)
+            else:
+                r.proc.join(10)
+                r.conn.close()
+            self._running.pop(idx, None)
             if msg is None:
                 record_failure(self.config, self.store, r.job, _TRANSIENT,
                                f"job process died (exit code {r.proc.exitcode})")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from node.store import InstanceRecord, Store, rules_version
+from node.store import SCHEMA_VERSION, InstanceRecord, Store, rules_version
 
 
 def rec(sop: str, series: str = "S1", study: str = "T1", at: float | None = None, **kw) -> InstanceRecord:
@@ -39,11 +39,11 @@ def store(tmp_path):
 
 def test_migrate_idempotent_and_wal(tmp_path):
     s = Store(tmp_path / "node.db")
-    assert s.migrate() == s.migrate() == s.schema_version() == 1
+    assert s.migrate() == s.migrate() == s.schema_version() == SCHEMA_VERSION
     assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
     s2 = Store(tmp_path / "node.db")  # reopen: no error, data kept
-    assert s2.schema_version() == 1
+    assert s2.schema_version() == SCHEMA_VERSION
     s2.close()
 
 

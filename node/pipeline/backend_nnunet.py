@@ -63,6 +63,15 @@ _cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+_last_run: dict[str, Any] = {}
+
+
+def last_run_info() -> dict[str, Any]:
+    """What the last :func:`predict_label_map` in this process used: ``model_cache`` ('hit' | 'miss'),
+    ``load_s`` (0.0 on a hit), ``device``, ``cached_models`` (the worker adds it to the job report)."""
+    return dict(_last_run)
+
+
 def clear_cache() -> None:
     """Drop every cached predictor (tests, memory pressure)."""
     with _cache_lock:
@@ -158,7 +167,10 @@ def predict_label_map(volume: Volume, settings: NnUNetModel) -> np.ndarray:
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-    predictor, entry, _ = get_predictor(settings)
+    predictor, entry, was_cached = get_predictor(settings)
+    _last_run.clear()
+    _last_run.update(model_cache="hit" if was_cached else "miss", load_s=0.0 if was_cached else round(entry.load_s, 3),
+                     device=str(getattr(predictor, "device", "")), cached_models=len(cached_models()))
     si, sj, sk = volume.spacing
     data = np.ascontiguousarray(volume.array, dtype=np.float32)[None]
     with entry.lock, ai_common.no_network():
