@@ -310,3 +310,52 @@ def test_timeout_kills_the_slot_process_and_the_next_model_job_gets_a_fresh_one(
         assert j2.result["backend"]["model_cache"] == "miss"  # a fresh process: cold again
     finally:
         pool.stop()
+
+
+_POOL_SCRIPT = """
+import sys, time
+from node.config import NodeConfig
+from node.store import Store
+from node.worker import WorkerPool
+cfg = NodeConfig(storage=sys.argv[1], profiles=sys.argv[2], workers=1, gpus=[0], job_timeout_s=300,
+                 job_retry={"max_attempts": 1, "backoff_base_s": 0, "backoff_max_s": 0})
+store = Store(cfg.database_path)
+pool = WorkerPool(cfg, store, poll_s=0.1)
+pool.start()
+while True:
+    time.sleep(0.2)
+    j = store.get_job(int(sys.argv[3]))
+    if j.state in ("done", "failed"):
+        print("SLOT", j.params["slot"]["pid"], flush=True)
+        time.sleep(3600)
+"""
+
+
+def test_slot_process_dies_with_the_node(setup, tmp_path):
+    """SIGKILL of the node process: its idle long-lived slot process kills itself (node watch)."""
+    import signal
+    import subprocess
+    import sys
+
+    store, config, job = setup
+    jid = job("ai", "synth_ai", "nnunet")
+    cfg = config()
+    proc = subprocess.Popen([sys.executable, "-c", _POOL_SCRIPT, str(cfg.storage), str(cfg.profiles), str(jid)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("SLOT "):  # libraries in the slot process print to stdout too
+            line = proc.stdout.readline()
+            assert line, "the pool script ended"
+        slot_pid = int(line.split()[1])
+        assert psutil.pid_exists(slot_pid) and psutil.Process(slot_pid).status() != psutil.STATUS_ZOMBIE
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        if not psutil.pid_exists(slot_pid) or psutil.Process(slot_pid).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"slot process {slot_pid} outlived the node")
