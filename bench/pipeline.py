@@ -47,6 +47,8 @@ NIFTI_REL = Path("ct-body-3mm") / "ct.nii.gz"
 
 #: targets from the issue (uncompressed series, 2 cores)
 TARGET_WALL_S = 10.0
+#: --working-grid of this run (the node side only)
+WORKING_GRID: list[float | None] = [None]
 TARGET_RSS_MB = 2500.0
 TARGET_SPEEDUP = 3.0
 
@@ -106,13 +108,13 @@ def _dicom_files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*.dcm"))
 
 
-def side_node(series: Path, out: Path, workers: int) -> dict[str, Any]:
+def side_node(series: Path, out: Path, workers: int, working_grid: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     from node.pipeline.run import run_pipeline
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
-    res = run_pipeline([series], "bones", out, decode_workers=workers)
+    res = run_pipeline([series], "bones", out, decode_workers=workers, working_grid_mm=working_grid)
     total = time.perf_counter() - t1
     rep = res.report
     return {
@@ -270,10 +272,11 @@ def _child_main(argv: list[str]) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("result", type=Path)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--working-grid", type=float, default=None)
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.side == "node":
-        res = side_node(a.series, a.out, a.workers)
+        res = side_node(a.series, a.out, a.workers, a.working_grid)
     else:
         res = side_baseline(a.series, a.out, shrink=(a.side == "baseline-shrink"))
     a.result.write_text(json.dumps(res))
@@ -315,6 +318,8 @@ def measure(side: str, series: Path, work: Path, cores: list[int]) -> dict[str, 
     })
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", side, str(series), str(out), str(result),
            "--workers", n]
+    if side == "node" and WORKING_GRID[0]:
+        cmd += ["--working-grid", str(WORKING_GRID[0])]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO),
@@ -386,7 +391,8 @@ def print_case(name: str, case: dict[str, Any], check_targets: bool) -> None:
     print(f"\n=== {name}: {case['series']} ({case['files']} files, {case['size_mb']:.0f} MB on disk)")
     print(f"    pick: {case['pick']} of {len(node['all_total_s'])} run(s);"
           f" node totals {node['all_total_s']} s, baseline totals {base['all_total_s']} s")
-    print("\n  node (bones profile: cortical + trabecular, 2 STL + 2 PLY + SEG)")
+    grid = f", working grid ~{WORKING_GRID[0]} mm" if WORKING_GRID[0] else ", native grid"
+    print(f"\n  node (bones profile{grid}: one STL + PLY per tissue, SEG, STL re-read check)")
     print(f"    {'stage':<12}{'wall s':>9}{'peak RSS MB':>14}")
     order = ["load", "segment", "mesh", "seg"]
     stages = order + [k for k in node["timings_s"] if k not in order and k != "total"]
@@ -475,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the baseline with dicom2stl's default shrink to 256 per axis")
     p.add_argument("--cache", default=None, help="series cache (default ~/.cache/dicom-node-bench)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
+    p.add_argument("--working-grid", type=float, default=None, metavar="MM",
+                   help="run the node on a ~MM mm working grid (dicom-node run --working-grid)")
     args = p.parse_args(argv)
+    WORKING_GRID[0] = args.working_grid
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
 

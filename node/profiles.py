@@ -292,6 +292,11 @@ class Profile(_Strict):
     modality: str = "CT"
     phase: Literal["auto", "non_contrast", "contrast"] = "auto"
     body_mask: BodyMaskSpec = BodyMaskSpec()
+    working_grid_mm: float | None = Field(
+        default=None, gt=0, le=5,
+        description="segment and mesh on a grid of about this voxel size (block-averaged HU); "
+        "None = the series' own grid. The SEG still covers every original frame.",
+    )
     tissues: list[Tissue] = Field(min_length=1)
     model: dict[str, Any] = Field(default_factory=dict, description="backend-specific settings")
     source: str | None = Field(default=None, exclude=True)

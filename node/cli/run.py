@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="contrast phase override (default: from the DICOM header)")
     p.add_argument("--fill-missing-uids", action="store_true",
                    help="offline only: fill empty SOP/Study/Series UIDs from the file meta and fresh UIDs")
+    p.add_argument("--working-grid", type=float, default=None, metavar="MM",
+                   help="segment and mesh on a grid of about MM mm voxels (faster on fine series; "
+                   "0 = the series' own grid; default: the profile's working_grid_mm)")
     p.add_argument("--no-seg", action="store_true", help="do not write the DICOM SEG")
     p.add_argument("--no-meshes", action="store_true", help="do not write STL/PLY meshes")
     p.add_argument("--list-profiles", action="store_true", help="list the organ profiles and exit")
@@ -57,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         fill_missing_uids=args.fill_missing_uids,
         write_segmentation=not args.no_seg,
         write_meshes=not args.no_meshes,
+        working_grid_mm=args.working_grid,
         progress=progress,
     )
     rep = result.report

@@ -132,6 +132,7 @@ def run_pipeline(
     write_meshes: bool = True,
     seg_series_uid: str | None = None,
     decode_workers: int | None = None,
+    working_grid_mm: float | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
     """Segment one series and write the SEG, the meshes and ``report.json``.
@@ -147,6 +148,9 @@ def run_pipeline(
         write_segmentation / write_meshes: switch outputs off.
         seg_series_uid: SeriesInstanceUID for the SEG (the node passes a stable one).
         decode_workers: processes for decoding compressed pixel data.
+        working_grid_mm: segment and mesh on a grid of about this voxel size (override of the
+            profile's ``working_grid_mm``; 0 = the series' own grid).  The SEG still has a
+            frame for every source frame.
         progress: ``progress(stage, message)`` callback.
 
     Raises:
@@ -167,6 +171,26 @@ def run_pipeline(
             files, fill_missing_uids=fill_missing_uids, require_modality=prof.modality, decode_workers=decode_workers
         ),
     )
+    native = {
+        "shape_kji": list(volume.shape),
+        "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
+        "resampled": volume.resampled,
+    }
+    grid = prof.working_grid_mm if working_grid_mm is None else (working_grid_mm or None)
+    working: dict[str, Any] | None = None
+    if grid:
+        factors = volume.grid_factors(grid)
+        if factors != (1, 1, 1):
+            volume = stages.run(
+                "resample", f"working grid ~{grid} mm (blocks {factors[2]}x{factors[1]}x{factors[0]})",
+                lambda: volume.downsampled(factors),
+            )
+            working = {
+                "grid_mm": grid,
+                "factors_kji": list(factors),
+                "shape_kji": list(volume.shape),
+                "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
+            }
     model_type = backend or prof.model_type
     seg_backend = get_backend(model_type)
     chosen_phase = prof.resolve_phase(volume.info.contrast_applied, phase)
@@ -245,9 +269,8 @@ def run_pipeline(
             "study_instance_uid": volume.info.study_instance_uid,
             "series_description": volume.info.series_description,
             "files": len(files),
-            "shape_kji": list(volume.shape),
-            "spacing_mm_ijk": [round(s, 4) for s in volume.spacing],
-            "resampled": volume.resampled,
+            **native,
+            "working_grid": working,
             "contrast_applied": volume.info.contrast_applied,
             "warnings": list(volume.warnings),
         },

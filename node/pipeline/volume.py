@@ -97,6 +97,46 @@ class Volume:
         """Volume of one voxel in millilitres."""
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 
+    def grid_factors(self, grid_mm: float) -> tuple[int, int, int]:
+        """Integer block factors ``(fk, fj, fi)`` that bring the voxel size closest to ``grid_mm``
+        (never below the native size: an axis already coarser keeps factor 1)."""
+        si, sj, sk = self.spacing
+        return tuple(max(1, int(round(grid_mm / s))) for s in (sk, sj, si))  # type: ignore[return-value]
+
+    def downsampled(self, factors: tuple[int, int, int]) -> "Volume":
+        """A coarser volume: HU averaged over ``fk x fj x fi`` blocks (partial edge blocks
+        averaged over what they hold), affine scaled to the block centres.
+
+        The original frames are kept and the result is marked ``resampled``, so
+        :meth:`mask_on_frames` maps masks computed on it back onto every source frame.
+        """
+        fk, fj, fi = (int(f) for f in factors)
+        if (fk, fj, fi) == (1, 1, 1):
+            return self
+        a = self.array
+        nk, nj, ni = (-(-n // f) for n, f in zip(a.shape, (fk, fj, fi)))
+        acc = np.zeros((nk, nj, ni), np.float32)
+        cnt = np.zeros((nk, nj, ni), np.float32)
+        # sum shifted strided views: no full-size float copy of the volume
+        for dk in range(fk):
+            for dj in range(fj):
+                for di in range(fi):
+                    part = a[dk::fk, dj::fj, di::fi]
+                    acc[: part.shape[0], : part.shape[1], : part.shape[2]] += part
+                    cnt[: part.shape[0], : part.shape[1], : part.shape[2]] += 1
+        acc /= cnt
+        out = np.rint(acc).astype(np.int16) if a.dtype == np.int16 else acc
+        scale = np.diag([fi, fj, fk, 1.0])
+        scale[:3, 3] = [(fi - 1) / 2.0, (fj - 1) / 2.0, (fk - 1) / 2.0]
+        return Volume(
+            out,
+            self.affine @ scale,
+            self.info,
+            self.frames,
+            resampled=True,
+            warnings=list(self.warnings),
+        )
+
     def mask_on_frames(self, mask: np.ndarray) -> np.ndarray:
         """Map a boolean mask on the volume grid onto the original frames.
 
@@ -112,16 +152,25 @@ class Volume:
             return mask.astype(bool, copy=False)
         inv = np.linalg.inv(self.affine)
         out = np.zeros((len(self.frames), self.frames[0].rows, self.frames[0].columns), dtype=bool)
+        nk, nj, ni = mask.shape
         for n, fr in enumerate(self.frames):
+            # (i, j, k) of the frame's pixels: m @ (column, row, 0, 1)
+            m = inv @ fr.pixel_to_patient()
+            if abs(m[0, 1]) < 1e-6 and abs(m[1, 0]) < 1e-6 and abs(m[2, 0]) < 1e-6 and abs(m[2, 1]) < 1e-6:
+                # frame axes along the grid axes (block-downsampled or evenly resampled stacks):
+                # i depends on the column only, j on the row only, k is constant
+                k = int(np.rint(m[2, 3]))
+                if not 0 <= k < nk:
+                    continue
+                ii = np.rint(m[0, 0] * np.arange(fr.columns) + m[0, 3]).astype(np.int64)
+                jj = np.rint(m[1, 1] * np.arange(fr.rows) + m[1, 3]).astype(np.int64)
+                ci, cj = (ii >= 0) & (ii < ni), (jj >= 0) & (jj < nj)
+                out[n][np.ix_(cj, ci)] = mask[k][np.ix_(jj[cj], ii[ci])]
+                continue
             jj, ii = np.mgrid[0 : fr.rows, 0 : fr.columns]
             pix = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
-            idx = inv @ (fr.pixel_to_patient() @ pix)
-            ijk = np.rint(idx[:3]).astype(np.int64)
-            ok = (
-                (ijk[0] >= 0) & (ijk[0] < mask.shape[2])
-                & (ijk[1] >= 0) & (ijk[1] < mask.shape[1])
-                & (ijk[2] >= 0) & (ijk[2] < mask.shape[0])
-            )
+            ijk = np.rint(m @ pix)[:3].astype(np.int64)
+            ok = (ijk[0] >= 0) & (ijk[0] < ni) & (ijk[1] >= 0) & (ijk[1] < nj) & (ijk[2] >= 0) & (ijk[2] < nk)
             vals = np.zeros(ii.size, dtype=bool)
             vals[ok] = mask[ijk[2, ok], ijk[1, ok], ijk[0, ok]]
             out[n] = vals.reshape(fr.rows, fr.columns)
