@@ -161,6 +161,10 @@ class Receiver:
     # -- lifecycle -------------------------------------------------------
     def build_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
+        # Accept PDUs of any size: with pynetdicom's 16 KB default a 512x512 CT image
+        # arrives in ~32 P-DATA PDUs, each parsed in Python; measured here with storescu
+        # over loopback, 300 instances: ~40-53 MB/s -> ~56-59 MB/s.
+        ae.maximum_pdu_size = 0
         t = self.config.timeouts
         ae.acse_timeout = t.acse_s
         ae.dimse_timeout = t.dimse_s
