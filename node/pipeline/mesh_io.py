@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from node.durable import atomic_open
 from node.pipeline.mesh import Mesh, face_normals, float32_groups, signed_volume, topology
 
 DEFAULT_STL_HEADER = "SPACE=LPS; units=mm; dicom-seg-node"
@@ -25,41 +25,6 @@ DEFAULT_STL_HEADER = "SPACE=LPS; units=mm; dicom-seg-node"
 _STL_RECORD = np.dtype(
     [("normal", "<f4", (3,)), ("v", "<f4", (3, 3)), ("attr", "<u2")]
 )  # 50 bytes, packed
-
-
-# --------------------------------------------------------------------------- atomic write
-
-
-class _AtomicFile:
-    """Write to a temporary file in the target's folder, then ``os.replace`` onto it."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.tmp: Path | None = None
-        self.fh = None
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.tmp = Path(tmp)
-        self.fh = os.fdopen(fd, "wb")
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
-        assert self.fh is not None and self.tmp is not None
-        try:
-            if exc_type is None:
-                self.fh.flush()
-                os.fsync(self.fh.fileno())
-            self.fh.close()
-            if exc_type is None:
-                os.chmod(self.tmp, 0o644)
-                os.replace(self.tmp, self.path)
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
-            raise
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
 
 
 def _iter_chunks(n: int, size: int) -> Iterator[slice]:
@@ -96,7 +61,7 @@ def write_stl(mesh: Mesh, path: str | os.PathLike[str], *, header: str = DEFAULT
     verts32 = np.asarray(mesh.vertices, dtype=np.float32)
     n = len(faces)
     path = Path(path)
-    with _AtomicFile(path) as fh:
+    with atomic_open(path) as fh:
         fh.write(head)
         fh.write(np.uint32(n).astype("<u4").tobytes())
         for sl in _iter_chunks(n, 1 << 20):
@@ -268,7 +233,7 @@ def write_ply(
     frec["n"] = 3
     frec["idx"] = np.asarray(mesh.faces, dtype=np.int32)
     path = Path(path)
-    with _AtomicFile(path) as fh:
+    with atomic_open(path) as fh:
         fh.write(head)
         fh.write(vrec.tobytes())
         fh.write(frec.tobytes())
