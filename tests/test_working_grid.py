@@ -76,6 +76,15 @@ def test_mask_on_frames_fast_path_equals_brute_force():
         small = vol.downsampled(factors)
         mask = rng.random(small.shape) > 0.5
         assert np.array_equal(small.mask_on_frames(mask), _brute_force(small, mask))
+    # a grid that covers only part of the frames (edges fall outside): still exact
+    small = vol.downsampled((2, 2, 2))
+    shifted = small.affine.copy()
+    shifted[:3, 3] += shifted[:3, :3] @ np.array([1.6, 1.2, 1.4])
+    part = Volume(small.array, shifted, small.info, small.frames, resampled=True)
+    mask = rng.random(part.shape) > 0.5
+    got = part.mask_on_frames(mask)
+    assert np.array_equal(got, _brute_force(part, mask))
+    assert not got[0].any() and not got[:, 0, :].any()  # outside the grid = background
 
 
 @pytest.mark.skipif(not J2K.is_dir(), reason=f"test data not found at {DATA}")

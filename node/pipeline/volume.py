@@ -151,22 +151,21 @@ class Volume:
         if not self.resampled and len(self.frames) == mask.shape[0]:
             return mask.astype(bool, copy=False)
         inv = np.linalg.inv(self.affine)
-        out = np.zeros((len(self.frames), self.frames[0].rows, self.frames[0].columns), dtype=bool)
         nk, nj, ni = mask.shape
+        maps = [_separable_map(inv @ fr.pixel_to_patient(), fr.rows, fr.columns) for fr in self.frames]
+        if all(m is not None for m in maps):
+            first = maps[0]
+            if all(np.array_equal(m[1], first[1]) and np.array_equal(m[2], first[2]) for m in maps):  # type: ignore[index]
+                # frame axes along the grid axes with one row/column map for every frame
+                # (block-downsampled or evenly resampled stacks): three gathers for the lot
+                return _gather(mask, np.array([m[0] for m in maps]), first[1], first[2])  # type: ignore[index]
+        out = np.zeros((len(self.frames), self.frames[0].rows, self.frames[0].columns), dtype=bool)
         for n, fr in enumerate(self.frames):
-            # (i, j, k) of the frame's pixels: m @ (column, row, 0, 1)
-            m = inv @ fr.pixel_to_patient()
-            if abs(m[0, 1]) < 1e-6 and abs(m[1, 0]) < 1e-6 and abs(m[2, 0]) < 1e-6 and abs(m[2, 1]) < 1e-6:
-                # frame axes along the grid axes (block-downsampled or evenly resampled stacks):
-                # i depends on the column only, j on the row only, k is constant
-                k = int(np.rint(m[2, 3]))
-                if not 0 <= k < nk:
-                    continue
-                ii = np.rint(m[0, 0] * np.arange(fr.columns) + m[0, 3]).astype(np.int64)
-                jj = np.rint(m[1, 1] * np.arange(fr.rows) + m[1, 3]).astype(np.int64)
-                ci, cj = (ii >= 0) & (ii < ni), (jj >= 0) & (jj < nj)
-                out[n][np.ix_(cj, ci)] = mask[k][np.ix_(jj[cj], ii[ci])]
+            sep = maps[n]
+            if sep is not None:
+                out[n] = _gather(mask, np.array([sep[0]]), sep[1], sep[2])[0]
                 continue
+            m = inv @ fr.pixel_to_patient()  # (i, j, k) of the frame's pixels: m @ (column, row, 0, 1)
             jj, ii = np.mgrid[0 : fr.rows, 0 : fr.columns]
             pix = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
             ijk = np.rint(m @ pix)[:3].astype(np.int64)
@@ -175,3 +174,39 @@ class Volume:
             vals[ok] = mask[ijk[2, ok], ijk[1, ok], ijk[0, ok]]
             out[n] = vals.reshape(fr.rows, fr.columns)
         return out
+
+
+def _separable_map(m: np.ndarray, rows: int, columns: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """For a frame whose pixel -> grid-index matrix ``m`` keeps the axes apart (i from the
+    column only, j from the row only, constant k), the nearest grid slice and the row and
+    column index maps; ``None`` otherwise.  Out-of-grid indices are -1."""
+    if max(abs(m[0, 1]), abs(m[1, 0]), abs(m[2, 0]), abs(m[2, 1])) > 1e-6:
+        return None
+    k = int(np.rint(m[2, 3]))
+    ii = np.rint(m[0, 0] * np.arange(columns) + m[0, 3]).astype(np.int64)
+    jj = np.rint(m[1, 1] * np.arange(rows) + m[1, 3]).astype(np.int64)
+    return k, jj, ii
+
+
+def _gather(mask: np.ndarray, ks: np.ndarray, jj: np.ndarray, ii: np.ndarray) -> np.ndarray:
+    """``out[n, r, c] = mask[ks[n], jj[r], ii[c]]``, False where an index is outside the mask."""
+    nk, nj, ni = mask.shape
+    out = np.zeros((len(ks), len(jj), len(ii)), dtype=bool)
+    okk, okj, oki = (ks >= 0) & (ks < nk), (jj >= 0) & (jj < nj), (ii >= 0) & (ii < ni)
+    if not (okk.any() and okj.any() and oki.any()):
+        return out
+    part = np.take(mask, ks[okk], axis=0)
+    part = np.take(part, jj[okj], axis=1)
+    part = np.take(part, ii[oki], axis=2)
+    if okk.all() and okj.all() and oki.all():
+        return part
+    # the index maps are monotonic, so the in-grid entries form one contiguous run per axis
+    runs = []
+    for ok in (okk, okj, oki):
+        idx = np.flatnonzero(ok)
+        runs.append(slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == idx.size else idx)
+    if all(isinstance(r, slice) for r in runs):
+        out[tuple(runs)] = part
+    else:
+        out[np.ix_(okk, okj, oki)] = part
+    return out
