@@ -38,8 +38,7 @@ of ``seg``/``seg_path``).  The file list is taken from the pipeline's
 ``report.json`` in that folder (``outputs.seg``, ``outputs.meshes``), falling
 back to ``seg``/``meshes`` keys of the job result or the files in the folder.
 
-Every attempt is logged in the table ``dispatch_attempts`` of the same
-database (created here, ``CREATE TABLE IF NOT EXISTS``): when, outcome
+Every attempt is logged in the store's ``dispatch_attempts`` table: when, outcome
 (``sent`` / ``retry`` / ``failed``) and detail -- for ``sent`` the place it went
 (``ORTHANC@127.0.0.1:4242 (1/1 instance(s) stored) SOP 1.2...`` or the share folder).
 :func:`dispatch_log` reads it (``jobs show``).
@@ -61,25 +60,10 @@ from node.scp.sender import DestinationUnavailable, send_datasets
 from node.share import ShareFile, Superseded, drop, validate_template
 from node.store import Dispatch, Job, Store
 
-__all__ = ["Dispatcher", "DispatchOutcome", "PermanentDispatchError", "dispatch_log", "ensure_log_table"]
+__all__ = ["Dispatcher", "DispatchOutcome", "PermanentDispatchError", "dispatch_log"]
 
 log = logging.getLogger("node.dispatcher")
 
-_LOG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS dispatch_attempts (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    dispatch_id INTEGER NOT NULL,
-    job_id      INTEGER NOT NULL,
-    attempt     INTEGER NOT NULL,
-    started_at  REAL NOT NULL,
-    finished_at REAL NOT NULL,
-    outcome     TEXT NOT NULL,
-    detail      TEXT,
-    location    TEXT
-);
-CREATE INDEX IF NOT EXISTS dispatch_attempts_dispatch ON dispatch_attempts(dispatch_id);
-CREATE INDEX IF NOT EXISTS dispatch_attempts_job ON dispatch_attempts(job_id)
-"""
 
 
 class PermanentDispatchError(NodeError):
@@ -101,29 +85,9 @@ class DispatchOutcome:
     retry_at: float | None = None
 
 
-def ensure_log_table(store: Store) -> None:
-    """Create the ``dispatch_attempts`` table if it does not exist (idempotent)."""
-    with store.transaction() as c:
-        for stmt in _LOG_SCHEMA.split(";"):
-            if stmt.strip():
-                c.execute(stmt)
-
-
 def dispatch_log(store: Store, *, job_id: int | None = None, dispatch_id: int | None = None) -> list[dict[str, Any]]:
-    """Attempts recorded by the dispatcher, oldest first (empty if none yet)."""
-    try:
-        sql, args = "SELECT * FROM dispatch_attempts WHERE 1=1", []
-        if job_id is not None:
-            sql += " AND job_id = ?"
-            args.append(job_id)
-        if dispatch_id is not None:
-            sql += " AND dispatch_id = ?"
-            args.append(dispatch_id)
-        return [dict(r) for r in store.conn.execute(sql + " ORDER BY id", args).fetchall()]
-    except Exception as exc:  # noqa: BLE001 - table not created yet
-        if "no such table" in str(exc):
-            return []
-        raise
+    """Attempts recorded by the dispatcher, oldest first (see :meth:`Store.dispatch_attempts`)."""
+    return store.dispatch_attempts(job_id=job_id, dispatch_id=dispatch_id)
 
 
 def _one_line(text: str, limit: int = 1000) -> str:
@@ -154,7 +118,6 @@ class Dispatcher:
             raise ConfigError(exc.message, path=config.config_path or "node.yaml", tag=exc.tag) from None
         t = config.timeouts
         self.lease_s = float(lease_s) if lease_s is not None else max(300.0, t.connect_s + t.acse_s + 4 * t.dimse_s)
-        ensure_log_table(store)
         self._lock = threading.Lock()  # one run_due at a time per Dispatcher
 
     # -- the scheduler entry point ------------------------------------------
@@ -233,13 +196,10 @@ class Dispatcher:
         if not ok:  # someone else finished it (lease expired and another dispatcher took over)
             log.warning("%s: no longer pending when recording %s", what, state)
         try:
-            with self.store.transaction() as c:
-                c.execute(
-                    "INSERT INTO dispatch_attempts (dispatch_id, job_id, attempt, started_at, finished_at, outcome,"
-                    " detail, location) VALUES (?,?,?,?,?,?,?,?)",
-                    (d.id, d.job_id, d.attempts, started, time.time(), "retry" if state == "pending" else state,
-                     detail, location),
-                )
+            self.store.record_dispatch_attempt(
+                d, started_at=started, outcome="retry" if state == "pending" else state, detail=detail,
+                location=location,
+            )
         except Exception:  # noqa: BLE001 - the log is informative; the state change above is what counts
             log.exception("cannot record the attempt of %s", what)
         return DispatchOutcome(d.id, d.job_id, d.kind, d.destination, d.attempts, state, detail, location, retry_at)

@@ -74,7 +74,7 @@ __all__ = [
     "rules_version",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: backends that run a model (a job of theirs wants a GPU slot when the node has GPUs)
 MODEL_BACKENDS: tuple[str, ...] = ("totalsegmentator", "nnunet", "monai")
@@ -208,6 +208,23 @@ _MIGRATIONS: tuple[str, ...] = (
     # written before: the pool classifies them, claim_job falls back on the backend).  The ALTER
     # is applied only when the column is missing (see _add_column), so re-running it is harmless.
     "@add_column jobs resource TEXT",
+    # 2 -> 3: one row per dispatch attempt: when, outcome, detail and where it went
+    # (AE@host:port or share folder).  IF NOT EXISTS: earlier builds created it lazily.
+    """
+    CREATE TABLE IF NOT EXISTS dispatch_attempts (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        dispatch_id INTEGER NOT NULL,
+        job_id      INTEGER NOT NULL,
+        attempt     INTEGER NOT NULL,
+        started_at  REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        outcome     TEXT NOT NULL,
+        detail      TEXT,
+        location    TEXT
+    );
+    CREATE INDEX IF NOT EXISTS dispatch_attempts_dispatch ON dispatch_attempts(dispatch_id);
+    CREATE INDEX IF NOT EXISTS dispatch_attempts_job ON dispatch_attempts(job_id)
+    """,
 )
 
 
@@ -882,6 +899,28 @@ class Store:
             ).rowcount
             == 1
         )
+
+    def record_dispatch_attempt(
+        self, dispatch: Dispatch, *, started_at: float, outcome: str, detail: str, location: str | None
+    ) -> None:
+        """Log one attempt of ``dispatch`` (outcome ``sent`` | ``retry`` | ``failed``)."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO dispatch_attempts (dispatch_id, job_id, attempt, started_at, finished_at, outcome,"
+                " detail, location) VALUES (?,?,?,?,?,?,?,?)",
+                (dispatch.id, dispatch.job_id, dispatch.attempts, started_at, time.time(), outcome, detail, location),
+            )
+
+    def dispatch_attempts(self, *, job_id: int | None = None, dispatch_id: int | None = None) -> list[dict[str, Any]]:
+        """Logged dispatch attempts, oldest first."""
+        sql, args = "SELECT * FROM dispatch_attempts WHERE 1=1", []
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if dispatch_id is not None:
+            sql += " AND dispatch_id = ?"
+            args.append(dispatch_id)
+        return [dict(r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
 
     def mark_dispatch_failed(self, dispatch_id: int, error: str, *, retry_at: float | None = None) -> str | None:
         """Record a failed try: with ``retry_at`` stays ``pending`` (due then), else ``failed``.

@@ -245,6 +245,9 @@ def test_flow_done_unrouted_and_bad_input(node_factory, tmp_path):
     assert "bad input" in node.cli("list", "--state", "failed")
     shown = node.cli("show", str(job.id))
     assert job.seg_series_uid in shown and "share:share" in shown and "origin" in shown
+    # what was sent where and when: the share drop's attempt names its folder
+    shown = wait_for(lambda: (lambda out: out if re.search(r"attempt 1 \S+ \S+ sent -> /", out) else None)(
+        node.cli("show", str(job.id))), 30, "the share attempt in jobs show")
     series_out = node.cli("series", "--state", "unrouted")
     assert other_uid in series_out and "unrouted" in series_out
 

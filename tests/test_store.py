@@ -227,3 +227,16 @@ def test_rules_version(tmp_path):
     v1 = rules_version(f)
     f.write_text("a: 2\n")
     assert rules_version(f) != v1 and rules_version(b"a: 1\n") == v1
+
+
+def test_dispatch_attempts_are_logged_in_the_store(tmp_path):
+    s = Store(tmp_path / "node.db")
+    s.record_instance(rec("1"))
+    job_id, _ = s.create_job("S1", "r", profile="bones", backend="hu_based", rules_version="v", generation=1)
+    did, _ = s.add_dispatch(job_id, "pacs", "dicom")
+    d = s.get_dispatch(did)
+    s.record_dispatch_attempt(d, started_at=1.0, outcome="retry", detail="peer down", location=None)
+    s.record_dispatch_attempt(d, started_at=2.0, outcome="sent", detail="ok", location="PACS@h:104")
+    log = s.dispatch_attempts(job_id=job_id)
+    assert [a["outcome"] for a in log] == ["retry", "sent"] and log[-1]["location"] == "PACS@h:104"
+    assert s.dispatch_attempts(dispatch_id=did + 1) == []

@@ -132,8 +132,8 @@ def test_schema_migration_adds_resource_and_legacy_rows_claim_by_backend(tmp_pat
     db = tmp_path / "node.db"
     _v1_database(db, with_column=with_column)
     store = Store(db)
-    assert store.schema_version() == SCHEMA_VERSION == 2
-    assert store.migrate() == 2  # idempotent
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.migrate() == 3  # idempotent
     assert [j.resource for j in store.list_jobs()] == [None, None, None]
     assert len(store.unclassified_jobs()) == 3
     # legacy rows: model backends count as gpu, the rest as cpu

@@ -63,6 +63,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         if job is None:
             raise InputError(f"no job {args.id}")
         dispatches = store.list_dispatches(job_id=job.id)
+        attempts = store.dispatch_attempts(job_id=job.id)
         series = store.get_series(job.series_uid)
     finally:
         store.close()
@@ -93,6 +94,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(f"  #{d.id} {d.kind}:{d.destination} {d.state} attempts={d.attempts} sent={_ts(d.sent_at)}"
               f"{' next=' + _ts(d.next_attempt_at) if d.state == 'pending' and d.next_attempt_at else ''}"
               f"{' error=' + d.last_error if d.last_error else ''}")
+        for a in (a for a in attempts if a["dispatch_id"] == d.id):
+            where = f" -> {a['location']}" if a["location"] else ""
+            print(f"     attempt {a['attempt']} {_ts(a['finished_at'])} {a['outcome']}{where}: {a['detail']}")
     return 0
 
 
