@@ -33,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -114,22 +114,27 @@ def _labels_to_grid(label: np.ndarray, ras_shape: tuple[int, ...]) -> np.ndarray
 # -- TorchScript ------------------------------------------------------------------------------
 
 
-def _torchscript(path: Path, device) -> Any:
-    import torch
-
-    key = ("ts", str(path.resolve()), path.stat().st_mtime, str(device))
+def _cached(key: tuple, what: str, load: Callable[[], Any]) -> Any:
+    """The model for ``key`` from this process's LRU cache, loading it with ``load`` on a miss."""
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
     t0 = time.perf_counter()
-    model = torch.jit.load(str(path), map_location=device).eval()
-    log.info("MONAI TorchScript %s loaded in %.2f s", path, time.perf_counter() - t0)
+    model = load()
+    log.info("MONAI %s loaded in %.2f s", what, time.perf_counter() - t0)
     with _cache_lock:
         _cache[key] = model
         while len(_cache) > _MAX_MODELS:
             _cache.popitem(last=False)
     return model
+
+
+def _torchscript(path: Path, device) -> Any:
+    import torch
+
+    key = ("ts", str(path.resolve()), path.stat().st_mtime, str(device))
+    return _cached(key, f"TorchScript {path}", lambda: torch.jit.load(str(path), map_location=device).eval())
 
 
 def predict_torchscript(volume: Volume, settings: MonaiModel) -> np.ndarray:
@@ -194,19 +199,7 @@ class _Bundle:
 
 
 def _bundle(root: Path, device) -> _Bundle:
-    key = ("bundle", str(root.resolve()), str(device))
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    t0 = time.perf_counter()
-    b = _Bundle(root, device)
-    log.info("MONAI bundle %s loaded in %.2f s", root, time.perf_counter() - t0)
-    with _cache_lock:
-        _cache[key] = b
-        while len(_cache) > _MAX_MODELS:
-            _cache.popitem(last=False)
-    return b
+    return _cached(("bundle", str(root.resolve()), str(device)), f"bundle {root}", lambda: _Bundle(root, device))
 
 
 def predict_bundle(volume: Volume, settings: MonaiModel) -> np.ndarray:
