@@ -56,28 +56,36 @@ def self_check_hook() -> None:
     assert seen, "audit hook did not see socket.connect"
 
 
+def synth_tissue(name: str, **spec) -> dict:
+    """A profile tissue for the synthetic ``organ`` (label 1) or ``bone`` (label 2); ``spec`` adds fields."""
+    return {
+        "name": name,
+        "description": name,
+        "color": {"organ": [50, 170, 60], "bone": [241, 214, 145]}.get(name, [200, 100, 100]),
+        "category": {"value": "123037004", "meaning": "Anatomical Structure"},
+        "type": {"value": "78961009", "meaning": "Spleen"} if name == "organ" else
+        {"value": "3138006", "meaning": "Bone"},
+        **spec,
+    }
+
+
+#: organ and bone with HU ranges for the HU backend and labels for the models, no meshes
+SYNTH_TISSUES = [
+    synth_tissue("organ", hu=[100, 170], labels=[1], mesh={"enabled": False}),
+    synth_tissue("bone", hu=[200, 1500], labels=[2], mesh={"enabled": False}),
+]
+
+
 def tissue_profile(model_type: str, model: dict, tissues: list[tuple[str, dict]], name: str = "synth"):
     """A profile with tissues ``(name, {labels|structures})`` for the synthetic organ/bone."""
     from node.profiles import parse_profile
 
-    colors = {"organ": [50, 170, 60], "bone": [241, 214, 145]}
     data = {
         "name": name,
         "description": "synthetic shapes",
         "model_type": model_type,
         "model": model,
-        "tissues": [
-            {
-                "name": t,
-                "description": t,
-                "color": colors.get(t, [200, 100, 100]),
-                "category": {"value": "123037004", "meaning": "Anatomical Structure"},
-                "type": {"value": "78961009", "meaning": "Spleen"} if t == "organ" else
-                {"value": "3138006", "meaning": "Bone"},
-                **spec,
-            }
-            for t, spec in tissues
-        ],
+        "tissues": [synth_tissue(t, **spec) for t, spec in tissues],
     }
     return parse_profile(data, f"<test {name}>")
 

@@ -20,7 +20,7 @@ pytest.importorskip("nnunetv2", reason="nnunetv2 not installed")
 if shutil.which("storescu") is None:
     pytest.skip("DCMTK storescu not installed", allow_module_level=True)
 
-from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, truth_on_loaded, write_case_series  # noqa: E402
+from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, SYNTH_TISSUES, truth_on_loaded, write_case_series  # noqa: E402
 from test_e2e_orthanc import DICOM_NODE, Node, storescu  # noqa: E402
 
 from node.tools.synth_shapes import dice, make_case  # noqa: E402
@@ -33,16 +33,7 @@ PROFILE = {
     "description": "synthetic organ and bone (HU thresholds, or the tiny nnU-Net when a rule says so)",
     "model_type": "hu_based",
     "model": {"folder": str(NNUNET_TINY), "folds": [0], "device": "cpu"},
-    "tissues": [
-        {"name": "organ", "description": "organ", "color": [50, 170, 60], "hu": [100, 170], "labels": [1],
-         "mesh": {"enabled": False},
-         "category": {"value": "123037004", "meaning": "Anatomical Structure"},
-         "type": {"value": "78961009", "meaning": "Spleen"}},
-        {"name": "bone", "description": "bone", "color": [241, 214, 145], "hu": [200, 1500], "labels": [2],
-         "mesh": {"enabled": False},
-         "category": {"value": "123037004", "meaning": "Anatomical Structure"},
-         "type": {"value": "3138006", "meaning": "Bone"}},
-    ],
+    "tissues": SYNTH_TISSUES,
 }
 RULES = {"rules": [{"name": "synth-ai", "match": {"Modality": "CT"}, "profile": "synth", "backend": "nnunet",
                     "destinations": ["pacs"]}]}

@@ -28,19 +28,9 @@ from node.config import NodeConfig
 from node.store import _MIGRATIONS, SCHEMA_VERSION, InstanceRecord, Store
 from node.worker import WorkerPool, job_resource
 
-HAVE_AI = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("nnunetv2") is not None
-NNUNET_TINY = Path(__file__).parent / "fixtures" / "nnunet_tiny"
+from ai_helpers import NNUNET_TINY, SYNTH_TISSUES  # tests/ is on sys.path
 
-TISSUES = [
-    {"name": "organ", "description": "organ", "color": [50, 170, 60], "hu": [100, 170], "labels": [1],
-     "mesh": {"enabled": False},
-     "category": {"value": "123037004", "meaning": "Anatomical Structure"},
-     "type": {"value": "78961009", "meaning": "Spleen"}},
-    {"name": "bone", "description": "bone", "color": [241, 214, 145], "hu": [200, 1500], "labels": [2],
-     "mesh": {"enabled": False},
-     "category": {"value": "123037004", "meaning": "Anatomical Structure"},
-     "type": {"value": "3138006", "meaning": "Bone"}},
-]
+HAVE_AI = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("nnunetv2") is not None
 
 
 def _profile(name: str, model_type: str, device: str | None = None) -> dict:
@@ -48,7 +38,7 @@ def _profile(name: str, model_type: str, device: str | None = None) -> dict:
     if device:
         model["device"] = device
     return {"name": name, "description": f"synthetic shapes ({model_type})", "model_type": model_type,
-            "model": model, "tissues": TISSUES}
+            "model": model, "tissues": SYNTH_TISSUES}
 
 
 @pytest.fixture
