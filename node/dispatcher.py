@@ -41,7 +41,7 @@ back to ``seg``/``meshes`` keys of the job result or the files in the folder.
 Every attempt is logged in the store's ``dispatch_attempts`` table: when, outcome
 (``sent`` / ``retry`` / ``failed``) and detail -- for ``sent`` the place it went
 (``ORTHANC@127.0.0.1:4242 (1/1 instance(s) stored) SOP 1.2...`` or the share folder).
-:func:`dispatch_log` reads it (``jobs show``).
+:meth:`Store.dispatch_attempts` reads it (``jobs show``; :func:`dispatch_log` here).
 """
 
 from __future__ import annotations
