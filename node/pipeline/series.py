@@ -18,7 +18,13 @@ original frames so :meth:`Volume.mask_on_frames` can map a mask back.
 Compressed pixel data are decoded in a process pool (chunks of frames per task,
 each worker returns the rescaled slices, consumed in order so that little more
 than the output volume is held); native (uncompressed) data, and series with fewer
-than :data:`PARALLEL_MIN_FRAMES` compressed frames, are decoded in process.  The
+than :data:`PARALLEL_MIN_FRAMES` compressed frames, are decoded in process.  Each file's
+header is parsed once: its parse also locates uncompressed 16-bit MONOCHROME pixel data,
+which is then read straight from the file (``np.fromfile`` at its offset, with pydicom's
+byte order and unused-bit rules; bit-identical to ``pixel_array``, see
+``tests/test_series_native.py``) instead of parsing the file again; anything else goes
+through pydicom.  :func:`find_series` can hand the headers it parsed to
+:func:`load_series` (``header_cache``).  The
 volume is int16 when every RescaleSlope/Intercept is integral and the HU fit, else
 float32.  Resampling along the normal (uneven spacing) briefly holds the input and
 the output stack; the tilt correction works in place.  Every problem with the input is raised as :class:`SeriesError` naming the
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +62,45 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
     "1.2.840.10008.1.2.2",  # explicit VR big endian (retired)
 }
+
+#: Native syntaxes whose PixelData value lies in the file unchanged (not deflated): a frame
+#: of these is read straight from its offset (see :func:`_raw_pixels`), not via pydicom.
+_RAW_SYNTAXES = {
+    "1.2.840.10008.1.2": (True, True),  # (implicit VR, little endian)
+    "1.2.840.10008.1.2.1": (False, True),
+    "1.2.840.10008.1.2.2": (False, False),
+}
+
+
+@dataclass(frozen=True)
+class _RawPixels:
+    """Where a file's uncompressed 16-bit PixelData lies and how pydicom interprets it.
+
+    Only built when reading the bytes directly is exactly what ``pixel_array`` returns
+    (one sample, MONOCHROME, BitsAllocated 16, defined length of exactly
+    NumberOfFrames x Rows x Columns x 2 bytes); anything else is decoded by pydicom.
+    """
+
+    offset: int  # file offset of the first byte of the PixelData value
+    dtype: str  # numpy dtype with the file's byte order, e.g. "<i2", ">u2"
+    shift: int  # BitsAllocated - BitsStored: pydicom's unused-bit correction
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A file's header (no pixel data), its raw pixel location, and the file's stat when read."""
+
+    ds: Dataset
+    raw: _RawPixels | None
+    stat: tuple[int, int]  # (st_size, st_mtime_ns): a header is reused only for the same file
+
+    def fresh(self, path: Path) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == self.stat
+
 
 #: Multi-frame CT SOP classes whose geometry lives in the functional groups.
 ENHANCED_CT_CLASSES = {
@@ -91,11 +137,73 @@ def _iter_files(inputs: Sequence[str | Path]) -> Iterable[Path]:
             log.warning("%s: no such file or folder, skipped", p)
 
 
-def find_series(inputs: Sequence[str | Path]) -> dict[str, list[Path]]:
+def _raw_pixels(fh: Any, ds: Dataset) -> _RawPixels | None:
+    """Locate the PixelData value at ``fh``'s position (just after a ``stop_before_pixels`` read).
+
+    Returns None whenever pydicom should decode the frame itself: another transfer
+    syntax or pixel layout, another pixel data element, an undefined or unexpected length.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    encoding = _RAW_SYNTAXES.get(ts)
+    # pydicom may have detected an encoding other than the declared one: leave that to it
+    if encoding is None or tuple(ds.original_encoding) != encoding:
+        return None
+    implicit, little = encoding
+    if (
+        ds.get("SamplesPerPixel") != 1
+        or ds.get("BitsAllocated") != 16
+        or ds.get("PixelRepresentation") not in (0, 1)
+        or str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2")
+    ):
+        return None
+    bits_stored = ds.get("BitsStored")
+    if not isinstance(bits_stored, int) or not 1 <= bits_stored <= 16:
+        return None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    if not isinstance(rows, int) or not isinstance(cols, int) or rows < 1 or cols < 1 or nframes < 1:
+        return None
+    order = "<" if little else ">"
+    head = fh.read(8)
+    if len(head) != 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return None
+    if implicit:
+        (length,) = struct.unpack(order + "L", head[4:])
+    else:
+        if head[4:6] not in (b"OW", b"OB"):
+            return None
+        more = fh.read(4)
+        if len(more) != 4:
+            return None
+        (length,) = struct.unpack(order + "L", more)
+    if length != nframes * rows * cols * 2:  # also rules out undefined length (encapsulated)
+        return None
+    return _RawPixels(offset=fh.tell(), dtype=order + "ui"[ds.PixelRepresentation] + "2", shift=16 - bits_stored)
+
+
+def _read_header(path: Path) -> _Header:
+    """Parse a file's header up to the pixel data (as ``stop_before_pixels``) and locate its pixels."""
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
+        try:
+            raw = _raw_pixels(fh, ds)
+        except Exception:  # malformed values: pydicom's decoder will report them
+            raw = None
+    return _Header(ds, raw, (st.st_size, st.st_mtime_ns))
+
+
+def find_series(
+    inputs: Sequence[str | Path], *, header_cache: dict[Path, Any] | None = None
+) -> dict[str, list[Path]]:
     """Group DICOM image files by SeriesInstanceUID, reading headers only.
 
     Args:
         inputs: files and/or folders (walked recursively).
+        header_cache: if given, filled with ``{path: parsed header}`` for every grouped
+            file; pass it on to :func:`load_series` (``header_cache=``) so that it does not
+            parse the files a second time.
 
     Returns:
         ``{SeriesInstanceUID: [files]}``; files whose SeriesInstanceUID is missing or
@@ -105,16 +213,19 @@ def find_series(inputs: Sequence[str | Path]) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for path in _iter_files(inputs):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
+            hdr = _read_header(path)
         except Exception as exc:  # pydicom raises assorted errors on broken files
             log.warning("%s: not a readable DICOM file, skipped (%s)", path, exc)
             continue
+        ds = hdr.ds
         sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
         if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
             log.warning("%s: DICOMDIR, skipped", path)
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
         groups.setdefault(uid, []).append(path)
+        if header_cache is not None:
+            header_cache[path] = hdr
     return groups
 
 
@@ -135,6 +246,7 @@ class _Frame:
     intercept: float
     ts: str
     localizer: bool = False
+    raw: _RawPixels | None = None  # set when the frame can be read straight from the file
 
     @property
     def normal(self) -> np.ndarray:
@@ -264,9 +376,39 @@ def _ts_name(ts: str) -> str:
     return f"{name} ({ts})" if name and name != ts else (ts or "unknown transfer syntax")
 
 
+def _read_raw_frame(path: str, raw: _RawPixels, index: int, rows: int, cols: int) -> np.ndarray | None:
+    """Frame ``index`` (0-based) read straight from the file: exactly pydicom's ``pixel_array``.
+
+    Returns None when the file holds fewer bytes than announced (pydicom then reports it).
+    """
+    count = rows * cols
+    try:
+        arr = np.fromfile(path, dtype=raw.dtype, count=count, offset=raw.offset + index * count * 2)
+    except (OSError, ValueError):
+        return None
+    if arr.size != count:
+        return None
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(rows, cols)
+    if raw.shift:
+        # pydicom's unused-bit correction: the bits above BitsStored are ignored, i.e. masked
+        # off (unsigned) or replaced by the sign bit (signed, arithmetic shift)
+        np.left_shift(arr, raw.shift, out=arr)
+        np.right_shift(arr, raw.shift, out=arr)
+    return arr
+
+
 def _decode_frame(
-    path: str, frame_number: int | None, rows: int, cols: int, cache: dict[str, Dataset] | None = None
+    path: str,
+    frame_number: int | None,
+    rows: int,
+    cols: int,
+    cache: dict[str, Dataset] | None = None,
+    raw: _RawPixels | None = None,
 ) -> np.ndarray:
+    if raw is not None:
+        arr = _read_raw_frame(path, raw, (frame_number or 1) - 1, rows, cols)
+        if arr is not None:
+            return arr
     if frame_number is None:
         ds = pydicom.dcmread(path, force=False)
         arr = ds.pixel_array
@@ -282,7 +424,7 @@ def _decode_frame(
     return arr
 
 
-_Item = tuple[str, "int | None", int, int, float, float, bool, str]
+_Item = tuple[str, "int | None", int, int, float, float, bool, str, "_RawPixels | None"]
 
 
 class _DecodeFailure(Exception):
@@ -293,9 +435,9 @@ class _DecodeFailure(Exception):
 def _decode_iter(items: list[_Item]) -> Iterable[np.ndarray]:
     """Decode and rescale frames one at a time (raises _DecodeFailure)."""
     cache: dict[str, Dataset] = {}
-    for path, fn, rows, cols, slope, inter, as_int, ts in items:
+    for path, fn, rows, cols, slope, inter, as_int, ts, loc in items:
         try:
-            raw = _decode_frame(path, fn, rows, cols, cache)
+            raw = _decode_frame(path, fn, rows, cols, cache, loc)
         except Exception as exc:  # any codec failure becomes a SeriesError in the parent
             where = path + (f" frame {fn}" if fn else "")
             raise _DecodeFailure(where, ts, f"{type(exc).__name__}: {exc}") from None
@@ -334,7 +476,7 @@ def _decode_all(
     n, rows, cols = len(frames), frames[0].rows, frames[0].cols
     dtype = np.int16 if as_int else np.float32
     vol = np.empty((n, rows, cols), dtype=dtype)
-    items = [(str(f.path), f.frame_number, f.rows, f.cols, f.slope, f.intercept, as_int, f.ts) for f in frames]
+    items = [(str(f.path), f.frame_number, f.rows, f.cols, f.slope, f.intercept, as_int, f.ts, f.raw) for f in frames]
 
     def put(k: int, sl: np.ndarray) -> None:
         nonlocal vol
@@ -453,8 +595,8 @@ def _warn(warnings: list[str], message: str) -> None:
 
 
 def _same_pixels(a: _Frame, b: _Frame) -> bool:
-    ra = _decode_chunk([(str(a.path), a.frame_number, a.rows, a.cols, 1.0, 0.0, False, a.ts)])
-    rb = _decode_chunk([(str(b.path), b.frame_number, b.rows, b.cols, 1.0, 0.0, False, b.ts)])
+    ra = _decode_chunk([(str(a.path), a.frame_number, a.rows, a.cols, 1.0, 0.0, False, a.ts, a.raw)])
+    rb = _decode_chunk([(str(b.path), b.frame_number, b.rows, b.cols, 1.0, 0.0, False, b.ts, b.raw)])
     for r in (ra, rb):
         if isinstance(r, tuple):
             raise _decode_error(*r)
@@ -506,6 +648,7 @@ def load_series(
     require_modality: str | None = "CT",
     decode_workers: int | None = None,
     keep_headers: bool = True,
+    header_cache: dict[Path, Any] | None = None,
 ) -> Volume:
     """Load the files of ONE DICOM series into a HU volume on a regular grid.
 
@@ -521,6 +664,9 @@ def load_series(
             (default ``os.cpu_count()``; ``1`` decodes in process).
         keep_headers: keep the source headers (pixel data removed) in
             ``Volume.info.source_datasets``.
+        header_cache: the dict a :func:`find_series` call filled: the headers of
+            these files are taken from it (and removed from it) instead of being parsed
+            again, unless a file changed since (size or mtime).
 
     Returns:
         The :class:`Volume`; ``array`` is int16 when all rescale slopes/intercepts are
@@ -532,19 +678,25 @@ def load_series(
     warnings: list[str] = []
     if not files:
         raise SeriesError("no files given")
+    cache: dict[Path, Any] = header_cache if header_cache is not None else {}
     headers: list[tuple[Path, Dataset]] = []
+    raw_of: dict[int, _RawPixels | None] = {}
     for f in files:
         path = Path(f)
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
-        except InvalidDicomError as exc:
-            raise SeriesError(f"not a DICOM file ({exc})", path=path) from None
-        except Exception as exc:
-            raise SeriesError(f"unreadable DICOM header ({type(exc).__name__}: {exc})", path=path) from None
+        hdr = cache.pop(path, None)
+        if not (isinstance(hdr, _Header) and hdr.fresh(path)):
+            try:
+                hdr = _read_header(path)
+            except InvalidDicomError as exc:
+                raise SeriesError(f"not a DICOM file ({exc})", path=path) from None
+            except Exception as exc:
+                raise SeriesError(f"unreadable DICOM header ({type(exc).__name__}: {exc})", path=path) from None
+        ds = hdr.ds
         if "DirectoryRecordSequence" in ds:
             log.warning("%s: DICOMDIR, skipped", path)
             continue
         headers.append((path, ds))
+        raw_of[id(ds)] = hdr.raw
     if not headers:
         raise SeriesError("no DICOM image files given")
 
@@ -573,7 +725,10 @@ def load_series(
     frames: list[_Frame] = []
     for path, ds in headers:
         try:
-            frames.extend(_frames_of(path, ds))
+            new = _frames_of(path, ds)
+            for fr in new:
+                fr.raw = raw_of[id(ds)]
+            frames.extend(new)
         except SeriesError:
             raise
         except Exception as exc:  # malformed values that pydicom only notices on access
