@@ -220,3 +220,37 @@ def test_header_cache_ignored_for_changed_file(tmp_path: Path, monkeypatch: pyte
     vol = load_series(files, header_cache=cache)
     expected = pydicom.dcmread(files[2]).pixel_array.astype(np.int32) - 1000
     np.testing.assert_array_equal(vol.array[2], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8])
+@pytest.mark.parametrize("slope, intercept", [(1, -1024), (1, 0), (2, -1000), (-1, 100), (1, -32768), (3, 40000),
+                                              (70000, 0), (1, 2**31)])
+def test_rescale_into_matches_apply_rescale(dtype: type, slope: int, intercept: int) -> None:
+    """The in-place int16 rescale is _apply_rescale exactly, or declines (nothing written)."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(slope + intercept % 97)
+    raw = rng.integers(info.min, info.max, size=(ROWS, COLS), endpoint=True).astype(dtype)
+    raw[0, 0], raw[0, 1] = info.min, info.max
+    for arr in (raw, raw // 4):
+        out = np.full(arr.shape, 7, np.int16)
+        try:
+            want = series_mod._apply_rescale(arr, float(slope), float(intercept), True)
+        except OverflowError:  # an intercept beyond int32: not for the fast path either
+            assert not series_mod._rescale_into(out, arr, float(slope), float(intercept))
+            continue
+        if series_mod._rescale_into(out, arr, float(slope), float(intercept)):
+            assert want.dtype == np.int16
+            np.testing.assert_array_equal(out, want)
+        else:
+            assert want.dtype != np.int16 or abs(slope) * max(abs(int(info.min)), int(info.max)) >= 2**31
+            assert (out == 7).all()
+
+
+def test_volume_beyond_int16_becomes_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice whose HU leave int16 still turns the volume into float32, as before."""
+    files = [_write(tmp_path / f"{k}.dcm", _patterns(k), z=2.0 * k, intercept="-1024" if k != 2 else "0")
+             for k in range(N)]
+    vol = load_series(files)
+    slow = _load_via_pydicom(files, monkeypatch)
+    assert vol.array.dtype == slow.array.dtype == np.float32
+    np.testing.assert_array_equal(vol.array, slow.array)

@@ -432,16 +432,22 @@ class _DecodeFailure(Exception):
         super().__init__(where, ts, message)
 
 
-def _decode_iter(items: list[_Item]) -> Iterable[np.ndarray]:
-    """Decode and rescale frames one at a time (raises _DecodeFailure)."""
+def _decode_raw_iter(items: list[_Item]) -> Iterable[np.ndarray]:
+    """Decode frames one at a time, not rescaled (raises _DecodeFailure)."""
     cache: dict[str, Dataset] = {}
-    for path, fn, rows, cols, slope, inter, as_int, ts, loc in items:
+    for path, fn, rows, cols, _slope, _inter, _as_int, ts, loc in items:
         try:
             raw = _decode_frame(path, fn, rows, cols, cache, loc)
         except Exception as exc:  # any codec failure becomes a SeriesError in the parent
             where = path + (f" frame {fn}" if fn else "")
             raise _DecodeFailure(where, ts, f"{type(exc).__name__}: {exc}") from None
-        yield _apply_rescale(raw, slope, inter, as_int)
+        yield raw
+
+
+def _decode_iter(items: list[_Item]) -> Iterable[np.ndarray]:
+    """Decode and rescale frames one at a time (raises _DecodeFailure)."""
+    for item, raw in zip(items, _decode_raw_iter(items)):
+        yield _apply_rescale(raw, item[4], item[5], item[6])
 
 
 def _decode_chunk(items: list[_Item]) -> list[np.ndarray] | tuple[str, str, str]:
@@ -463,6 +469,26 @@ def _apply_rescale(raw: np.ndarray, slope: float, inter: float, as_int: bool) ->
             return hu.astype(np.int16)  # halves what travels back from a worker
         return hu
     return (raw.astype(np.float64) * slope + inter).astype(np.float32)
+
+
+def _rescale_into(out: np.ndarray, raw: np.ndarray, slope: float, inter: float) -> bool:
+    """Write ``raw * slope + inter`` (integral slope/intercept) into the int16 slice ``out``.
+
+    Exactly what :func:`_apply_rescale` returns, without its three full-size temporaries;
+    returns False, writing nothing, when the HU do not fit int16 (or an int32 product
+    could overflow), so that the caller takes the general path.
+    """
+    if raw.dtype.kind not in "ui" or raw.dtype.itemsize > 2 or raw.shape != out.shape:
+        return False
+    s, b = int(slope), int(inter)
+    lo, hi = int(raw.min()), int(raw.max())
+    ends = (lo * s + b, hi * s + b)
+    if min(ends) < -32768 or max(ends) > 32767 or max(abs(lo * s), abs(hi * s), abs(b)) >= 2**31:
+        return False
+    # int32 arithmetic as in _apply_rescale; every value fits int16, so the cast is exact
+    prod = raw if s == 1 else np.multiply(raw, np.int32(s), dtype=np.int32)
+    np.add(prod, np.int32(b), out=out, dtype=np.int32, casting="unsafe")
+    return True
 
 
 def _decode_error(where: str, ts: str, message: str) -> SeriesError:
@@ -489,8 +515,10 @@ def _decode_all(
     native = [i for i, f in enumerate(frames) if f.ts in NATIVE_SYNTAXES]
     in_process = native if (workers > 1 and len(compressed) >= max(2, PARALLEL_MIN_FRAMES)) else native + compressed
     try:
-        for i, sl in zip(in_process, _decode_iter([items[i] for i in in_process])):
-            put(i, sl)
+        for i, raw in zip(in_process, _decode_raw_iter([items[i] for i in in_process])):
+            f = frames[i]
+            if not (vol.dtype == np.int16 and _rescale_into(vol[i], raw, f.slope, f.intercept)):
+                put(i, _apply_rescale(raw, f.slope, f.intercept, as_int))
     except _DecodeFailure as exc:
         raise _decode_error(*exc.args) from None
     if len(in_process) == n:
