@@ -189,7 +189,10 @@ def test_cropped_and_itk_ops_match_whole_array_definitions(seed):
     old_min = M.MIN_SLAB_SLICES
     M.MIN_SLAB_SLICES = 8  # force slab threads on this small array
     try:
-        for r in (1.0, 2.0):
+        # 1 and 2 mm: balls small enough for scipy's erosion; 3 mm: ITK's complement dilation
+        assert M.ball_footprint(M.radius_voxels(2.0, sp)).sum() <= M.SCIPY_EROSION_MAX_BALL
+        assert M.ball_footprint(M.radius_voxels(3.0, sp)).sum() > M.SCIPY_EROSION_MAX_BALL
+        for r in (1.0, 2.0, 3.0):
             full_d = M._dilate_full(m, r, sp)
             assert np.array_equal(M.dilation(m, r, sp), full_d)
             pad = [(x, x) for x in reversed(M.radius_voxels(r, sp))]
@@ -200,10 +203,11 @@ def test_cropped_and_itk_ops_match_whole_array_definitions(seed):
             ref_c = ~M._dilate_full(~np.pad(M._dilate_full(padded, r, sp), pad), r, sp)
             ref_c = ref_c[tuple(slice(2 * p[0], 2 * p[0] + n) for p, n in zip(pad, shape))]
             assert np.array_equal(M.closing(m, r, sp), ref_c)
-        f = sitk.BinaryMedianImageFilter()
-        f.SetRadius(M.radius_voxels(1.0, sp))
-        ref_med = sitk.GetArrayFromImage(f.Execute(sitk.GetImageFromArray(m.astype(np.uint8)))).astype(bool)
-        assert np.array_equal(M.median(m, 1.0, sp), ref_med)
+        for r in (1.0, 1.5, 2.0):  # numpy box counts == ITK's binary median, edges included
+            f = sitk.BinaryMedianImageFilter()
+            f.SetRadius(M.radius_voxels(r, sp))
+            ref_med = sitk.GetArrayFromImage(f.Execute(sitk.GetImageFromArray(m.astype(np.uint8)))).astype(bool)
+            assert np.array_equal(M.median(m, r, sp), ref_med)
     finally:
         M.MIN_SLAB_SLICES = old_min
     for mode in ("slice", "3d"):
@@ -220,3 +224,48 @@ def test_cropped_and_itk_ops_match_whole_array_definitions(seed):
     keep[np.unique(labels[seed_m])] = True
     keep[0] = False
     assert np.array_equal(got, keep[labels] & m & ~seed_m)
+
+
+def test_ball_footprint_is_itks_ball():
+    for radius in ([1, 1, 1], [2, 1, 1], [1, 2, 0], [3, 2, 2], [7, 8, 6]):
+        n = [2 * r + 3 for r in radius[::-1]]
+        point = np.zeros(n, dtype=bool)
+        point[tuple(x // 2 for x in n)] = True
+        f = sitk.BinaryDilateImageFilter()
+        f.SetKernelType(sitk.sitkBall)
+        f.SetKernelRadius(radius)
+        f.SetForegroundValue(1)
+        itk_ball = sitk.GetArrayFromImage(f.Execute(sitk.GetImageFromArray(point.view(np.uint8)))).astype(bool)
+        ours = np.zeros(n, dtype=bool)
+        ours[1:-1, 1:-1, 1:-1] = M.ball_footprint(radius)
+        assert np.array_equal(itk_ball, ours), radius
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_remove_small_matches_labelling_definition(seed):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    m = rng.random((30, 40, 35)) > 0.7
+    sp = (0.8, 0.7, 1.2)
+    for min_ml in (0.0005, 0.002, 0.01):
+        labels, _ = ndimage.label(m, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(labels.ravel())
+        min_vox = int(np.ceil(min_ml / (0.8 * 0.7 * 1.2 / 1000.0)))
+        keep = sizes >= min_vox
+        keep[0] = False
+        assert np.array_equal(M.remove_small(m, min_ml, sp), keep[labels])
+
+
+def test_connected_to_counts_seed_just_outside_the_mask_box():
+    # the mask's bounding box ends one voxel before the seed: a face contact across
+    # the box edge still connects it; a diagonal one does not (6-connectivity)
+    m = np.zeros((10, 10, 10), dtype=bool)
+    m[2:5, 2:5, 2:5] = True
+    m[7, 7, 2] = True
+    other = np.zeros_like(m)
+    other[2, 2, 5] = True  # face neighbour of m[2, 2, 4]
+    other[8, 8, 2] = True  # only an edge neighbour of m[7, 7, 2]
+    got = M.connected_to(m, other, 0.0, (1.0, 1.0, 1.0))
+    assert got[2:5, 2:5, 2:5].all()
+    assert not got[7, 7, 2]

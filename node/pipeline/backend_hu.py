@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from node.pipeline import morphology
-from node.pipeline.body import body_mask, bounding_box
+from node.pipeline.body import body_mask_box
 from node.pipeline.volume import Volume
 from node.profiles import Grow, Profile, Tissue
 
@@ -64,8 +64,30 @@ def apply_step(
 
 
 def _gaussian(hu: np.ndarray, sigma_kji) -> np.ndarray:
-    """scipy's float32 gaussian of ``hu`` (reflecting edges); int16 input is not copied first."""
-    return ndimage.gaussian_filter(hu, sigma_kji, output=np.float32)
+    """scipy's float32 gaussian of ``hu`` (reflecting edges); int16 input is not copied first.
+
+    Computed in slabs of slices on threads (scipy releases the GIL): each slab is
+    extended by the kernel's half-width along ``k`` and cropped, except at the array's
+    own first and last slice, where the slab filter reflects exactly as the whole-array
+    filter does, so the result is identical to one ``gaussian_filter`` call.
+    """
+    n = hu.shape[0]
+    reach = _gauss_radius(sigma_kji[0])
+    parts = min(morphology._workers(), n // max(morphology.MIN_SLAB_SLICES, 2 * reach + 1))
+    if parts < 2:
+        return ndimage.gaussian_filter(hu, sigma_kji, output=np.float32)
+    out = np.empty(hu.shape, dtype=np.float32)
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+
+    def run(p: int) -> None:
+        k0, k1 = int(bounds[p]), int(bounds[p + 1])
+        lo, hi = max(0, k0 - reach), min(n, k1 + reach)
+        g = ndimage.gaussian_filter(hu[lo:hi], sigma_kji, output=np.float32)
+        out[k0:k1] = g[k0 - lo : k1 - lo]
+
+    with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="gauss") as pool:
+        list(pool.map(run, range(parts)))
+    return out
 
 
 def _gauss_radius(sigma: float) -> int:
@@ -81,11 +103,8 @@ class HUBackend:
     def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:
         """Return one mask per tissue (full volume grid)."""
         spacing = volume.spacing
-        body = body_mask(volume.array, spacing, profile.body_mask)
-        box = bounding_box(body, margin=2)
+        box, inside_body = body_mask_box(volume.array, spacing, profile.body_mask, margin=2)
         hu = volume.array[box]
-        inside_body = body[box]
-        del body
         masks: dict[str, np.ndarray] = {}
         # Smoothed sources that the whole box needs are computed in a background thread
         # while the other tissues' morphology (SimpleITK, which releases the GIL) runs.

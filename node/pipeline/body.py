@@ -23,15 +23,6 @@ def _steps(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
     return tuple(max(1, int(WORK_GRID_MM // s)) for s in (sk, sj, si))  # type: ignore[return-value]
 
 
-def _upsample(mask: np.ndarray, steps: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour upsampling by integer factors, cropped to ``shape``."""
-    out = mask
-    for axis, f in enumerate(steps):
-        if f > 1:
-            out = np.repeat(out, f, axis=axis)
-    return out[: shape[0], : shape[1], : shape[2]]
-
-
 def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None) -> np.ndarray:
     """Boolean mask of the patient's body on the volume grid.
 
@@ -42,25 +33,78 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMas
     gas) filled slice by slice.  At full resolution, voxels inside the outline
     are kept whatever their HU, voxels on the outline follow the threshold.
     """
+    box, inside = body_mask_box(hu, spacing, spec, margin=0)
+    out = np.zeros(hu.shape, dtype=bool)
+    out[box] = inside
+    return out
+
+
+def body_mask_box(
+    hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None, *, margin: int = 0
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """``(box, mask)``: the body mask (as :func:`body_mask`) on its bounding box plus ``margin`` voxels.
+
+    Only the box is ever built at full resolution: the coarse outline bounds it, so the
+    full-size mask never has to be allocated, upsampled or searched for its extent.
+    """
     spec = spec or BodyMaskSpec()
+    full_box = tuple(slice(0, n) for n in hu.shape)
     if not spec.enabled:
-        return np.ones(hu.shape, dtype=bool)
+        return full_box, np.ones(hu.shape, dtype=bool)  # type: ignore[return-value]
     steps = _steps(spacing)
     small = hu[:: steps[0], :: steps[1], :: steps[2]] > spec.threshold_hu
     sp = (spacing[0] * steps[2], spacing[1] * steps[1], spacing[2] * steps[0])
     core = morphology.opening(small, spec.opening_mm, sp) if spec.opening_mm else small
     core = morphology.remove_small(core, spec.min_component_ml, sp)
+    empty = (slice(0, 0),) * 3
     if not core.any():
-        return np.zeros(hu.shape, dtype=bool)
+        return empty, np.zeros((0, 0, 0), dtype=bool)  # type: ignore[return-value]
     if spec.opening_mm:
         core = morphology.dilation(core, spec.opening_mm, sp) & small
     filled = morphology.fill_holes(core, "slice")
     if steps == (1, 1, 1):
-        return filled
-    # one working voxel of margin around the outline decides by threshold at full resolution
-    outer = _upsample(morphology.dilation(filled, max(sp), sp), steps, hu.shape)
-    inner = _upsample(morphology.erosion(filled, max(sp), sp), steps, hu.shape)
-    return inner | (outer & (hu > spec.threshold_hu))
+        inside = filled
+    else:
+        # one working voxel of margin around the outline decides by threshold at full
+        # resolution: coarse voxels are 0 (outside), 1 (inside) or 2 (on the outline)
+        outer = morphology.dilation(filled, max(sp), sp)
+        state = outer.view(np.uint8) * np.uint8(2)
+        state[morphology.erosion(filled, max(sp), sp)] = 1
+        cbox = bounding_box(outer, margin=0)
+        # the full-resolution box of the coarse outline, cropped to the array
+        fbox = tuple(
+            slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(cbox, steps, hu.shape)
+        )
+        up = _upsample(np.ascontiguousarray(state[cbox]), steps, [b.stop - b.start for b in fbox])
+        inside = up == 2
+        inside &= hu[fbox] > spec.threshold_hu
+        inside |= up == 1
+        del up
+        sub = bounding_box(inside, margin=0)
+        if sub[0].stop == 0:
+            return empty, np.zeros((0, 0, 0), dtype=bool)  # type: ignore[return-value]
+        tight = tuple(slice(f.start + s.start, f.start + s.stop) for f, s in zip(fbox, sub))
+        box = tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(tight, hu.shape))
+        out = np.zeros([b.stop - b.start for b in box], dtype=bool)
+        out[tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tight, box))] = inside[sub]
+        return box, out  # type: ignore[return-value]
+    sub = bounding_box(inside, margin=margin)
+    return sub, np.ascontiguousarray(inside[sub])
+
+
+def _upsample(small: np.ndarray, steps: tuple[int, int, int], shape) -> np.ndarray:
+    """Nearest-neighbour upsampling by integer factors, cropped to ``shape``.
+
+    Rows are repeated along ``i`` on the small array, then copied whole into a
+    ``(K, fk, J, fj, I*fi)`` broadcast view: long contiguous rows instead of a repeat
+    of the big array per axis.
+    """
+    K, J, I = small.shape
+    fk, fj, fi = steps
+    rows = np.repeat(small, fi, axis=2)[:, :, : shape[2]] if fi > 1 else small[:, :, : shape[2]]
+    out = np.empty((K, fk, J, fj, rows.shape[2]), dtype=small.dtype)
+    out[...] = rows[:, None, :, None, :]
+    return out.reshape(K * fk, J * fj, rows.shape[2])[: shape[0], : shape[1]]
 
 
 def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:
