@@ -470,3 +470,42 @@ def test_large_seg_round_trip(tmp_path: Path) -> None:
     print(f"read_seg_masks: {time.perf_counter() - t0:.2f} s")
     assert np.array_equal(masks["shell"][frames[123].sop_instance_uid], ring)
     assert not masks["body"][frames[10].sop_instance_uid].any()
+
+
+# ----------------------------------------------------------------------------- label map
+
+
+def _reference_labels(masks: list[np.ndarray]) -> np.ndarray | None:
+    """What _frame_arrays built before _label_map: an overlap test, then labels[m] = s."""
+    if S._overlap(masks):
+        return None
+    labels = np.zeros(masks[0].shape, np.uint8)
+    for s, m in enumerate(masks, start=1):
+        labels[m] = s
+    return labels
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 3), (37, 300, 301), (5, 1100, 1000)])
+@pytest.mark.parametrize("overlap_at", [None, "first", "last", "middle"])
+def test_label_map_equals_overlap_test_and_labels(shape: tuple[int, int, int], overlap_at: str | None) -> None:
+    rng = np.random.default_rng(sum(shape))
+    choice = rng.integers(0, 4, size=shape)  # 0 = background, s = segment s: disjoint
+    masks = [choice == s for s in (1, 2, 3)]
+    if overlap_at is not None:
+        k = {"first": 0, "last": shape[0] - 1, "middle": shape[0] // 2}[overlap_at]
+        masks[2][k, -1, -1] = masks[0][k, -1, -1] = True  # one shared voxel
+    got = S._label_map(masks, np.uint8)
+    want = _reference_labels(masks)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
+
+
+def test_label_map_one_and_empty_masks() -> None:
+    m = np.zeros((3, 4, 5), bool)
+    m[1, 2, 3] = True
+    np.testing.assert_array_equal(S._label_map([m], np.uint8), m.astype(np.uint8))
+    np.testing.assert_array_equal(S._label_map([np.zeros_like(m), m], np.uint16), 2 * m.astype(np.uint16))
+    assert S._label_map([m, m], np.uint8) is None
