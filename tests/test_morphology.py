@@ -146,7 +146,11 @@ def test_hu_backend_thresholds_inside_body_only():
         },
         "phantom.yaml",
     )
-    masks = HUBackend().segment(vol, profile, phase="non_contrast")
+    streamed: list[tuple[str, np.ndarray]] = []
+    masks = HUBackend().segment(vol, profile, phase="non_contrast", on_mask=lambda n, m: streamed.append((n, m)))
+    # each tissue is handed on as soon as it is final, in profile order, as returned
+    assert [n for n, _ in streamed] == ["bone", "marrow", "organ"]
+    assert all(m is masks[n] for n, m in streamed)
     assert not masks["bone"][:, 170:174, :].any(), "the table became bone"
     assert masks["bone"].sum() > 0
     assert (masks["bone"] & masks["marrow"]).sum() == 0

@@ -9,7 +9,9 @@ into voxels with the volume's spacing by :mod:`node.pipeline.morphology`.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -100,9 +102,26 @@ class HUBackend:
 
     name = "hu_based"
 
-    def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:
-        """Return one mask per tissue (full volume grid)."""
+    #: calls ``on_mask`` as each tissue is final (see :meth:`segment`)
+    streams_masks = True
+
+    def segment(
+        self,
+        volume: Volume,
+        profile: Profile,
+        *,
+        phase: str,
+        on_mask: Callable[[str, np.ndarray], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Return one mask per tissue (full volume grid).
+
+        ``on_mask(name, mask)`` is called with each tissue's final full-grid mask as soon
+        as it is computed (later tissues never change an earlier one), so that the caller
+        can mesh it while the next tissues are segmented.  The masks passed are the ones
+        returned; the callee must not modify them.
+        """
         spacing = volume.spacing
+        out: dict[str, np.ndarray] = {}
         box, inside_body = body_mask_box(volume.array, spacing, profile.body_mask, margin=2)
         hu = volume.array[box]
         masks: dict[str, np.ndarray] = {}
@@ -116,6 +135,7 @@ class HUBackend:
                 mm: pool.submit(_gaussian, hu, self._sigma(mm, spacing)) for mm in sorted(full_smooth, reverse=True)
             }
             for idx, tissue in enumerate(profile.tissues):
+                t0 = time.perf_counter()
                 lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
                 env = None
                 if tissue.inside:
@@ -143,12 +163,12 @@ class HUBackend:
                 del src
                 if tissue.smooth_mm and last_use[tissue.smooth_mm] == idx:
                     smoothed.pop(tissue.smooth_mm, None)  # free the float32 volume
-                log.debug("tissue %s: %d voxels", tissue.name, int(m.sum()))
-        out = {}
-        for name in list(masks):
-            full = np.zeros(volume.array.shape, dtype=bool)
-            full[box] = masks.pop(name)
-            out[name] = full
+                full = np.zeros(volume.array.shape, dtype=bool)
+                full[box] = m
+                out[tissue.name] = full
+                log.debug("tissue %s: %d voxels in %.2f s", tissue.name, int(m.sum()), time.perf_counter() - t0)
+                if on_mask is not None:
+                    on_mask(tissue.name, full)
         return out
 
     @staticmethod

@@ -24,7 +24,12 @@ class Backend(Protocol):
     name: str
 
     def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:
-        """Return ``{tissue name: bool mask shaped like volume.array}`` for every tissue."""
+        """Return ``{tissue name: bool mask shaped like volume.array}`` for every tissue.
+
+        A backend that computes tissues one after another sets ``streams_masks = True``
+        and accepts ``on_mask=callable(name, mask)``, called as each mask is final, so the
+        pipeline can mesh a tissue while the next one is segmented.
+        """
 
 
 #: model_type -> (module, class, pip extra that installs its dependencies)
