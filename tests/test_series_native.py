@@ -254,3 +254,22 @@ def test_volume_beyond_int16_becomes_float32(tmp_path: Path, monkeypatch: pytest
     slow = _load_via_pydicom(files, monkeypatch)
     assert vol.array.dtype == slow.array.dtype == np.float32
     np.testing.assert_array_equal(vol.array, slow.array)
+
+
+def test_header_cache_ignored_for_replaced_file_same_size_and_mtime(tmp_path: Path) -> None:
+    """A file atomically replaced after the scan (new inode), even with the same size and mtime."""
+    import os
+
+    files = [_write(tmp_path / f"{k}.dcm", _patterns(k), z=2.0 * k) for k in range(N)]
+    cache: dict[Path, object] = {}
+    find_series([tmp_path], header_cache=cache)
+    st = files[1].stat()
+    ds = pydicom.dcmread(files[1])
+    ds.RescaleIntercept = "-1000"  # same length as "-1024": same file size
+    tmp = tmp_path / "new.tmp"
+    ds.save_as(tmp, enforce_file_format=True)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, files[1])
+    assert files[1].stat().st_size == st.st_size and files[1].stat().st_mtime_ns == st.st_mtime_ns
+    vol = load_series(files, header_cache=cache)
+    np.testing.assert_array_equal(vol.array[1], pydicom.dcmread(files[1]).pixel_array.astype(np.int32) - 1000)

@@ -92,14 +92,14 @@ class _Header:
 
     ds: Dataset
     raw: _RawPixels | None
-    stat: tuple[int, int]  # (st_size, st_mtime_ns): a header is reused only for the same file
+    stat: tuple[int, int, int]  # (st_ino, st_size, st_mtime_ns): reused only for the same file
 
     def fresh(self, path: Path) -> bool:
         try:
             st = path.stat()
         except OSError:
             return False
-        return (st.st_size, st.st_mtime_ns) == self.stat
+        return (st.st_ino, st.st_size, st.st_mtime_ns) == self.stat
 
 
 #: Multi-frame CT SOP classes whose geometry lives in the functional groups.
@@ -191,7 +191,7 @@ def _read_header(path: Path) -> _Header:
             raw = _raw_pixels(fh, ds)
         except Exception:  # malformed values: pydicom's decoder will report them
             raw = None
-    return _Header(ds, raw, (st.st_size, st.st_mtime_ns))
+    return _Header(ds, raw, (st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 def find_series(
@@ -694,7 +694,7 @@ def load_series(
             ``Volume.info.source_datasets``.
         header_cache: the dict a :func:`find_series` call filled: the headers of
             these files are taken from it (and removed from it) instead of being parsed
-            again, unless a file changed since (size or mtime).
+            again, unless a file changed since (inode, size or mtime).
 
     Returns:
         The :class:`Volume`; ``array`` is int16 when all rescale slopes/intercepts are
