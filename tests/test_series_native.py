@@ -42,6 +42,7 @@ def _write(
     z: float = 0.0,
     series: str = "1.2.3.4",
     photometric: str = "MONOCHROME2",
+    vr: str = "OW",
 ) -> Path:
     """A minimal CT image whose PixelData holds exactly ``pixels`` (uint16 bit patterns)."""
     ds = Dataset()
@@ -68,7 +69,7 @@ def _write(
     ds.RescaleIntercept = intercept
     big = ts == ExplicitVRBigEndian
     ds.PixelData = pixels.astype(">u2" if big else "<u2").tobytes()
-    ds["PixelData"].VR = "OW"
+    ds["PixelData"].VR = vr
     ds.save_as(path, implicit_vr=ts == ImplicitVRLittleEndian, little_endian=not big, enforce_file_format=True)
     return path
 
@@ -102,6 +103,18 @@ def test_raw_frame_equals_pydicom_pixel_array(ts: str, signed: bool, bits: int, 
     np.testing.assert_array_equal(got, want)
     if bits < 16:  # the high bits were garbage: pydicom corrects them, so must we
         assert not np.array_equal(got.view(np.uint16), _patterns(bits))
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize("photometric, vr", [("MONOCHROME1", "OW"), ("MONOCHROME2", "OB")])
+def test_raw_frame_monochrome1_and_ob(ts: str, photometric: str, vr: str, tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.dcm", _patterns(5), ts=ts, signed=True, bits_stored=12,
+                  photometric=photometric, vr=vr)
+    hdr = series_mod._read_header(path)
+    assert hdr.raw is not None
+    ds = pydicom.dcmread(path)
+    assert ds["PixelData"].VR == vr and ds.PhotometricInterpretation == photometric
+    np.testing.assert_array_equal(series_mod._read_raw_frame(str(path), hdr.raw, 0, ROWS, COLS), ds.pixel_array)
 
 
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
