@@ -8,8 +8,8 @@ used in the DICOM SEG.  Every schema error is reported with the file, the field 
 and what is allowed, e.g.::
 
     profiles/liver.yaml: tissues[0].morphology[1].op: 'clsoing' is not allowed;
-    allowed: closing, connected_to, dilation, erosion, fill_holes, grow, keep_largest, median, opening,
-    remove_small, remove_thick
+    allowed: closing, connected_to, dilation, edge_grow, erosion, fill_holes, grow, keep_largest, median,
+    opening, remove_small, remove_thick
 """
 
 from __future__ import annotations
@@ -137,16 +137,35 @@ class ConnectedTo(_Strict):
     margin_mm: float = Field(default=0, ge=0, le=20)
 
 
+class EdgeGrow(_Strict):
+    """Grow the mask to its local half-maximum edge (see :func:`node.pipeline.refine.edge_grow`).
+
+    A neighbouring voxel joins when its HU reaches ``background + level * (tissue - background)``:
+    ``tissue`` is the mask's mean HU within ``background_mm / 2``, ``background`` the lowest HU
+    within ``background_mm`` (not below ``floor_hu``).  At most ``max_mm`` is added, in-plane
+    (``mode: slice``) or in 3D.  For thin structures whose partial-volume rim a global threshold
+    misses (costal cartilage in fat).
+    """
+
+    op: Literal["edge_grow"]
+    max_mm: float = Field(gt=0, le=10)
+    background_mm: float = Field(default=3, gt=0, le=20)
+    level: float = Field(default=0.5, gt=0, lt=1)
+    floor_hu: float = Field(default=-150, ge=-1024, le=500)
+    mode: Literal["slice", "3d"] = "slice"
+    avoid: list[str] = Field(default_factory=list, description="earlier tissues the growth must not enter")
+
+
 MorphologyStep = Annotated[
     Union[
         Closing, Opening, Dilation, Erosion, Median, FillHoles, KeepLargest, RemoveSmall, Grow, RemoveThick,
-        ConnectedTo,
+        ConnectedTo, EdgeGrow,
     ],
     Field(discriminator="op"),
 ]
 STEP_OPS = (
-    "closing", "connected_to", "dilation", "erosion", "fill_holes", "grow", "keep_largest", "median", "opening",
-    "remove_small", "remove_thick",
+    "closing", "connected_to", "dilation", "edge_grow", "erosion", "fill_holes", "grow", "keep_largest", "median",
+    "opening", "remove_small", "remove_thick",
 )
 
 
@@ -309,6 +328,7 @@ class Profile(_Strict):
                 raise ValueError(f"tissues[{n}].name: duplicate tissue name '{t.name}'")
             refs = ([t.inside.tissue] if t.inside else []) + list(t.exclude)
             refs += [s.tissue for s in t.morphology if isinstance(s, ConnectedTo)]
+            refs += [a for s in t.morphology if isinstance(s, EdgeGrow) for a in s.avoid]
             for r in refs:
                 if r not in seen:
                     raise ValueError(

@@ -4,23 +4,32 @@ The real 20-slice contrast-enhanced Siemens J2K series is segmented with the
 ``liver`` and ``bones`` profiles and compared, by Dice of the union of each
 profile's tissue masks, with a TotalSegmentator label map of the same series
 (``reference_seg_totalsegmentator.nii.gz``, label names in ``reference_labels.json``).
+The bones profile is also checked on a second, non-contrast scan: the 30-slice
+3 mm body CT ``ct-body-3mm-small`` with its own TotalSegmentator label map.
 
 The reference is put on the Volume grid by composing affines, not by assuming an
 axis order: Volume voxel (i, j, k) -> DICOM LPS (``Volume.affine``) -> RAS (flip x, y)
 -> NIfTI voxel (inverse of the NIfTI affine), nearest neighbour.
 
-Measured (2026-11, this series): liver 0.964, bones 0.784 (precision 0.708, recall 0.878).
+Measured (2026-11): liver 0.964; bones 0.786 (precision 0.709, recall 0.883) on the
+contrast series, 0.836 (precision 0.833, recall 0.840) on the non-contrast one.
 
-Bones floor: the issue asks for 0.80; the HU profile reaches 0.784, so the floor
+Bones floor: the issue asks for 0.80; the HU profile reaches 0.786, so the floor
 asserted is 0.775.  What is missing (see the figures printed with ``pytest -s``):
-* the reference is tight around bone: even restricted to 3 mm around the reference
-  and with the best single HU threshold plus hole filling, thresholding reaches
-  only ~0.82, so boundary partial volume alone costs most of the gap;
-* intervertebral disc slices whose endplates are >= 200 HU are bone here but not
-  in the reference (~5k false-positive voxels);
-* about a third of the costal cartilage (label 117, 115..140 HU, like enhanced
-  soft tissue) is not reached from the ribs, and a few contrast vessels and
-  aortic wall calcifications connected to the skeleton are taken.
+* the reference is tight around bone and its boundary does not follow the HU edge:
+  in the 1-voxel shell of the segmentation about 40 % of the voxels are in the
+  reference whatever their HU relative to the local bone and soft-tissue values, so
+  neither a global threshold nor a local half-maximum trim of the shell gains; even
+  restricted to 3 mm around the reference, the best single HU threshold plus hole
+  filling reaches only ~0.82;
+* intervertebral disc slices (3 mm slices at 2 mm spacing: the endplates' partial
+  volume is 150..300 HU) are bone here but not in the reference (~5k voxels); their
+  density and texture match the cancellous bone of the vertebral bodies;
+* aortic wall calcifications and contrast vessels attached to them (~3k voxels), and
+  rib heads at the costovertebral joints that the reference leaves out;
+* about a third of the costal cartilage's partial-volume rim (cartilage at 115..140 HU
+  in fat) is below the global floor: the ``edge_grow`` step (local half-maximum edge,
+  :mod:`node.pipeline.refine`) recovers it (0.791) once the HU backend dispatches it.
 """
 
 from __future__ import annotations
@@ -33,9 +42,10 @@ import numpy as np
 import pytest
 
 from node.pipeline import morphology as M
+from node.pipeline import refine
 from node.pipeline.backend_hu import HUBackend
 from node.pipeline.series import load_series
-from node.pipeline.volume import Volume
+from node.pipeline.volume import SeriesInfo, Volume
 from node.errors import ProfileError
 from node.profiles import load_profile, parse_profile
 
@@ -51,10 +61,13 @@ REFERENCE = CASE / "reference_seg_totalsegmentator.nii.gz"
 LABELS = CASE / "reference_labels.json"
 
 LIVER_FLOOR = 0.85
-# The issue's target is 0.80; the HU profile measures 0.784 on this series (see the
+# The issue's target is 0.80; the HU profile measures 0.786 on this series (see the
 # module docstring for what is missing), so the floor is set a little below that.
 BONES_TARGET = 0.80
 BONES_FLOOR = 0.775
+#: the non-contrast 3 mm body CT (measured 0.836; 0.704 before the phase-dependent cartilage floor)
+BODY = DATA / "ct-body-3mm-small"
+BODY_BONES_FLOOR = 0.82
 
 #: reference structures that make up "bones" (names as in reference_labels.json)
 BONE_PREFIXES = ("vertebrae_", "rib_", "humerus_", "scapula_", "clavicula_")
@@ -145,6 +158,36 @@ def test_bones_dice(case):
     assert d >= BONES_FLOOR, msg
 
 
+def nifti_volume(path: Path, contrast: bool) -> Volume:
+    """A NIfTI CT as a Volume ([k, j, i] array, LPS affine), for scans that have no DICOM."""
+    img = nib.load(str(path))
+    arr = np.rint(np.asarray(img.dataobj, dtype=np.float32)).astype(np.int16).transpose(2, 1, 0)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # RAS -> LPS
+    info = SeriesInfo("2.25.1", "2.25.2", None, "CT", contrast_applied=contrast)
+    return Volume(np.ascontiguousarray(arr), affine, info, [])
+
+
+def test_bones_dice_non_contrast_body_ct():
+    """The bones profile on a second scan: non-contrast, 3 mm voxels, lumbar spine and lower ribs."""
+    if nib is None:
+        pytest.skip("nibabel not installed")
+    ct, seg, labels = BODY / "ct.nii.gz", BODY / "reference_seg_totalsegmentator.nii.gz", BODY / "reference_labels.json"
+    if not (ct.exists() and seg.exists() and labels.exists()):
+        pytest.skip(f"body CT or its reference missing under {BODY}")
+    volume = nifti_volume(ct, contrast=False)
+    names = json.loads(labels.read_text())
+    ids = label_ids(names, lambda n: n.startswith(BONE_PREFIXES) or n in BONE_NAMES)
+    reference = np.isin(reference_on_grid(volume, seg), ids)
+    assert reference.sum() > 5000
+    seg_mask = _union(volume, "bones")
+    tp = int((seg_mask & reference).sum())
+    d = dice(seg_mask, reference)
+    msg = (f"bones Dice (non-contrast body CT) {d:.3f} (precision {tp / max(int(seg_mask.sum()), 1):.3f}, "
+           f"recall {tp / int(reference.sum()):.3f}; floor {BODY_BONES_FLOOR})")
+    print("\n" + msg)
+    assert d >= BODY_BONES_FLOOR, msg
+
+
 # --------------------------------------------------------------------------- the ops the bones profile uses
 # (synthetic, always run)
 
@@ -213,3 +256,115 @@ def test_schema_validates_the_new_steps():
         parse_profile(_bones_dict(op="fill_holes", max_area_mm2=200), "t.yaml")
     with pytest.raises(ProfileError, match="radius_mm"):
         parse_profile(_bones_dict(op="remove_thick"), "t.yaml")
+
+
+# --------------------------------------------------------------------------- edge_grow (local half-maximum edge)
+
+
+def _bar_scene(surround: float, rim_above: float, rim_below: float) -> tuple[np.ndarray, np.ndarray]:
+    """A 130 HU bar (rows 8..11) in ``surround`` HU, with one rim row of given HU above and below."""
+    hu = np.full((3, 20, 30), surround, dtype=np.float32)
+    hu[:, 8:12, 5:25] = 130
+    hu[:, 7, 5:25] = rim_above
+    hu[:, 12, 5:25] = rim_below
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[:, 8:12, 5:25] = True
+    return hu, mask
+
+
+def test_edge_grow_stops_at_the_half_maximum_in_fat():
+    # bar 130 HU in fat -100 HU: the half-maximum is 15 HU
+    hu, mask = _bar_scene(-100, rim_above=20, rim_below=0)
+    out = refine.edge_grow(mask, hu, SP, max_mm=1, background_mm=2)
+    assert out[:, 7, 6:24].all()  # 20 HU >= 15: the partial-volume rim joins
+    assert not out[:, 12].any()  # 0 HU < 15 stays out
+    assert not out[:, :, 25:].any() and not out[:, :, :5].any()  # fat at the bar's ends stays out
+    assert (out & ~mask).sum() == out[:, 7].sum()
+    # raw int16 HU gives the same answer as float HU
+    assert np.array_equal(refine.edge_grow(mask, hu.astype(np.int16), SP, max_mm=1, background_mm=2), out)
+
+
+def test_edge_grow_against_muscle_needs_a_higher_rim():
+    # the same bar against muscle (50 HU): the half-maximum is 90 HU, so a 70 HU rim stays out
+    hu, mask = _bar_scene(50, rim_above=70, rim_below=95)
+    out = refine.edge_grow(mask, hu, SP, max_mm=1, background_mm=2)
+    assert not out[:, 7].any()
+    assert out[:, 12, 6:24].all()
+
+
+def test_edge_grow_max_mm_level_and_allowed():
+    hu, mask = _bar_scene(-100, rim_above=60, rim_below=-100)
+    hu[:, 6, 5:25] = 40  # a second, fainter rim layer beyond the first
+    one = refine.edge_grow(mask, hu, SP, max_mm=1, background_mm=2)
+    two = refine.edge_grow(mask, hu, SP, max_mm=2, background_mm=2)
+    assert one[:, 7, 6:24].all() and not one[:, 6].any()  # one 1 mm layer only
+    assert two[:, 6, 6:24].all()  # the second layer: 40 >= (-100 + 60) / 2
+    strict = refine.edge_grow(mask, hu, SP, max_mm=1, background_mm=2, level=0.9)
+    assert not strict[:, 7].any()  # 60 < -100 + 0.9 * 230
+    allowed = np.ones(hu.shape, dtype=bool)
+    allowed[:, 7, 15:] = False
+    part = refine.edge_grow(mask, hu, SP, max_mm=1, background_mm=2, allowed=allowed)
+    assert part[:, 7, 6:15].all() and not part[:, 7, 15:].any()
+    # pixels coarser than max_mm: no layer fits, nothing changes
+    assert np.array_equal(refine.edge_grow(mask, hu, (3.0, 3.0, 3.0), max_mm=1), mask)
+
+
+def test_edge_grow_slice_mode_stays_in_plane():
+    hu = np.full((5, 20, 30), -100, dtype=np.float32)
+    hu[2, 8:12, 5:25] = 130
+    hu[1, 8:12, 5:25] = 20  # partial volume in the neighbouring slices
+    hu[3, 8:12, 5:25] = 20
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[2, 8:12, 5:25] = True
+    flat = refine.edge_grow(mask, hu, (1.0, 1.0, 1.0), max_mm=1, background_mm=2, mode="slice")
+    assert not flat[1].any() and not flat[3].any()
+    deep = refine.edge_grow(mask, hu, (1.0, 1.0, 1.0), max_mm=1, background_mm=2, mode="3d")
+    assert deep[1, 9:11, 6:24].all() and deep[3, 9:11, 6:24].all()
+    assert not deep[0].any() and not deep[4].any()
+    # slices thicker than max_mm: 3D growth does not cross them
+    thick = refine.edge_grow(mask, hu, (1.0, 1.0, 2.0), max_mm=1, background_mm=2, mode="3d")
+    assert not thick[1].any() and not thick[3].any()
+
+
+def test_edge_grow_at_the_array_faces_matches_an_edge_padded_array():
+    # a bar touching the array's faces: its windows are replicated from the faces, exactly
+    # as they would be read from a larger array that repeats the edge voxels
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0, 60, (4, 12, 16)).astype(np.float32)
+    hu[:, 0:3, 0:10] += 200
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[:, 0:2, 0:8] = True
+    small = refine.edge_grow(mask, hu, SP, max_mm=2, background_mm=3, mode="3d")
+    pad = ((3, 3), (6, 6), (6, 6))
+    big = refine.edge_grow(np.pad(mask, pad), np.pad(hu, pad, mode="edge"), SP, max_mm=2, background_mm=3, mode="3d")
+    core = big[3:-3, 6:-6, 6:-6]
+    # inside the original array both agree; the big array may also grow into its padding
+    assert np.array_equal(core, small)
+    assert (small & ~mask).any()
+
+
+def test_edge_grow_rejects_bad_arguments():
+    hu, mask = _bar_scene(-100, 20, 0)
+    with pytest.raises(ValueError, match="mode"):
+        refine.edge_grow(mask, hu, SP, max_mm=1, mode="2d")
+    with pytest.raises(ValueError, match="level"):
+        refine.edge_grow(mask, hu, SP, max_mm=1, level=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        refine.edge_grow(mask, hu[:2], SP, max_mm=1)
+    assert not refine.edge_grow(np.zeros_like(mask), hu, SP, max_mm=1).any()
+
+
+def test_schema_validates_edge_grow():
+    p = parse_profile(_bones_dict(op="edge_grow", max_mm=1, background_mm=2, avoid=["cortical"]), "t.yaml")
+    step = p.tissues[1].morphology[0]
+    assert (step.level, step.floor_hu, step.mode) == (0.5, -150, "slice")
+    with pytest.raises(ProfileError, match=r"refers to 'cartilage', which is not an earlier tissue"):
+        parse_profile(_bones_dict(op="edge_grow", max_mm=1, avoid=["cartilage"]), "t.yaml")
+    with pytest.raises(ProfileError, match=r"morphology\[0\]\.level"):
+        parse_profile(_bones_dict(op="edge_grow", max_mm=1, level=1.5), "t.yaml")
+    with pytest.raises(ProfileError, match=r"morphology\[0\]\.max_mm: required field missing"):
+        parse_profile(_bones_dict(op="edge_grow"), "t.yaml")
+    with pytest.raises(ProfileError, match=r"morphology\[0\]\.mode: '2d' is not allowed"):
+        parse_profile(_bones_dict(op="edge_grow", max_mm=1, mode="2d"), "t.yaml")
+    with pytest.raises(ProfileError, match="did you mean 'edge_grow'"):
+        parse_profile(_bones_dict(op="edge_grwo", max_mm=1), "t.yaml")
