@@ -813,7 +813,8 @@ def load_series(
             )
     if min(sp_major) <= 0:
         raise SeriesError(f"PixelSpacing {list(sp_major)} is not positive", path=ref.path, tag="PixelSpacing")
-    fors = Counter(str(ds.get("FrameOfReferenceUID", "") or "") for _, ds in headers if any(fr.header is ds for fr in frames))
+    used = {id(fr.header) for fr in frames}  # a set: a membership test per header, not a scan of the frames
+    fors = Counter(str(ds.get("FrameOfReferenceUID", "") or "") for _, ds in headers if id(ds) in used)
     if len(fors) > 1:
         bad = next(fr.path for fr in frames if str(fr.header.get("FrameOfReferenceUID", "") or "") != fors.most_common(1)[0][0])
         raise SeriesError(
