@@ -193,15 +193,23 @@ class Mesh:
 # --------------------------------------------------------------------------- geometry/topology helpers
 
 
+#: faces per block in the per-face loops: the block's temporaries stay in the CPU cache.
+_BLOCK = 1 << 14
+
+
 def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
     """Signed volume (mm^3) enclosed by a triangle mesh, by the divergence theorem."""
     if len(faces) == 0:
         return 0.0
     v = np.asarray(vertices, dtype=np.float64)
     # translate for numerical stability (volume is translation invariant for closed meshes)
-    c = v.mean(axis=0)
-    a, b, d = v[faces[:, 0]] - c, v[faces[:, 1]] - c, v[faces[:, 2]] - c
-    return float(np.einsum("ij,ij->", a, np.cross(b, d)) / 6.0)
+    vc = v - v.mean(axis=0)
+    f = np.asarray(faces)
+    total = 0.0
+    for s in range(0, len(f), _BLOCK):  # blocks: ~3x faster than whole-array temporaries
+        fs = f[s : s + _BLOCK]
+        total += float(np.einsum("ij,ij->", vc[fs[:, 0]], np.cross(vc[fs[:, 1]], vc[fs[:, 2]])))
+    return total / 6.0
 
 
 def volume_centroid(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -225,9 +233,15 @@ def face_normals(vertices: np.ndarray, faces: np.ndarray, *, normalize: bool = T
     v = np.asarray(vertices, dtype=np.float64)
     n = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
     if normalize:
-        ln = np.linalg.norm(n, axis=1, keepdims=True)
-        np.divide(n, ln, out=n, where=ln > 0)
-        n[ln[:, 0] == 0] = 0.0
+        normalize_rows(n)
+    return n
+
+
+def normalize_rows(n: np.ndarray) -> np.ndarray:
+    """Scale the rows of a float ``(m, 3)`` array to unit length in place (zero rows stay zero)."""
+    ln = np.linalg.norm(n, axis=1, keepdims=True)
+    np.divide(n, ln, out=n, where=ln > 0)
+    n[ln[:, 0] == 0] = 0.0
     return n
 
 
@@ -476,9 +490,11 @@ def topology(faces: np.ndarray, n_vertices: int | None = None) -> Topology:
         twin[pairs[:, 1]] = pairs[:, 0]
         del pairs, order
         face_adj = twin // 3  # the face across each corner's outgoing edge
+        last = twin - 3 * face_adj == 2  # (integer // by a constant is fast in numpy, % is not)
         nxt = twin
         nxt += 1
-        nxt[(nxt % 3) == 0] -= 3  # corner after the twin in its face: a permutation of the corners
+        np.subtract(nxt, 3, out=nxt, where=last)  # corner after the twin in its face: a permutation
+        del last
         # nxt is a permutation: its cycles (the fans) are its strong components
         n_comp, lab = _components(nxt, 1, n3)
         del nxt

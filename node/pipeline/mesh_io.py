@@ -18,13 +18,24 @@ from typing import Iterator
 import numpy as np
 
 from node.durable import atomic_open
-from node.pipeline.mesh import Mesh, face_normals, float32_groups, signed_volume, topology
+from node.pipeline.mesh import (
+    Mesh,
+    float32_groups,
+    float32_unique_count,
+    normalize_rows,
+    signed_volume,
+    topology,
+)
 
 DEFAULT_STL_HEADER = "SPACE=LPS; units=mm; dicom-seg-node"
 
 _STL_RECORD = np.dtype(
     [("normal", "<f4", (3,)), ("v", "<f4", (3, 3)), ("attr", "<u2")]
 )  # 50 bytes, packed
+
+
+#: triangles per block when writing/comparing STL records (~0.8 MB of records).
+_BLOCK = 1 << 14
 
 
 def _iter_chunks(n: int, size: int) -> Iterator[slice]:
@@ -61,16 +72,18 @@ def write_stl(mesh: Mesh, path: str | os.PathLike[str], *, header: str = DEFAULT
     verts32 = np.asarray(mesh.vertices, dtype=np.float32)
     n = len(faces)
     path = Path(path)
+    # one cache-sized record buffer, filled block by block and written without a copy
+    rec = np.zeros(min(n, _BLOCK), dtype=_STL_RECORD)
     with atomic_open(path) as fh:
         fh.write(head)
         fh.write(np.uint32(n).astype("<u4").tobytes())
-        for sl in _iter_chunks(n, 1 << 20):
-            f = faces[sl]
-            rec = np.zeros(len(f), dtype=_STL_RECORD)
-            tri = verts32[f]  # (c, 3, 3) float32 exactly as stored
-            rec["v"] = tri
-            rec["normal"] = face_normals(tri.reshape(-1, 3).astype(np.float64), np.arange(3 * len(f)).reshape(-1, 3))
-            fh.write(rec.tobytes())
+        for sl in _iter_chunks(n, _BLOCK):
+            r = rec[: sl.stop - sl.start]
+            tri = verts32[faces[sl]]  # (c, 3, 3) float32 exactly as stored
+            r["v"] = tri
+            t = tri.astype(np.float64)  # normals from the stored float32 corners, in float64
+            r["normal"] = normalize_rows(np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]))
+            fh.write(memoryview(r).cast("B"))
     return path
 
 
@@ -183,6 +196,82 @@ def check_stl(path: str | os.PathLike[str]) -> MeshCheck:
     """
     tris, header = read_stl(path)
     return _check_soup(tris, path, header)
+
+
+def check_written_stl(
+    path: str | os.PathLike[str], mesh: Mesh, *, header: str | None = DEFAULT_STL_HEADER
+) -> MeshCheck:
+    """:func:`check_stl` for a file that :func:`write_stl` wrote from ``mesh``, much cheaper.
+
+    The file is read back and must hold exactly what :func:`write_stl` writes for
+    ``mesh``: the header (unless ``header`` is ``None``), the triangle count, every
+    stored corner bit for bit equal to ``float32(mesh.vertices)[mesh.faces]``, finite
+    normals and zero attribute words.  Then merging the 3 x T stored corners by float32
+    coordinate, as :func:`check_stl` does, is the same as merging the mesh's (used)
+    vertices by float32 coordinate, and the file's topology is that of the faces
+    remapped through that merge: V rows to group instead of 3 x T, and no remapping at all
+    when no two vertices share their float32 coordinates (what :func:`mesh_from_mask`
+    ensures).  Whenever any byte differs, the result is the full :func:`check_stl`.
+
+    The fields equal :func:`check_stl`'s; ``volume_ml`` up to float rounding (summation
+    order).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    n, nv = len(faces), len(mesh.vertices)
+    head = data[:80]
+    if (
+        n == 0
+        or len(data) != 84 + 50 * n
+        or int(np.frombuffer(data, dtype="<u4", count=1, offset=80)[0]) != n
+        or (header is not None and head != _stl_header(header))
+        or int(faces.min()) < 0
+        or int(faces.max()) >= nv
+    ):
+        return check_stl(path)
+    rec = np.frombuffer(data, dtype=_STL_RECORD, count=n, offset=84)
+    verts32 = np.asarray(mesh.vertices, dtype=np.float32)
+    for sl in _iter_chunks(n, _BLOCK):
+        r = rec[sl]
+        stored = r["v"].view(np.uint32)  # bits: NaN == NaN, -0.0 != +0.0, like the bytes
+        if (
+            not np.array_equal(stored, verts32[faces[sl]].view(np.uint32))
+            or not np.all(np.isfinite(r["normal"]))
+            or np.any(r["attr"])
+        ):
+            return check_stl(path)
+
+    # the file's corners are float32(vertices)[faces]: merge the vertices, not the corners
+    used = np.bincount(faces.ravel(), minlength=nv) > 0
+    if np.all(used):
+        v_used, f_used = verts32, faces
+    else:  # unused vertices are not in the file
+        remap = np.cumsum(used) - 1
+        v_used, f_used = verts32[used], remap[faces]
+    if float32_unique_count(v_used) == len(v_used):
+        merged_v, merged_f = v_used.astype(np.float64), f_used
+    else:  # groups numbered in key order, as check_stl numbers the same set of keys
+        inv, n_unique = float32_groups(v_used)
+        merged_v = np.zeros((n_unique, 3), dtype=np.float64)
+        merged_v[inv] = v_used
+        merged_f = inv[f_used]
+    topo = topology(merged_f, len(merged_v))
+    return MeshCheck(
+        path=path,
+        triangles=topo.triangles,
+        vertices=len(merged_v),
+        watertight=topo.watertight,
+        manifold=topo.manifold,
+        volume_ml=signed_volume(merged_v, merged_f) / 1000.0,
+        boundary_edges=topo.boundary_edges,
+        nonmanifold_edges=topo.nonmanifold_edges,
+        inconsistent_edges=topo.inconsistent_edges,
+        degenerate_faces=topo.degenerate_faces,
+        nonmanifold_vertices=topo.nonmanifold_vertices,
+        components=topo.components,
+        header=head.rstrip(b"\x00 ").decode("ascii", errors="replace"),
+    )
 
 
 # --------------------------------------------------------------------------- PLY

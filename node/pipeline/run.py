@@ -28,7 +28,7 @@ from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
 from node.pipeline.mesh import MeshOptions, mesh_from_mask
-from node.pipeline.mesh_io import check_stl, write_ply, write_stl
+from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
 from node.pipeline.series import find_series, load_series
 from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, write_seg
 from node.pipeline.volume import Volume
@@ -223,7 +223,8 @@ def run_pipeline(
             return []
         stl = write_stl(mesh, out / f"{prof.name}_{t.name}.stl")
         ply = write_ply(mesh, out / f"{prof.name}_{t.name}_colored.ply", tuple(t.color))
-        check = check_stl(stl)  # as any reader sees the file, not the in-memory mesh
+        # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
+        check = check_written_stl(stl, mesh)
         info.update({"watertight": check.watertight, "manifold": check.manifold, "stl": stl.name, "ply": ply.name})
         if not check.printable:
             log.warning("mesh %s is not printable: %s", stl.name, check)

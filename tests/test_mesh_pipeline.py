@@ -1,0 +1,51 @@
+"""The mesh stage of run_pipeline: on-disk check, report fields, output order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import node.pipeline.run as run_mod
+from node.pipeline.mesh_io import check_stl, check_written_stl
+
+from ai_helpers import synth_tissue, write_case_series  # tests/ is on sys.path
+
+
+def _profile(names: list[str]):
+    from node.profiles import parse_profile
+
+    spec = {"organ": dict(hu=[100, 170], labels=[1]), "bone": dict(hu=[200, 1500], labels=[2]),
+            "nothing": dict(hu=[3000, 3071], labels=[3])}  # no voxel that bright: an empty tissue
+    data = {"name": "synth", "description": "synthetic shapes", "model_type": "hu_based", "model": {},
+            "tissues": [synth_tissue(n, **spec[n]) for n in names]}
+    return parse_profile(data, "<test synth>")
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> Path:
+    from node.tools.synth_shapes import make_case
+
+    folder = tmp_path_factory.mktemp("synth") / "dicom"
+    write_case_series(make_case(7), folder)
+    return folder
+
+
+def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
+    checked: list[str] = []
+
+    def spy(path, mesh, **kw):
+        checked.append(Path(path).name)
+        return check_written_stl(path, mesh, **kw)
+
+    monkeypatch.setattr(run_mod, "check_written_stl", spy)
+    res = run_mod.run_pipeline([series], _profile(["organ", "nothing", "bone"]), tmp_path / "out",
+                               write_segmentation=False)
+    assert checked == ["synth_organ.stl", "synth_bone.stl"]
+    tissues = res.report["tissues"]
+    for name in ("organ", "bone"):
+        full = check_stl(tmp_path / "out" / f"synth_{name}.stl")
+        assert full.printable
+        assert (tissues[name]["watertight"], tissues[name]["manifold"]) == (full.watertight, full.manifold)
+        assert tissues[name]["triangles"] == full.triangles
+    assert tissues["nothing"]["watertight"] is None and tissues["nothing"]["stl"] is None
