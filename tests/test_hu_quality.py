@@ -11,11 +11,11 @@ The reference is put on the Volume grid by composing affines, not by assuming an
 axis order: Volume voxel (i, j, k) -> DICOM LPS (``Volume.affine``) -> RAS (flip x, y)
 -> NIfTI voxel (inverse of the NIfTI affine), nearest neighbour.
 
-Measured (2026-11): liver 0.964; bones 0.786 (precision 0.709, recall 0.883) on the
+Measured (2026-11): liver 0.964; bones 0.791 (precision 0.699, recall 0.909) on the
 contrast series, 0.836 (precision 0.833, recall 0.840) on the non-contrast one.
 
-Bones floor: the issue asks for 0.80; the HU profile reaches 0.786, so the floor
-asserted is 0.775.  What is missing (see the figures printed with ``pytest -s``):
+Bones floor: the issue asks for 0.80; the HU profile reaches 0.791, so the floor
+asserted is 0.785.  What is missing (see the figures printed with ``pytest -s``):
 * the reference is tight around bone and its boundary does not follow the HU edge:
   in the 1-voxel shell of the segmentation about 40 % of the voxels are in the
   reference whatever their HU relative to the local bone and soft-tissue values, so
@@ -28,8 +28,8 @@ asserted is 0.775.  What is missing (see the figures printed with ``pytest -s``)
 * aortic wall calcifications and contrast vessels attached to them (~3k voxels), and
   rib heads at the costovertebral joints that the reference leaves out;
 * about a third of the costal cartilage's partial-volume rim (cartilage at 115..140 HU
-  in fat) is below the global floor: the ``edge_grow`` step (local half-maximum edge,
-  :mod:`node.pipeline.refine`) recovers it (0.791) once the HU backend dispatches it.
+  in fat) is below the global floor; the profile's ``edge_grow`` step (local
+  half-maximum edge, :mod:`node.pipeline.refine`) recovers it (0.786 -> 0.791).
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ REFERENCE = CASE / "reference_seg_totalsegmentator.nii.gz"
 LABELS = CASE / "reference_labels.json"
 
 LIVER_FLOOR = 0.85
-# The issue's target is 0.80; the HU profile measures 0.786 on this series (see the
+# The issue's target is 0.80; the HU profile measures 0.791 on this series (see the
 # module docstring for what is missing), so the floor is set a little below that.
 BONES_TARGET = 0.80
-BONES_FLOOR = 0.775
+BONES_FLOOR = 0.785
 #: the non-contrast 3 mm body CT (measured 0.836; 0.704 before the phase-dependent cartilage floor)
 BODY = DATA / "ct-body-3mm-small"
 BODY_BONES_FLOOR = 0.82
@@ -368,3 +368,31 @@ def test_schema_validates_edge_grow():
         parse_profile(_bones_dict(op="edge_grow", max_mm=1, mode="2d"), "t.yaml")
     with pytest.raises(ProfileError, match="did you mean 'edge_grow'"):
         parse_profile(_bones_dict(op="edge_grwo", max_mm=1), "t.yaml")
+
+
+def test_hu_backend_runs_edge_grow_and_keeps_out_of_avoided_tissues():
+    """A profile's edge_grow step reaches the rim in fat but not an earlier tissue listed in ``avoid``."""
+    hu = np.full((4, 40, 40), -100, dtype=np.int16)  # fat
+    hu[:, 16:20, 8:32] = 130  # a cartilage-like bar
+    hu[:, 15, 8:32] = 40  # its partial-volume rim above (>= the 15 HU half-maximum)
+    hu[:, 20:24, 8:32] = 400  # bone right against its lower side
+    affine = np.diag([0.7, 0.7, 2.0, 1.0])
+    volume = Volume(hu, affine, SeriesInfo("2.25.1", "2.25.2", None, "CT"), [])
+    cat = {"value": "91723000", "meaning": "Anatomical Structure"}
+    tissues = [
+        {"name": "bone", "description": "b", "color": [1, 2, 3], "hu": [300, 1500], "category": cat,
+         "type": {"value": "272673000", "meaning": "Bone"}},
+        {"name": "bar", "description": "c", "color": [4, 5, 6], "hu": [110, 300], "category": cat,
+         "type": {"value": "50016007", "meaning": "Costal cartilage"},
+         "morphology": [{"op": "edge_grow", "max_mm": 1, "background_mm": 2, "avoid": ["bone"]}]},
+    ]
+    doc = {"name": "edge", "description": "t", "body_mask": {"enabled": False}, "tissues": tissues}
+    masks = HUBackend().segment(volume, parse_profile(doc, "edge.yaml"), phase="non_contrast")
+    bar = masks["bar"]
+    assert bar[:, 16:20, 9:31].all()
+    assert bar[:, 15, 9:31].all(), "the rim in fat joins"
+    assert not (bar & masks["bone"]).any(), "never into the avoided tissue"
+    # without ``avoid`` the same step takes the first bone row (400 HU is above the edge)
+    del tissues[1]["morphology"][0]["avoid"]
+    grown = HUBackend().segment(volume, parse_profile(doc, "edge.yaml"), phase="non_contrast")["bar"]
+    assert grown[:, 20, 9:31].all() and not grown[:, 21].any()

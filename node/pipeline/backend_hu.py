@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from node.pipeline import morphology
+from node.pipeline import morphology, refine
 from node.pipeline.body import body_mask_box
 from node.pipeline.volume import Volume
 from node.profiles import Grow, Profile, Tissue
@@ -62,6 +62,14 @@ def apply_step(
         return morphology.remove_small(mask, step.min_ml, spacing)
     if op == "grow":
         return _grow(mask, src, body, step, spacing)
+    if op == "edge_grow":
+        allowed = body
+        for name in step.avoid:
+            if masks is None or name not in masks:
+                raise ValueError(f"edge_grow: tissue {name!r} has not been segmented yet")
+            allowed = allowed & ~masks[name]
+        return refine.edge_grow(mask, src, spacing, max_mm=step.max_mm, background_mm=step.background_mm,
+                                level=step.level, floor_hu=step.floor_hu, mode=step.mode, allowed=allowed)
     raise ValueError(f"unknown morphology op {op!r}")  # the profile schema prevents this
 
 
@@ -144,7 +152,7 @@ class HUBackend:
                         env = morphology.closing(env, tissue.inside.closing_mm, spacing)
                     env = morphology.fill_holes(env, tissue.inside.fill)
                 if env is not None and tissue.smooth_mm and self._croppable(tissue):
-                    src = None  # only the grow step reads the source, and this tissue has none
+                    src = None  # only the grow and edge_grow steps read the source, and this tissue has none
                     m = self._threshold_on(env, hu, tissue.smooth_mm, spacing, lo, hi) & inside_body
                 else:
                     if tissue.smooth_mm:
@@ -174,7 +182,7 @@ class HUBackend:
     @staticmethod
     def _croppable(tissue: Tissue) -> bool:
         """A tissue inside an envelope whose source no morphology step reads."""
-        return bool(tissue.inside) and not any(step.op == "grow" for step in tissue.morphology)
+        return bool(tissue.inside) and not any(step.op in ("grow", "edge_grow") for step in tissue.morphology)
 
     @staticmethod
     def _sigma(smooth_mm: float, spacing) -> list[float]:
