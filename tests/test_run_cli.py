@@ -164,3 +164,24 @@ def test_synth_command_writes_a_series_the_loader_reads(tmp_path):
     assert vol.resampled and vol.shape[0] >= 30
     bad = _run("run", "--input", str(tmp_path / "s"), "--organ", "bones", "--bogus")
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+def test_run_pipeline_parses_each_header_once(tmp_path, monkeypatch):
+    """Grouping and loading share the parsed headers: one header read per file."""
+    from node.pipeline import series as series_mod
+    from node.pipeline.run import run_pipeline
+    from node.tools.synth_series import write_series
+
+    write_series(np.full((6, 16, 16), 40, np.int16), tmp_path / "s", affine=np.diag([-2.0, -2.0, 2.0, 1.0]))
+    reads: list[Path] = []
+    real = series_mod._read_header
+
+    def counting(path):
+        reads.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(series_mod, "_read_header", counting)
+    res = run_pipeline([tmp_path / "s"], "liver", tmp_path / "o", write_meshes=False, write_segmentation=False)
+    n = len(list((tmp_path / "s").iterdir()))
+    assert res.report["input"]["files"] == n
+    assert len(reads) == len(set(reads)) == n

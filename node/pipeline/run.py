@@ -83,13 +83,18 @@ class _Stages:
         return out
 
 
-def select_series(inputs: Sequence[str | Path], series_uid: str | None = None) -> list[Path]:
+def select_series(
+    inputs: Sequence[str | Path], series_uid: str | None = None, header_cache: dict[Path, Any] | None = None
+) -> list[Path]:
     """The files of the one series to process among ``inputs``.
+
+    ``header_cache`` (optional) collects the headers parsed while grouping, for
+    :func:`load_series` to reuse instead of parsing every file again.
 
     Raises :class:`SeriesError` when there is no DICOM file, when the wanted series is
     absent, or when several series are present and none was chosen.
     """
-    groups = find_series(inputs)
+    groups = find_series(inputs, header_cache=header_cache)
     if not groups:
         raise SeriesError("no DICOM files found", path=", ".join(str(p) for p in inputs))
     if series_uid is not None:
@@ -163,14 +168,17 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
 
-    files = select_series(inputs, series_uid)
+    headers: dict[Path, Any] = {}  # parsed once while grouping, reused by the loader
+    files = select_series(inputs, series_uid, headers)
     volume: Volume = stages.run(
         "load",
         f"reading {len(files)} files",
         lambda: load_series(
-            files, fill_missing_uids=fill_missing_uids, require_modality=prof.modality, decode_workers=decode_workers
+            files, fill_missing_uids=fill_missing_uids, require_modality=prof.modality, decode_workers=decode_workers,
+            header_cache=headers,
         ),
     )
+    headers.clear()  # headers of other series in the input
     native = {
         "shape_kji": list(volume.shape),
         "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
