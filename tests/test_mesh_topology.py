@@ -206,7 +206,7 @@ def test_sorted_edge_keys_packed_and_fallback():
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 1000, size=5000).astype(np.int64)
     for bound in (1000, 2**62):  # packs; too wide to pack
-        order, sk = mesh_mod._sorted_edge_keys(keys, bound)
+        order, sk = mesh_mod._sorted_edge_keys(keys.copy(), bound)  # consumes its argument
         assert np.array_equal(np.sort(order), np.arange(len(keys)))
         assert np.array_equal(keys[order], np.sort(keys))
         assert np.array_equal(np.asarray(sk, dtype=np.int64), np.sort(keys))
