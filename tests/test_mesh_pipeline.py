@@ -41,7 +41,7 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
     monkeypatch.setattr(run_mod, "check_written_stl", spy)
     res = run_mod.run_pipeline([series], _profile(["organ", "nothing", "bone"]), tmp_path / "out",
                                write_segmentation=False)
-    assert checked == ["synth_organ.stl", "synth_bone.stl"]
+    assert sorted(checked) == ["synth_bone.stl", "synth_organ.stl"]  # tissues meshed concurrently
     tissues = res.report["tissues"]
     for name in ("organ", "bone"):
         full = check_stl(tmp_path / "out" / f"synth_{name}.stl")
@@ -49,3 +49,36 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         assert (tissues[name]["watertight"], tissues[name]["manifold"]) == (full.watertight, full.manifold)
         assert tissues[name]["triangles"] == full.triangles
     assert tissues["nothing"]["watertight"] is None and tissues["nothing"]["stl"] is None
+
+
+def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeypatch):
+    import itertools
+    import threading
+    import time
+
+    from node.pipeline.mesh import mesh_from_mask
+
+    prof = _profile(["organ", "nothing", "bone"])
+    plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", write_segmentation=False)
+
+    calls = itertools.count()
+    first_two = threading.Barrier(2, timeout=10)
+
+    def meeting(mask, affine, opts):
+        n = next(calls)
+        if n < 2:
+            first_two.wait()  # BrokenBarrierError when the tissues are meshed one after another
+        mesh = mesh_from_mask(mask, affine, opts)
+        if n == 0:
+            time.sleep(0.3)  # the profile's first tissue finishes last: the order must not follow
+        return mesh
+
+    monkeypatch.setattr(run_mod, "mesh_from_mask", meeting)
+    res = run_mod.run_pipeline([series], prof, tmp_path / "pooled", write_segmentation=False)
+    assert next(calls) == 3
+    assert [p.name for p in res.mesh_paths] == [p.name for p in plain.mesh_paths] == [
+        "synth_organ.stl", "synth_organ_colored.ply", "synth_bone.stl", "synth_bone_colored.ply"]
+    assert res.report["tissues"] == plain.report["tissues"]
+    assert res.report["outputs"]["meshes"] == plain.report["outputs"]["meshes"]
+    for p in plain.mesh_paths:
+        assert (tmp_path / "pooled" / p.name).read_bytes() == p.read_bytes()

@@ -239,9 +239,13 @@ def run_pipeline(
         return [stl, ply]
 
     def _meshes() -> None:
-        for t in prof.tissues:
-            if t.mesh.enabled:
-                mesh_paths.extend(_mesh_one(t))
+        # Two tissues at a time: VTK and numpy release the GIL, so one tissue's single-threaded
+        # numpy steps (write, check) overlap another's VTK filters (bones CT: mesh stage -20 %
+        # wall, +~0.35 GB peak RSS).  map() keeps the profile's order for the outputs.
+        todo = [t for t in prof.tissues if t.mesh.enabled]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh") as mesh_pool:
+            for paths in mesh_pool.map(_mesh_one, todo):
+                mesh_paths.extend(paths)
 
     seg_path: Path | None = out / f"{prof.name}_seg.dcm" if write_segmentation else None
     seg_uid: str | None = None
