@@ -78,6 +78,21 @@ def test_write_stl_bytes_unchanged(name, meshes, tmp_path, monkeypatch):
     assert path.read_bytes() == former_write_stl_bytes(mesh)
 
 
+@pytest.mark.parametrize("name", ["torus", "pinch"])
+def test_write_ply_bytes_unchanged(name, meshes, tmp_path):
+    """The PLY records go to the file without a tobytes() copy; the bytes are as before."""
+    mesh = meshes[name]
+    vdt = np.dtype([("xyz", "<f4", (3,)), ("rgb", "u1", (3,))])
+    fdt = np.dtype([("n", "u1"), ("idx", "<i4", (3,))])
+    vrec = np.empty(len(mesh.vertices), dtype=vdt)
+    vrec["xyz"], vrec["rgb"] = mesh.vertices.astype(np.float32), (1, 2, 3)
+    frec = np.empty(len(mesh.faces), dtype=fdt)
+    frec["n"], frec["idx"] = 3, mesh.faces.astype(np.int32)
+    raw = mesh_io.write_ply(mesh, tmp_path / "m.ply", (1, 2, 3)).read_bytes()
+    assert raw.endswith(vrec.tobytes() + frec.tobytes())
+    assert raw.index(b"end_header\n") + len(b"end_header\n") == len(raw) - len(vrec.tobytes() + frec.tobytes())
+
+
 def test_write_stl_bytes_unchanged_degenerate_and_empty(tmp_path):
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 0]], dtype=float)
     flat = Mesh(v, [[0, 1, 2], [0, 1, 3], [1, 1, 2]])  # a collinear and a repeated-index face: zero normals

@@ -324,8 +324,8 @@ def write_ply(
     path = Path(path)
     with atomic_open(path) as fh:
         fh.write(head)
-        fh.write(vrec.tobytes())
-        fh.write(frec.tobytes())
+        fh.write(memoryview(vrec).cast("B"))  # the records' bytes, without a copy
+        fh.write(memoryview(frec).cast("B"))
     return path
 
 
