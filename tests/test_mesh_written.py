@@ -223,3 +223,13 @@ def test_check_written_header(meshes, tmp_path, full_checks):
 def test_check_written_empty_mesh(tmp_path):
     path = write_stl(Mesh(), tmp_path / "e.stl")
     same_check(check_written_stl(path, Mesh()), check_stl(path))
+
+
+def test_unsmoothed_vertices_are_the_affine_image_of_the_index_vertices():
+    """_mesh_crop maps flying-edges vertices with einsum (no BLAS): same as the matmul up to rounding."""
+    mask = noisy_blob_mask()
+    aff = oblique_affine()
+    mesh = mesh_from_mask(mask, aff, MeshOptions("none"))
+    ident = mesh_from_mask(mask, np.eye(4), MeshOptions("none"))  # index space (winding may differ)
+    expected = ident.vertices @ aff[:3, :3].T + aff[:3, 3]
+    np.testing.assert_allclose(mesh.vertices, expected, rtol=0, atol=1e-9)
