@@ -82,3 +82,44 @@ def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeyp
     assert res.report["outputs"]["meshes"] == plain.report["outputs"]["meshes"]
     for p in plain.mesh_paths:
         assert (tmp_path / "pooled" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_vtk_backend_switched_before_any_thread_goes_on(monkeypatch):
+    """Concurrent first calls of _vtk_smp: none returns before the backend switch is done."""
+    import threading
+    import time
+
+    import node.pipeline.mesh as mesh_mod
+    from vtkmodules.vtkCommonCore import vtkSMPTools
+
+    switched = threading.Event()
+    real_set = vtkSMPTools.SetBackend
+
+    class SlowSMP:
+        @staticmethod
+        def GetBackend():
+            return "Sequential"
+
+        @staticmethod
+        def SetBackend(name):
+            time.sleep(0.2)  # a slow switch: the other thread must wait for it
+            switched.set()
+            return True
+
+    import vtkmodules.vtkCommonCore as core
+
+    monkeypatch.setattr(core, "vtkSMPTools", SlowSMP)
+    monkeypatch.setattr(mesh_mod, "_SMP_READY", False)
+    seen: list[bool] = []
+
+    def first_use():
+        mesh_mod._vtk_smp()
+        seen.append(switched.is_set())
+
+    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [True, True]
+    assert real_set is vtkSMPTools.SetBackend

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping
 
@@ -551,21 +552,30 @@ def topology(faces: np.ndarray, n_vertices: int | None = None) -> Topology:
 # --------------------------------------------------------------------------- VTK glue
 
 _SMP_READY = False
+_SMP_LOCK = threading.Lock()
 
 
 def _vtk_smp() -> None:
-    """Use VTK's STDThread SMP backend when VTK is still on the sequential one (once)."""
+    """Use VTK's STDThread SMP backend when VTK is still on the sequential one (once).
+
+    Thread safe: run_pipeline meshes two tissues at a time, and no filter may start
+    while another thread is still switching the backend, so the flag is set only once
+    the switch is done, under a lock.
+    """
     global _SMP_READY
     if _SMP_READY:
         return
-    _SMP_READY = True
-    try:
-        from vtkmodules.vtkCommonCore import vtkSMPTools
+    with _SMP_LOCK:
+        if _SMP_READY:
+            return
+        try:
+            from vtkmodules.vtkCommonCore import vtkSMPTools
 
-        if vtkSMPTools.GetBackend() == "Sequential":
-            vtkSMPTools.SetBackend("STDThread")
-    except Exception:  # pragma: no cover - backend not compiled in
-        log.debug("VTK STDThread SMP backend unavailable", exc_info=True)
+            if vtkSMPTools.GetBackend() == "Sequential":
+                vtkSMPTools.SetBackend("STDThread")
+        except Exception:  # pragma: no cover - backend not compiled in
+            log.debug("VTK STDThread SMP backend unavailable", exc_info=True)
+        _SMP_READY = True
 
 
 def _to_vtk_polydata(vertices: np.ndarray, faces: np.ndarray) -> Any:
