@@ -123,3 +123,39 @@ def test_vtk_backend_switched_before_any_thread_goes_on(monkeypatch):
         t.join()
     assert seen == [True, True]
     assert real_set is vtkSMPTools.SetBackend
+
+
+def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, monkeypatch):
+    """A streaming backend's tissue is meshed before segmentation ends, results unchanged."""
+    import threading
+
+    from node.pipeline.backend_hu import HUBackend
+    from node.pipeline.mesh import mesh_from_mask
+
+    prof = _profile(["organ", "bone"])
+    plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", write_segmentation=False)
+    meshing = threading.Event()
+
+    class WaitingBackend(HUBackend):
+        """Hands over the first tissue, then waits until somebody meshes it."""
+
+        def segment(self, volume, profile, *, phase, on_mask=None):
+            def hand_over(name, mask):
+                on_mask(name, mask)
+                if name == "organ":
+                    assert meshing.wait(10), "the first tissue was not meshed during segmentation"
+
+            return super().segment(volume, profile, phase=phase, on_mask=hand_over)
+
+    def spy(mask, affine, opts):
+        meshing.set()
+        return mesh_from_mask(mask, affine, opts)
+
+    monkeypatch.setattr(run_mod, "get_backend", lambda name: WaitingBackend())
+    monkeypatch.setattr(run_mod, "mesh_from_mask", spy)
+    res = run_mod.run_pipeline([series], prof, tmp_path / "streamed", write_segmentation=False)
+    assert res.report["tissues"] == plain.report["tissues"]
+    assert list(res.report["tissues"]) == ["organ", "bone"]
+    assert res.report["timings_s"]["mesh_span"] > 0
+    for p in plain.mesh_paths:
+        assert (tmp_path / "streamed" / p.name).read_bytes() == p.read_bytes()

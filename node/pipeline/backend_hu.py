@@ -167,12 +167,13 @@ class HUBackend:
                     m = apply_step(step, m, src, inside_body, spacing, masks)
                 for other in tissue.exclude:
                     m &= ~masks[other]
-                masks[tissue.name] = m
+                full = np.zeros(volume.array.shape, dtype=bool)
+                full[box] = m
+                del m
+                masks[tissue.name] = m = full[box]  # a view: one copy of each mask, not two
                 del src
                 if tissue.smooth_mm and last_use[tissue.smooth_mm] == idx:
                     smoothed.pop(tissue.smooth_mm, None)  # free the float32 volume
-                full = np.zeros(volume.array.shape, dtype=bool)
-                full[box] = m
                 out[tissue.name] = full
                 log.debug("tissue %s: %d voxels in %.2f s", tissue.name, int(m.sum()), time.perf_counter() - t0)
                 if on_mask is not None:
