@@ -37,8 +37,11 @@ import logging
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from apscheduler.jobstores.base import JobLookupError
 
 from node.completion import sweep
 from node.profiles import list_profiles
@@ -147,6 +150,20 @@ class NodeService:
             self._dispatcher = mod.Dispatcher(self.config, self.store)
         self._dispatcher.run_due()
 
+    def dispatch_now(self) -> None:
+        """Run the dispatcher now (a job just finished) rather than at its next 2 s tick.
+
+        The scheduler runs it (one instance at a time, as every tick); before the
+        scheduler is up, the first tick comes soon anyway.
+        """
+        sched = self.scheduler
+        if sched is None or self._stopped.is_set():
+            return
+        try:
+            sched.modify_job("dispatch", next_run_time=datetime.now(timezone.utc))
+        except JobLookupError:  # not scheduled yet, or shutting down
+            pass
+
     def clean_spool(self) -> None:
         assert self.store is not None
         clean_spool(self.config, self.store)
@@ -173,7 +190,7 @@ class NodeService:
         self.receiver = Receiver(cfg, store)
         self.receiver.start()  # rescans the spool first
         self.complete_and_route()  # complete-but-unrouted series from before the restart
-        self.pool = WorkerPool(cfg, store)
+        self.pool = WorkerPool(cfg, store, on_done=self.dispatch_now)
         self.pool.start()
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # before add_job: it logs there
         self.scheduler = sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,

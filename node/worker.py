@@ -65,7 +65,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from node.store import MODEL_BACKENDS, Job, Store
 
@@ -571,11 +571,17 @@ class WorkerPool:
         config: :class:`node.config.NodeConfig`.
         store: the job store (used from the supervisor thread).
         poll_s: how often the supervisor looks for due jobs when not woken.
+        on_done: called (no arguments, from the supervisor thread) after a job succeeded
+            and its dispatch rows were recorded, so the dispatcher can run at once instead
+            of at its next tick; exceptions are logged, never raised.
     """
 
-    def __init__(self, config: Any, store: Store, *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, config: Any, store: Store, *, poll_s: float = 0.5, on_done: Callable[[], None] | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        self.on_done = on_done
         self.size = max(1, int(config.workers))
         self.gpus = [int(g) for g in (getattr(config, "gpus", None) or [])]
         self.poll_s = poll_s
@@ -793,6 +799,11 @@ class WorkerPool:
                                f"job process died (exit code {r.proc.exitcode})")
             elif msg[0] == "ok":
                 record_success(self.config, self.store, r.job, msg[1])
+                if self.on_done is not None:
+                    try:
+                        self.on_done()
+                    except Exception:  # noqa: BLE001 - a hook must not stop the supervisor
+                        log.exception("on_done hook failed")
             else:
                 record_failure(self.config, self.store, r.job, msg[1], msg[2])
             self._wake.set()

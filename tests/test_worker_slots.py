@@ -349,3 +349,40 @@ def test_slot_process_dies_with_the_node(setup, tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"slot process {slot_pid} outlived the node")
+
+
+def test_on_done_hook_runs_after_a_successful_job_is_recorded(setup):
+    """The pool calls on_done once the job is done (so the node dispatches at once); a failing hook is only logged."""
+    store, config, job = setup
+    hu = job("hu", "synth_hu", "hu_based")
+    seen: list[str] = []
+
+    def hook():
+        seen.append(next(j.state for j in store.list_jobs() if j.id == hu))
+        raise RuntimeError("a broken hook must not stop the supervisor")
+
+    pool = WorkerPool(config(gpus=[]), store, poll_s=0.1, on_done=hook)
+    jobs = _run_until_finished(pool, store, [hu], timeout_s=120)
+    assert jobs[hu].state == "done", jobs[hu].error
+    assert seen == ["done"]
+
+
+def test_dispatch_now_runs_the_dispatch_tick_at_once(tmp_path):
+    import threading
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from node.service import NodeService
+
+    svc = NodeService(NodeConfig(storage=tmp_path / "var"))
+    svc.dispatch_now()  # no scheduler yet: nothing to do, no error
+    ran = threading.Event()
+    svc.scheduler = BackgroundScheduler()
+    svc.scheduler.add_job(ran.set, "interval", hours=1, id="dispatch")
+    svc.scheduler.start()
+    try:
+        assert not ran.wait(0.5)
+        svc.dispatch_now()
+        assert ran.wait(5), "dispatch did not run after dispatch_now()"
+    finally:
+        svc.scheduler.shutdown(wait=False)
