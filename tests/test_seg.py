@@ -509,3 +509,15 @@ def test_label_map_one_and_empty_masks() -> None:
     np.testing.assert_array_equal(S._label_map([m], np.uint8), m.astype(np.uint8))
     np.testing.assert_array_equal(S._label_map([np.zeros_like(m), m], np.uint16), 2 * m.astype(np.uint16))
     assert S._label_map([m, m], np.uint8) is None
+
+
+def test_warm_up_loads_highdicom_tables():
+    """The preload the pipeline runs in the background really fills highdicom's table caches."""
+    from highdicom import _standard_utils as standard
+
+    from node.pipeline.seg import warm_up
+
+    standard.get_module_attribute_map.cache_clear()
+    assert standard.get_module_attribute_map.cache_info().currsize == 0
+    assert warm_up() is True
+    assert standard.get_module_attribute_map.cache_info().currsize == 1

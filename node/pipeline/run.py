@@ -31,7 +31,7 @@ from node.pipeline.backends import get_backend
 from node.pipeline.mesh import MeshOptions, mesh_from_mask
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
 from node.pipeline.series import find_series, load_series
-from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, write_seg
+from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, warm_up, write_seg
 from node.pipeline.volume import Volume
 from node.profiles import Profile, load_profile
 
@@ -168,6 +168,9 @@ def run_pipeline(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
+    if write_segmentation:
+        # highdicom's standard tables load while the series is read and segmented
+        threading.Thread(target=warm_up, name="seg-warm-up", daemon=True).start()
 
     headers: dict[Path, Any] = {}  # parsed once while grouping, reused by the loader
     files = select_series(inputs, series_uid, headers)

@@ -302,6 +302,25 @@ class _Segmentation(hd.seg.Segmentation):
                                                    segmentation_type, dtype)
 
 
+def warm_up() -> bool:
+    """Load highdicom's DICOM standard tables now (JSON, ~0.3-0.5 s CPU once per process).
+
+    highdicom loads them lazily when the first SEG is built; the pipeline calls this in a
+    background thread while it segments, so that cost is off the SEG's own path.  Uses
+    highdicom's internal loaders, so it only tries: returns whether the tables are loaded.
+    """
+    try:
+        from highdicom import _standard_utils as standard
+
+        standard.get_sop_class_iod_map()
+        standard.get_iod_module_map()
+        standard.get_module_attribute_map()
+        return True
+    except Exception:  # noqa: BLE001 - an optimisation only; write_seg loads them itself
+        log.debug("highdicom standard tables not preloaded", exc_info=True)
+        return False
+
+
 def _default_series_number(volume: Volume) -> int:
     n = volume.info.series_number
     if n is None:
