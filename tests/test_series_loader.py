@@ -501,3 +501,19 @@ def test_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.count("\n") == 1 and "wrote 7 file(s)" in out
     vol = load_series(sorted(tmp_path.glob("*.dcm")))
     assert vol.shape == (6, 32, 32)
+
+
+@pytest.mark.parametrize("slope, intercept", [(1, 2**31 + 5), (1, -(2**31) - 7), (40000, -1024), (1, 2**40)])
+def test_huge_rescale_values_load_as_float_without_overflow(tmp_path, slope, intercept):
+    """Integral rescale values beyond int32 (or products beyond int16) give exact float32 HU, no OverflowError."""
+    files = write_series(np.full((4, 8, 8), 40, np.int16), tmp_path, affine=np.diag([-2.0, -2.0, 2.0, 1.0]))
+    raws = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope, ds.RescaleIntercept = str(slope), str(intercept)
+        raws.append(ds.pixel_array.astype(np.int64))
+        ds.save_as(f)
+    vol = load_series(files)
+    assert vol.array.dtype == np.float32
+    expected = np.float32(float(int(raws[0].max()) * slope + intercept))
+    assert np.all(vol.array == expected)

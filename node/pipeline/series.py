@@ -460,14 +460,16 @@ def _decode_chunk(items: list[_Item]) -> list[np.ndarray] | tuple[str, str, str]
 
 def _apply_rescale(raw: np.ndarray, slope: float, inter: float, as_int: bool) -> np.ndarray:
     if as_int:
-        hu = raw.astype(np.int32)
+        # int64: a 16-bit value times an int32-sized slope plus an int32-sized intercept
+        # (what as_int admits) cannot overflow, so no value wraps around silently
+        hu = raw.astype(np.int64)
         if slope != 1:
             hu *= int(slope)
         if inter != 0:
             hu += int(inter)
         if hu.size and hu.min() >= -32768 and hu.max() <= 32767:
             return hu.astype(np.int16)  # halves what travels back from a worker
-        return hu
+        return hu.astype(np.float32)  # beyond int16: the volume becomes float32 anyway
     return (raw.astype(np.float64) * slope + inter).astype(np.float32)
 
 
@@ -854,7 +856,11 @@ def load_series(
         raise SeriesError("all frames share one position: a volume needs at least 2 slices", path=frames[0].path)
 
     # decode
-    as_int = all(float(fr.slope).is_integer() and float(fr.intercept).is_integer() for fr in frames)
+    as_int = all(
+        float(fr.slope).is_integer() and float(fr.intercept).is_integer()
+        and abs(fr.slope) < 2**31 and abs(fr.intercept) < 2**31  # beyond: float arithmetic
+        for fr in frames
+    )
     workers = decode_workers if decode_workers is not None else (os.cpu_count() or 1)
     vol = _decode_all(frames, max(1, int(workers)), as_int)
 
