@@ -185,7 +185,7 @@ class Dispatcher:
         what = f"dispatch {d.id} (job {d.job_id}, {d.kind} -> {d.destination}, attempt {d.attempts})"
         if state == "sent":
             ok = self.store.mark_dispatch_sent(d.id)
-            log.info("%s sent: %s", what, detail)
+            log.info("%s sent%s: %s", what, f" -> {location}" if location and location not in detail else "", detail)
         else:
             new = self.store.mark_dispatch_failed(d.id, detail, retry_at=retry_at)
             ok = new is not None
@@ -351,7 +351,7 @@ class Dispatcher:
             seg_series_uid=seg_uid,
             supersedes=supersedes,
         )
-        return f"{len(files)} file(s) + manifest.json -> {result.folder}", str(result.folder)
+        return f"{len(files)} file(s) + manifest.json", str(result.folder)  # the folder is the location
 
     def _older_results(self, job: Job) -> list[dict[str, Any]]:
         """Done jobs of older generations of the same series and profile, with their share folder if any."""

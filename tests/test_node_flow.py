@@ -248,6 +248,9 @@ def test_flow_done_unrouted_and_bad_input(node_factory, tmp_path):
     # what was sent where and when: the share drop's attempt names its folder
     shown = wait_for(lambda: (lambda out: out if re.search(r"attempt 1 \S+ \S+ sent -> /", out) else None)(
         node.cli("show", str(job.id))), 30, "the share attempt in jobs show")
+    line = next(ln for ln in shown.splitlines() if re.search(r"attempt 1 \S+ \S+ sent -> /", ln))
+    folder = line.split(" -> ", 1)[1].split(": ", 1)[0]
+    assert line.count(folder) == 1 and "manifest.json" in line, line  # the folder once, then what went there
     series_out = node.cli("series", "--state", "unrouted")
     assert other_uid in series_out and "unrouted" in series_out
 

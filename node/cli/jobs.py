@@ -95,7 +95,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
               f"{' next=' + _ts(d.next_attempt_at) if d.state == 'pending' and d.next_attempt_at else ''}"
               f"{' error=' + d.last_error if d.last_error else ''}")
         for a in (a for a in attempts if a["dispatch_id"] == d.id):
-            where = f" -> {a['location']}" if a["location"] else ""
+            # the location once: a DICOM detail already names the AE@host:port it stored at
+            where = f" -> {a['location']}" if a["location"] and a["location"] not in (a["detail"] or "") else ""
             print(f"     attempt {a['attempt']} {_ts(a['finished_at'])} {a['outcome']}{where}: {a['detail']}")
     return 0
 
