@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from io import BytesIO
 from pathlib import Path
@@ -244,6 +245,17 @@ def test_corrupt_instance_refused_others_stored(receiver, tmp_path, raw_send):
     assert "cannot parse" in reason.read_text()
     (qfile,) = rx.quarantine_dir.glob("*.dcm")
     assert dataset_bytes(qfile.read_bytes()) == dataset_bytes(bad.read_bytes())
+    # the operator sees it: reason, sender and file, from the reason file next to the bytes
+    from node.scp.receiver import read_quarantine
+
+    (entry,) = read_quarantine(rx.quarantine_dir)
+    assert entry.path == qfile and entry.size == qfile.stat().st_size
+    assert "cannot parse" in entry.reason and entry.calling == "PYTEST" and entry.peer == "127.0.0.1"
+    res = subprocess.run([sys.executable, "-m", "node.cli", "jobs", "quarantine", "--db", str(store.path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "cannot parse" in res.stdout and "PYTEST" in res.stdout and str(qfile) in res.stdout
+    assert "1 quarantined instance(s)" in res.stdout
 
 
 @needs_data

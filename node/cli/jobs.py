@@ -7,6 +7,9 @@
   done job, its failed dispatches are re-queued.
 * ``dicom-node jobs series [--state S]`` - the series the node knows, with their
   state (``unrouted`` series are kept and listed here, with the reason).
+* ``dicom-node jobs quarantine`` - the instances the receiver refused (corrupt data,
+  missing UIDs, ...), kept byte for byte in ``<storage>/quarantine/``, with the reason,
+  the sender and the file.
 
 ``--config node.yaml`` (default: embedded defaults, i.e. ``./var/node.db``) or
 ``--db PATH`` says which database to read.
@@ -131,8 +134,22 @@ def _cmd_series(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    from node.scp.receiver import read_quarantine
+
+    folder = Path(args.db).parent / "quarantine" if args.db else load_config(args.config).quarantine_dir
+    entries = read_quarantine(folder)
+    print(f"{'RECEIVED':<20} {'CALLING AE':<16} {'PEER':<15} {'SIZE':>9}  REASON / SOP INSTANCE / FILE")
+    for e in entries:
+        size = f"{e.size}" if e.size is not None else "missing"
+        print(f"{e.received_at:<20} {(e.calling or '-')[:16]:<16} {(e.peer or '-')[:15]:<15} {size:>9}  {e.reason}")
+        print(f"{'':<63}  sop={e.sop or '-'}  file={e.path}")
+    print(f"{len(entries)} quarantined instance(s) in {folder}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("jobs", help="list, show and retry the node's jobs; list its series")
+    p = subparsers.add_parser("jobs", help="list, show and retry the node's jobs; list its series and quarantine")
     sub = p.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -155,6 +172,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ser.add_argument("--state", choices=SERIES_STATES, default=None)
     common(ser)
     ser.set_defaults(func=_cmd_series)
+
+    qp = sub.add_parser("quarantine", help="the instances the receiver refused, with the reason and the file")
+    common(qp)
+    qp.set_defaults(func=_cmd_quarantine)
 
     def _help(_args: argparse.Namespace) -> int:
         p.print_help()

@@ -39,6 +39,7 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_OUT_OF_RESOURCES",
     "spool_path",
+    "QuarantineEntry",
+    "read_quarantine",
 ]
 
 log = logging.getLogger("node.scp.receiver")
@@ -325,7 +328,8 @@ class Receiver:
         sop = info.get("sop") or ""
         stem = f"{stamp}_{uuid.uuid4().hex[:8]}" + (f"_{_safe_name(sop)}" if sop else "")
         path = self.quarantine_dir / f"{stem}.dcm"
-        lines = [f"reason: {reason}"] + [f"{k}: {v}" for k, v in info.items()]
+        # one "key: value" per line (read back by read_quarantine): no line breaks inside values
+        lines = [f"reason: {_one_line(reason)}"] + [f"{k}: {_one_line(str(v))}" for k, v in info.items()]
         lines.append(f"received_at: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
         try:
             durable_write(path, data)
@@ -386,3 +390,59 @@ class Receiver:
         if indexed:
             log.info("spool rescan indexed %d instance(s) missing from the store", indexed)
         return indexed
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split("\n")).replace("\r", " ")
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One refused instance kept in the quarantine folder (see :meth:`Receiver._quarantine`)."""
+
+    path: Path
+    """The bytes as received (``.dcm``); may be missing if an operator removed it."""
+    size: int | None
+    received_at: str
+    reason: str
+    calling: str | None
+    called: str | None
+    peer: str | None
+    sop: str | None
+    info: dict[str, str]
+    """Every field of the ``.reason.txt`` file."""
+
+
+def read_quarantine(quarantine_dir: str | Path) -> list[QuarantineEntry]:
+    """The refused instances in ``quarantine_dir``, oldest first (from their ``.reason.txt`` files).
+
+    Unreadable or foreign files are listed with what could be read; the folder's
+    absence means nothing was ever refused.
+    """
+    folder = Path(quarantine_dir)
+    if not folder.is_dir():
+        return []
+    out = []
+    for reason_file in sorted(folder.glob("*.reason.txt")):
+        info: dict[str, str] = {}
+        try:
+            for line in reason_file.read_text(encoding="utf-8", errors="replace").splitlines():
+                key, sep, value = line.partition(": ")
+                if sep:
+                    info[key.strip()] = value.strip()
+        except OSError as exc:
+            info["reason"] = f"(cannot read {reason_file.name}: {exc})"
+        data = reason_file.with_name(reason_file.name[: -len(".reason.txt")] + ".dcm")
+        out.append(QuarantineEntry(
+            path=data,
+            size=data.stat().st_size if data.is_file() else None,
+            received_at=info.get("received_at", "-"),
+            reason=info.get("reason", "(no reason recorded)"),
+            calling=info.get("calling") or None,
+            called=info.get("called") or None,
+            peer=info.get("peer") or None,
+            sop=info.get("sop") or None,
+            info=info,
+        ))
+    out.sort(key=lambda e: (e.received_at, e.path.name))
+    return out
