@@ -168,9 +168,6 @@ def run_pipeline(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
-    if write_segmentation:
-        # highdicom's standard tables load while the series is read and segmented
-        threading.Thread(target=warm_up, name="seg-warm-up", daemon=True).start()
 
     headers: dict[Path, Any] = {}  # parsed once while grouping, reused by the loader
     files = select_series(inputs, series_uid, headers)
@@ -253,6 +250,10 @@ def run_pipeline(
         if mesh_pool is not None and t is not None and t.mesh.enabled:
             mesh_jobs[name] = mesh_pool.submit(_timed_mesh, t, mask)
 
+    if write_segmentation:
+        # highdicom's standard tables load while the series is segmented (mostly ITK and
+        # numpy outside the GIL), not while it is read (header parsing needs the GIL)
+        threading.Thread(target=warm_up, name="seg-warm-up", daemon=True).start()
     try:
         streaming = bool(getattr(seg_backend, "streams_masks", False))
 
