@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from node.pipeline.ai_common import GPU_SLOT_ENV
 from node.store import MODEL_BACKENDS, Job, Store
 
 __all__ = [
@@ -589,7 +590,7 @@ class WorkerPool:
         self._ctx.set_forkserver_preload(["node.worker", "node.pipeline.run"])
         cpu_env = {"CUDA_VISIBLE_DEVICES": ""} if self.gpus else {}
         self.slots: list[_Slot] = [_Slot(i, "cpu", None, dict(cpu_env)) for i in range(self.size)]
-        self.slots += [_Slot(self.size + n, "gpu", g, {"CUDA_VISIBLE_DEVICES": str(g)})
+        self.slots += [_Slot(self.size + n, "gpu", g, {"CUDA_VISIBLE_DEVICES": str(g), GPU_SLOT_ENV: str(g)})
                        for n, g in enumerate(self.gpus)]
         self._running: dict[int, _Running] = {}  # slot index -> running job
         self._wake = threading.Event()

@@ -386,3 +386,26 @@ def test_dispatch_now_runs_the_dispatch_tick_at_once(tmp_path):
         assert ran.wait(5), "dispatch did not run after dispatch_now()"
     finally:
         svc.scheduler.shutdown(wait=False)
+
+
+def test_gpu_slot_maps_any_cuda_index_to_its_own_gpu():
+    """In a GPU slot only the slot's GPU is visible (as cuda:0): a profile's cuda:N is mapped to it."""
+    from node.pipeline.ai_common import GPU_SLOT_ENV, slot_device
+
+    slot = {"CUDA_VISIBLE_DEVICES": "3", GPU_SLOT_ENV: "3"}
+    assert slot_device("cuda:3", slot) == "cuda:0"
+    assert slot_device("cuda:1", slot) == "cuda:0"
+    assert slot_device("cuda", slot) == "cuda" and slot_device("cpu", slot) == "cpu"
+    # outside a node GPU slot the request stands (the operator may have set CUDA_VISIBLE_DEVICES)
+    assert slot_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "0,1"}) == "cuda:1"
+    assert slot_device("cuda:1", {}) == "cuda:1"
+
+
+def test_gpu_slots_mark_their_processes(setup):
+    store, config, _job = setup
+    pool = WorkerPool(config(gpus=[0, 2]), store, poll_s=0.1)
+    from node.pipeline.ai_common import GPU_SLOT_ENV
+
+    gpu_envs = [s.env for s in pool.slots if s.kind == "gpu"]
+    assert gpu_envs == [{"CUDA_VISIBLE_DEVICES": "0", GPU_SLOT_ENV: "0"}, {"CUDA_VISIBLE_DEVICES": "2", GPU_SLOT_ENV: "2"}]
+    assert all(GPU_SLOT_ENV not in s.env for s in pool.slots if s.kind == "cpu")

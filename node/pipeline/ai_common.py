@@ -148,6 +148,26 @@ def prepare_torch(threads: int | None = None) -> None:
             _prepared = True
 
 
+#: set by the node in a GPU slot's processes to the physical GPU the slot owns (its only visible one)
+GPU_SLOT_ENV = "NODE_GPU_SLOT"
+
+
+def slot_device(requested: str, env: dict[str, str] | None = None) -> str:
+    """The device name to use for ``requested`` in this process.
+
+    In a node GPU slot (``NODE_GPU_SLOT`` set, ``CUDA_VISIBLE_DEVICES=<that GPU>``) the
+    slot's GPU is the only one visible and is ``cuda:0`` here, whatever index a profile
+    names: the scheduler, not the profile, decides which GPU runs a job.  Elsewhere the
+    request is kept as is.
+    """
+    env = os.environ if env is None else env
+    slot_gpu = env.get(GPU_SLOT_ENV)
+    if slot_gpu is not None and requested.startswith("cuda:") and requested != "cuda:0":
+        log.info("device %s requested; in this GPU slot (GPU %s) the device is cuda:0", requested, slot_gpu)
+        return "cuda:0"
+    return requested
+
+
 def select_device(requested: str | None = None):
     """``torch.device`` for ``requested`` (``auto``/``cpu``/``cuda``/``cuda:N``; default: node config, auto)."""
     import torch
@@ -155,6 +175,7 @@ def select_device(requested: str | None = None):
     req = (requested or _settings["device"] or "auto").lower()
     if req == "gpu":
         req = "cuda"
+    req = slot_device(req)
     if req == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if req.startswith("cuda"):
