@@ -123,10 +123,22 @@ def _merge_soup(tris: np.ndarray) -> Mesh:
     corners = tris.reshape(-1, 3)
     if len(corners) == 0:
         return Mesh()
-    inv, n_unique = float32_groups(corners)
-    verts = np.zeros((n_unique, 3), dtype=np.float64)
-    verts[inv] = corners.astype(np.float64)
-    return Mesh(verts, inv.reshape(-1, 3))
+    verts, group = _merge_float32(corners)
+    return Mesh(verts, group.reshape(-1, 3))
+
+
+def _merge_float32(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(merged, group)``: vertices of equal float32 coordinates merged (float64), and the
+    merged index of each input vertex (remap faces with ``group[faces]``).
+
+    Groups are numbered in key order (:func:`float32_groups`), so the same set of
+    coordinates gives the same numbering whether it comes as triangle corners or as
+    indexed vertices.
+    """
+    inv, n_unique = float32_groups(vertices)
+    merged = np.zeros((n_unique, 3), dtype=np.float64)
+    merged[inv] = vertices
+    return merged, inv
 
 
 @dataclass
@@ -165,14 +177,19 @@ class MeshCheck:
 
 def _check_soup(tris: np.ndarray, path: str | os.PathLike[str], header: str) -> MeshCheck:
     merged = _merge_soup(tris)
-    topo = topology(merged.faces, len(merged.vertices))
+    return _mesh_check(path, merged.vertices, merged.faces, header)
+
+
+def _mesh_check(path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndarray, header: str) -> MeshCheck:
+    """The :class:`MeshCheck` of a mesh whose vertices are already merged as a reader merges them."""
+    topo = topology(faces, len(vertices))
     return MeshCheck(
         path=Path(path),
         triangles=topo.triangles,
-        vertices=len(merged.vertices),
+        vertices=len(vertices),
         watertight=topo.watertight,
         manifold=topo.manifold,
-        volume_ml=signed_volume(merged.vertices, merged.faces) / 1000.0,
+        volume_ml=signed_volume(vertices, faces) / 1000.0,
         boundary_edges=topo.boundary_edges,
         nonmanifold_edges=topo.nonmanifold_edges,
         inconsistent_edges=topo.inconsistent_edges,
@@ -252,26 +269,9 @@ def check_written_stl(
     if float32_unique_count(v_used) == len(v_used):
         merged_v, merged_f = v_used.astype(np.float64), f_used
     else:  # groups numbered in key order, as check_stl numbers the same set of keys
-        inv, n_unique = float32_groups(v_used)
-        merged_v = np.zeros((n_unique, 3), dtype=np.float64)
-        merged_v[inv] = v_used
-        merged_f = inv[f_used]
-    topo = topology(merged_f, len(merged_v))
-    return MeshCheck(
-        path=path,
-        triangles=topo.triangles,
-        vertices=len(merged_v),
-        watertight=topo.watertight,
-        manifold=topo.manifold,
-        volume_ml=signed_volume(merged_v, merged_f) / 1000.0,
-        boundary_edges=topo.boundary_edges,
-        nonmanifold_edges=topo.nonmanifold_edges,
-        inconsistent_edges=topo.inconsistent_edges,
-        degenerate_faces=topo.degenerate_faces,
-        nonmanifold_vertices=topo.nonmanifold_vertices,
-        components=topo.components,
-        header=head.rstrip(b"\x00 ").decode("ascii", errors="replace"),
-    )
+        merged_v, group = _merge_float32(v_used)
+        merged_f = group[f_used]
+    return _mesh_check(path, merged_v, merged_f, head.rstrip(b"\x00 ").decode("ascii", errors="replace"))
 
 
 # --------------------------------------------------------------------------- PLY
