@@ -384,24 +384,35 @@ def components_touching(region: np.ndarray, seed: np.ndarray) -> np.ndarray:
     if box is None:
         return np.zeros(region.shape, dtype=bool)
     r = np.ascontiguousarray(region[box])
-    cc = sitk.ConnectedComponent(_to_sitk(r, (1.0, 1.0, 1.0)), False)
-    labels = sitk.GetArrayViewFromImage(cc)
-    fg = labels[r]
+    fg = _labels_at(r, fully_connected=False)
     keep = np.zeros(int(fg.max(initial=0)) + 1, dtype=bool)
     keep[fg[seed[box][r]]] = True
-    keep[0] = False
     out = np.zeros(region.shape, dtype=bool)
-    sub = np.zeros(r.shape, dtype=bool)
-    sub[r] = keep[fg]
-    out[box] = sub
-    del labels, cc
+    out[box] = _kept(r, fg, keep)
     return out
 
 
-def _relabel(mask: np.ndarray, min_voxels: int = 0) -> sitk.Image:
-    """26-connected components relabelled by decreasing size (1 = largest), small ones dropped."""
+def _labels_at(m: np.ndarray, *, fully_connected: bool) -> np.ndarray:
+    """The component label (1..n) of each true voxel of ``m``, in the order of ``m[m]``.
+
+    ITK's multi-threaded labelling (26-connected when ``fully_connected``, else 6); only
+    the foreground's labels are read out, a small part of the box.
+    """
+    cc = sitk.ConnectedComponent(_to_sitk(m, (1.0, 1.0, 1.0)), fully_connected)
+    return sitk.GetArrayViewFromImage(cc)[m]
+
+
+def _kept(m: np.ndarray, fg: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The voxels of ``m`` whose component (``fg``, from :func:`_labels_at`) has ``keep[label]``."""
+    out = np.zeros(m.shape, dtype=bool)
+    out[m] = keep[fg]
+    return out
+
+
+def _relabel(mask: np.ndarray) -> sitk.Image:
+    """26-connected components relabelled by decreasing size (1 = largest)."""
     cc = sitk.ConnectedComponent(_to_sitk(mask, (1.0, 1.0, 1.0)), True)
-    return sitk.RelabelComponent(cc, minimumObjectSize=int(min_voxels), sortByObjectSize=True)
+    return sitk.RelabelComponent(cc, sortByObjectSize=True)
 
 
 def keep_largest(mask: np.ndarray, n: int = 1) -> np.ndarray:
@@ -425,13 +436,8 @@ def remove_small(mask: np.ndarray, min_ml: float, spacing: Spacing) -> np.ndarra
     def run(m: np.ndarray) -> np.ndarray:
         # component sizes from the foreground voxels only (a small part of the box),
         # no relabelling by size: that sort is not needed to drop the small ones
-        cc = sitk.ConnectedComponent(_to_sitk(m, (1.0, 1.0, 1.0)), True)
-        labels = sitk.GetArrayViewFromImage(cc)
-        fg = labels[m]
-        keep = np.bincount(fg) >= min_voxels
-        out = np.zeros(m.shape, dtype=bool)
-        out[m] = keep[fg]
-        return out
+        fg = _labels_at(m, fully_connected=True)
+        return _kept(m, fg, np.bincount(fg) >= min_voxels)
 
     return _on_box(mask, (0, 0, 0), run)
 
@@ -494,15 +500,11 @@ def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing:
         near[tuple(hi)] |= s[tuple(lo)]
     inner = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))
     near = near[inner]
-    cc = sitk.ConnectedComponent(_to_sitk(m, (1.0, 1.0, 1.0)), False)
-    labels = sitk.GetArrayViewFromImage(cc)
-    keep = np.zeros(int(labels.max()) + 1, dtype=bool)
-    keep[labels[near & m]] = True
-    keep[0] = False
-    out = np.zeros(mask.shape, dtype=bool)
-    fg = labels[m]
-    out_box = np.zeros(m.shape, dtype=bool)
-    out_box[m] = keep[fg]
+    fg = _labels_at(m, fully_connected=False)
+    keep = np.zeros(int(fg.max(initial=0)) + 1, dtype=bool)
+    keep[fg[near[m]]] = True
+    out_box = _kept(m, fg, keep)
     out_box &= ~s[inner]
+    out = np.zeros(mask.shape, dtype=bool)
     out[box] = out_box
     return out
