@@ -273,3 +273,20 @@ def test_connected_to_counts_seed_just_outside_the_mask_box():
     got = M.connected_to(m, other, 0.0, (1.0, 1.0, 1.0))
     assert got[2:5, 2:5, 2:5].all()
     assert not got[7, 7, 2]
+
+
+def test_slab_gaussian_equals_one_whole_array_call():
+    from scipy import ndimage
+
+    from node.pipeline.backend_hu import _gaussian
+
+    a = np.random.default_rng(0).integers(-1000, 1500, (150, 60, 70)).astype(np.int16)
+    old_min = M.MIN_SLAB_SLICES
+    M.MIN_SLAB_SLICES = 8  # force several slabs on this small array
+    try:
+        for sigma in ([1.3, 1.7, 1.4], [2.5, 1.0, 1.0]):
+            got = _gaussian(a, sigma)
+            assert got.dtype == np.float32
+            assert np.array_equal(got, ndimage.gaussian_filter(a, sigma, output=np.float32))
+    finally:
+        M.MIN_SLAB_SLICES = old_min

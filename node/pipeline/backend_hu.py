@@ -76,28 +76,13 @@ def apply_step(
 def _gaussian(hu: np.ndarray, sigma_kji) -> np.ndarray:
     """scipy's float32 gaussian of ``hu`` (reflecting edges); int16 input is not copied first.
 
-    Computed in slabs of slices on threads (scipy releases the GIL): each slab is
-    extended by the kernel's half-width along ``k`` and cropped, except at the array's
-    own first and last slice, where the slab filter reflects exactly as the whole-array
-    filter does, so the result is identical to one ``gaussian_filter`` call.
+    Computed in slabs of slices on threads (scipy releases the GIL), each extended by the
+    kernel's half-width along ``k``: identical to one ``gaussian_filter`` call.
     """
-    n = hu.shape[0]
-    reach = _gauss_radius(sigma_kji[0])
-    parts = min(morphology._workers(), n // max(morphology.MIN_SLAB_SLICES, 2 * reach + 1))
-    if parts < 2:
-        return ndimage.gaussian_filter(hu, sigma_kji, output=np.float32)
-    out = np.empty(hu.shape, dtype=np.float32)
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-
-    def run(p: int) -> None:
-        k0, k1 = int(bounds[p]), int(bounds[p + 1])
-        lo, hi = max(0, k0 - reach), min(n, k1 + reach)
-        g = ndimage.gaussian_filter(hu[lo:hi], sigma_kji, output=np.float32)
-        out[k0:k1] = g[k0 - lo : k1 - lo]
-
-    with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="gauss") as pool:
-        list(pool.map(run, range(parts)))
-    return out
+    return morphology._slabs(
+        lambda x: ndimage.gaussian_filter(x, sigma_kji, output=np.float32), hu, _gauss_radius(sigma_kji[0]),
+        dtype=np.float32,
+    )
 
 
 def _gauss_radius(sigma: float) -> int:
