@@ -160,7 +160,8 @@ class HUBackend:
                 if tissue.smooth_mm and last_use[tissue.smooth_mm] == idx:
                     smoothed.pop(tissue.smooth_mm, None)  # free the float32 volume
                 out[tissue.name] = full
-                log.debug("tissue %s: %d voxels in %.2f s", tissue.name, int(m.sum()), time.perf_counter() - t0)
+                if log.isEnabledFor(logging.DEBUG):  # the count is a pass over the box: only when logged
+                    log.debug("tissue %s: %d voxels in %.2f s", tissue.name, int(m.sum()), time.perf_counter() - t0)
                 if on_mask is not None:
                     on_mask(tissue.name, full)
         return out
