@@ -166,6 +166,10 @@ class NodeConfig(_Model):
     bind_address: str = "0.0.0.0"
     storage: Path = Path("./var")
     quiet_period_s: float = Field(10.0, ge=0)
+    early_start_s: float = Field(2.0, ge=0)
+    """Start processing a series speculatively once it has been quiet this long (results are held
+    until ``quiet_period_s`` confirms the series is complete with the same instances); 0 = off.
+    Only in effect when shorter than ``quiet_period_s``."""
     workers: int = Field(default_factory=_default_workers, ge=1)
     """CPU job slots."""
     gpus: list[int] = Field(default_factory=list)
@@ -186,6 +190,11 @@ class NodeConfig(_Model):
     spool_retention_days: float = Field(7.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+
+    @property
+    def early_start_enabled(self) -> bool:
+        """Whether series are started early (``0 < early_start_s < quiet_period_s``)."""
+        return 0 < self.early_start_s < self.quiet_period_s
 
     #: the configuration file this was loaded from (None: embedded defaults)
     config_path: Path | None = Field(default=None, exclude=True)

@@ -21,6 +21,26 @@ generation), and a series generation that already has jobs is never routed a
 second time (not even under rules edited meanwhile): the router only re-marks it
 ``routed``.
 
+Early start (``early_start_s`` in node.yaml, default 2 s, in effect when shorter than the
+quiet period): :meth:`Router.route_early` routes a series that is still ``receiving`` but
+has been quiet for ``early_start_s`` and creates its jobs as *provisional*.  The worker
+pool runs them at once (behind confirmed jobs), but their results are held: nothing is
+sent.  When the quiet period completes the series, :meth:`Router.route_series` routes it
+again on the complete series and reconciles:
+
+* a provisional job whose rule (same rules version) still matches is confirmed; if it is
+  already done and ran on exactly the series' instances (:meth:`Store.series_digest`),
+  its result is published at once (:func:`node.worker.publish_result`: dispatch rows,
+  older generations superseded); done on another instance set, it runs again;
+* a provisional job whose rule no longer matches is dropped (``superseded``, with the
+  reason; the pool stops it if it runs); newly matched rules get ordinary jobs.
+
+Instances that arrive during an early start send a finished provisional job back to the
+queue (:meth:`Store.record_instance`) and make the pool stop a running one; it starts
+again once the series is quiet again.  The SEG identity depends only on (series, rule,
+rules version, generation), so a held result that is confirmed is exactly the result an
+ordinary job would have produced.
+
 Late instances: the store moves a processed series back to ``receiving`` with
 ``generation + 1`` (and supersedes its still-queued jobs); once quiet again it is
 routed anew and the new jobs supersede the older results (see
@@ -32,15 +52,16 @@ when the series already has a job of an earlier generation for that rule
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from node.errors import InputError
 from node.profiles import load_profile
 from node.routing.facts import SeriesFacts, dataset_to_tags
 from node.routing.rules import RuleSetHolder
-from node.store import Series, Store
+from node.store import Job, Series, Store
 
-__all__ = ["Router", "short_version", "series_facts", "RouteOutcome"]
+__all__ = ["Router", "short_version", "series_facts", "RouteOutcome", "TagCache"]
 
 log = logging.getLogger("node.router")
 
@@ -53,7 +74,29 @@ def short_version(version: str) -> str:
     return version[:16]
 
 
-def series_facts(store: Store, series: Series) -> SeriesFacts:
+class TagCache:
+    """Rule tags of spool files already read, by path (spool files never change once written),
+    so routing a series again (early start, then completion) does not parse every header twice.
+    Least recently used entries go beyond ``max_files``."""
+
+    def __init__(self, max_files: int = 4000) -> None:
+        self.max_files = max_files
+        self._tags: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        tags = self._tags.get(path)
+        if tags is not None:
+            self._tags.move_to_end(path)
+        return tags
+
+    def put(self, path: str, tags: dict[str, Any]) -> None:
+        self._tags[path] = tags
+        self._tags.move_to_end(path)
+        while len(self._tags) > self.max_files:
+            self._tags.popitem(last=False)
+
+
+def series_facts(store: Store, series: Series, cache: TagCache | None = None) -> SeriesFacts:
     """Facts of a stored series from its spool files' headers (stored tags as fallback)."""
     import pydicom
 
@@ -62,13 +105,17 @@ def series_facts(store: Store, series: Series) -> SeriesFacts:
         raise InputError(f"series {series.series_uid} has no stored instances")
     items: list[dict[str, Any]] = []
     for inst in instances:
-        tags: dict[str, Any]
-        try:
-            tags = dataset_to_tags(pydicom.dcmread(inst.path, stop_before_pixels=True))
-        except Exception as exc:  # noqa: BLE001 - unreadable: use what the receiver indexed
-            log.warning("series %s: cannot read %s (%s); routing on the stored tags", series.series_uid,
-                        inst.path, exc)
-            tags = dict(inst.tags)
+        tags: dict[str, Any] | None = cache.get(inst.path) if cache is not None else None
+        if tags is None:
+            try:
+                tags = dataset_to_tags(pydicom.dcmread(inst.path, stop_before_pixels=True))
+                if cache is not None:
+                    cache.put(inst.path, tags)
+            except Exception as exc:  # noqa: BLE001 - unreadable: use what the receiver indexed
+                log.warning("series %s: cannot read %s (%s); routing on the stored tags", series.series_uid,
+                            inst.path, exc)
+                tags = dict(inst.tags)
+        tags = dict(tags)
         tags.setdefault("SOPInstanceUID", inst.sop_instance_uid)
         tags.setdefault("SeriesInstanceUID", inst.series_uid)
         items.append(tags)
@@ -102,6 +149,9 @@ class Router:
         self.config = config
         self.store = store
         self.rules = rules
+        self._tags = TagCache()
+        #: series_uid -> (generation, instance count, rules version) last looked at by route_early
+        self._early_seen: dict[str, tuple[int, int, str]] = {}
 
     def route_pending(self) -> list[RouteOutcome]:
         """Route every series in state ``complete`` (oldest first)."""
@@ -121,45 +171,18 @@ class Router:
         except InputError:
             return "hu_based"  # the worker reports the profile problem
 
-    def route_series(self, series_uid: str) -> RouteOutcome:
-        """Route one ``complete`` series; see the module docstring."""
-        store = self.store
-        series = store.get_series(series_uid)
-        if series is None or series.state != "complete":
-            return RouteOutcome(series_uid, "skipped", reason="not complete")
-        gen = series.generation
-        existing = [j for j in store.list_jobs(series_uid=series_uid) if j.generation == gen]
-        if existing:  # routed before a crash: never route a generation twice
-            store.set_series_state(series_uid, "routed", from_states=("complete",), generation=gen)
-            return RouteOutcome(series_uid, "routed", [j.id for j in existing], "jobs existed")
-
-        ruleset = self.rules.ruleset  # one consistent snapshot for decision and version
-        version = short_version(ruleset.version)
-        try:
-            facts = series_facts(store, series)
-        except InputError as exc:
-            store.set_series_state(series_uid, "failed", from_states=("complete",), generation=gen,
-                                   error=f"cannot compute series facts: {exc}")
-            log.error("series %s: cannot compute series facts: %s", series_uid, exc)
-            return RouteOutcome(series_uid, "failed", reason=str(exc))
-        decision = ruleset.route(facts)
-        if decision.unrouted:
-            why = "; ".join(f"{e.rule.name}: {e.reason}" for e in decision.evaluations) or "no rules"
-            store.set_series_state(series_uid, "unrouted", from_states=("complete",), generation=gen,
-                                   error=f"no rule matched (rules {version}): {why}"[:2000])
-            log.warning("series %s (%s, %r) is UNROUTED: no rule matched; kept in the spool", series_uid,
-                        facts.modality, facts.tags.get("SeriesDescription"))
-            return RouteOutcome(series_uid, "unrouted", reason=why)
-
-        earlier = [j for j in store.list_jobs(series_uid=series_uid, state=_LIVE_JOB_STATES)
-                   if j.generation < gen]
+    def _create_jobs(self, series: Series, matched: list[Any], version: str, *,
+                     provisional: bool) -> tuple[list[int], list[str]]:
+        """One job per matched rule (idempotent); returns (job ids, rules that ignore late instances)."""
+        store, uid, gen = self.store, series.series_uid, series.generation
+        earlier = [j for j in store.list_jobs(series_uid=uid, state=_LIVE_JOB_STATES) if j.generation < gen]
         job_ids: list[int] = []
         ignored: list[str] = []
-        for rule in decision.matched:
+        for rule in matched:
             if not rule.supersede and any(j.rule == rule.name for j in earlier):
                 ignored.append(rule.name)
                 log.info("series %s generation %d: rule %s has supersede: false; late instances ignored",
-                         series_uid, gen, rule.name)
+                         uid, gen, rule.name)
                 continue
             params = {
                 "destinations": list(rule.destinations),
@@ -170,7 +193,7 @@ class Router:
                 "supersede": bool(rule.supersede),
             }
             job_id, created = store.create_job(
-                series_uid,
+                uid,
                 rule.name,
                 profile=rule.profile,
                 backend=self._backend_of(rule),
@@ -178,18 +201,132 @@ class Router:
                 generation=gen,
                 max_attempts=self.config.job_retry.max_attempts,
                 params=params,
+                provisional=provisional,
             )
             job_ids.append(job_id)
             if created:
-                log.info("series %s generation %d: rule %s -> job %d (profile %s, destinations %s, share %s)",
-                         series_uid, gen, rule.name, job_id, rule.profile,
-                         ",".join(rule.destinations) or "-", rule.share)
+                log.info("series %s generation %d: rule %s -> %sjob %d (profile %s, destinations %s, share %s)",
+                         uid, gen, rule.name, "early-start (provisional) " if provisional else "", job_id,
+                         rule.profile, ",".join(rule.destinations) or "-", rule.share)
+        return job_ids, ignored
+
+    def route_early(self, early_start_s: float, *, now: float | None = None) -> list[RouteOutcome]:
+        """Create provisional jobs for series still ``receiving`` but quiet for ``early_start_s``.
+
+        A series whose generation already has jobs is left alone; a decision that matches no
+        rule waits for completion (where the series becomes ``unrouted`` as usual).  Each
+        (series, generation, instance count, rules version) is evaluated once.
+        """
+        out: list[RouteOutcome] = []
+        for series in self.store.quiet_series(early_start_s, now=now):
+            uid, gen = series.series_uid, series.generation
+            ruleset = self.rules.ruleset
+            version = short_version(ruleset.version)
+            key = (gen, series.instance_count, version)
+            if self._early_seen.get(uid) == key:
+                continue
+            self._early_seen[uid] = key
+            if any(j.generation == gen for j in self.store.list_jobs(series_uid=uid)):
+                continue
+            try:
+                facts = series_facts(self.store, series, self._tags)
+            except InputError as exc:  # completion reports it
+                log.debug("series %s: no early start (%s)", uid, exc)
+                continue
+            decision = ruleset.route(facts)
+            if decision.unrouted:
+                continue
+            job_ids, _ = self._create_jobs(series, decision.matched, version, provisional=True)
+            if job_ids:
+                out.append(RouteOutcome(uid, "early", job_ids))
+        if len(self._early_seen) > 10000:  # forget the oldest entries (dicts keep insertion order)
+            for uid in list(self._early_seen)[:5000]:
+                del self._early_seen[uid]
+        return out
+
+    def _reconcile(self, series: Series, job_ids: list[int], provisional: list[Job]) -> None:
+        """Confirm or drop the early-started (provisional) jobs of a series that just completed."""
+        from node.worker import publish_result
+
+        store, uid = self.store, series.series_uid
+        digest = store.series_digest(uid)
+        for job in provisional:
+            if job.id not in job_ids:
+                if store.drop_job(job.id, "early start not confirmed: its rule (rules version "
+                                  f"{job.rules_version}) does not match the complete series"):
+                    log.info("series %s: early-start job %d (rule %s) dropped: the rule does not match the"
+                             " complete series", uid, job.id, job.rule)
+                continue
+            store.confirm_job(job.id)
+            fresh = store.get_job(job.id)  # after confirming: a job finishing meanwhile is seen here
+            if fresh is None or fresh.state != "done":
+                log.info("series %s: early-start job %d (rule %s, %s) confirmed", uid, job.id, job.rule,
+                         fresh.state if fresh else "?")
+                continue
+            if fresh.instances_digest != digest:
+                store.restart_job(job.id, "early start ran on other instances than the complete series",
+                                  from_states=("done",))
+                log.info("series %s: early-start job %d ran on another instance set; queued again", uid, job.id)
+                continue
+            log.info("series %s: early-start job %d (rule %s) confirmed; its result is published", uid, job.id,
+                     job.rule)
+            publish_result(self.config, store, fresh, fresh.result)
+
+    def route_series(self, series_uid: str) -> RouteOutcome:
+        """Route one ``complete`` series; see the module docstring."""
+        store = self.store
+        series = store.get_series(series_uid)
+        if series is None or series.state != "complete":
+            return RouteOutcome(series_uid, "skipped", reason="not complete")
+        gen = series.generation
+        existing = [j for j in store.list_jobs(series_uid=series_uid) if j.generation == gen]
+        provisional = [j for j in existing if j.provisional and j.state != "superseded"]
+        confirmed = [j for j in existing if not j.provisional]
+        if confirmed:  # routed before a crash: never route a generation twice
+            versions = {j.rules_version for j in confirmed}
+            for j in provisional:  # a crash in the middle of a reconciliation
+                if j.rules_version in versions:
+                    store.confirm_job(j.id)
+                else:
+                    store.drop_job(j.id, "early start not confirmed (the generation was routed with other rules)")
+            store.set_series_state(series_uid, "routed", from_states=("complete",), generation=gen)
+            return RouteOutcome(series_uid, "routed", [j.id for j in existing], "jobs existed")
+
+        ruleset = self.rules.ruleset  # one consistent snapshot for decision and version
+        version = short_version(ruleset.version)
+        try:
+            facts = series_facts(store, series, self._tags)
+        except InputError as exc:
+            for j in provisional:
+                store.drop_job(j.id, f"early start not confirmed: cannot compute series facts: {exc}")
+            store.set_series_state(series_uid, "failed", from_states=("complete",), generation=gen,
+                                   error=f"cannot compute series facts: {exc}")
+            log.error("series %s: cannot compute series facts: %s", series_uid, exc)
+            return RouteOutcome(series_uid, "failed", reason=str(exc))
+        decision = ruleset.route(facts)
+        if decision.unrouted:
+            why = "; ".join(f"{e.rule.name}: {e.reason}" for e in decision.evaluations) or "no rules"
+            for j in provisional:
+                store.drop_job(j.id, f"early start not confirmed: no rule matches the complete series: {why}"[:2000])
+            store.set_series_state(series_uid, "unrouted", from_states=("complete",), generation=gen,
+                                   error=f"no rule matched (rules {version}): {why}"[:2000])
+            log.warning("series %s (%s, %r) is UNROUTED: no rule matched; kept in the spool", series_uid,
+                        facts.modality, facts.tags.get("SeriesDescription"))
+            return RouteOutcome(series_uid, "unrouted", reason=why)
+
+        job_ids, ignored = self._create_jobs(series, decision.matched, version, provisional=False)
         if gen > 1:
             store.supersede_jobs(series_uid, below_generation=gen)
         if not job_ids:  # every matching rule ignores late instances: earlier results stand
+            for j in provisional:
+                store.drop_job(j.id, "early start not confirmed: late instances ignored (supersede: false)")
             store.set_series_state(series_uid, "done", from_states=("complete",), generation=gen,
                                    error=f"late instances ignored (supersede: false): {', '.join(ignored)}")
             return RouteOutcome(series_uid, "done", reason="supersede: false")
         store.set_series_state(series_uid, "routed", from_states=("complete",), generation=gen)
+        if provisional:
+            self._reconcile(series, job_ids, provisional)
+            if any(j.state == "running" for j in store.list_jobs(series_uid=series_uid) if j.generation == gen):
+                store.set_series_state(series_uid, "processing", from_states=("routed",), generation=gen)
         return RouteOutcome(series_uid, "routed", job_ids)
 

@@ -4,8 +4,9 @@
 store, so any of them can die and a restart carries on)::
 
     Receiver (C-STORE -> spool + store)
-      -> completion sweep (every second: quiet series -> complete)
-      -> router (complete -> jobs, or unrouted)
+      -> completion sweep (every 0.5 s: quiet series -> complete)
+      -> router (complete -> jobs, or unrouted; early start: provisional jobs for
+         series quiet for early_start_s, confirmed or dropped at completion)
       -> WorkerPool (job processes: queued -> running -> done | failed)
       -> Dispatcher (node.dispatcher, if present: dispatch rows -> C-STORE / share)
 
@@ -14,7 +15,9 @@ Periodic work runs on an APScheduler ``BackgroundScheduler``:
 =====================  =======  ====================================================
 job                    every    what
 =====================  =======  ====================================================
-``complete-and-route``  1 s     :func:`node.completion.sweep`, then route complete series
+``complete-and-route``  0.5 s   :func:`node.completion.sweep`, then route complete series,
+                                then early-start series quiet for ``early_start_s``
+                                (:meth:`Router.route_early`)
 ``rules-reload``        2 s     :meth:`RuleSetHolder.reload_if_changed` (a broken edit
                                 keeps the previous rules; logged once)
 ``dispatch``            2 s     ``node.dispatcher.Dispatcher(config, store).run_due()``
@@ -95,6 +98,13 @@ def clean_spool(config: Any, store: Store, *, now: float | None = None) -> int:
     return removed
 
 
+def _skip_overlap_notice(record: logging.LogRecord) -> bool:
+    """Drop APScheduler's warning that a tick was skipped because the previous run of the same job
+    still runs: routing a large series takes longer than the 0.5 s tick, and skipping is intended
+    (``max_instances: 1``, ``coalesce``)."""
+    return "maximum number of running instances reached" not in record.getMessage()
+
+
 class NodeService:
     """The node (see the module docstring).
 
@@ -128,6 +138,8 @@ class NodeService:
         with self._route_lock:
             sweep(self.store, self.config.quiet_period_s)
             outcomes = self.router.route_pending()
+            if self.config.early_start_enabled:
+                outcomes += self.router.route_early(self.config.early_start_s)
         if any(o.jobs for o in outcomes) and self.pool is not None:
             self.pool.wake()
 
@@ -193,9 +205,10 @@ class NodeService:
         self.pool = WorkerPool(cfg, store, on_done=self.dispatch_now)
         self.pool.start()
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # before add_job: it logs there
+        logging.getLogger("apscheduler.scheduler").addFilter(_skip_overlap_notice)
         self.scheduler = sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                                    "misfire_grace_time": 30})
-        sched.add_job(self.complete_and_route, "interval", seconds=1, id="complete-and-route")
+        sched.add_job(self.complete_and_route, "interval", seconds=0.5, id="complete-and-route")
         sched.add_job(self.reload_rules, "interval", seconds=2, id="rules-reload")
         sched.add_job(self.run_dispatch, "interval", seconds=2, id="dispatch")
         sched.add_job(self.clean_spool, "interval", hours=1, id="spool-retention")

@@ -22,7 +22,10 @@ Tables (see ``_SCHEMA``)::
                 ``generation`` grows when instances arrive after completion
     jobs        queued -> running -> done|failed (or back to queued for a retry),
                 superseded when a newer generation of the series exists;
-                UNIQUE(series_uid, rule, rules_version, generation)
+                UNIQUE(series_uid, rule, rules_version, generation);
+                ``provisional`` while started early on a series that is not
+                complete yet (its result is held until completion confirms it),
+                ``instances_digest`` = the instance set the job ran on
     dispatches  pending -> sent|failed per (job, destination, kind)
 
 Typical use::
@@ -48,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -72,9 +76,12 @@ __all__ = [
     "Store",
     "tags_from_dataset",
     "rules_version",
+    "instances_digest",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+log = logging.getLogger("node.store")
 
 #: backends that run a model (a job of theirs wants a GPU slot when the node has GPUs)
 MODEL_BACKENDS: tuple[str, ...] = ("totalsegmentator", "nnunet", "monai")
@@ -225,6 +232,10 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS dispatch_attempts_dispatch ON dispatch_attempts(dispatch_id);
     CREATE INDEX IF NOT EXISTS dispatch_attempts_job ON dispatch_attempts(job_id)
     """,
+    # 3 -> 4: early start (speculative processing of a series still inside its quiet period):
+    # jobs.provisional = 1 while the series is not complete (its result is not published),
+    # jobs.instances_digest = digest of the instance set a try ran on (series_digest).
+    "@add_column jobs provisional INTEGER NOT NULL DEFAULT 0; @add_column jobs instances_digest TEXT",
 )
 
 
@@ -277,6 +288,15 @@ def rules_version(source: str | Path | bytes) -> str:
     """Version id of a rule file: the SHA-256 (hex, first 16 chars) of its bytes."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def instances_digest(sop_instance_uids: Iterable[str]) -> str:
+    """SHA-256 (16 hex) of a set of SOP Instance UIDs, order-independent (see :meth:`Store.series_digest`)."""
+    uids = sorted(set(sop_instance_uids))
+    h = hashlib.sha256(f"{len(uids)}\n".encode())
+    for u in uids:
+        h.update(u.encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def _add_column(c: sqlite3.Connection, table: str, column: str, decl: str) -> None:
@@ -388,12 +408,18 @@ class Job:
     result: dict[str, Any]  #: result paths (SEG path, mesh folder, report) given to complete_job
     seg_series_uid: str | None
     resource: str | None = None  #: worker-pool slot kind 'cpu' | 'gpu' (None: not classified yet)
+    #: started early, before the series completed: its result is held until the router confirms it
+    provisional: bool = False
+    #: :meth:`Store.series_digest` of the instances the (last) try ran on
+    instances_digest: str | None = None
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Job":
         d = dict(r)
         d["params"] = _loads(d["params"])
         d["result"] = _loads(d["result"])
+        if "provisional" in d:
+            d["provisional"] = bool(d["provisional"])
         return cls(**d)
 
 
@@ -520,6 +546,8 @@ class Store:
           ``receiving`` with ``generation + 1`` and its still-queued jobs of
           older generations become ``superseded``: the completion sweep will
           complete it again after a new quiet period.
+          While the series is ``receiving``, a finished early start (provisional job) of the
+          same generation goes back to ``queued``: its result is for fewer instances.
         * duplicate (same SOP Instance UID): ``received_count`` and
           ``last_received_at`` of the instance are bumped; the series clock is
           *not* restarted and nothing else changes.
@@ -579,6 +607,17 @@ class Store:
                     " last_received_at = MAX(last_received_at, ?) WHERE series_uid = ?",
                     (now, rec.series_uid),
                 )
+                # an early-started result of this generation no longer matches the series: run again
+                cur = c.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL,"
+                    " finished_at = NULL, result = '{}', seg_series_uid = NULL, instances_digest = NULL,"
+                    " error = 'new instances arrived after an early start' WHERE series_uid = ? AND generation = ?"
+                    " AND provisional = 1 AND state = 'done'",
+                    (rec.series_uid, row["generation"]),
+                )
+                if cur.rowcount:
+                    log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
+                             rec.series_uid, cur.rowcount)
             else:
                 c.execute(
                     "UPDATE series SET instance_count = instance_count + 1,"
@@ -700,11 +739,13 @@ class Store:
         max_attempts: int = 3,
         params: Mapping[str, Any] | None = None,
         resource: str | None = None,
+        provisional: bool = False,
     ) -> tuple[int, bool]:
         """Queue a job; idempotent on (series_uid, rule, rules_version, generation).
 
         ``resource`` ('cpu' | 'gpu') is the worker-pool slot kind the job needs; None leaves it to
-        the pool (:meth:`unclassified_jobs` / :meth:`set_job_resource`).
+        the pool (:meth:`unclassified_jobs` / :meth:`set_job_resource`).  ``provisional``: an early
+        start on a series still receiving (see :meth:`claim_job`, :meth:`confirm_job`).
 
         Returns ``(job_id, created)``; ``created`` is False when the job
         already existed (whatever its state), e.g. the router ran twice
@@ -713,7 +754,7 @@ class Store:
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation,"
-                " max_attempts, params, created_at, resource) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " max_attempts, params, created_at, resource, provisional) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (series_uid, rule, rules_version, generation) DO NOTHING",
                 (
                     series_uid,
@@ -726,6 +767,7 @@ class Store:
                     json.dumps(dict(params or {}), sort_keys=True),
                     time.time(),
                     _check_resource(resource),
+                    int(bool(provisional)),
                 ),
             )
             if cur.rowcount == 1:
@@ -737,17 +779,24 @@ class Store:
             return int(row[0]), False
 
     def claim_job(self, worker: str, now: float | None = None, *,
-                  kinds: Sequence[str] | None = None) -> Job | None:
+                  kinds: Sequence[str] | None = None, early_quiet_s: float | None = None,
+                  confirmed_only: bool = False) -> Job | None:
         """Atomically take the oldest due ``queued`` job: state -> running, attempts + 1.
 
         Safe with many worker threads/processes: exactly one caller gets each
         job (one conditional UPDATE).  Returns None when nothing is due.
+        Confirmed jobs come before provisional ones.
 
         Args:
             kinds: only jobs whose slot kind (``resource``: 'cpu' | 'gpu') is one of these;
                 None: any job.  Rows without a ``resource`` (written before schema 2 or not
                 classified yet) count as 'gpu' when their backend runs a model
                 (:data:`MODEL_BACKENDS`), else 'cpu'.
+            early_quiet_s: a provisional job is due only while its series is still
+                ``receiving`` and has been quiet for at least this long (so a series that is
+                still arriving is not started again after every instance); None: provisional
+                jobs are never claimed.
+            confirmed_only: only non-provisional jobs.
         """
         t = now if now is not None else time.time()
         where, args = "", []
@@ -757,14 +806,61 @@ class Store:
                 return None
             where = f" AND {_RESOURCE_SQL} IN ({','.join('?' * len(ks))})"
             args = ks
+        if early_quiet_s is None or confirmed_only:
+            where += " AND provisional = 0"
+        else:
+            where += (" AND (provisional = 0 OR EXISTS (SELECT 1 FROM series s WHERE s.series_uid = jobs.series_uid"
+                      " AND s.state = 'receiving' AND s.generation = jobs.generation AND s.last_received_at <= ?))")
+            args = [*args, t - float(early_quiet_s)]
         r = self.conn.execute(
             "UPDATE jobs SET state = 'running', started_at = ?, finished_at = NULL, attempts = attempts + 1,"
             " worker = ? WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued'"
-            f" AND (next_attempt_at IS NULL OR next_attempt_at <= ?){where} ORDER BY created_at, id LIMIT 1)"
-            " RETURNING *",
+            f" AND (next_attempt_at IS NULL OR next_attempt_at <= ?){where}"
+            " ORDER BY provisional, created_at, id LIMIT 1) RETURNING *",
             (t, worker, t, *args),
         ).fetchone()
         return Job._from(r) if r else None
+
+    def series_digest(self, series_uid: str) -> str:
+        """Identity of the series' current instance set: SHA-256 (16 hex) of its sorted SOP Instance UIDs.
+
+        A result is only valid for the instance set it was computed from; an early-started job
+        records this when it starts and is checked against it when it ends and at completion.
+        """
+        return instances_digest(r[0] for r in self.conn.execute(
+            "SELECT sop_instance_uid FROM instances WHERE series_uid = ?", (series_uid,)))
+
+    def set_job_digest(self, job_id: int, digest: str) -> None:
+        """Record the instance set (:meth:`series_digest`) the running try of a job works on."""
+        self.conn.execute("UPDATE jobs SET instances_digest = ? WHERE id = ?", (digest, job_id))
+
+    def confirm_job(self, job_id: int) -> bool:
+        """provisional -> confirmed (the series completed and the rule still matches); True if this call did it."""
+        return self.conn.execute("UPDATE jobs SET provisional = 0 WHERE id = ? AND provisional = 1",
+                                 (job_id,)).rowcount == 1
+
+    def restart_job(self, job_id: int, why: str, *, from_states: Sequence[str] = ("running", "done")) -> bool:
+        """Back to ``queued`` with no result, without counting the try (its input changed under it).
+
+        For an early-started job whose series received more instances while it ran, or whose
+        result was computed from an instance set that is no longer the series'.
+        """
+        q = ",".join("?" * len(from_states))
+        return self.conn.execute(
+            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL,"
+            " finished_at = NULL, error = ?, result = '{}', seg_series_uid = NULL, instances_digest = NULL"
+            f" WHERE id = ? AND state IN ({q})",
+            (why, job_id, *from_states),
+        ).rowcount == 1
+
+    def drop_job(self, job_id: int, why: str) -> bool:
+        """A job that is no longer wanted (e.g. an early start whose rule does not match the complete
+        series) -> ``superseded`` with the reason; a running one is stopped by the worker pool."""
+        return self.conn.execute(
+            "UPDATE jobs SET state = 'superseded', finished_at = ?, error = ?"
+            " WHERE id = ? AND state IN ('queued', 'running', 'done')",
+            (time.time(), why, job_id),
+        ).rowcount == 1
 
     def unclassified_jobs(self) -> list[Job]:
         """Queued jobs whose ``resource`` is not set yet (the pool classifies them)."""

@@ -49,6 +49,14 @@ Shape::
 
 Job states: queued -> running -> done | failed (| queued again for a retry),
 superseded.  The series follows: routed -> processing -> done | failed.
+
+Early start (:mod:`node.router`): a *provisional* job runs while its series is still inside
+its quiet period.  The pool claims one only while the series is quiet for
+``early_start_s`` (confirmed jobs first), stops it when more instances arrive (queued
+again, the try not counted) or the router drops it, and gives its slot to a confirmed
+job that waits.  Its result is recorded ``done`` but held (no dispatch rows) until the
+router confirms it; :func:`record_success` also re-checks the instance set
+(:meth:`Store.series_digest` against the digest recorded at start).
 """
 
 from __future__ import annotations
@@ -68,13 +76,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.pipeline.ai_common import GPU_SLOT_ENV
-from node.store import MODEL_BACKENDS, Job, Store
+from node.store import MODEL_BACKENDS, Job, Store, instances_digest
 
 __all__ = [
     "WorkerPool",
     "seg_series_uid",
     "job_output_dir",
     "record_success",
+    "publish_result",
     "record_failure",
     "ensure_dispatches",
     "retry_job",
@@ -368,22 +377,55 @@ def _add_dispatches(config: Any, store: Store, job: Job) -> int:
 
 
 def record_success(config: Any, store: Store, job: Job, result: dict[str, Any]) -> str:
-    """running -> done, supersede older results, add dispatch rows, settle the series.
+    """running -> done, then publish the result (:func:`publish_result`) unless it is held.
 
-    Returns the job's final state (``done``, ``superseded``, or ``lost`` when the
-    job was no longer running, e.g. re-queued meanwhile).
+    An early-started (provisional) job is checked against the series first: if instances
+    arrived while it ran, it goes back to the queue (``restarted``); if the series moved on
+    to a newer generation, it is dropped (``superseded``).  Otherwise it is ``done`` but held
+    (``held``) until the router confirms it at completion; a job confirmed while it ran is
+    published here.
+
+    Returns ``done``, ``superseded``, ``held``, ``restarted``, or ``lost`` when the job was
+    no longer running (e.g. re-queued or dropped meanwhile).
     """
+    fresh = store.get_job(job.id) or job
+    series = store.get_series(job.series_uid)
+    if series is not None and series.generation == job.generation and fresh.state == "running":
+        digest = store.series_digest(job.series_uid)
+        if fresh.instances_digest is not None and digest != fresh.instances_digest:
+            store.restart_job(job.id, "new instances arrived while it ran (early start)", from_states=("running",))
+            log.info("job %d finished on an instance set the series no longer has; queued again", job.id)
+            return "restarted"
+    elif fresh.provisional and series is not None and series.generation != job.generation:
+        store.drop_job(job.id, f"the series moved on to generation {series.generation} during the early start")
+        log.info("job %d (early start) finished for an older generation of its series; dropped", job.id)
+        return "superseded"
     _, origin = _dispatch_plan(config, store, job)
     if origin is not None:
         result = dict(result, origin=origin)
     if not store.complete_job(job.id, result, seg_series_uid=result.get("seg_series_uid")):
         log.warning("job %d finished but was no longer running; result ignored", job.id)
         return "lost"
+    fresh = store.get_job(job.id)  # after completing: a confirmation made meanwhile is seen here
+    if fresh is not None and fresh.provisional:
+        log.info("job %d done early (series %s still inside its quiet period): result held until the series"
+                 " completes", job.id, job.series_uid)
+        return "held"
+    return publish_result(config, store, fresh or job, result)
+
+
+def publish_result(config: Any, store: Store, job: Job, result: dict[str, Any]) -> str:
+    """Publish a done job's result: supersede older generations' results, add the dispatch rows,
+    settle the series.  Idempotent (the worker and the router may both call it for an early start).
+
+    Returns ``done``, or ``superseded`` when a newer generation's result already exists.
+    """
     state = "done"
     if job.params.get("supersede", True):
         with store.transaction() as c:
             newer = c.execute(
-                "SELECT id FROM jobs WHERE series_uid = ? AND rule = ? AND generation > ? AND state = 'done'",
+                "SELECT id FROM jobs WHERE series_uid = ? AND rule = ? AND generation > ? AND state = 'done'"
+                " AND provisional = 0",
                 (job.series_uid, job.rule, job.generation),
             ).fetchone()
             if newer is not None:
@@ -430,7 +472,7 @@ def ensure_dispatches(config: Any, store: Store) -> int:
     n = 0
     have = {d.job_id for d in store.list_dispatches()}
     for job in store.list_jobs("done"):
-        if job.id not in have:
+        if job.id not in have and not job.provisional:  # a held early result is published at completion
             n += _add_dispatches(config, store, job)
     if n:
         log.info("added %d missing dispatch row(s) for finished jobs", n)
@@ -498,6 +540,7 @@ class _Running:
     deadline: float
     persistent: bool = False
     started: float = field(default_factory=time.monotonic)
+    provisional: bool = False  #: an early start not confirmed yet (refreshed by _check_running)
 
 
 def _kill_tree(proc: Any) -> None:
@@ -607,12 +650,24 @@ class WorkerPool:
         if self._thread is not None:
             return
         self._stop.clear()
+        # the forkserver (and its preload of the pipeline modules, ~1 s) starts now rather than
+        # when the first job arrives; in the background, so the node is listening meanwhile
+        threading.Thread(target=self._warm_forkserver, name="forkserver-warm-up", daemon=True).start()
         self._thread = threading.Thread(target=self._loop, name="worker-pool", daemon=True)
         self._thread.start()
         log.info("worker pool: %d CPU slot(s), %d GPU slot(s)%s, job timeout %.0f s", self.size, len(self.gpus),
                  f" (GPUs {', '.join(map(str, self.gpus))})" if self.gpus else "", self.config.job_timeout_s)
         if self.gpus and str(self.config.models.device) == "cpu":
             log.warning("gpus are configured but models.device is cpu: model jobs use the CPU slots")
+
+    @staticmethod
+    def _warm_forkserver() -> None:
+        from multiprocessing import forkserver
+
+        try:
+            forkserver.ensure_running()
+        except Exception:  # noqa: BLE001 - the first job starts it then
+            log.debug("forkserver warm-up failed", exc_info=True)
 
     def wake(self) -> None:
         """Look for due jobs now (called after routing created jobs)."""
@@ -632,9 +687,13 @@ class WorkerPool:
 
     # -- supervisor
     def _loop(self) -> None:
+        checked = 0.0
         while not self._stop.is_set():
             try:
                 self._reap()
+                if self._running and time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    self._check_running()
                 self._fill()
             except Exception:  # noqa: BLE001 - the supervisor must survive (e.g. database busy)
                 log.exception("worker pool supervisor error")
@@ -670,22 +729,87 @@ class WorkerPool:
         for job in self.store.unclassified_jobs():
             self.store.set_job_resource(job.id, job_resource(self.config, job))
 
+    def _early_quiet_s(self) -> float | None:
+        """``early_start_s`` when early start is in effect (provisional jobs may be claimed), else None."""
+        enabled = getattr(self.config, "early_start_enabled", False)
+        return float(self.config.early_start_s) if enabled else None
+
     def _fill(self) -> None:
         if self._stop.is_set():
             return
         self._classify()
         empty: set[Any] = set()  # claim kinds that found nothing in this pass
+        early = self._early_quiet_s()
         for slot in self.slots:
-            if slot.index in self._running or self._stop.is_set():
-                continue
+            if self._stop.is_set():
+                return
             kinds = (slot.kind,) if self.gpus else None
+            running = self._running.get(slot.index)
+            if running is not None:
+                # speculative work gives way: a confirmed job waiting for this slot kind takes
+                # the slot of an early start (which runs again once a slot is free)
+                if not running.provisional or ("confirmed", kinds) in empty:
+                    continue
+                job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds, confirmed_only=True)
+                if job is None:
+                    empty.add(("confirmed", kinds))
+                    continue
+                self._abort(slot.index, running)
+                if self.store.restart_job(running.job.id, "early start paused: its slot went to a confirmed job",
+                                          from_states=("running",)):
+                    log.info("job %d (early start) stopped to free slot %s for job %d; queued again",
+                             running.job.id, slot.name, job.id)
+                self._start_job(slot, job)
+                continue
             if kinds in empty:
                 continue
-            job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds)
+            job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds, early_quiet_s=early)
             if job is None:
                 empty.add(kinds)
                 continue
             self._start_job(slot, job)
+
+    def _abort(self, idx: int, r: _Running) -> None:
+        """Kill a running job's process (group) and forget it; the caller records what happens to the job."""
+        _kill_tree(r.proc)
+        if r.persistent:
+            self._forget_slot_process(self.slots[idx])
+        else:
+            try:
+                r.conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._running.pop(idx, None)
+
+    def _check_running(self) -> None:
+        """Stop running jobs whose work became useless: dropped by the router (no longer ``running``),
+        or early starts whose series received more instances (queued again) or moved on to a newer
+        generation (dropped).  Refreshes each job's ``provisional`` flag."""
+        for idx, r in list(self._running.items()):
+            row = self.store.get_job(r.job.id)
+            if row is None:
+                continue
+            if row.state != "running":
+                self._abort(idx, r)
+                log.info("job %d stopped: it is %s now (%s)", row.id, row.state, row.error or "-")
+                continue
+            r.provisional = row.provisional
+            if not row.provisional:
+                continue
+            series = self.store.get_series(row.series_uid)
+            if series is None:
+                continue
+            if series.generation != row.generation:
+                self._abort(idx, r)
+                self.store.drop_job(row.id, f"the series moved on to generation {series.generation}"
+                                            " during the early start")
+                log.info("job %d (early start) stopped: series %s has a newer generation", row.id, row.series_uid)
+            elif row.started_at is not None and series.last_received_at > row.started_at:
+                self._abort(idx, r)
+                if self.store.restart_job(row.id, "new instances arrived during the early start",
+                                          from_states=("running",)):
+                    log.info("job %d (early start) stopped: series %s received more instances; it starts again"
+                             " once the series is quiet", row.id, row.series_uid)
 
     def _slot_info(self, slot: _Slot) -> dict[str, Any]:
         return {"slot": slot.name, "env": dict(slot.env), "log_level": self.config.log_level,
@@ -727,10 +851,12 @@ class WorkerPool:
             models = self.config.models.model_dump(mode="json")
             if slot.kind == "gpu":
                 models["device"] = "cuda"
+            instances = store.series_instances(job.series_uid)
+            store.set_job_digest(job.id, instances_digest(i.sop_instance_uid for i in instances))
             spec = {
                 "job_id": job.id,
                 "series_uid": job.series_uid,
-                "paths": [i.path for i in store.series_instances(job.series_uid)],
+                "paths": [i.path for i in instances],
                 "profile": job.profile,
                 "profiles_dir": str(self.config.profiles),
                 "backend": job.params.get("backend_override") or None,
@@ -760,11 +886,12 @@ class WorkerPool:
                 self._forget_slot_process(slot)
             record_failure(self.config, store, job, _TRANSIENT, f"cannot start job process: {exc}")
             return
-        log.info("job %d started (attempt %d/%d, series %s, rule %s, profile %s, backend %s, slot %s, %spid %d)",
-                 job.id, job.attempts, job.max_attempts, job.series_uid, job.rule, job.profile, job_backend(job),
+        log.info("job %d started%s (attempt %d/%d, series %s, rule %s, profile %s, backend %s, slot %s, %spid %d)",
+                 job.id, " early (provisional: the series is not complete yet)" if job.provisional else "",
+                 job.attempts, job.max_attempts, job.series_uid, job.rule, job.profile, job_backend(job),
                  slot.name, "long-lived process " if persistent else "", proc.pid)
         self._running[slot.index] = _Running(job, proc, conn, time.monotonic() + float(self.config.job_timeout_s),
-                                             persistent)
+                                             persistent, provisional=bool(job.provisional))
 
     def _reap(self) -> None:
         for idx, r in list(self._running.items()):
@@ -799,8 +926,8 @@ class WorkerPool:
                 record_failure(self.config, self.store, r.job, _TRANSIENT,
                                f"job process died (exit code {r.proc.exitcode})")
             elif msg[0] == "ok":
-                record_success(self.config, self.store, r.job, msg[1])
-                if self.on_done is not None:
+                state = record_success(self.config, self.store, r.job, msg[1])
+                if state == "done" and self.on_done is not None:
                     try:
                         self.on_done()
                     except Exception:  # noqa: BLE001 - a hook must not stop the supervisor

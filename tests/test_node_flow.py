@@ -424,3 +424,61 @@ def test_router_generations_supersede_and_idempotence(tmp_path):
     assert [(j.generation, j.state) for j in store.list_jobs(series_uid="1.3")] == [(1, "done")]
     assert store.get_series("1.3").state == "done" and store.get_series("1.3").generation == 2
     store.close()
+
+
+def test_early_start_result_held_until_the_quiet_period_confirms_it(node_factory):
+    """early_start_s 1 with a 6 s quiet period: the job starts while the series is still inside
+    its quiet period, its result is held (no dispatch row) until the series is complete, then
+    published: one job, one try, the SEG identity of an ordinary job."""
+    node = node_factory(quiet_period_s=6, early_start_s=1).start()
+    uid = ct_series_uid()
+    node.send(ct_files())
+    held = wait_for(lambda: job_of(node, uid, ("done",)), 60, "the early-started job to finish")
+    series = node.series(uid)
+    s = node.store()
+    try:
+        dispatches = s.list_dispatches(job_id=held.id)
+    finally:
+        s.close()
+    if series.state == "receiving":  # still inside the quiet period: held, nothing sent yet
+        assert held.provisional and dispatches == []
+    assert held.started_at < series.last_received_at + 6, "the job did not start inside the quiet period"
+
+    job = wait_for(lambda: (lambda j: j if j and not j.provisional and node.series(uid).state == "done" else None)(
+        job_of(node, uid, ("done",))), 60, "the result to be confirmed at completion")
+    assert job.id == held.id and job.attempts == 1
+    assert [j.id for j in node.jobs(series_uid=uid)] == [job.id]
+    assert job.instances_digest and job.seg_series_uid == seg_series_uid(job)
+    s = node.store()
+    try:
+        assert job.instances_digest == s.series_digest(uid)
+        assert {(d.kind, d.destination) for d in s.list_dispatches(job_id=job.id)} == {("share", "share"),
+                                                                                        ("dicom", "origin")}
+    finally:
+        s.close()
+    log = node.log.read_text()
+    assert f"job {job.id} started early" in log
+    assert f"early-start job {job.id} (rule body-bones) confirmed" in log
+
+
+def test_instances_arriving_after_an_early_start_restart_it(node_factory):
+    """Half the series, an early start, then the other half: the early work is thrown away
+    (stopped or re-queued, the try not counted) and the one result covers all 20 instances."""
+    node = node_factory(quiet_period_s=8, early_start_s=1).start()
+    uid = ct_series_uid()
+    files = ct_files()
+    node.send(files[:10])
+    first = wait_for(lambda: job_of(node, uid, ("running", "done")), 60, "the early start on 10 instances")
+    assert first.provisional
+    node.send(files[10:])
+    job = wait_for(lambda: (lambda j: j if j and not j.provisional and node.series(uid).state == "done" else None)(
+        job_of(node, uid, ("done", "failed"))), 120, "the job on the whole series")
+    assert job.state == "done", job.error
+    assert job.id == first.id and job.attempts == 1
+    assert [j.id for j in node.jobs(series_uid=uid)] == [job.id]
+    report = (node.storage / "results" / str(job.id) / "report.json").read_text()
+    assert '"files": 20' in report
+    log = node.log.read_text()
+    # stopped while running, or its finished result discarded (by the receiver or at the end of the run)
+    assert re.search(r"received more instances|early-start result\(s\) discarded|no longer has; queued again",
+                     log), log[-3000:]

@@ -53,7 +53,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
           f"{'CREATED':<19}  ERROR")
     for j in jobs:
         err = (j.error or "").replace("\n", " ")
-        print(f"{j.id:>5}  {j.state:<10} {j.attempts:>2}/{j.max_attempts:<2}  {j.rule[:20]:<20} {j.profile[:9]:<9} "
+        state = f"{j.state}/early" if j.provisional else j.state  # early start, not confirmed yet
+        print(f"{j.id:>5}  {state:<10} {j.attempts:>2}/{j.max_attempts:<2}  {j.rule[:20]:<20} {j.profile[:9]:<9} "
               f"{j.generation:>3}  {_short(j.series_uid, 26):<26} {_ts(j.created_at):<19}  {err[:100]}")
     print(f"{len(jobs)} job(s)")
     return 0
@@ -74,6 +75,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         ("job", job.id), ("state", job.state), ("error", job.error or "-"),
         ("series", job.series_uid), ("generation", job.generation),
         ("series state", series.state if series else "-"),
+        ("early start", "provisional (result held until the series is complete)" if job.provisional else "no"),
+        ("instances", job.instances_digest or "-"),
         ("rule", job.rule), ("rules version", job.rules_version), ("profile", job.profile),
         ("backend", job.backend), ("attempts", f"{job.attempts}/{job.max_attempts}"),
         ("next attempt", _ts(job.next_attempt_at)), ("worker", job.worker or "-"),
