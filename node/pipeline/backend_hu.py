@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -74,15 +75,40 @@ def apply_step(
 
 
 def _gaussian(hu: np.ndarray, sigma_kji) -> np.ndarray:
-    """scipy's float32 gaussian of ``hu`` (reflecting edges); int16 input is not copied first.
+    """Gaussian of ``hu`` as float32: scipy's ``gaussian_filter`` kernel (``truncate=4``,
+    reflecting edges), computed with OpenCV's separable filter in float32.
 
-    Computed in slabs of slices on threads (scipy releases the GIL), each extended by the
-    kernel's half-width along ``k``: identical to one ``gaussian_filter`` call.
+    OpenCV's vectorised filter needs about a quarter of the CPU time of scipy's (which
+    computes in double, one line at a time); the values agree with scipy's to float32
+    rounding (about 1e-3 HU on CT).  In-plane per slice, then along ``k`` on the volume seen
+    as a (slices x pixels) image, in column blocks written back in place: one float32
+    volume in memory.  Arrays smaller than the kernel use scipy (OpenCV's reflection is
+    not defined there).
     """
-    return morphology._slabs(
-        lambda x: ndimage.gaussian_filter(x, sigma_kji, output=np.float32), hu, _gauss_radius(sigma_kji[0]),
-        dtype=np.float32,
-    )
+    kernels = [_gauss_kernel(s) for s in sigma_kji]
+    if any(n < len(k) for n, k in zip(hu.shape, kernels)):
+        return ndimage.gaussian_filter(hu, sigma_kji, output=np.float32)
+    kz, ky, kx = kernels
+    out = np.empty(hu.shape, dtype=np.float32)
+    for k in range(hu.shape[0]):
+        cv2.sepFilter2D(hu[k].astype(np.float32, copy=False), cv2.CV_32F, kx, ky, dst=out[k],
+                        borderType=cv2.BORDER_REFLECT)
+    if len(kz) > 1:
+        flat = out.reshape(hu.shape[0], -1)
+        one = np.ones(1, dtype=np.float32)
+        block = 1 << 15
+        for c in range(0, flat.shape[1], block):
+            flat[:, c:c + block] = cv2.sepFilter2D(flat[:, c:c + block], cv2.CV_32F, one, kz,
+                                                   borderType=cv2.BORDER_REFLECT)
+    return out
+
+
+def _gauss_kernel(sigma: float) -> np.ndarray:
+    """scipy's normalised 1-D gaussian kernel for ``sigma`` (``truncate=4``), float32."""
+    r = _gauss_radius(sigma)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / float(sigma)) ** 2) if sigma > 0 else (x == 0).astype(np.float64)
+    return (w / w.sum()).astype(np.float32)
 
 
 def _gauss_radius(sigma: float) -> int:
