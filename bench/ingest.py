@@ -1,6 +1,6 @@
 """Ingest benchmark: DCMTK ``storescu`` over loopback to the node, DCMTK ``storescp`` and Orthanc.
 
-    python bench/ingest.py [--series DIR] [--repeat N] [--keep]
+    python bench/ingest.py [--series DIR] [--repeat N] [--keep] [--early-start S]
 
 1. A 300-instance 512x512 CT series (Explicit VR Little Endian) is made with
    :func:`node.tools.synth_series.write_series` from
@@ -19,7 +19,9 @@
    duplicate).
 3. Latency (first node repeat only): from the end of the ``storescu`` run to the
    node (last instance sent) to the SEG being stored in Orthanc (bones profile,
-   quiet period 10 s), with the node's own timestamps for the stages.
+   quiet period 10 s, ``early_start_s`` the node's default unless ``--early-start``),
+   with the node's own timestamps for the stages (job rows, dispatch rows, and the
+   completion line of the node's log).
 
 Prints figures only; no assertion on timing.  Targets from the issue: node >=
 1.5x storescp and >= 5x Orthanc; SEG latency <= quiet period + 15 s.
@@ -86,7 +88,7 @@ def storescu(port: int, aec: str, files: list[Path]) -> float:
     return dt
 
 
-def start_node(work: Path, pacs: Orthanc) -> tuple[subprocess.Popen, int, Path]:
+def start_node(work: Path, pacs: Orthanc, early_start_s: float | None = None) -> tuple[subprocess.Popen, int, Path]:
     import yaml
 
     port = free_port()
@@ -102,6 +104,8 @@ def start_node(work: Path, pacs: Orthanc) -> tuple[subprocess.Popen, int, Path]:
         "dispatch_retry": {"max_attempts": 10, "backoff_base_s": 2, "backoff_max_s": 30},
         "log_level": "INFO",
     }
+    if early_start_s is not None:
+        cfg["early_start_s"] = early_start_s
     (work / "node.yaml").write_text(yaml.safe_dump(cfg))
     log = open(work / "node.log", "ab")
     proc = subprocess.Popen([str(DICOM_NODE), "serve", "--config", str(work / "node.yaml")], stdout=log,
@@ -146,6 +150,17 @@ def node_stages(db: Path) -> dict[str, float]:
     return out
 
 
+def completed_at(log: Path) -> float | None:
+    """When the node logged the series complete (end of the quiet period), from its log."""
+    import re
+
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO node\.completion: series .* complete:", line)
+        if m:
+            return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--series", type=Path, default=Path(tempfile.gettempdir()) / "dicom-node-bench-series-512x512x300")
@@ -153,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp folders")
     ap.add_argument("--seg-timeout", type=float, default=900.0, help="seconds to wait for the SEG in Orthanc")
     ap.add_argument("--targets", default="node,storescp,orthanc", help="comma-separated subset to run")
+    ap.add_argument("--early-start", type=float, default=None,
+                    help="the node's early_start_s (default: the node's default; 0 = off)")
     args = ap.parse_args(argv)
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -205,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             work = base / f"node-{r}"
             work.mkdir()
             with Orthanc(base / f"pacs-{r}") as pacs:
-                proc, port, db = start_node(work, pacs)
+                proc, port, db = start_node(work, pacs, args.early_start)
                 try:
                     dt = storescu(port, "DICOMNODE", files)
                     t_sent = time.time()
@@ -218,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                             deadline = time.monotonic() + 10  # the dispatcher records 'sent' just after
                             while not node_stages(db).get("seg_sent") and time.monotonic() < deadline:
                                 time.sleep(0.1)
+                            deadline = time.monotonic() + 60  # the meshes may still be in progress
+                            while not node_stages(db).get("job_finished") and time.monotonic() < deadline:
+                                time.sleep(0.2)
                         stages = node_stages(db)
                         stages["t_sent"] = t_sent
+                        stages["series_complete"] = completed_at(work / "node.log") or 0
                     else:
                         time.sleep(1)
                         stages["instances"] = node_stages(db).get("instances", 0)
@@ -250,12 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SEG latency (last instance sent -> SEG in Orthanc, bones): {seg_latency:.1f} s "
               f"(target <= quiet period {QUIET_S:.0f} s + 15 s = {QUIET_S + 15:.0f} s)")
         t0 = stages.get("t_sent", 0)
-        parts = [("last instance received", "last_received"), ("job created (series complete, routed)", "job_created"),
-                 ("job started", "job_started"), ("job finished (SEG + meshes written)", "job_finished"),
+        parts = [("last instance received", "last_received"),
+                 ("job created (routed; early start if before completion)", "job_created"),
+                 ("job started", "job_started"),
+                 ("series complete (quiet period over)", "series_complete"),
+                 ("SEG written, its C-STORE queued", "dispatch_created"),
+                 ("job finished (meshes written too)", "job_finished"),
                  ("SEG stored in Orthanc (dispatch sent)", "seg_sent")]
-        for label, key in parts:
+        for label, key in sorted(parts, key=lambda p: stages.get(p[1]) or 0):
             if stages.get(key):
-                print(f"  {label:<40} {stages[key] - t0:+7.1f} s")
+                print(f"  {label:<55} {stages[key] - t0:+7.1f} s")
     return 0
 
 

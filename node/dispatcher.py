@@ -18,7 +18,8 @@ idempotent: the same SOP Instance UID is sent again, which a PACS stores once).
 
 Kinds:
 
-* ``dicom``: the job's SEG (``<organ>_seg.dcm``) is sent with
+* ``dicom``: the job's SEG (``<organ>_seg.dcm``; while the job still makes its meshes,
+  the SEG it handed on early, ``result["seg_early"]``) is sent with
   :func:`node.scp.sender.send_datasets` to ``config.destinations[name]``, or
   for ``origin`` to the address of the calling AE (``job.params["calling_ae"]``,
   else the series' calling AE) from ``config.known_aes``, falling back to the
@@ -285,9 +286,25 @@ class Dispatcher:
             return dest
         return self.config.destination(d.destination)  # ConfigError if unknown
 
+    @staticmethod
+    def _early_seg(job: Job) -> Path | None:
+        """The SEG of a job that is not done yet but wrote it (``result.seg_early``), else None.
+
+        A retry of the job writes the same SEG instance, so it may go before the job is done.
+        """
+        early = (job.result or {}).get("seg_early")
+        if job.state not in ("running", "queued") or not early:
+            return None
+        path = Path(str(early))
+        if not path.is_file():  # retried (transient) until the job is done
+            raise NodeError(f"job {job.id} is {job.state} and its early SEG {path} is missing")
+        return path
+
     def _send_dicom(self, job: Job, d: Dispatch) -> tuple[str, str]:
         dest = self._destination(job, d)
-        _, seg, _, _ = self._result_files(job)
+        seg = self._early_seg(job)
+        if seg is None:
+            _, seg, _, _ = self._result_files(job)
         if seg is None:
             raise PermanentDispatchError(f"job {job.id} produced no SEG to send")
         where = f"{dest.ae_title}@{dest.host}:{dest.port}"

@@ -246,7 +246,7 @@ class Router:
 
     def _reconcile(self, series: Series, job_ids: list[int], provisional: list[Job]) -> None:
         """Confirm or drop the early-started (provisional) jobs of a series that just completed."""
-        from node.worker import publish_result
+        from node.worker import publish_early_seg, publish_result
 
         store, uid = self.store, series.series_uid
         digest = store.series_digest(uid)
@@ -262,6 +262,8 @@ class Router:
             if fresh is None or fresh.state != "done":
                 log.info("series %s: early-start job %d (rule %s, %s) confirmed", uid, job.id, job.rule,
                          fresh.state if fresh else "?")
+                if fresh is not None and fresh.state == "running":
+                    publish_early_seg(self.config, store, job.id)  # its SEG may be ready already
                 continue
             if fresh.instances_digest != digest:
                 store.restart_job(job.id, "early start ran on other instances than the complete series",

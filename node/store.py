@@ -878,6 +878,11 @@ class Store:
         self.conn.execute("UPDATE jobs SET params = json_patch(params, ?) WHERE id = ?",
                           (json.dumps(dict(extra), sort_keys=True, default=str), job_id))
 
+    def merge_job_result(self, job_id: int, extra: Mapping[str, Any]) -> None:
+        """Add keys to a job's ``result`` (e.g. a SEG ready before the rest); one atomic statement."""
+        self.conn.execute("UPDATE jobs SET result = json_patch(result, ?) WHERE id = ?",
+                          (json.dumps(dict(extra), sort_keys=True, default=str), job_id))
+
     def complete_job(
         self, job_id: int, result: Mapping[str, Any] | None = None, *, seg_series_uid: str | None = None
     ) -> bool:

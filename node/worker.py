@@ -84,6 +84,8 @@ __all__ = [
     "job_output_dir",
     "record_success",
     "publish_result",
+    "publish_early_seg",
+    "early_seg_path",
     "record_failure",
     "ensure_dispatches",
     "retry_job",
@@ -154,7 +156,7 @@ def _configure_models(models: dict[str, Any]) -> None:
 
 
 #: what this (job or slot) process is: slot name, long-lived or not, jobs run so far
-_PROC: dict[str, Any] = {"slot": None, "persistent": False, "jobs": 0, "job_id": None}
+_PROC: dict[str, Any] = {"slot": None, "persistent": False, "jobs": 0, "job_id": None, "notify": None}
 
 
 def _apply_env(env: dict[str, str] | None) -> None:
@@ -188,7 +190,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the pipeline for one job (in the job process, or in a long-lived slot process)."""
     import sys
 
-    from node.durable import atomic_write
+    from node.durable import atomic_write, fsync_dir
     from node.errors import InputError
     from node.pipeline.run import run_pipeline
     from node.profiles import load_profile
@@ -208,6 +210,26 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     nnunet = sys.modules.get("node.pipeline.backend_nnunet")
     if nnunet is not None and hasattr(nnunet, "_last_run"):
         nnunet._last_run.clear()  # a long-lived process: no stale cache info from the last job
+    early = early_seg_path(final)
+
+    def on_seg(path: Path, uid: str) -> None:
+        """The SEG is complete while meshes are still being made: hand it on now."""
+        notify = _PROC.get("notify")
+        if notify is None:
+            return
+        try:
+            link = final.parent / f".{early.name}.tmp-{os.getpid()}"
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)  # same folder tree: no copy
+            except OSError:
+                shutil.copyfile(path, link)
+            os.replace(link, early)
+            fsync_dir(final.parent)
+            notify(("seg", {"seg_early": str(early), "seg_series_uid": uid}))
+        except Exception as exc:  # noqa: BLE001 - then it goes with the rest of the results
+            log.warning("cannot hand the SEG on before the meshes (%s); it is sent when the job is done", exc)
+
     res = run_pipeline(
         [str(p) for p in paths],
         profile,
@@ -216,6 +238,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         series_uid=spec["series_uid"],
         seg_series_uid=spec["seg_series_uid"],
         decode_workers=spec.get("decode_workers"),
+        on_seg=on_seg,
     )
     backend_info = _backend_info(spec, str(res.report.get("profile", {}).get("model_type") or spec.get("backend")))
     res.report["backend"] = backend_info
@@ -232,7 +255,14 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "seg_series_uid": res.report.get("outputs", {}).get("seg_series_instance_uid"),
         "timings_s": res.report.get("timings_s", {}),
         "backend": backend_info,
+        **({"seg_early": str(early)} if early.is_file() else {}),
     }
+
+
+def early_seg_path(output_dir: Path) -> Path:
+    """``results/<job id>-seg.dcm``: the job's SEG, published as soon as it is written (a hard
+    link to the file inside the result folder), so it can be sent before the meshes are done."""
+    return output_dir.parent / f"{output_dir.name}-seg.dcm"
 
 
 def _execute(spec: dict[str, Any]) -> tuple[Any, ...]:
@@ -274,7 +304,7 @@ def _setup_process(info: dict[str, Any], slot_label: str) -> None:
 
 def _job_process(conn: Any, spec: dict[str, Any]) -> None:
     """Entry point of a one-job process (module level: started by forkserver)."""
-    _PROC.update(slot=spec.get("slot"), persistent=False, jobs=1, job_id=spec["job_id"])
+    _PROC.update(slot=spec.get("slot"), persistent=False, jobs=1, job_id=spec["job_id"], notify=conn.send)
     _setup_process(spec, "")
     msg = _execute(spec)
     try:
@@ -290,7 +320,7 @@ def _slot_process(conn: Any, info: dict[str, Any]) -> None:
     ``None`` (or a closed pipe) ends it.  After a transient error the process ends too, so the
     next job gets a fresh one (a broken CUDA context or a leaking library does not live on).
     """
-    _PROC.update(slot=info.get("slot"), persistent=True, jobs=0, job_id=None)
+    _PROC.update(slot=info.get("slot"), persistent=True, jobs=0, job_id=None, notify=conn.send)
     _setup_process(info, f"slot {info.get('slot')} ")
     while True:
         try:
@@ -363,10 +393,12 @@ def _dispatch_plan(config: Any, store: Store, job: Job) -> tuple[list[tuple[str,
     return plan, origin
 
 
-def _add_dispatches(config: Any, store: Store, job: Job) -> int:
+def _add_dispatches(config: Any, store: Store, job: Job, kinds: tuple[str, ...] = ("dicom", "share")) -> int:
     plan, _ = _dispatch_plan(config, store, job)
     n = 0
     for name, kind, error in plan:
+        if kind not in kinds:
+            continue
         did, created = store.add_dispatch(job.id, name, kind)
         if created:
             n += 1
@@ -412,6 +444,28 @@ def record_success(config: Any, store: Store, job: Job, result: dict[str, Any]) 
                  " completes", job.id, job.series_uid)
         return "held"
     return publish_result(config, store, fresh or job, result)
+
+
+def publish_early_seg(config: Any, store: Store, job_id: int) -> int:
+    """Queue the C-STOREs of a running job's SEG that is ready before its meshes.
+
+    Only for a confirmed job (an early start's SEG waits for its confirmation, see
+    :mod:`node.router`) that still works on the series' instance set.  The dispatcher sends
+    ``result.seg_early``; the share drop waits for the whole result.  The SEG identity is
+    fixed by the job (:func:`seg_series_uid`, instance UID derived from it), so a retry of the
+    job writes the same instance again.  Returns the number of dispatch rows added.
+    """
+    job = store.get_job(job_id)
+    if job is None or job.provisional or job.state != "running" or not (job.result or {}).get("seg_early"):
+        return 0
+    series = store.get_series(job.series_uid)
+    if (series is not None and series.generation == job.generation and job.instances_digest
+            and store.series_digest(job.series_uid) != job.instances_digest):
+        return 0
+    n = _add_dispatches(config, store, job, kinds=("dicom",))
+    if n:
+        log.info("job %d: SEG ready before the meshes; %d C-STORE dispatch(es) queued", job.id, n)
+    return n
 
 
 def publish_result(config: Any, store: Store, job: Job, result: dict[str, Any]) -> str:
@@ -811,6 +865,15 @@ class WorkerPool:
                     log.info("job %d (early start) stopped: series %s received more instances; it starts again"
                              " once the series is quiet", row.id, row.series_uid)
 
+    def _seg_ready(self, job: Job, info: dict[str, Any]) -> None:
+        """A running job wrote its SEG (``results/<id>-seg.dcm``): record it, queue its C-STOREs."""
+        try:
+            self.store.merge_job_result(job.id, info)
+            if publish_early_seg(self.config, self.store, job.id) and self.on_done is not None:
+                self.on_done()
+        except Exception:  # noqa: BLE001 - the SEG is then sent with the whole result
+            log.exception("job %d: cannot queue the early SEG", job.id)
+
     def _slot_info(self, slot: _Slot) -> dict[str, Any]:
         return {"slot": slot.name, "env": dict(slot.env), "log_level": self.config.log_level,
                 "node_pid": os.getpid(), "node_started": self._node_started}
@@ -898,8 +961,13 @@ class WorkerPool:
             slot = self.slots[idx]
             msg = None
             try:
-                if r.conn.poll():
-                    msg = r.conn.recv()
+                while r.conn.poll():
+                    m = r.conn.recv()
+                    if isinstance(m, tuple) and m and m[0] == "seg":  # the SEG is ready, meshes follow
+                        self._seg_ready(r.job, m[1])
+                        continue
+                    msg = m
+                    break
             except (EOFError, OSError):
                 msg = None
             if msg is None and r.proc.is_alive():

@@ -221,6 +221,11 @@ def test_flow_done_unrouted_and_bad_input(node_factory, tmp_path):
     finally:
         s.close()
     assert set(disp) == {("share", "share"), ("dicom", "origin")}
+    # the SEG was handed on before the meshes were done: its C-STORE row predates the job's end,
+    # the share drop (the whole result) follows it
+    assert disp[("dicom", "origin")].created_at <= job.finished_at <= disp[("share", "share")].created_at
+    assert job.result["seg_early"] == str(node.storage / "results" / f"{job.id}-seg.dcm")
+    assert os.path.samefile(job.result["seg_early"], seg)  # a hard link, not a copy
     assert disp[("dicom", "origin")].state == "failed"
     assert "known_aes" in (disp[("dicom", "origin")].last_error or "")
     assert ct_series.state == "done" and ct_series.instance_count == 20
@@ -288,7 +293,9 @@ def test_sigkill_while_job_runs_completes_once(node_factory):
     seg = pydicom.dcmread(node.storage / "results" / str(job.id) / "bones_seg.dcm", stop_before_pixels=True)
     assert seg.SeriesInstanceUID == job.seg_series_uid == seg_series_uid(job)
     leftovers = [p.name for p in (node.storage / "results").iterdir() if p.name != str(job.id)]
-    assert leftovers == []
+    assert leftovers == [f"{job.id}-seg.dcm"]  # the SEG handed on before the meshes (no tmp folder left)
+    early = pydicom.dcmread(node.storage / "results" / f"{job.id}-seg.dcm", stop_before_pixels=True)
+    assert early.SOPInstanceUID == seg.SOPInstanceUID  # one SEG instance, whichever try wrote it
     s = node.store()
     try:
         assert len(s.list_dispatches(job_id=job.id)) == 2

@@ -220,10 +220,21 @@ def test_empty_segment_and_given_series(volume: Volume, tmp_path: Path) -> None:
     assert len(masks["fat"]) == len(volume.frames)
     assert sum(int(m.any()) for m in masks["spot"].values()) == 1
 
+    # the instance UID follows from the given series UID: a re-run (retried job) writes the same
+    # instance, so a PACS that got the SEG from the first try stores it once
+    again = S.write_seg(volume, [specs[0], empty, spot], tmp_path / "again.dcm", algorithm_version="1",
+                        series_instance_uid=uid, series_number=42, series_description="test seg")
+    assert again.SOPInstanceUID == ds.SOPInstanceUID != uid
+    other = S.write_seg(volume, [specs[0]], tmp_path / "other.dcm", algorithm_version="1",
+                        series_instance_uid=hd.UID())
+    assert other.SOPInstanceUID != ds.SOPInstanceUID
+
     # all segments empty: still a valid SEG (highdicom then keeps all frames)
     out2 = tmp_path / "all_empty.dcm"
-    S.write_seg(volume, [empty], out2, algorithm_version="1")
+    first = S.write_seg(volume, [empty], out2, algorithm_version="1")
     assert _dciodvfy(out2) == []
+    assert S.write_seg(volume, [empty], tmp_path / "x.dcm", algorithm_version="1").SOPInstanceUID != \
+        first.SOPInstanceUID  # no series UID given: new UIDs each time
     masks = S.read_seg_masks(out2)
     assert len(masks["fat"]) == len(volume.frames)
     assert not any(m.any() for m in masks["fat"].values())

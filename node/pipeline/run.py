@@ -140,6 +140,7 @@ def run_pipeline(
     decode_workers: int | None = None,
     working_grid_mm: float | None = None,
     progress: Progress | None = None,
+    on_seg: Callable[[Path, str], None] | None = None,
 ) -> RunResult:
     """Segment one series and write the SEG, the meshes and ``report.json``.
 
@@ -158,6 +159,9 @@ def run_pipeline(
             profile's ``working_grid_mm``; 0 = the series' own grid).  The SEG still has a
             frame for every source frame.
         progress: ``progress(stage, message)`` callback.
+        on_seg: ``on_seg(path, seg_series_uid)``, called (from an output thread) as soon as
+            the DICOM SEG file is complete, while meshes may still be in progress: the node
+            sends the SEG on before the meshes are done.
 
     Raises:
         InputError: bad input (series, profile); the message says which file/field.
@@ -308,6 +312,8 @@ def run_pipeline(
             series_description=f"SEG {prof.name} {volume.info.series_description}".strip()[:64],
         )
         seg_uid = str(ds.SeriesInstanceUID)
+        if on_seg is not None:
+            on_seg(seg_path, seg_uid)  # type: ignore[arg-type]
 
     # Meshing is mostly VTK/numpy (releases the GIL), the SEG mostly Python (highdicom):
     # running them side by side uses both cores.  Each stage keeps its own timing.

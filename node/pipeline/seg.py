@@ -342,6 +342,7 @@ def write_seg(
     series_number: int | None = None,
     series_description: str | None = None,
     series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
     manufacturer: str = "dicom-node",
     content_label: str = "SEGMENTATION",
 ) -> Dataset:
@@ -359,6 +360,9 @@ def write_seg(
         series_number: defaults to ``900 + source SeriesNumber % 100``.
         series_description: defaults to ``"SEG <source description>"``.
         series_instance_uid: defaults to a new UID; must differ from the source series.
+        sop_instance_uid: defaults to one derived from ``series_instance_uid`` when that is
+            given (a re-run of the same job writes the same instance, so a PACS that already
+            has it stores it once), else a new UID.
         manufacturer: Manufacturer (and ManufacturerModelName).
         content_label: ContentLabel (DICOM CS: upper case, max 16 chars).
 
@@ -426,7 +430,9 @@ def write_seg(
         series_instance_uid=str(series_instance_uid or hd.UID()),
         series_number=int(series_number if series_number is not None
                           else _default_series_number(volume)),
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=str(sop_instance_uid or (
+            pydicom.uid.generate_uid(entropy_srcs=[str(series_instance_uid), "SEG instance 1"])
+            if series_instance_uid else hd.UID())),
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=manufacturer,
