@@ -489,3 +489,37 @@ def test_instances_arriving_after_an_early_start_restart_it(node_factory):
     # stopped while running, or its finished result discarded (by the receiver or at the end of the run)
     assert re.search(r"received more instances|early-start result\(s\) discarded|no longer has; queued again",
                      log), log[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_early_start(node_factory):
+    """The node is SIGKILLed while an early-started (provisional) job runs: after the restart the
+    series completes, the job is confirmed, runs again and completes once, with the SEG identity
+    an ordinary job would have."""
+    node = node_factory(quiet_period_s=30, early_start_s=1).start()
+    uid = ct_series_uid()
+    node.send(ct_files())
+    running = wait_for(lambda: (lambda j: j if j and j.provisional else None)(job_of(node, uid, ("running",))),
+                       60, "the early start")
+    time.sleep(1.0)  # inside the pipeline
+    node.kill()
+    assert [(j.state, j.provisional) for j in node.jobs(series_uid=uid)] == [("running", True)]
+    assert node.series(uid).state == "receiving"
+
+    # a shorter quiet period after the restart: the series is complete at once (persisted times)
+    cfg = yaml.safe_load(node.config.read_text())
+    cfg["quiet_period_s"] = 6
+    node.config.write_text(yaml.safe_dump(cfg))
+    node.start()
+    job = wait_for(lambda: (lambda j: j if j and j.state in ("done", "failed") and not j.provisional
+                            and node.series(uid).state in ("done", "failed") else None)(
+        job_of(node, uid, ("done", "failed"))), 120, "the job to finish after the restart")
+    assert job.state == "done", job.error
+    assert [j.id for j in node.jobs(series_uid=uid)] == [running.id]
+    assert job.seg_series_uid == seg_series_uid(job)
+    s = node.store()
+    try:
+        assert job.instances_digest == s.series_digest(uid)
+        assert len(s.list_dispatches(job_id=job.id)) == 2
+    finally:
+        s.close()
