@@ -9,7 +9,7 @@ and what is allowed, e.g.::
 
     profiles/liver.yaml: tissues[0].morphology[1].op: 'clsoing' is not allowed;
     allowed: closing, connected_to, dilation, edge_grow, erosion, fill_holes, grow, keep_largest, median,
-    opening, remove_small, remove_thick
+    opening, remove_small, remove_thick, slice_valleys
 """
 
 from __future__ import annotations
@@ -156,21 +156,47 @@ class EdgeGrow(_Strict):
     avoid: list[str] = Field(default_factory=list, description="earlier tissues the growth must not enter")
 
 
+class SliceValleys(_Strict):
+    """Remove the dim layers between bright bodies stacked along the slice axis (intervertebral
+    discs between vertebral bodies; see :func:`node.pipeline.morphology.slice_valleys`).
+
+    In each slice, a connected part of at least ``min_area_mm2`` is removed when its median
+    HU (unsmoothed, over its voxels at least ``core_mm`` from its edge) is below ``ratio``
+    times the highest median of the parts that overlap it in-plane within ``window_mm``
+    above it, and also within ``window_mm`` below it (a side cut short by the scan's edge
+    is left out).  The voxels of the tissues listed in
+    ``without`` are not part of the parts (and are not removed).
+    """
+
+    op: Literal["slice_valleys"]
+    window_mm: float = Field(default=15, gt=0, le=100)
+    ratio: float = Field(default=0.7, gt=0, lt=1)
+    min_area_mm2: float = Field(default=100, ge=0, le=10000)
+    core_mm: float = Field(default=3, ge=0, le=20, description="the median is taken this far inside each part")
+    without: list[str] = Field(default_factory=list,
+                               description="earlier tissues whose voxels are left out of the parts (and kept)")
+
+
 MorphologyStep = Annotated[
     Union[
         Closing, Opening, Dilation, Erosion, Median, FillHoles, KeepLargest, RemoveSmall, Grow, RemoveThick,
-        ConnectedTo, EdgeGrow,
+        ConnectedTo, EdgeGrow, SliceValleys,
     ],
     Field(discriminator="op"),
 ]
 STEP_OPS = (
     "closing", "connected_to", "dilation", "edge_grow", "erosion", "fill_holes", "grow", "keep_largest", "median",
-    "opening", "remove_small", "remove_thick",
+    "opening", "remove_small", "remove_thick", "slice_valleys",
 )
 
 
 class Inside(_Strict):
-    """Restrict a tissue to the filled envelope of an earlier tissue (e.g. marrow inside cortex)."""
+    """Restrict a tissue to the filled envelope of an earlier tissue (e.g. marrow inside cortex).
+
+    The envelope is the earlier tissue closed by ``closing_mm`` and hole-filled (in 3D or
+    per slice).  As ``outside`` the same envelope is removed from the tissue instead (after
+    its morphology), e.g. costal cartilage that is never inside a bone.
+    """
 
     tissue: str
     closing_mm: float = Field(default=0, ge=0, le=50)
@@ -197,6 +223,7 @@ class Tissue(_Strict):
     hu: HURange | PhaseRanges | None = None
     smooth_mm: float = Field(default=0, ge=0, le=10, description="Gaussian sigma applied to HU before thresholding")
     inside: Inside | None = None
+    outside: Inside | None = Field(default=None, description="the filled envelope of an earlier tissue, removed")
     exclude: list[str] = Field(default_factory=list, description="earlier tissues removed from this one")
     morphology: list[MorphologyStep] = Field(default_factory=list)
     mesh: MeshSpec = MeshSpec()
@@ -326,9 +353,11 @@ class Profile(_Strict):
         for n, t in enumerate(self.tissues):
             if t.name in seen:
                 raise ValueError(f"tissues[{n}].name: duplicate tissue name '{t.name}'")
-            refs = ([t.inside.tissue] if t.inside else []) + list(t.exclude)
+            refs = ([t.inside.tissue] if t.inside else []) + ([t.outside.tissue] if t.outside else [])
+            refs += list(t.exclude)
             refs += [s.tissue for s in t.morphology if isinstance(s, ConnectedTo)]
             refs += [a for s in t.morphology if isinstance(s, EdgeGrow) for a in s.avoid]
+            refs += [w for s in t.morphology if isinstance(s, SliceValleys) for w in s.without]
             for r in refs:
                 if r not in seen:
                     raise ValueError(

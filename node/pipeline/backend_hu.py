@@ -40,10 +40,23 @@ def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spaci
 
 
 def apply_step(
-    step, mask: np.ndarray, src: np.ndarray, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None
+    step, mask: np.ndarray, src: np.ndarray, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None,
+    *, hu: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Apply one profile morphology step to ``mask`` (``masks``: earlier tissues, for ``connected_to``)."""
+    """Apply one profile morphology step to ``mask`` (``masks``: earlier tissues, for ``connected_to``;
+    ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
     op = step.op
+    if op == "slice_valleys":
+        if hu is None:
+            raise ValueError("slice_valleys needs the CT values")
+        basis = mask
+        for name in step.without:
+            if masks is None or name not in masks:
+                raise ValueError(f"slice_valleys: tissue {name!r} has not been segmented yet")
+            basis = basis & ~masks[name]
+        kept = morphology.slice_valleys(basis, hu, spacing, step.window_mm, step.ratio, step.min_area_mm2,
+                                        core_mm=step.core_mm)
+        return mask & ~(basis & ~kept)
     if op in ("closing", "opening", "dilation", "erosion", "median"):
         out = getattr(morphology, op)(mask, step.radius_mm, spacing)
         return out & body if op in ("closing", "dilation") else out
@@ -149,6 +162,24 @@ class HUBackend:
         # A tissue inside another one only needs its source on the envelope's box.
         full_smooth = {t.smooth_mm for t in profile.tissues if t.smooth_mm and not self._croppable(t)}
         last_use = {t.smooth_mm: i for i, t in enumerate(profile.tissues) if t.smooth_mm}
+        # an envelope (its closing is the costliest step) is made once for all the tissues
+        # inside or outside it, and kept bit-packed (1/8 of a mask) until the last of them
+        envelopes: dict[tuple, tuple[np.ndarray, tuple[int, ...]]] = {}
+        env_last = {self._env_key(e): i for i, t in enumerate(profile.tissues) for e in (t.inside, t.outside) if e}
+
+        def envelope(spec, idx: int) -> np.ndarray:
+            key = self._env_key(spec)
+            if key in envelopes:
+                packed, shape = envelopes[key]
+                return np.unpackbits(packed, count=int(np.prod(shape))).view(bool).reshape(shape)
+            e = masks[spec.tissue]
+            if spec.closing_mm:
+                e = morphology.closing(e, spec.closing_mm, spacing)
+            e = morphology.fill_holes(e, spec.fill)
+            if env_last[key] > idx:
+                envelopes[key] = (np.packbits(e), e.shape)
+            return e
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hu-smooth") as pool:
             smoothed: dict[float, Future] = {
                 mm: pool.submit(_gaussian, hu, self._sigma(mm, spacing)) for mm in sorted(full_smooth, reverse=True)
@@ -156,12 +187,7 @@ class HUBackend:
             for idx, tissue in enumerate(profile.tissues):
                 t0 = time.perf_counter()
                 lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
-                env = None
-                if tissue.inside:
-                    env = masks[tissue.inside.tissue]
-                    if tissue.inside.closing_mm:
-                        env = morphology.closing(env, tissue.inside.closing_mm, spacing)
-                    env = morphology.fill_holes(env, tissue.inside.fill)
+                env = envelope(tissue.inside, idx) if tissue.inside else None
                 if env is not None and tissue.smooth_mm and self._croppable(tissue):
                     src = None  # only the grow and edge_grow steps read the source, and this tissue has none
                     m = self._threshold_on(env, hu, tissue.smooth_mm, spacing, lo, hi) & inside_body
@@ -175,9 +201,13 @@ class HUBackend:
                         m &= env
                 del env
                 for step in tissue.morphology:
-                    m = apply_step(step, m, src, inside_body, spacing, masks)
+                    m = apply_step(step, m, src, inside_body, spacing, masks, hu=hu)
                 for other in tissue.exclude:
                     m &= ~masks[other]
+                if tissue.outside:
+                    m &= ~envelope(tissue.outside, idx)
+                for key in [k for k, last in env_last.items() if last == idx]:
+                    envelopes.pop(key, None)
                 full = np.zeros(volume.array.shape, dtype=bool)
                 full[box] = m
                 del m
@@ -191,6 +221,10 @@ class HUBackend:
                 if on_mask is not None:
                     on_mask(tissue.name, full)
         return out
+
+    @staticmethod
+    def _env_key(spec) -> tuple:
+        return (spec.tissue, float(spec.closing_mm), spec.fill)
 
     @staticmethod
     def _croppable(tissue: Tissue) -> bool:

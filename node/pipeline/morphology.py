@@ -20,13 +20,17 @@ array.  Tissue masks are typically a small part of the body box (bones: ~40 %).
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+log = logging.getLogger(__name__)
 
 Spacing = Sequence[float]
 
@@ -511,3 +515,115 @@ def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing:
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = out_box
     return out
+
+
+def slice_valleys(mask: np.ndarray, hu: np.ndarray, spacing: Spacing, window_mm: float, ratio: float,
+                  min_area_mm2: float, core_mm: float = 0) -> np.ndarray:
+    """Remove the dim layers of a stack of bright bodies along the slice axis ``k``.
+
+    Each slice's connected parts (8-connected in-plane) of at least ``min_area_mm2`` get the
+    median of ``hu`` over their core (the voxels at least ``core_mm`` in-plane from the
+    part's edge; the whole part when its core has fewer than 20 voxels), so that a bright
+    rim around a dim part (the endplate ring around a disc) does not lift it.  A part is a
+    valley, and removed, when its median is below ``ratio`` times the highest median of
+    the parts that overlap it in-plane (share a pixel position) within ``window_mm`` above
+    it *and* below ``ratio`` times the highest within ``window_mm`` below it: dim between
+    brighter on both sides.  Where the scan's first or last slice cuts a side's window
+    short, that side is unknown (the stack goes on beyond the scan) and the other side
+    decides.  Smaller parts are kept and do not count.  Made for the cancellous interior
+    of the spine: the slices through an intervertebral disc (about 100 HU inside the
+    endplate ring) lie between vertebral bodies of 130..250 HU, while a vertebra that is
+    dim as a whole (osteoporosis) is not a valley.  A median that is not positive never
+    makes a side bright.
+
+    Args:
+        mask: boolean ``[k, j, i]``.
+        hu: the CT values on the same grid (unsmoothed).
+        spacing: ``(i, j, k)`` mm.
+        core_mm: see above; 0 = the whole part.
+    """
+    box = _bbox(mask)
+    if box is None:
+        return mask.copy()
+    m = mask[box]
+    h = hu[box]
+    px_mm2 = float(spacing[0]) * float(spacing[1])
+    half = max(0, int(round(float(window_mm) / float(spacing[2]))))
+    kernel = _core_kernel(core_mm, spacing) if core_mm > 0 else None
+    none = np.iinfo(np.int16).min
+
+    medmap = np.full(m.shape, none, dtype=np.int16)  # each large part's median on its pixels
+    found: list[list[tuple[tuple[slice, slice], np.ndarray, float]]] = []
+    for z in range(m.shape[0]):
+        mine = _large_parts(m[z], h[z], px_mm2, min_area_mm2, kernel)
+        found.append(mine)
+        for crop, part, med in mine:
+            view = medmap[z][crop]
+            view[part] = np.maximum(view[part], np.int16(np.clip(med, -32767, 32767)))
+    # side[z] = the brightest median over slices z - h .. z + h; the window above slice z is
+    # side[z - h - 1] (slices z - 2h - 1 .. z - 1), the one below side[z + h + 1]
+    h = max(0, (half - 1) // 2)
+    side = ndimage.maximum_filter1d(medmap, size=2 * h + 1, axis=0, mode="constant", cval=none)
+    del medmap
+    nz = m.shape[0]
+    out_box = m.copy()
+    removed = 0
+    for z, mine in enumerate(found):
+        # a valley has brighter parts on both sides; a side that the scan's first or last
+        # slice cuts short is not known and is left out (the stack goes on beyond the scan)
+        above_ok, below_ok = z - 2 * h - 1 >= 0, z + 2 * h + 1 < nz
+        for crop, part, med in mine:
+            above = float(side[z - h - 1][crop][part].max()) if z - h - 1 >= 0 else float(none)
+            below = float(side[z + h + 1][crop][part].max()) if z + h + 1 < nz else float(none)
+            if above_ok and below_ok:
+                top = min(above, below)
+            elif above_ok or below_ok:
+                top = above if above_ok else below
+            else:
+                top = max(above, below)
+            if top > 0 and med < ratio * top:
+                out_box[z][crop][part] = False
+                removed += int(np.count_nonzero(part))
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = out_box
+    if removed:
+        log.debug("slice_valleys: removed %d voxels", removed)
+    return out
+
+
+def _large_parts(sl: np.ndarray, h: np.ndarray, px_mm2: float, min_area_mm2: float,
+                 kernel: np.ndarray | None) -> list[tuple[tuple[slice, slice], np.ndarray, float]]:
+    """The 8-connected parts of a 2-D mask of at least ``min_area_mm2``: (box, part mask on the
+    box, median HU of its core, or of the whole part when the core has under 20 pixels)."""
+    rows = np.flatnonzero(sl.any(axis=1))
+    if not len(rows):
+        return []
+    cols = np.flatnonzero(sl.any(axis=0))
+    crop = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    s = sl[crop]
+    lab, n = ndimage.label(s, structure=np.ones((3, 3), dtype=bool))
+    area = np.bincount(lab.ravel(), minlength=n + 1) * px_mm2
+    big = np.flatnonzero(area[1:] >= min_area_mm2) + 1
+    if not len(big):
+        return []
+    hc = h[crop]
+    core = None
+    if kernel is not None:
+        core = cv2.erode(s.view(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    out = []
+    for b in big:
+        part = lab == b
+        vals = hc[part & core] if core is not None else None
+        if vals is None or len(vals) < 20:
+            vals = hc[part]
+        out.append((crop, part, float(np.median(vals))))
+    return out
+
+
+def _core_kernel(core_mm: float, spacing: Spacing) -> np.ndarray:
+    """Erosion kernel: the in-plane offsets closer than ``core_mm`` (so a pixel survives the
+    erosion exactly when no background pixel is closer than ``core_mm``)."""
+    ry = int(np.ceil(core_mm / float(spacing[1])))
+    rx = int(np.ceil(core_mm / float(spacing[0])))
+    yy, xx = np.mgrid[-ry:ry + 1, -rx:rx + 1]
+    return ((yy * float(spacing[1])) ** 2 + (xx * float(spacing[0])) ** 2 < core_mm ** 2).astype(np.uint8)
