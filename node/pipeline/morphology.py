@@ -560,21 +560,26 @@ def slice_valleys(mask: np.ndarray, hu: np.ndarray, spacing: Spacing, window_mm:
         for crop, part, med in mine:
             view = medmap[z][crop]
             view[part] = np.maximum(view[part], np.int16(np.clip(med, -32767, 32767)))
-    # side[z] = the brightest median over slices z - h .. z + h; the window above slice z is
-    # side[z - h - 1] (slices z - 2h - 1 .. z - 1), the one below side[z + h + 1]
-    h = max(0, (half - 1) // 2)
-    side = ndimage.maximum_filter1d(medmap, size=2 * h + 1, axis=0, mode="constant", cval=none)
-    del medmap
+    # the window above slice z is slices z - w .. z - 1, the one below z + 1 .. z + w
+    w = max(1, 2 * ((half - 1) // 2) + 1)
     nz = m.shape[0]
     out_box = m.copy()
     removed = 0
+
+    def brightest(lo: int, hi: int, crop: tuple[slice, slice], part: np.ndarray) -> float:
+        """The highest part median at ``part``'s pixels over slices lo .. hi - 1 (clipped to the scan)."""
+        lo, hi = max(lo, 0), min(hi, nz)
+        if hi <= lo:
+            return float(none)
+        return float(medmap[lo:hi, crop[0], crop[1]].max(axis=0)[part].max())
+
     for z, mine in enumerate(found):
         # a valley has brighter parts on both sides; a side that the scan's first or last
         # slice cuts short is not known and is left out (the stack goes on beyond the scan)
-        above_ok, below_ok = z - 2 * h - 1 >= 0, z + 2 * h + 1 < nz
+        above_ok, below_ok = z - w >= 0, z + w < nz
         for crop, part, med in mine:
-            above = float(side[z - h - 1][crop][part].max()) if z - h - 1 >= 0 else float(none)
-            below = float(side[z + h + 1][crop][part].max()) if z + h + 1 < nz else float(none)
+            above = brightest(z - w, z, crop, part)
+            below = brightest(z + 1, z + w + 1, crop, part)
             if above_ok and below_ok:
                 top = min(above, below)
             elif above_ok or below_ok:
@@ -584,6 +589,7 @@ def slice_valleys(mask: np.ndarray, hu: np.ndarray, spacing: Spacing, window_mm:
             if top > 0 and med < ratio * top:
                 out_box[z][crop][part] = False
                 removed += int(np.count_nonzero(part))
+    del medmap
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = out_box
     if removed:
