@@ -246,7 +246,7 @@ class Router:
 
     def _reconcile(self, series: Series, job_ids: list[int], provisional: list[Job]) -> None:
         """Confirm or drop the early-started (provisional) jobs of a series that just completed."""
-        from node.worker import publish_early_seg, publish_result
+        from node.worker import publish_early_seg, publish_result, settle_series
 
         store, uid = self.store, series.series_uid
         digest = store.series_digest(uid)
@@ -259,6 +259,12 @@ class Router:
                 continue
             store.confirm_job(job.id)
             fresh = store.get_job(job.id)  # after confirming: a job finishing meanwhile is seen here
+            if fresh is not None and fresh.state == "failed" and fresh.instances_digest != digest:
+                # it failed on part of the series (e.g. too few slices): the whole series decides
+                store.restart_job(job.id, "early start failed on another instance set; run on the complete series",
+                                  from_states=("failed",))
+                log.info("series %s: early-start job %d failed on another instance set; queued again", uid, job.id)
+                continue
             if fresh is None or fresh.state != "done":
                 log.info("series %s: early-start job %d (rule %s, %s) confirmed", uid, job.id, job.rule,
                          fresh.state if fresh else "?")
@@ -273,6 +279,7 @@ class Router:
             log.info("series %s: early-start job %d (rule %s) confirmed; its result is published", uid, job.id,
                      job.rule)
             publish_result(self.config, store, fresh, fresh.result)
+        settle_series(store, uid, series.generation)  # e.g. an early start that failed on these instances
 
     def route_series(self, series_uid: str) -> RouteOutcome:
         """Route one ``complete`` series; see the module docstring."""

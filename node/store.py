@@ -546,8 +546,8 @@ class Store:
           ``receiving`` with ``generation + 1`` and its still-queued jobs of
           older generations become ``superseded``: the completion sweep will
           complete it again after a new quiet period.
-          While the series is ``receiving``, a finished early start (provisional job) of the
-          same generation goes back to ``queued``: its result is for fewer instances.
+          While the series is ``receiving``, a finished early start (provisional job, done or
+          failed) of the same generation goes back to ``queued``: it ran on fewer instances.
         * duplicate (same SOP Instance UID): ``received_count`` and
           ``last_received_at`` of the instance are bumped; the series clock is
           *not* restarted and nothing else changes.
@@ -612,7 +612,7 @@ class Store:
                     "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL,"
                     " finished_at = NULL, result = '{}', seg_series_uid = NULL, instances_digest = NULL,"
                     " error = 'new instances arrived after an early start' WHERE series_uid = ? AND generation = ?"
-                    " AND provisional = 1 AND state = 'done'",
+                    " AND provisional = 1 AND state IN ('done', 'failed')",
                     (rec.series_uid, row["generation"]),
                 )
                 if cur.rowcount:
@@ -839,7 +839,8 @@ class Store:
         return self.conn.execute("UPDATE jobs SET provisional = 0 WHERE id = ? AND provisional = 1",
                                  (job_id,)).rowcount == 1
 
-    def restart_job(self, job_id: int, why: str, *, from_states: Sequence[str] = ("running", "done")) -> bool:
+    def restart_job(self, job_id: int, why: str, *,
+                    from_states: Sequence[str] = ("running", "done", "failed")) -> bool:
         """Back to ``queued`` with no result, without counting the try (its input changed under it).
 
         For an early-started job whose series received more instances while it ran, or whose

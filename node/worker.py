@@ -516,7 +516,9 @@ def record_failure(config: Any, store: Store, job: Job, kind: str, message: str)
     else:
         label = "bad input" if kind == _INPUT else "backend unavailable"
         state = store.fail_job(job.id, f"{label}: {message}")
-        log.error("job %d failed (%s, not retried): %s", job.id, label, message)
+        log.error("job %d failed (%s, not retried%s): %s", job.id, label,
+                  "; an early start: more instances or the complete series run it again" if job.provisional else "",
+                  message)
     settle_series(store, job.series_uid, job.generation)
     return state
 

@@ -260,3 +260,53 @@ def test_routing_twice_reads_each_header_once(env, tmp_path, monkeypatch):
     (done,) = router.route_pending()
     assert done.jobs == o.jobs
     assert sorted(reads) == sorted(map(str, files))  # once each, not twice
+
+
+def test_failed_early_start_runs_again_on_more_instances(env, tmp_path):
+    """An early start that fails on part of a series (bad input such as too few slices) is run
+    again when more instances arrive, or at completion when it failed on another instance set;
+    a failure on exactly the complete series stands and fails the series."""
+    from node.worker import record_failure
+
+    cfg, store, router, _, _ = env
+    t0 = time.time() - 100
+    add(store, tmp_path, "1.1", 3, t0)
+    router.route_early(EARLY, now=t0 + 2.5)
+    job, _ = run_job(store, cfg, t0 + 3)
+    assert record_failure(cfg, store, job, "input", "a single slice") == "failed"
+    add(store, tmp_path, "1.1", 4, t0 + 4)  # one more instance: the failure was on a part of the series
+    again = store.get_job(job.id)
+    assert (again.state, again.provisional, again.attempts) == ("queued", True, 0)
+
+    job, _ = run_job(store, cfg, t0 + 7)
+    assert record_failure(cfg, store, job, "input", "still bad") == "failed"
+    store.set_job_digest(job.id, "0" * 16)  # as if it had failed on another instance set
+    sweep(store, QUIET, now=t0 + 4 + QUIET + 1)
+    router.route_pending()
+    assert (store.get_job(job.id).state, store.get_job(job.id).provisional) == ("queued", False)
+    assert store.get_series("1.1").state == "routed"
+
+    # on exactly the complete series the failure stands: the series fails with the reason
+    job = store.claim_job("w")
+    store.set_job_digest(job.id, store.series_digest("1.1"))
+    assert record_failure(cfg, store, store.get_job(job.id), "input", "bad for good") == "failed"
+    series = store.get_series("1.1")
+    assert series.state == "failed" and "bad for good" in series.error
+
+
+def test_failed_early_start_on_the_same_instances_fails_the_series_at_completion(env, tmp_path):
+    from node.worker import record_failure
+
+    cfg, store, router, _, _ = env
+    t0 = time.time() - 100
+    add(store, tmp_path, "1.1", 3, t0)
+    router.route_early(EARLY, now=t0 + 2.5)
+    job, _ = run_job(store, cfg, t0 + 3)
+    record_failure(cfg, store, job, "input", "not a CT")
+    assert store.get_series("1.1").state == "receiving"  # nothing is decided before completion
+    sweep(store, QUIET, now=t0 + QUIET + 1)
+    router.route_pending()
+    final = store.get_job(job.id)
+    assert (final.state, final.provisional) == ("failed", False)
+    series = store.get_series("1.1")
+    assert series.state == "failed" and "not a CT" in series.error
