@@ -239,6 +239,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         seg_series_uid=spec["seg_series_uid"],
         decode_workers=spec.get("decode_workers"),
         on_seg=on_seg,
+        seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
     )
     backend_info = _backend_info(spec, str(res.report.get("profile", {}).get("model_type") or spec.get("backend")))
     res.report["backend"] = backend_info

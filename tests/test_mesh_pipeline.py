@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 import pytest
 
 import node.pipeline.run as run_mod
@@ -159,3 +160,29 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
     assert res.report["timings_s"]["mesh_span"] > 0
     for p in plain.mesh_paths:
         assert (tmp_path / "streamed" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_seg_first_writes_the_seg_before_any_mesh(series, tmp_path, monkeypatch):
+    """seg_first (the node): no mesh while segmenting, the SEG handed on (on_seg) before the first
+    mesh starts; the outputs are those of the default (streaming) run."""
+    from node.pipeline.mesh import mesh_from_mask
+
+    prof = _profile(["organ", "bone"])
+    plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", seg_series_uid="1.2.826.0.1.3680043.8.498.7")
+    events: list[str] = []
+
+    def spy(mask, affine, opts):
+        events.append("mesh")
+        return mesh_from_mask(mask, affine, opts)
+
+    monkeypatch.setattr(run_mod, "mesh_from_mask", spy)
+    res = run_mod.run_pipeline([series], prof, tmp_path / "first", seg_series_uid="1.2.826.0.1.3680043.8.498.7",
+                               seg_first=True, on_seg=lambda path, uid: events.append(f"seg {path.name} {uid}"))
+    assert events == ["seg synth_seg.dcm 1.2.826.0.1.3680043.8.498.7", "mesh", "mesh"]
+    assert res.report["tissues"] == plain.report["tissues"]
+    assert [p.name for p in res.mesh_paths] == [p.name for p in plain.mesh_paths]
+    for p in plain.mesh_paths:
+        assert (tmp_path / "first" / p.name).read_bytes() == p.read_bytes()
+    a = pydicom.dcmread(res.seg_path, stop_before_pixels=True)
+    b = pydicom.dcmread(plain.seg_path, stop_before_pixels=True)
+    assert a.SOPInstanceUID == b.SOPInstanceUID  # fixed by the SEG series UID

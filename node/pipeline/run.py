@@ -141,6 +141,7 @@ def run_pipeline(
     working_grid_mm: float | None = None,
     progress: Progress | None = None,
     on_seg: Callable[[Path, str], None] | None = None,
+    seg_first: bool = False,
 ) -> RunResult:
     """Segment one series and write the SEG, the meshes and ``report.json``.
 
@@ -162,6 +163,10 @@ def run_pipeline(
         on_seg: ``on_seg(path, seg_series_uid)``, called (from an output thread) as soon as
             the DICOM SEG file is complete, while meshes may still be in progress: the node
             sends the SEG on before the meshes are done.
+        seg_first: the SEG before any mesh: no meshing while the series is segmented, the
+            SEG written alone, then the meshes (two at a time).  The SEG is ready sooner
+            (the node's choice: it goes to the PACS), the meshes later; off, meshes are
+            made while later tissues are segmented (shortest run overall).
 
     Raises:
         InputError: bad input (series, profile); the message says which file/field.
@@ -250,6 +255,10 @@ def run_pipeline(
     def _tissue_done(name: str, mask: np.ndarray) -> None:
         n = int(np.count_nonzero(mask))
         tissues[name] = {"voxels": n, "volume_ml_voxels": round(n * voxel_ml, 3)}
+        if not seg_first or not write_segmentation:
+            _submit_mesh(name, mask)
+
+    def _submit_mesh(name: str, mask: np.ndarray) -> None:
         t = by_name.get(name)
         if mesh_pool is not None and t is not None and t.mesh.enabled:
             mesh_jobs[name] = mesh_pool.submit(_timed_mesh, t, mask)
@@ -317,13 +326,17 @@ def run_pipeline(
 
     # Meshing is mostly VTK/numpy (releases the GIL), the SEG mostly Python (highdicom):
     # running them side by side uses both cores.  Each stage keeps its own timing.
+    if seg_first and write_segmentation:
+        stages.run("seg", "writing DICOM SEG", _seg)
+        for t in prof.tissues:  # now the meshes
+            _submit_mesh(t.name, masks[t.name])
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="outputs") as pool:
         futures = []
         if write_meshes:
             # "mesh" is what meshing still takes once segmentation is over; "mesh_span"
             # (below) runs from the first mesh started to the last one finished
             futures.append(pool.submit(stages.run, "mesh", f"meshing {len(prof.tissues)} tissues", _meshes))
-        if write_segmentation:
+        if write_segmentation and not seg_first:
             futures.append(pool.submit(stages.run, "seg", "writing DICOM SEG", _seg))
         for f in futures:
             f.result()
