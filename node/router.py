@@ -253,7 +253,8 @@ class Router:
         for job in provisional:
             if job.id not in job_ids:
                 if store.drop_job(job.id, "early start not confirmed: its rule (rules version "
-                                  f"{job.rules_version}) does not match the complete series"):
+                                  f"{job.rules_version}) does not match the complete series, or the"
+                                  " series was routed with other rules"):
                     log.info("series %s: early-start job %d (rule %s) dropped: the rule does not match the"
                              " complete series", uid, job.id, job.rule)
                 continue
@@ -292,13 +293,10 @@ class Router:
         provisional = [j for j in existing if j.provisional and j.state != "superseded"]
         confirmed = [j for j in existing if not j.provisional]
         if confirmed:  # routed before a crash: never route a generation twice
-            versions = {j.rules_version for j in confirmed}
-            for j in provisional:  # a crash in the middle of a reconciliation
-                if j.rules_version in versions:
-                    store.confirm_job(j.id)
-                else:
-                    store.drop_job(j.id, "early start not confirmed (the generation was routed with other rules)")
             store.set_series_state(series_uid, "routed", from_states=("complete",), generation=gen)
+            if provisional:  # a crash in the middle of a reconciliation: finish it
+                versions = {j.rules_version for j in confirmed}
+                self._reconcile(series, [j.id for j in provisional if j.rules_version in versions], provisional)
             return RouteOutcome(series_uid, "routed", [j.id for j in existing], "jobs existed")
 
         ruleset = self.rules.ruleset  # one consistent snapshot for decision and version

@@ -189,7 +189,7 @@ def test_unmatched_at_completion_drops_the_early_start(env, tmp_path):
     assert record_success(cfg, store, running, result) == "held"
 
     rules.write_text(RULES.replace("{min: 3}", "{min: 4}"))
-    assert holder.reload_if_changed()
+    assert holder.reload_if_changed() == (True, None)
     sweep(store, QUIET, now=t0 + QUIET + 1)
     router.route_pending()
     job = store.get_job(running.id)
@@ -206,7 +206,7 @@ def test_rules_edit_between_early_start_and_completion(env, tmp_path):
     add(store, tmp_path, "1.1", 3, t0)
     router.route_early(EARLY, now=t0 + 2.5)
     rules.write_text(RULES + "\n# edited\n")
-    assert holder.reload_if_changed()
+    assert holder.reload_if_changed() == (True, None)
     sweep(store, QUIET, now=t0 + QUIET + 1)
     router.route_pending()
     jobs = store.list_jobs(series_uid="1.1")
@@ -310,3 +310,32 @@ def test_failed_early_start_on_the_same_instances_fails_the_series_at_completion
     assert (final.state, final.provisional) == ("failed", False)
     series = store.get_series("1.1")
     assert series.state == "failed" and "not a CT" in series.error
+
+
+def test_crash_in_the_middle_of_a_reconciliation(env, tmp_path):
+    """Two early starts of one series; the node dies after confirming the first: on the next pass
+    the second is confirmed too and its held result published (not left held forever)."""
+    cfg, store, router, rules, holder = env
+    rules.write_text(RULES.replace("    share: true", "    share: true\n    stop: false") + """
+  - name: body-liver
+    match:
+      SeriesDescription: {regex: "(?i)body"}
+    profile: liver
+    destinations: [pacs]
+""")
+    assert holder.reload_if_changed() == (True, None)
+    t0 = time.time() - 100
+    add(store, tmp_path, "1.1", 3, t0)
+    router.route_early(EARLY, now=t0 + 2.5)
+    for _ in range(2):
+        running, result = run_job(store, cfg, t0 + 3)
+        assert record_success(cfg, store, running, result) == "held"
+    first, second = store.list_jobs(series_uid="1.1")
+    sweep(store, QUIET, now=t0 + QUIET + 1)
+    store.confirm_job(first.id)  # ... and the node died here
+    router.route_pending()
+    for j in (first, second):
+        j = store.get_job(j.id)
+        assert (j.state, j.provisional) == ("done", False)
+    assert {d.job_id for d in store.list_dispatches()} >= {second.id}
+    assert store.get_series("1.1").state == "done"
