@@ -65,6 +65,10 @@ def test_rule_selects_nnunet_and_seg_reaches_orthanc(tmp_path, orthanc):
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
         assert {s.SegmentAlgorithmName for s in seg.SegmentSequence} == {"nnU-Net"}
         store = node.store
+        # the SEG is sent before the meshes are done (SEG first): the job may still be running
+        deadline = time.monotonic() + 60
+        while store.list_jobs()[0].state == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
         (job,) = store.list_jobs()
         assert job.state == "done" and job.rule == "synth-ai"
         store.close()

@@ -145,9 +145,16 @@ def check_result(node: Node, pacs, source_series_uid: str, n_files: int) -> None
     assert [r["SeriesInstanceUID"] for r in tags["ReferencedSeriesSequence"]] == [source_series_uid]
 
     store = node.store
+    # the SEG goes to the PACS before the meshes are done (SEG first): the job may still run
+    deadline = time.monotonic() + 60
+    while store.list_jobs()[0].state == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
     (job,) = store.list_jobs()
     assert job.state == "done" and job.profile == "bones" and job.rule == "body-ct-bones"
     assert job.seg_series_uid == seg_series["MainDicomTags"]["SeriesInstanceUID"]
+    # the instance in the PACS is the one in the result folder (its UID is fixed by the job)
+    result_seg = dcmread(Path(job.result["seg"]), stop_before_pixels=True)
+    assert result_seg.SOPInstanceUID == inst["MainDicomTags"]["SOPInstanceUID"]
 
     # the share drop may land a moment after the SEG (both are dispatches of the same job)
     share = Path(node.config["share"]["root"])
