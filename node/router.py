@@ -179,6 +179,8 @@ class Router:
         job_ids: list[int] = []
         ignored: list[str] = []
         for rule in matched:
+            if provisional and not rule.early_start:
+                continue  # this rule's jobs wait for the quiet period
             if not rule.supersede and any(j.rule == rule.name for j in earlier):
                 ignored.append(rule.name)
                 log.info("series %s generation %d: rule %s has supersede: false; late instances ignored",
@@ -214,8 +216,9 @@ class Router:
         """Create provisional jobs for series still ``receiving`` but quiet for ``early_start_s``.
 
         A series whose generation already has jobs is left alone; a decision that matches no
-        rule waits for completion (where the series becomes ``unrouted`` as usual).  Each
-        (series, generation, instance count, rules version) is evaluated once.
+        rule waits for completion (where the series becomes ``unrouted`` as usual), and so do
+        the matched rules with ``early_start: false``.  Each (series, generation, instance
+        count, rules version) is evaluated once.
         """
         out: list[RouteOutcome] = []
         for series in self.store.quiet_series(early_start_s, now=now):

@@ -339,3 +339,37 @@ def test_crash_in_the_middle_of_a_reconciliation(env, tmp_path):
         assert (j.state, j.provisional) == ("done", False)
     assert {d.job_id for d in store.list_dispatches()} >= {second.id}
     assert store.get_series("1.1").state == "done"
+
+
+def test_rule_with_early_start_false_waits_for_the_quiet_period(env, tmp_path):
+    """A rule with ``early_start: false`` (a sender that pauses inside a series) gets its job at
+    completion only; the other matching rules still start early."""
+    cfg, store, router, rules, holder = env
+    rules.write_text(RULES.replace("    share: true", "    share: true\n    stop: false\n    early_start: false")
+                     + """
+  - name: body-liver
+    match:
+      SeriesDescription: {regex: "(?i)body"}
+    profile: liver
+""")
+    assert holder.reload_if_changed() == (True, None)
+    assert [r.early_start for r in holder.ruleset.rules] == [False, True]
+    t0 = time.time() - 100
+    add(store, tmp_path, "1.1", 3, t0)
+    (o,) = router.route_early(EARLY, now=t0 + 2.5)
+    assert [store.get_job(i).rule for i in o.jobs] == ["body-liver"]
+    sweep(store, QUIET, now=t0 + QUIET + 1)
+    router.route_pending()
+    jobs = {j.rule: j for j in store.list_jobs(series_uid="1.1")}
+    assert set(jobs) == {"body-bones", "body-liver"}
+    assert not jobs["body-bones"].provisional and jobs["body-bones"].state == "queued"
+    assert not jobs["body-liver"].provisional  # confirmed at completion
+
+
+def test_rule_early_start_must_be_a_boolean(tmp_path):
+    from node.routing.rules import RulesError, load_rules
+
+    f = tmp_path / "r.yaml"
+    f.write_text(RULES.replace("    share: true", "    share: true\n    early_start: maybe"))
+    with pytest.raises(RulesError, match="'early_start' must be true or false"):
+        load_rules(f)

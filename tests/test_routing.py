@@ -524,7 +524,7 @@ def test_cli_test_folder_with_two_series(tmp_path):
     assert "calling_ae=CT1 called_ae=NODE" in ct
     assert "[MATCHED] ct-brain" in ct and "decision: rule 'ct-brain' -> profile=brain" in ct
     assert "[skipped] ct-abdomen" in ct
-    assert "[not matched] ct-pancreas (line 45): SeriesDescription regex" in ct
+    assert "[not matched] ct-pancreas (line 49): SeriesDescription regex" in ct
     assert "Modality equals 'CT' did not match 'MR'" in mr and "decision: UNROUTED" in mr
 
 

@@ -14,6 +14,8 @@ File format (``routing_rules.yaml``)::
         stop: true              # optional (default true): first match wins
         enabled: true           # optional (default true)
         supersede: true         # optional (default true): late instances start a new job
+        early_start: true       # optional (default true): may start before the quiet period ends
+                                #   (node.yaml early_start_s); false for senders that trickle
         description: "..."      # optional free text
 
 See :mod:`node.routing.conditions` for the operators.  Every problem is reported
@@ -60,7 +62,7 @@ BACKENDS = ("hu_based", "totalsegmentator", "monai", "nnunet")
 ORIGIN = "origin"
 RULE_KEYS = (
     "name", "match", "profile", "backend", "destinations",
-    "share", "stop", "enabled", "supersede", "description",
+    "share", "stop", "enabled", "supersede", "early_start", "description",
 )
 REQUIRED_KEYS = ("name", "match", "profile")
 OPERATORS = ("equals", "one_of", "regex", "glob", "range", "min", "max", "exists", "not_empty")
@@ -179,6 +181,7 @@ class Rule:
     stop: bool = True
     enabled: bool = True
     supersede: bool = True
+    early_start: bool = True
     description: str = ""
     line: int | None = None
     index: int = 0
@@ -238,7 +241,7 @@ class RoutingDecision:
                     f"  decision: rule {r.name!r} -> profile={r.profile} "
                     f"backend={r.backend or 'default'} "
                     f"destinations=[{', '.join(r.destinations)}] share={str(r.share).lower()} "
-                    f"supersede={str(r.supersede).lower()}"
+                    f"supersede={str(r.supersede).lower()} early_start={str(r.early_start).lower()}"
                 )
         return lines
 
@@ -462,7 +465,8 @@ class _Parser:
                         dests.append(x)
 
         flags = {}
-        for k, default in (("share", True), ("stop", True), ("enabled", True), ("supersede", True)):
+        for k, default in (("share", True), ("stop", True), ("enabled", True), ("supersede", True),
+                           ("early_start", True)):
             v = item.get(k, default)
             if not isinstance(v, bool):
                 self.err(f"{k!r} must be true or false, not {v!r}", kl.get(k))
