@@ -46,23 +46,20 @@ def _workers() -> int:
     return max(1, min(n, 4))
 
 
-def _slabs(
-    fn: Callable[[np.ndarray], np.ndarray], mask: np.ndarray, overlap: int, dtype: type = bool
-) -> np.ndarray:
+def _slabs(fn: Callable[[np.ndarray], np.ndarray], mask: np.ndarray, overlap: int) -> np.ndarray:
     """``fn(mask)`` for a filter that sees at most ``overlap`` slices away, in parallel slabs.
 
     The array is cut across slices into one slab per worker thread, each extended by
     ``overlap`` slices on both sides, and only its own slices are kept: every kept voxel
     sees the same neighbourhood as on the whole array, so the result is identical.
     SimpleITK and scipy.ndimage release the GIL, and both are mostly single-threaded.
-    ``dtype`` is the result's (``fn``'s output) type.
     """
     n = mask.shape[0]
     parts = min(_workers(), n // max(MIN_SLAB_SLICES, 2 * overlap + 1))
     if parts < 2:
         return fn(mask)
     bounds = np.linspace(0, n, parts + 1).astype(int)
-    out = np.empty(mask.shape, dtype=dtype)
+    out = np.empty(mask.shape, dtype=bool)
 
     def run(p: int) -> None:
         k0, k1 = int(bounds[p]), int(bounds[p + 1])
