@@ -310,6 +310,12 @@ def _add_column(c: sqlite3.Connection, table: str, column: str, decl: str) -> No
 _RESOURCE_SQL = (f"COALESCE(resource, CASE WHEN backend IN ({_in(MODEL_BACKENDS)}) THEN 'gpu' ELSE 'cpu' END)")
 
 
+#: SET clause of a job restart (:meth:`Store.restart_job`, and the receiver's discard of an early
+#: start that new instances made stale): queued again, no result, the try not counted; ``?`` = reason
+_RESTART_SET = ("state = 'queued', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL, finished_at = NULL,"
+                " error = ?, result = '{}', seg_series_uid = NULL, instances_digest = NULL")
+
+
 def _loads(text: str | None) -> Any:
     return json.loads(text) if text else {}
 
@@ -609,11 +615,9 @@ class Store:
                 )
                 # an early-started result of this generation no longer matches the series: run again
                 cur = c.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL,"
-                    " finished_at = NULL, result = '{}', seg_series_uid = NULL, instances_digest = NULL,"
-                    " error = 'new instances arrived after an early start' WHERE series_uid = ? AND generation = ?"
+                    f"UPDATE jobs SET {_RESTART_SET} WHERE series_uid = ? AND generation = ?"
                     " AND provisional = 1 AND state IN ('done', 'failed')",
-                    (rec.series_uid, row["generation"]),
+                    ("new instances arrived after an early start", rec.series_uid, row["generation"]),
                 )
                 if cur.rowcount:
                     log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
@@ -848,9 +852,7 @@ class Store:
         """
         q = ",".join("?" * len(from_states))
         return self.conn.execute(
-            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL,"
-            " finished_at = NULL, error = ?, result = '{}', seg_series_uid = NULL, instances_digest = NULL"
-            f" WHERE id = ? AND state IN ({q})",
+            f"UPDATE jobs SET {_RESTART_SET} WHERE id = ? AND state IN ({q})",
             (why, job_id, *from_states),
         ).rowcount == 1
 
