@@ -409,6 +409,12 @@ def _add_dispatches(config: Any, store: Store, job: Job, kinds: tuple[str, ...] 
     return n
 
 
+def _instances_changed(store: Store, job: Job, series: Any) -> bool:
+    """Whether the series (same generation) no longer has the instance set this try started on."""
+    return (series is not None and series.generation == job.generation and job.instances_digest is not None
+            and store.series_digest(job.series_uid) != job.instances_digest)
+
+
 def record_success(config: Any, store: Store, job: Job, result: dict[str, Any]) -> str:
     """running -> done, then publish the result (:func:`publish_result`) unless it is held.
 
@@ -423,13 +429,11 @@ def record_success(config: Any, store: Store, job: Job, result: dict[str, Any]) 
     """
     fresh = store.get_job(job.id) or job
     series = store.get_series(job.series_uid)
-    if series is not None and series.generation == job.generation and fresh.state == "running":
-        digest = store.series_digest(job.series_uid)
-        if fresh.instances_digest is not None and digest != fresh.instances_digest:
-            store.restart_job(job.id, "new instances arrived while it ran (early start)", from_states=("running",))
-            log.info("job %d finished on an instance set the series no longer has; queued again", job.id)
-            return "restarted"
-    elif fresh.provisional and series is not None and series.generation != job.generation:
+    if fresh.state == "running" and _instances_changed(store, fresh, series):
+        store.restart_job(job.id, "new instances arrived while it ran (early start)", from_states=("running",))
+        log.info("job %d finished on an instance set the series no longer has; queued again", job.id)
+        return "restarted"
+    if fresh.provisional and series is not None and series.generation != job.generation:
         store.drop_job(job.id, f"the series moved on to generation {series.generation} during the early start")
         log.info("job %d (early start) finished for an older generation of its series; dropped", job.id)
         return "superseded"
@@ -459,9 +463,7 @@ def publish_early_seg(config: Any, store: Store, job_id: int) -> int:
     job = store.get_job(job_id)
     if job is None or job.provisional or job.state != "running" or not (job.result or {}).get("seg_early"):
         return 0
-    series = store.get_series(job.series_uid)
-    if (series is not None and series.generation == job.generation and job.instances_digest
-            and store.series_digest(job.series_uid) != job.instances_digest):
+    if _instances_changed(store, job, store.get_series(job.series_uid)):
         return 0
     n = _add_dispatches(config, store, job, kinds=("dicom",))
     if n:
