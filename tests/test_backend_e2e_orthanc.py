@@ -21,7 +21,7 @@ if shutil.which("storescu") is None:
     pytest.skip("DCMTK storescu not installed", allow_module_level=True)
 
 from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, SYNTH_TISSUES, truth_on_loaded, write_case_series  # noqa: E402
-from test_e2e_orthanc import DICOM_NODE, Node, storescu  # noqa: E402
+from test_e2e_orthanc import DICOM_NODE, Node, storescu, wait_job_settled  # noqa: E402
 
 from node.tools.synth_shapes import dice, make_case  # noqa: E402
 
@@ -65,11 +65,7 @@ def test_rule_selects_nnunet_and_seg_reaches_orthanc(tmp_path, orthanc):
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
         assert {s.SegmentAlgorithmName for s in seg.SegmentSequence} == {"nnU-Net"}
         store = node.store
-        # the SEG is sent before the meshes are done (SEG first): the job may still be running
-        deadline = time.monotonic() + 60
-        while store.list_jobs()[0].state == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        (job,) = store.list_jobs()
+        (job,) = wait_job_settled(store)
         assert job.state == "done" and job.rule == "synth-ai"
         store.close()
         # the masks in the SEG match the synthetic truth

@@ -137,6 +137,15 @@ def wait_for_seg(pacs, timeout_s: float, node: Node):
     return found
 
 
+def wait_job_settled(store, timeout_s: float = 60.0) -> list:
+    """The jobs once none is running: the SEG reaches the PACS before the job's meshes are done
+    (SEG first), so a SEG in the PACS does not mean its job has finished."""
+    deadline = time.monotonic() + timeout_s
+    while any(j.state == "running" for j in store.list_jobs()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return store.list_jobs()
+
+
 def check_result(node: Node, pacs, source_series_uid: str, n_files: int) -> None:
     (seg_series,) = pacs.seg_series()
     (inst,) = pacs.series_instances(seg_series["ID"])
@@ -145,11 +154,7 @@ def check_result(node: Node, pacs, source_series_uid: str, n_files: int) -> None
     assert [r["SeriesInstanceUID"] for r in tags["ReferencedSeriesSequence"]] == [source_series_uid]
 
     store = node.store
-    # the SEG goes to the PACS before the meshes are done (SEG first): the job may still run
-    deadline = time.monotonic() + 60
-    while store.list_jobs()[0].state == "running" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    (job,) = store.list_jobs()
+    (job,) = wait_job_settled(store)
     assert job.state == "done" and job.profile == "bones" and job.rule == "body-ct-bones"
     assert job.seg_series_uid == seg_series["MainDicomTags"]["SeriesInstanceUID"]
     # the instance in the PACS is the one in the result folder (its UID is fixed by the job)
