@@ -5,10 +5,11 @@ spacing ``(si, sj, sk)`` in mm (as :attr:`Volume.spacing`), converts millimetre
 radii to per-axis voxel radii (so a 3 mm closing is a 3 mm ball whether the slices
 are 0.7 mm or 5 mm apart), and returns a new boolean array of the same shape.
 
-SimpleITK does the heavy lifting: its binary filters are multi-threaded C++ and
-take a per-axis ball radius, which scipy's structuring-element filters cannot do
-without building huge kernels.  Hole filling and component bookkeeping that
-SimpleITK has no per-slice variant for use ``scipy.ndimage.label``.
+Ball dilation, erosion and closing use ITK's ``sitkBall`` structuring element (the
+ellipsoid with semi-axes ``r + 0.5`` voxels per axis), applied as a stack of in-plane
+ellipses with OpenCV's vectorised 2-D filters, one per slice offset: exactly ITK's
+result at a fraction of its cost.  Connected components (hole filling, small-part
+removal, ``connected_to``) use SimpleITK's multi-threaded labelling.
 
 Every operation runs on the bounding box of its input mask, grown by what the
 operation can reach (its radius, plus one voxel where a boundary condition or a
@@ -137,113 +138,74 @@ def ball_footprint(radius: Sequence[int]) -> np.ndarray:
     return (x / (ri + 0.5)) ** 2 + (y / (rj + 0.5)) ** 2 + (z / (rk + 0.5)) ** 2 <= 1.0
 
 
-#: balls of at most this many voxels are eroded with scipy (fast, stops at the first
-#: background voxel); larger ones through ITK's dilation of the complement
-SCIPY_EROSION_MAX_BALL = 150
-#: masks with at least this fraction of foreground are dilated with scipy (small balls)
-DENSE_FRACTION = 0.4
+def _dilate_slices(mask: np.ndarray, radius: Sequence[int]) -> np.ndarray:
+    """ITK's ball dilation by ``radius`` voxels ``(ri, rj, rk)`` of the whole array, slice by slice.
 
-
-def _ball_filter(
-    flt: type, mask: np.ndarray, radius_mm: float, spacing: Spacing, outside_foreground: bool = False
-) -> np.ndarray:
-    radius = radius_voxels(radius_mm, spacing)
-    if not any(radius) or not mask.any():
-        return mask.copy()
-    f = flt()
-    f.SetKernelType(sitk.sitkBall)
-    f.SetKernelRadius(radius)
-    f.SetForegroundValue(1)
-    if hasattr(f, "SetBackgroundValue"):
-        f.SetBackgroundValue(0)
-    if outside_foreground:
-        f.SetBoundaryToForeground(True)
-    return _from_sitk(f.Execute(_to_sitk(mask, spacing)))
-
-
-def _dilate_full(mask: np.ndarray, radius_mm: float, spacing: Spacing, outside_foreground: bool = False) -> np.ndarray:
-    """Ball dilation of the whole array (no cropping).
-
-    ``outside_foreground=True`` lets ITK take the voxels beyond the array for foreground,
-    so that foreground touching the array's faces is not treated as a surface to paint
-    the ball from.  That only changes voxels within the radius of the faces; the
-    complement dilations below (erosion, closing) pad by the radius and drop those,
-    and are about three times faster for it (their foreground fills the array).
+    The ball is a stack of in-plane ellipses, one per slice offset ``dz``: slice ``k`` of
+    the dilation is the union over ``dz`` of slice ``k + dz`` dilated (OpenCV, uint8,
+    vectorised) by the ellipse at ``dz``.  Exact, and a fraction of ITK's cost, which
+    paints the whole ball from every surface voxel.
     """
-    return _ball_filter(sitk.BinaryDilateImageFilter, mask, radius_mm, spacing, outside_foreground)
+    ball = ball_footprint(radius).view(np.uint8)
+    rk = int(radius[2])
+    src = np.ascontiguousarray(mask).view(np.uint8)
+    out = np.zeros_like(src)
+    tmp = np.empty(src.shape[1:], dtype=np.uint8)
+    n = src.shape[0]
+    for dz in range(-rk, rk + 1):
+        kernel = np.ascontiguousarray(ball[dz + rk])
+        for k in range(max(0, -dz), min(n, n - dz)):
+            cv2.dilate(src[k + dz], kernel, dst=tmp, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+            np.bitwise_or(out[k], tmp, out=out[k])
+    return out.view(bool)
+
+
+def _erode_slices(mask: np.ndarray, radius: Sequence[int]) -> np.ndarray:
+    """ITK's ball erosion of the whole array (voxels outside it count as background), slice by slice.
+
+    The intersection over the ball's slice offsets of the in-plane erosions (see
+    :func:`_dilate_slices`); a slice within ``rk`` of the array's first or last slice
+    sees background beyond it and is eroded away, as on the padded array.
+    """
+    ball = ball_footprint(radius).view(np.uint8)
+    rk = int(radius[2])
+    src = np.ascontiguousarray(mask).view(np.uint8)
+    n = src.shape[0]
+    out = np.zeros_like(src)
+    tmp = np.empty(src.shape[1:], dtype=np.uint8)
+    inner = range(rk, n - rk)  # slices whose whole ball lies inside the array
+    if len(inner):
+        out[rk : n - rk] = 1
+    for dz in range(-rk, rk + 1):
+        kernel = np.ascontiguousarray(ball[dz + rk])
+        for k in inner:
+            cv2.erode(src[k + dz], kernel, dst=tmp, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+            np.bitwise_and(out[k], tmp, out=out[k])
+    return out.view(bool)
 
 
 def dilation(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
-    """Grow the mask by a ball of ``radius_mm``."""
+    """Grow the mask by a ball of ``radius_mm`` (ITK's ``sitkBall`` of the per-axis voxel radius)."""
     radius = radius_voxels(radius_mm, spacing)
-    if not any(radius):
+    if not any(radius) or not mask.any():
         return mask.copy()
     # the ball reaches ``radius`` voxels beyond the mask's box, nothing further
-    ball = ball_footprint(radius)
-    if ball.sum() <= SCIPY_EROSION_MAX_BALL and np.count_nonzero(mask) >= DENSE_FRACTION * mask.size:
-        # a mostly-foreground mask (a body outline): scipy dilates it as the erosion of the
-        # few background voxels, several times faster than ITK, which paints the ball
-        # from every surface voxel
-        def run(x: np.ndarray) -> np.ndarray:
-            return ndimage.binary_dilation(x, structure=ball)
-
-        return _on_box(mask, radius[::-1], lambda m: _slabs(run, m, radius[2]))
-    return _on_box(mask, radius[::-1], lambda m: _slabs(lambda x: _dilate_full(x, radius_mm, spacing), m, radius[2]))
+    return _on_box(mask, radius[::-1], lambda m: _slabs(lambda x: _dilate_slices(x, radius), m, radius[2]))
 
 
 def erosion(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
-    """Shrink the mask by a ball of ``radius_mm`` (voxels outside the array count as background).
-
-    Computed as the complement of a dilation of the complement: ITK's binary dilation
-    is about three times faster than its erosion for the same ball.
-    """
+    """Shrink the mask by a ball of ``radius_mm`` (voxels outside the array count as background)."""
     radius = radius_voxels(radius_mm, spacing)
     if not any(radius) or not mask.any():
         return mask.copy()
     # the result lies inside the mask's box; around the box there is only background,
     # which the padding below stands for as well as the outside of the array does
-    ball = ball_footprint(radius)
-    if ball.sum() <= SCIPY_EROSION_MAX_BALL:
-        # scipy tests each mask voxel against the ball and stops at the first background
-        # voxel: for small balls that is several times cheaper than ITK's complement
-        # dilation (and it releases the GIL, so slabs run in parallel)
-        def run(x: np.ndarray) -> np.ndarray:
-            return ndimage.binary_erosion(x, structure=ball, border_value=0)
+    def run(m: np.ndarray) -> np.ndarray:
+        pad = [(r, r) for r in reversed(radius)]
+        sl = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, m.shape))
+        return _erode_slices(np.pad(m, pad), radius)[sl]
 
-        return _on_box(mask, (0, 0, 0), lambda m: _slabs(run, m, radius[2]))
-    return _on_box(mask, (0, 0, 0), lambda m: _slabs(lambda x: _erode_full(x, radius_mm, spacing), m, radius[2]))
-
-
-#: block size (voxels per axis) of the coarse "near the mask" test in erosions
-_NEAR_BLOCK = 8
-
-
-def _erode_full(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
-    """Ball erosion of the whole array, voxels outside the array counting as background.
-
-    Computed as ``mask & ~dilation(complement)``, where only the part of the complement
-    that can reach the mask is dilated: ITK's dilation costs time per foreground voxel,
-    and the complement of a sparse mask is nearly the whole array.  "Can reach" is
-    tested on blocks of ``_NEAR_BLOCK`` voxels (a block within the radius of a block
-    that holds mask voxels), a superset of the voxels within the radius of the mask,
-    so the result is exact.
-    """
-    radius = radius_voxels(radius_mm, spacing)
-    rk, rj, ri = radius[::-1]
-    b = _NEAR_BLOCK
-    full = [n + 2 * r for n, r in zip(mask.shape, (rk, rj, ri))]
-    nb = [-(-n // b) for n in full]
-    buf = np.zeros([x * b for x in nb], dtype=bool)
-    buf[rk : rk + mask.shape[0], rj : rj + mask.shape[1], ri : ri + mask.shape[2]] = mask
-    occ = buf.reshape(nb[0], b, nb[1], b, nb[2], b).any(axis=(1, 3, 5))
-    reach = [2 * (-(-r // b)) + 1 for r in (rk, rj, ri)]
-    near = ndimage.maximum_filter(occ, size=reach, mode="constant", cval=False)
-    np.logical_not(buf, out=buf)
-    buf.reshape(nb[0], b, nb[1], b, nb[2], b)[...] &= near[:, None, :, None, :, None]
-    # voxels beyond the padded array are at least radius + 1 from the mask: harmless
-    grown = _dilate_full(buf, radius_mm, spacing, outside_foreground=True)
-    grown = grown[rk : rk + mask.shape[0], rj : rj + mask.shape[1], ri : ri + mask.shape[2]]
-    return mask & ~grown
+    return _on_box(mask, (0, 0, 0), lambda m: _slabs(run, m, radius[2]))
 
 
 def opening(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
@@ -262,14 +224,13 @@ def closing(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
         return mask.copy()
     # the closing lies inside the mask's bounding box (it is inside the dilation, and
     # the erosion takes back everything the ball cannot cover from inside the box)
-    return _on_box(mask, (0, 0, 0), lambda m: _slabs(lambda x: _closing_full(x, radius_mm, spacing), m, 2 * radius[2]))
+    return _on_box(mask, (0, 0, 0), lambda m: _slabs(lambda x: _closing_full(x, radius), m, 2 * radius[2]))
 
 
-def _closing_full(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
-    radius = radius_voxels(radius_mm, spacing)
+def _closing_full(mask: np.ndarray, radius: Sequence[int]) -> np.ndarray:
     pad = [(r, r) for r in reversed(radius)]  # numpy order is (k, j, i)
-    grown = _dilate_full(np.pad(mask, pad), radius_mm, spacing)  # fits in the padded array
-    out = _erode_full(grown, radius_mm, spacing)
+    grown = _dilate_slices(np.pad(mask, pad), radius)  # fits in the padded array
+    out = _erode_slices(grown, radius)
     sl = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, mask.shape))
     return out[sl]
 
