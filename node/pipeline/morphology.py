@@ -239,7 +239,7 @@ def median(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     """Binary median (majority vote) in a box of ``radius_mm``: smooths ragged edges.
 
     Identical to ITK's ``BinaryMedianImageFilter`` (foreground where more than half of
-    the box is foreground, edges replicated), computed as separable box counts in numpy.
+    the box is foreground, edges replicated), computed as separable box counts (OpenCV in-plane).
     """
     radius = radius_voxels(radius_mm, spacing)
     if not any(radius) or not mask.any():
@@ -248,9 +248,14 @@ def median(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     need = ((2 * rk + 1) * (2 * rj + 1) * (2 * ri + 1)) // 2 + 1
 
     def run(m: np.ndarray) -> np.ndarray:
-        count = np.pad(m, ((rk, rk), (rj, rj), (ri, ri)), mode="edge").view(np.uint8).astype(np.uint16)
-        for axis, r in enumerate((rk, rj, ri)):
-            count = _box_sum(count, axis, r)
+        # in-plane box counts per slice (OpenCV, uint16, edges replicated), then the
+        # sum of 2 rk + 1 of those planes with the first and last replicated
+        src = np.ascontiguousarray(m).view(np.uint8)
+        planes = np.empty(m.shape, dtype=np.uint16)
+        for k in range(m.shape[0]):
+            cv2.boxFilter(src[k], cv2.CV_16U, (2 * ri + 1, 2 * rj + 1), dst=planes[k], normalize=False,
+                          borderType=cv2.BORDER_REPLICATE)
+        count = _box_sum(np.pad(planes, ((rk, rk), (0, 0), (0, 0)), mode="edge"), 0, rk) if rk else planes
         return count >= need
 
     # a voxel more than ``radius`` from the box has no foreground in its window; one
@@ -299,41 +304,40 @@ def _fill_holes_full(
 ) -> np.ndarray:
     """Background components not touching the border (``mode``'s connectivity), filled.
 
-    The background is labelled by ITK's connected components with face connectivity.
-    In slice mode the slices are laid out one under the other in a single 2-D image,
-    separated by a row of foreground, so that no component crosses from one slice to
-    the next; the rows that were each slice's first and last count as border.
+    In 3-D the background is labelled by ITK's connected components with face
+    connectivity; slice by slice (:func:`_fill_slices`) by OpenCV's, in slab threads.
     """
-    nk, nj, ni = mask.shape
     if mode == "slice":
-        stacked = np.ones((nk, nj + 1, ni), dtype=bool)
-        np.logical_not(mask, out=stacked[:, :nj])
-        img = sitk.GetImageFromArray(stacked.view(np.uint8).reshape(nk * (nj + 1), ni))
-        del stacked
-        cc = sitk.ConnectedComponent(img, False)
-        del img
-        flat = sitk.GetArrayViewFromImage(cc).ravel()  # separator rows: label 0
-        labels = flat.reshape(nk, nj + 1, ni)[:, :nj]
-        border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
-    else:
-        cc = sitk.ConnectedComponent(_to_sitk(~mask, (1.0, 1.0, 1.0)), False)
-        labels = sitk.GetArrayViewFromImage(cc)
-        flat = labels.ravel()
-        border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1], labels[0], labels[-1]]
-    n = int(labels.max()) + 1
-    fill = np.ones(n, dtype=bool)  # label 0 = foreground voxels
+        return _slabs(lambda m: _fill_slices(m, max_area_mm2, spacing), mask, 0)
+    cc = sitk.ConnectedComponent(_to_sitk(~mask, (1.0, 1.0, 1.0)), False)
+    labels = sitk.GetArrayViewFromImage(cc)
+    border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1], labels[0], labels[-1]]
+    fill = np.ones(int(labels.max()) + 1, dtype=bool)  # label 0 = foreground voxels
     for bd in border:
         fill[bd] = False
     fill[0] = True
-    if max_area_mm2 is not None:
-        assert spacing is not None
-        # holes are whole background components, so their areas are component sizes
-        area = np.bincount(flat, minlength=n) * float(spacing[0]) * float(spacing[1])
-        fill &= area <= max_area_mm2
-        fill[0] = True
     out = fill[labels]
-    del labels, flat, cc
+    del labels, cc
     out |= mask
+    return out
+
+
+def _fill_slices(mask: np.ndarray, max_area_mm2: float | None, spacing: Spacing | None) -> np.ndarray:
+    """Per-slice hole filling: the background's 4-connected components (OpenCV's labelling,
+    slice by slice) that touch no edge of the slice, and hold at most ``max_area_mm2``."""
+    out = mask.copy()
+    src = np.ascontiguousarray(mask).view(np.uint8)
+    px_mm2 = float(spacing[0]) * float(spacing[1]) if max_area_mm2 is not None and spacing is not None else 0.0
+    for k in range(mask.shape[0]):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(1 - src[k], connectivity=4, ltype=cv2.CV_32S)
+        fill = np.ones(n, dtype=bool)
+        fill[0] = False  # label 0: the mask's own pixels
+        for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+            fill[edge] = False
+        if max_area_mm2 is not None:
+            fill &= stats[:, cv2.CC_STAT_AREA] * px_mm2 <= max_area_mm2
+        if fill.any():
+            out[k] |= fill[labels]
     return out
 
 
