@@ -143,8 +143,10 @@ def _dilate_slices(mask: np.ndarray, radius: Sequence[int]) -> np.ndarray:
 
     The ball is a stack of in-plane ellipses, one per slice offset ``dz``: slice ``k`` of
     the dilation is the union over ``dz`` of slice ``k + dz`` dilated (OpenCV, uint8,
-    vectorised) by the ellipse at ``dz``.  Exact, and a fraction of ITK's cost, which
-    paints the whole ball from every surface voxel.
+    vectorised) by the ellipse at ``dz``.  The ball is symmetric, so each slice is
+    dilated once per distinct ellipse (``rk + 1``) and the result goes to the slices
+    ``dz`` above and below it.  Exact, and a fraction of ITK's cost, which paints the
+    whole ball from every surface voxel.
     """
     ball = ball_footprint(radius).view(np.uint8)
     rk = int(radius[2])
@@ -152,11 +154,17 @@ def _dilate_slices(mask: np.ndarray, radius: Sequence[int]) -> np.ndarray:
     out = np.zeros_like(src)
     tmp = np.empty(src.shape[1:], dtype=np.uint8)
     n = src.shape[0]
-    for dz in range(-rk, rk + 1):
-        kernel = np.ascontiguousarray(ball[dz + rk])
-        for k in range(max(0, -dz), min(n, n - dz)):
-            cv2.dilate(src[k + dz], kernel, dst=tmp, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-            np.bitwise_or(out[k], tmp, out=out[k])
+    for d in range(rk + 1):
+        kernel = np.ascontiguousarray(ball[rk + d])
+        for k in range(n):
+            up, down = k - d, k + d  # the slices whose ball reaches slice k at offset -d / +d
+            if up < 0 and down >= n:
+                continue
+            cv2.dilate(src[k], kernel, dst=tmp, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+            if down < n:
+                np.bitwise_or(out[down], tmp, out=out[down])
+            if d and up >= 0:
+                np.bitwise_or(out[up], tmp, out=out[up])
     return out.view(bool)
 
 
@@ -164,7 +172,8 @@ def _erode_slices(mask: np.ndarray, radius: Sequence[int]) -> np.ndarray:
     """ITK's ball erosion of the whole array (voxels outside it count as background), slice by slice.
 
     The intersection over the ball's slice offsets of the in-plane erosions (see
-    :func:`_dilate_slices`); a slice within ``rk`` of the array's first or last slice
+    :func:`_dilate_slices`, also for the sharing of each slice's erosion between the
+    slices above and below); a slice within ``rk`` of the array's first or last slice
     sees background beyond it and is eroded away, as on the padded array.
     """
     ball = ball_footprint(radius).view(np.uint8)
@@ -172,15 +181,22 @@ def _erode_slices(mask: np.ndarray, radius: Sequence[int]) -> np.ndarray:
     src = np.ascontiguousarray(mask).view(np.uint8)
     n = src.shape[0]
     out = np.zeros_like(src)
+    if n - 2 * rk <= 0:
+        return out.view(bool)
+    out[rk : n - rk] = 1  # slices whose whole ball lies inside the array
     tmp = np.empty(src.shape[1:], dtype=np.uint8)
-    inner = range(rk, n - rk)  # slices whose whole ball lies inside the array
-    if len(inner):
-        out[rk : n - rk] = 1
-    for dz in range(-rk, rk + 1):
-        kernel = np.ascontiguousarray(ball[dz + rk])
-        for k in inner:
-            cv2.erode(src[k + dz], kernel, dst=tmp, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-            np.bitwise_and(out[k], tmp, out=out[k])
+    for d in range(rk + 1):
+        kernel = np.ascontiguousarray(ball[rk + d])
+        for k in range(n):
+            up, down = k - d, k + d
+            up_ok, down_ok = rk <= up < n - rk, rk <= down < n - rk
+            if not (up_ok or (d and down_ok)):
+                continue
+            cv2.erode(src[k], kernel, dst=tmp, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+            if up_ok:
+                np.bitwise_and(out[up], tmp, out=out[up])
+            if d and down_ok:
+                np.bitwise_and(out[down], tmp, out=out[down])
     return out.view(bool)
 
 
