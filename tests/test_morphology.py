@@ -303,3 +303,13 @@ def test_gaussian_matches_scipy(shape, sigma):
     assert got.dtype == np.float32 and got.shape == a.shape
     ref = ndimage.gaussian_filter(a.astype(np.float64), sigma)
     assert np.abs(got - ref).max() < 2e-3  # HU; values span 2500 HU
+
+
+@pytest.mark.parametrize("steps", [(1, 1, 1), (2, 3, 2), (3, 1, 4)])
+def test_upsample_nearest_is_the_index_map(steps):
+    """Block upsampling (body mask, remove_thick) == indexing each voxel's coarse cell, edges cropped."""
+    rng = np.random.default_rng(sum(steps))
+    shape = (17, 22, 25)  # not a multiple of the steps
+    small = rng.random(tuple(-(-n // f) for n, f in zip(shape, steps))) > 0.5
+    idx = np.ix_(*(np.arange(n) // f for n, f in zip(shape, steps)))
+    assert np.array_equal(M.upsample_nearest(small, steps, shape), small[idx])

@@ -75,7 +75,7 @@ def body_mask_box(
         fbox = tuple(
             slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(cbox, steps, hu.shape)
         )
-        up = _upsample(np.ascontiguousarray(state[cbox]), steps, [b.stop - b.start for b in fbox])
+        up = morphology.upsample_nearest(np.ascontiguousarray(state[cbox]), steps, [b.stop - b.start for b in fbox])
         inside = up == 2
         inside &= hu[fbox] > spec.threshold_hu
         inside |= up == 1
@@ -90,21 +90,6 @@ def body_mask_box(
         return box, out  # type: ignore[return-value]
     sub = bounding_box(inside, margin=margin)
     return sub, np.ascontiguousarray(inside[sub])
-
-
-def _upsample(small: np.ndarray, steps: tuple[int, int, int], shape) -> np.ndarray:
-    """Nearest-neighbour upsampling by integer factors, cropped to ``shape``.
-
-    Rows are repeated along ``i`` on the small array, then copied whole into a
-    ``(K, fk, J, fj, I*fi)`` broadcast view: long contiguous rows instead of a repeat
-    of the big array per axis.
-    """
-    K, J, I = small.shape
-    fk, fj, fi = steps
-    rows = np.repeat(small, fi, axis=2)[:, :, : shape[2]] if fi > 1 else small[:, :, : shape[2]]
-    out = np.empty((K, fk, J, fj, rows.shape[2]), dtype=small.dtype)
-    out[...] = rows[:, None, :, None, :]
-    return out.reshape(K * fk, J * fj, rows.shape[2])[: shape[0], : shape[1]]
 
 
 def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:

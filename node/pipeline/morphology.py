@@ -427,6 +427,21 @@ def remove_small(mask: np.ndarray, min_ml: float, spacing: Spacing) -> np.ndarra
     return _on_box(mask, (0, 0, 0), run)
 
 
+def upsample_nearest(small: np.ndarray, steps: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour upsampling by integer factors ``steps`` ``(fk, fj, fi)``, cropped to ``shape``.
+
+    Rows are repeated along ``i`` on the small array, then copied whole into a
+    ``(K, fk, J, fj, I*fi)`` broadcast view: long contiguous rows instead of a repeat
+    of the big array per axis.
+    """
+    K, J, I = small.shape
+    fk, fj, fi = steps
+    rows = np.repeat(small, fi, axis=2)[:, :, : shape[2]] if fi > 1 else small[:, :, : shape[2]]
+    out = np.empty((K, fk, J, fj, rows.shape[2]), dtype=small.dtype)
+    out[...] = rows[:, None, :, None, :]
+    return out.reshape(K * fk, J * fj, rows.shape[2])[: shape[0], : shape[1]]
+
+
 def remove_thick(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.ndarray:
     """Remove the parts of the mask that a ball of ``radius_mm`` fits into.
 
@@ -449,8 +464,10 @@ def remove_thick(mask: np.ndarray, radius_mm: float, spacing: Spacing) -> np.nda
     padded = np.pad(small, pad, mode="edge")
     thick = opening(padded, radius_mm, coarse_sp)
     thick = thick[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, small.shape))]
-    idx = np.ix_(*(np.arange(n) // f for n, f in zip(mask.shape, reversed(steps))))
-    return mask & ~thick[idx]
+    out = upsample_nearest(np.ascontiguousarray(thick), steps[::-1], mask.shape)
+    np.logical_not(out, out=out)
+    out &= mask
+    return out
 
 
 def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing: Spacing) -> np.ndarray:
