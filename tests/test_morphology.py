@@ -313,3 +313,55 @@ def test_upsample_nearest_is_the_index_map(steps):
     small = rng.random(tuple(-(-n // f) for n, f in zip(shape, steps))) > 0.5
     idx = np.ix_(*(np.arange(n) // f for n, f in zip(shape, steps)))
     assert np.array_equal(M.upsample_nearest(small, steps, shape), small[idx])
+
+
+def test_hu_backend_runs_independent_leading_steps_of_later_tissues_in_background(monkeypatch):
+    """A later tissue's threshold and leading steps that read no other tissue run in the
+    background thread while earlier tissues are segmented; the masks are the same."""
+    import threading
+
+    from node.pipeline import backend_hu
+
+    vol, _, organ = _phantom()
+    concept = {"category": {"value": "91723000", "meaning": "Anatomical Structure"},
+               "type": {"value": "272673000", "meaning": "Bone"}}
+    profile = parse_profile(
+        {
+            "name": "phantom",
+            "description": "test",
+            "tissues": [
+                {"name": "bone", "description": "b", "color": [255, 255, 255], "hu": [300, 1500], **concept},
+                {"name": "organ", "description": "o", "color": [200, 100, 50], "hu": [60, 100], "smooth_mm": 1,
+                 "morphology": [{"op": "opening", "radius_mm": 2}, {"op": "keep_largest", "n": 1}], **concept},
+                {"name": "dense", "description": "d", "color": [200, 200, 50], "hu": [150, 1500],
+                 "morphology": [{"op": "remove_small", "min_ml": 0.01},
+                                {"op": "connected_to", "tissue": "bone", "margin_mm": 1},
+                                {"op": "median", "radius_mm": 1}], **concept},
+            ],
+        },
+        "phantom.yaml",
+    )
+    calls: list[tuple[str, str]] = []
+    real_apply = backend_hu.apply_step
+
+    def spy(step, *a, **k):
+        calls.append((step.op, threading.current_thread().name))
+        return real_apply(step, *a, **k)
+
+    monkeypatch.setattr(backend_hu, "apply_step", spy)
+    masks = HUBackend().segment(vol, profile, phase="non_contrast")
+    where = {op: name for op, name in calls}
+    # leading, independent steps of the later tissues: background; the rest: the caller's thread
+    for op in ("opening", "keep_largest", "remove_small"):
+        assert where[op].startswith("hu-smooth"), (op, where[op])
+    for op in ("connected_to", "median"):
+        assert where[op] == threading.current_thread().name, (op, where[op])
+    assert masks["organ"].sum() > 0.9 * organ.sum() and masks["dense"].any()
+
+    # the same masks when every step runs in order on the caller's thread
+    monkeypatch.setattr(HUBackend, "_independent_steps", classmethod(lambda cls, tissue: 0))
+    calls.clear()
+    sequential = HUBackend().segment(vol, profile, phase="non_contrast")
+    assert all(name == threading.current_thread().name for _, name in calls)
+    for name in masks:
+        assert np.array_equal(masks[name], sequential[name]), name

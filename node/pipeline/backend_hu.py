@@ -180,15 +180,39 @@ class HUBackend:
                 envelopes[key] = (np.packbits(e), e.shape)
             return e
 
+        def head(tissue: Tissue, n_steps: int) -> np.ndarray:
+            """A tissue's threshold and its first ``n_steps`` steps, which read no other tissue."""
+            src = smoothed[tissue.smooth_mm].result() if tissue.smooth_mm else hu
+            lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
+            m = (src >= lo) & (src <= hi) & inside_body
+            for step in tissue.morphology[:n_steps]:
+                m = apply_step(step, m, src, inside_body, spacing, None, hu=hu)
+            return m
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hu-smooth") as pool:
             smoothed: dict[float, Future] = {
                 mm: pool.submit(_gaussian, hu, self._sigma(mm, spacing)) for mm in sorted(full_smooth, reverse=True)
             }
+            # The start of a later tissue that depends on no other tissue (its threshold and
+            # leading steps) runs in the same background thread, after the smoothing, while
+            # the first tissues are segmented: it fills the core that their single-threaded
+            # steps leave idle.
+            heads: dict[int, tuple[Future, int]] = {}
+            for idx, tissue in enumerate(profile.tissues):
+                n_head = self._independent_steps(tissue)
+                if idx > 0 and not tissue.inside and n_head:
+                    heads[idx] = (pool.submit(head, tissue, n_head), n_head)
             for idx, tissue in enumerate(profile.tissues):
                 t0 = time.perf_counter()
                 lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
                 env = envelope(tissue.inside, idx) if tissue.inside else None
-                if env is not None and tissue.smooth_mm and self._croppable(tissue):
+                steps = tissue.morphology
+                if idx in heads:
+                    future, n_head = heads.pop(idx)
+                    m = future.result()
+                    steps = steps[n_head:]
+                    src = smoothed[tissue.smooth_mm].result() if tissue.smooth_mm else hu
+                elif env is not None and tissue.smooth_mm and self._croppable(tissue):
                     src = None  # only the grow and edge_grow steps read the source, and this tissue has none
                     m = self._threshold_on(env, hu, tissue.smooth_mm, spacing, lo, hi) & inside_body
                 else:
@@ -200,7 +224,7 @@ class HUBackend:
                     if env is not None:
                         m &= env
                 del env
-                for step in tissue.morphology:
+                for step in steps:
                     m = apply_step(step, m, src, inside_body, spacing, masks, hu=hu)
                 for other in tissue.exclude:
                     m &= ~masks[other]
@@ -225,6 +249,19 @@ class HUBackend:
     @staticmethod
     def _env_key(spec) -> tuple:
         return (spec.tissue, float(spec.closing_mm), spec.fill)
+
+    #: morphology ops that read other tissues' masks
+    _DEPENDENT_OPS = frozenset({"connected_to", "edge_grow", "slice_valleys"})
+
+    @classmethod
+    def _independent_steps(cls, tissue: Tissue) -> int:
+        """How many of the tissue's first morphology steps read no other tissue."""
+        n = 0
+        for step in tissue.morphology:
+            if step.op in cls._DEPENDENT_OPS:
+                break
+            n += 1
+        return n
 
     @staticmethod
     def _croppable(tissue: Tissue) -> bool:
