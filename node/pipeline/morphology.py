@@ -483,16 +483,23 @@ def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing:
     it overlaps the seed or touches it across a face.  Labelling the mask alone avoids
     labelling the (much larger) seed.
     """
-    seed = dilation(other, margin_mm, spacing) if margin_mm else other
-    if not mask.any() or not seed.any():
-        return np.zeros_like(mask, dtype=bool)
     box = _bbox(mask)
-    assert box is not None
+    if box is None or not other.any():
+        return np.zeros_like(mask, dtype=bool)
     m = np.ascontiguousarray(mask[box])
     # the seed on the mask's box grown by one voxel, so that seed voxels just outside
-    # the box still count for the mask voxels on its faces
+    # the box still count for the mask voxels on its faces; the dilation there only
+    # sees ``other`` within the radius of that box
     outer = _grow_box(box, (1, 1, 1), mask.shape)
-    s = seed[outer]
+    if margin_mm:
+        radius = radius_voxels(margin_mm, spacing)
+        reach = _grow_box(outer, radius[::-1], mask.shape)
+        inner_o = tuple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(outer, reach))
+        s = dilation(np.ascontiguousarray(other[reach]), margin_mm, spacing)[inner_o]
+    else:
+        s = other[outer]
+    if not s.any():
+        return np.zeros_like(mask, dtype=bool)
     near = s.copy()  # seed or a face neighbour of it
     for axis in range(3):
         lo = [slice(None)] * 3
