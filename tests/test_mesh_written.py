@@ -233,3 +233,36 @@ def test_unsmoothed_vertices_are_the_affine_image_of_the_index_vertices():
     ident = mesh_from_mask(mask, np.eye(4), MeshOptions("none"))  # index space (winding may differ)
     expected = ident.vertices @ aff[:3, :3].T + aff[:3, 3]
     np.testing.assert_allclose(mesh.vertices, expected, rtol=0, atol=1e-9)
+
+
+def test_check_written_uses_the_given_mesh_topology_only_where_it_is_the_files(meshes, tmp_path):
+    """``mesh_topology`` stands for the topology pass when the file's faces are the mesh's,
+    and is not called where a reader merges float32-coincident vertices (pinch) or the
+    file leaves vertices out."""
+    calls: list[str] = []
+
+    def given(mesh):
+        def topo():
+            calls.append("called")
+            return mesh_mod.topology(mesh.faces, len(mesh.vertices))
+        return topo
+
+    sphere = meshes["sphere"]
+    path = write_stl(sphere, tmp_path / "s.stl")
+    with_topo = check_written_stl(path, sphere, mesh_topology=given(sphere))
+    assert calls == ["called"]
+    same_check(with_topo, check_stl(path))
+
+    calls.clear()
+    pinch = meshes["pinch"]
+    path = write_stl(pinch, tmp_path / "p.stl")
+    chk = check_written_stl(path, pinch, mesh_topology=given(pinch))
+    assert calls == [] and not chk.manifold  # the merged file's own topology
+    same_check(chk, check_stl(path))
+
+    calls.clear()
+    spare = Mesh(np.vstack([sphere.vertices, [[100.0, 100.0, 100.0]]]), sphere.faces)  # one unused vertex
+    path = write_stl(spare, tmp_path / "u.stl")
+    chk = check_written_stl(path, spare, mesh_topology=given(spare))
+    assert calls == []
+    same_check(chk, check_stl(path))

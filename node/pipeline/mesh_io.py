@@ -13,13 +13,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from node.durable import atomic_open
 from node.pipeline.mesh import (
     Mesh,
+    Topology,
     float32_groups,
     float32_unique_count,
     normalize_rows,
@@ -180,9 +181,13 @@ def _check_soup(tris: np.ndarray, path: str | os.PathLike[str], header: str) -> 
     return _mesh_check(path, merged.vertices, merged.faces, header)
 
 
-def _mesh_check(path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndarray, header: str) -> MeshCheck:
-    """The :class:`MeshCheck` of a mesh whose vertices are already merged as a reader merges them."""
-    topo = topology(faces, len(vertices))
+def _mesh_check(
+    path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndarray, header: str, topo: Topology | None = None
+) -> MeshCheck:
+    """The :class:`MeshCheck` of a mesh whose vertices are already merged as a reader merges them
+    (``topo``: ``topology(faces, len(vertices))`` when the caller has it already)."""
+    if topo is None:
+        topo = topology(faces, len(vertices))
     return MeshCheck(
         path=Path(path),
         triangles=topo.triangles,
@@ -216,7 +221,11 @@ def check_stl(path: str | os.PathLike[str]) -> MeshCheck:
 
 
 def check_written_stl(
-    path: str | os.PathLike[str], mesh: Mesh, *, header: str | None = DEFAULT_STL_HEADER
+    path: str | os.PathLike[str],
+    mesh: Mesh,
+    *,
+    header: str | None = DEFAULT_STL_HEADER,
+    mesh_topology: Callable[[], Topology] | None = None,
 ) -> MeshCheck:
     """:func:`check_stl` for a file that :func:`write_stl` wrote from ``mesh``, much cheaper.
 
@@ -232,6 +241,11 @@ def check_written_stl(
 
     The fields equal :func:`check_stl`'s; ``volume_ml`` up to float rounding (summation
     order).
+
+    ``mesh_topology``, when given, returns ``topology(mesh.faces, len(mesh.vertices))``
+    (e.g. the result of a thread started as soon as the mesh was made, so that it runs
+    while the files are written); it is called only where that is the file's topology:
+    every vertex used and no two sharing their float32 coordinates.
     """
     path = Path(path)
     data = path.read_bytes()
@@ -266,12 +280,15 @@ def check_written_stl(
     else:  # unused vertices are not in the file
         remap = np.cumsum(used) - 1
         v_used, f_used = verts32[used], remap[faces]
+    topo = None
     if float32_unique_count(v_used) == len(v_used):
         merged_v, merged_f = v_used.astype(np.float64), f_used
+        if mesh_topology is not None and v_used is verts32:  # the file's faces are the mesh's
+            topo = mesh_topology()
     else:  # groups numbered in key order, as check_stl numbers the same set of keys
         merged_v, group = _merge_float32(v_used)
         merged_f = group[f_used]
-    return _mesh_check(path, merged_v, merged_f, head.rstrip(b"\x00 ").decode("ascii", errors="replace"))
+    return _mesh_check(path, merged_v, merged_f, head.rstrip(b"\x00 ").decode("ascii", errors="replace"), topo)
 
 
 # --------------------------------------------------------------------------- PLY

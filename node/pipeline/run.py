@@ -28,7 +28,7 @@ from node import __version__
 from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
-from node.pipeline.mesh import MeshOptions, mesh_from_mask
+from node.pipeline.mesh import MeshOptions, mesh_from_mask, topology
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
 from node.pipeline.series import find_series, load_series
 from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, warm_up, write_seg
@@ -221,15 +221,20 @@ def run_pipeline(
         info = tissues[t.name]
         opts = MeshOptions.from_dict(t.mesh.model_dump(exclude={"enabled"}))
         mesh = mesh_from_mask(mask, volume.affine, opts)
-        info.update({"triangles": mesh.triangles, "volume_ml_mesh": round(mesh.volume_ml, 3)})
+        info["triangles"] = mesh.triangles
         if mesh.is_empty:
-            info.update({"watertight": None, "manifold": None, "stl": None, "ply": None})
+            info.update({"volume_ml_mesh": 0.0, "watertight": None, "manifold": None, "stl": None, "ply": None})
             return []
-        stl = write_stl(mesh, out / f"{prof.name}_{t.name}.stl")
-        ply = write_ply(mesh, out / f"{prof.name}_{t.name}_colored.ply", tuple(t.color))
-        # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
-        check = check_written_stl(stl, mesh)
-        info.update({"watertight": check.watertight, "manifold": check.manifold, "stl": stl.name, "ply": ply.name})
+        # the mesh's topology (most of the check's work) is computed while the files are
+        # written: numpy/scipy release the GIL, and the file writes wait on the disk
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-topology") as helper:
+            topo = helper.submit(topology, mesh.faces, len(mesh.vertices))
+            stl = write_stl(mesh, out / f"{prof.name}_{t.name}.stl")
+            ply = write_ply(mesh, out / f"{prof.name}_{t.name}_colored.ply", tuple(t.color))
+            # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
+            check = check_written_stl(stl, mesh, mesh_topology=topo.result)
+        info.update({"volume_ml_mesh": round(check.volume_ml, 3), "watertight": check.watertight,
+                     "manifold": check.manifold, "stl": stl.name, "ply": ply.name})
         if not check.printable:
             log.warning("mesh %s is not printable: %s", stl.name, check)
         return [stl, ply]
