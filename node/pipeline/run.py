@@ -28,6 +28,7 @@ from node import __version__
 from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
+from node.pipeline.heap import fix_mmap_threshold
 from node.pipeline.mesh import MeshOptions, mesh_from_mask, topology
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
 from node.pipeline.series import find_series, load_series
@@ -173,6 +174,7 @@ def run_pipeline(
         BackendUnavailable: the backend's package or model is missing.
     """
     t_start = time.perf_counter()
+    fix_mmap_threshold()  # large freed arrays go back to the OS (see node.pipeline.heap)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
