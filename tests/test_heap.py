@@ -42,7 +42,7 @@ def test_fixed_threshold_maps_large_arrays_of_their_own():
     assert _where("fixed") == "mapped"
 
 
-def test_run_pipeline_fixes_the_threshold(monkeypatch, tmp_path):
+def test_run_pipeline_fixes_the_threshold_for_the_hu_backend(monkeypatch, tmp_path):
     from node.errors import SeriesError
     from node.pipeline import run as run_mod
 
@@ -50,4 +50,8 @@ def test_run_pipeline_fixes_the_threshold(monkeypatch, tmp_path):
     monkeypatch.setattr(run_mod, "fix_mmap_threshold", lambda *a: calls.append(a) or True)
     with pytest.raises(SeriesError, match="no DICOM files"):
         run_mod.run_pipeline([tmp_path / "missing"], "bones", tmp_path / "out")
-    assert calls == [()]
+    assert calls == [()]  # the HU backend's process
+    calls.clear()
+    with pytest.raises(SeriesError, match="no DICOM files"):
+        run_mod.run_pipeline([tmp_path / "missing"], "bones", tmp_path / "out", backend="totalsegmentator")
+    assert calls == []  # an AI backend's process keeps glibc's defaults

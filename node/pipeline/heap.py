@@ -7,7 +7,9 @@ many arrays of a few to 32 MB (slices, slabs, mesh blocks, per-tissue boxes) in 
 threads, so after the first few they all come from the arenas, which keep the freed
 memory and fragment: on the 512x512x400 bench series the peak RSS was 2.35-2.54 GB with
 the dynamic threshold and 2.21-2.23 GB with a fixed 4 MB one, at the same speed (a
-fixed 128 kB one was as small but made the SEG writer ~1.5x slower).
+fixed 128 kB one was as small but made the SEG writer ~1.5x slower).  ``run_pipeline``
+sets it for the HU backend, whose job process it is; the AI backends' processes keep
+glibc's defaults, which their libraries (torch) are tuned and measured with.
 """
 
 from __future__ import annotations

@@ -174,8 +174,11 @@ def run_pipeline(
         BackendUnavailable: the backend's package or model is missing.
     """
     t_start = time.perf_counter()
-    fix_mmap_threshold()  # large freed arrays go back to the OS (see node.pipeline.heap)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    if (backend or prof.model_type) == "hu_based":
+        # the HU backend's many freed arrays of a few MB go back to the OS (measured there,
+        # see node.pipeline.heap); an AI backend's process keeps its library's defaults
+        fix_mmap_threshold()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
