@@ -68,6 +68,14 @@ def add(store: Store, tmp: Path, series: str, n: int, t: float, desc: str = "CT 
             tags={"Modality": "CT", "SeriesDescription": desc}))
 
 
+def start_early(store: Store, router: Router, tmp: Path) -> tuple[float, list]:
+    """Three instances of series 1.1 received at ``t0`` (100 s ago) and routed early 2.5 s later;
+    returns ``(t0, route_early's outcomes)``."""
+    t0 = time.time() - 100
+    add(store, tmp, "1.1", 3, t0)
+    return t0, router.route_early(EARLY, now=t0 + 2.5)
+
+
 def jobs_list(cfg, capsys) -> str:
     """``dicom-node jobs list`` on the test database (the operator's view)."""
     from node.cli import main
@@ -128,9 +136,7 @@ def test_early_start_held_then_published_at_completion(env, tmp_path, capsys):
 
 def test_instances_during_early_start_restart_the_job(env, tmp_path):
     cfg, store, router, _, _ = env
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)
     running, result = run_job(store, cfg, t0 + 3)
     assert running is not None
 
@@ -164,9 +170,7 @@ def test_done_on_other_instances_runs_again_at_completion(env, tmp_path):
     """A held result whose instance set differs from the complete series (e.g. a restart lost the
     in-memory state) is not published: the confirmed job runs again."""
     cfg, store, router, _, _ = env
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)
     running, result = run_job(store, cfg, t0 + 3)
     assert record_success(cfg, store, running, result) == "held"
     store.set_job_digest(running.id, "0" * 16)  # as if it had run on another set
@@ -182,9 +186,7 @@ def test_unmatched_at_completion_drops_the_early_start(env, tmp_path):
     """The rules are evaluated again on the complete series: an early start whose rule no longer
     matches (here: the rule file changed meanwhile) is dropped, with the reason."""
     cfg, store, router, rules, holder = env
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)
     running, result = run_job(store, cfg, t0 + 3)
     assert record_success(cfg, store, running, result) == "held"
 
@@ -202,9 +204,7 @@ def test_rules_edit_between_early_start_and_completion(env, tmp_path):
     """Rules changed but still matching: the early start (old rules version) is dropped and the
     complete series gets a job under the new version, which produces the one result."""
     cfg, store, router, rules, holder = env
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)
     rules.write_text(RULES + "\n# edited\n")
     assert holder.reload_if_changed() == (True, None)
     sweep(store, QUIET, now=t0 + QUIET + 1)
@@ -215,9 +215,7 @@ def test_rules_edit_between_early_start_and_completion(env, tmp_path):
 
 def test_confirmed_jobs_are_claimed_before_early_starts(env, tmp_path):
     cfg, store, router, _, _ = env
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)  # will be early-started
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)  # series 1.1 early-started
     add(store, tmp_path, "1.9", 3, t0 - 50)  # complete long ago
     sweep(store, QUIET, now=t0 + 3)
     router.route_pending()
@@ -269,9 +267,7 @@ def test_failed_early_start_runs_again_on_more_instances(env, tmp_path):
     from node.worker import record_failure
 
     cfg, store, router, _, _ = env
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)
     job, _ = run_job(store, cfg, t0 + 3)
     assert record_failure(cfg, store, job, "input", "a single slice") == "failed"
     add(store, tmp_path, "1.1", 4, t0 + 4)  # one more instance: the failure was on a part of the series
@@ -298,9 +294,7 @@ def test_failed_early_start_on_the_same_instances_fails_the_series_at_completion
     from node.worker import record_failure
 
     cfg, store, router, _, _ = env
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)
     job, _ = run_job(store, cfg, t0 + 3)
     record_failure(cfg, store, job, "input", "not a CT")
     assert store.get_series("1.1").state == "receiving"  # nothing is decided before completion
@@ -324,9 +318,7 @@ def test_crash_in_the_middle_of_a_reconciliation(env, tmp_path):
     destinations: [pacs]
 """)
     assert holder.reload_if_changed() == (True, None)
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    router.route_early(EARLY, now=t0 + 2.5)
+    t0, _ = start_early(store, router, tmp_path)
     for _ in range(2):
         running, result = run_job(store, cfg, t0 + 3)
         assert record_success(cfg, store, running, result) == "held"
@@ -354,9 +346,7 @@ def test_rule_with_early_start_false_waits_for_the_quiet_period(env, tmp_path):
 """)
     assert holder.reload_if_changed() == (True, None)
     assert [r.early_start for r in holder.ruleset.rules] == [False, True]
-    t0 = time.time() - 100
-    add(store, tmp_path, "1.1", 3, t0)
-    (o,) = router.route_early(EARLY, now=t0 + 2.5)
+    t0, (o,) = start_early(store, router, tmp_path)
     assert [store.get_job(i).rule for i in o.jobs] == ["body-liver"]
     sweep(store, QUIET, now=t0 + QUIET + 1)
     router.route_pending()
