@@ -247,6 +247,11 @@ class Router:
                 del self._early_seen[uid]
         return out
 
+    def _drop(self, provisional: list[Job], why: str) -> None:
+        """Drop early-started jobs that the complete series does not confirm (``why``)."""
+        for job in provisional:
+            self.store.drop_job(job.id, f"early start not confirmed: {why}"[:2000])
+
     def _reconcile(self, series: Series, job_ids: list[int], provisional: list[Job]) -> None:
         """Confirm or drop the early-started (provisional) jobs of a series that just completed."""
         from node.worker import publish_early_seg, publish_result, settle_series
@@ -307,8 +312,7 @@ class Router:
         try:
             facts = series_facts(store, series, self._tags)
         except InputError as exc:
-            for j in provisional:
-                store.drop_job(j.id, f"early start not confirmed: cannot compute series facts: {exc}")
+            self._drop(provisional, f"cannot compute series facts: {exc}")
             store.set_series_state(series_uid, "failed", from_states=("complete",), generation=gen,
                                    error=f"cannot compute series facts: {exc}")
             log.error("series %s: cannot compute series facts: %s", series_uid, exc)
@@ -316,8 +320,7 @@ class Router:
         decision = ruleset.route(facts)
         if decision.unrouted:
             why = "; ".join(f"{e.rule.name}: {e.reason}" for e in decision.evaluations) or "no rules"
-            for j in provisional:
-                store.drop_job(j.id, f"early start not confirmed: no rule matches the complete series: {why}"[:2000])
+            self._drop(provisional, f"no rule matches the complete series: {why}")
             store.set_series_state(series_uid, "unrouted", from_states=("complete",), generation=gen,
                                    error=f"no rule matched (rules {version}): {why}"[:2000])
             log.warning("series %s (%s, %r) is UNROUTED: no rule matched; kept in the spool", series_uid,
@@ -328,8 +331,7 @@ class Router:
         if gen > 1:
             store.supersede_jobs(series_uid, below_generation=gen)
         if not job_ids:  # every matching rule ignores late instances: earlier results stand
-            for j in provisional:
-                store.drop_job(j.id, "early start not confirmed: late instances ignored (supersede: false)")
+            self._drop(provisional, "late instances ignored (supersede: false)")
             store.set_series_state(series_uid, "done", from_states=("complete",), generation=gen,
                                    error=f"late instances ignored (supersede: false): {', '.join(ignored)}")
             return RouteOutcome(series_uid, "done", reason="supersede: false")
