@@ -1,5 +1,8 @@
-"""glibc's mmap threshold fixed for the pipeline (node.pipeline.heap): freed large arrays
-are returned to the OS instead of staying in the heap arenas."""
+"""The pipeline's heap policy (node.pipeline.heap), glibc only: the fixed mmap threshold
+(freed arrays of a few MB go back to the OS instead of fragmenting the arenas) and the
+RetainFreed window (freed arrays are reused without page faults while the process RSS is
+below a budget, and handed back above it).  Each probe runs in a process of its own:
+these are process-wide settings."""
 
 from __future__ import annotations
 
@@ -35,6 +38,107 @@ print("heap" if lo <= addr < hi else "mapped")
 def _where(mode: str) -> str:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
     return out.stdout.strip()
+
+
+# A 64 MB array allocated and written, freed, then again: the minor page faults of the
+# second one.  Fresh memory from the kernel faults at least once per 2 MB (huge pages) and
+# once per 4 kB without; memory reused from the heap does not fault at all.
+REUSE = r"""
+import resource, sys
+import numpy as np
+from node.pipeline import heap
+heap.fix_mmap_threshold()
+
+def second_faults():
+    a = np.empty(64 << 20, dtype=np.uint8); a.fill(1); del a
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    b = np.empty(64 << 20, dtype=np.uint8); b.fill(2)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+if sys.argv[1] == "window":
+    with heap.RetainFreed(1 << 40) as w:
+        print(second_faults(), w.applied, w.trims)
+else:
+    print(second_faults(), False, 0)
+"""
+
+
+def _reuse(mode: str) -> tuple[int, str, int]:
+    out = subprocess.run([sys.executable, "-c", REUSE, mode], capture_output=True, text=True, check=True)
+    faults, applied, trims = out.stdout.split()
+    return int(faults), applied, int(trims)
+
+
+def test_retain_window_reuses_freed_arrays_without_page_faults():
+    faults, applied, _ = _reuse("fixed")
+    assert faults >= 32  # the fixed threshold alone: a fresh mapping, faulted in again
+    faults, applied, trims = _reuse("window")
+    assert applied == "True" and trims == 0  # far below its budget: nothing handed back
+    assert faults <= 8
+
+
+# Inside a window: 256 MB allocated, written and freed stay resident under a large budget,
+# and are handed back by the guard thread under a small one; closing the window hands
+# everything back and restores glibc's mappings (an 8 MB array is a mapping of its own).
+BUDGET = r"""
+import sys, time
+import numpy as np
+from node.pipeline import heap
+heap.fix_mmap_threshold()
+MB = 1 << 20
+base = heap.process_rss()
+budget = base + (64 * MB if sys.argv[1] == "small" else (1 << 40))
+with heap.RetainFreed(budget) as w:
+    a = np.empty(256 * MB, dtype=np.uint8); a.fill(1); del a
+    # the guard polls every few ms: give it time to hand the array back (or not)
+    deadline = time.monotonic() + (5 if sys.argv[1] == "small" else 0.3)
+    while time.monotonic() < deadline and w.trimmed_bytes < 200 * MB:
+        time.sleep(0.02)
+    inside = heap.process_rss() - base
+    trims, trimmed = w.trims, w.trimmed_bytes
+after = heap.process_rss() - base
+b = np.ones(8 * MB, dtype=np.uint8)
+addr = b.__array_interface__["data"][0]
+brk = [line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+lo, hi = (int(x, 16) for x in brk[0].split()[0].split("-")) if brk else (0, 0)
+print(inside // MB, trims, trimmed // MB, after // MB, "heap" if lo <= addr < hi else "mapped")
+"""
+
+
+def _budget(mode: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", BUDGET, mode], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_retain_window_keeps_freed_memory_below_its_budget():
+    inside, trims, _, after, where = _budget("large")
+    assert int(inside) >= 200 and int(trims) == 0  # freed, but kept for reuse
+    assert int(after) < 100  # the window closed: handed back
+    assert where == "mapped"  # glibc's mappings are back (with the fixed 4 MB threshold)
+
+
+def test_retain_window_hands_freed_memory_back_above_its_budget():
+    inside, trims, trimmed, after, where = _budget("small")
+    assert int(trims) >= 1 and int(trimmed) >= 200
+    assert int(inside) < 100
+    assert where == "mapped"
+
+
+def test_retain_windows_overlap_and_the_smallest_budget_applies():
+    from node.pipeline import heap
+
+    code = r"""
+from node.pipeline import heap
+with heap.RetainFreed(10 << 30) as a:
+    with heap.RetainFreed(5 << 30) as b:
+        assert heap._guard.budget() == 5 << 30 and a.active and b.active
+    assert heap._guard.budget() == 10 << 30 and not b.active and b.applied
+assert not heap._guard.windows and not a.active
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+    assert heap.working_set_budget(1000, 16) == pytest.approx(heap.process_rss() + 16000, abs=64 << 20)
 
 
 def test_fixed_threshold_maps_large_arrays_of_their_own():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pydicom
@@ -50,6 +51,11 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         assert (tissues[name]["watertight"], tissues[name]["manifold"]) == (full.watertight, full.manifold)
         assert tissues[name]["triangles"] == full.triangles
     assert tissues["nothing"]["watertight"] is None and tissues["nothing"]["stl"] is None
+    # the HU backend segments and meshes inside a heap window (node.pipeline.heap)
+    heap = res.report["heap"]
+    assert heap["retained_below_mb"] > 0 and heap["trims"] >= 0
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert heap["applied"] is True
 
 
 def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeypatch):

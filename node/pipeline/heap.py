@@ -1,15 +1,30 @@
-"""Process heap settings for the pipeline's large, short-lived arrays (glibc only).
+"""Process heap policy for the pipeline's large, short-lived arrays (glibc only).
 
-glibc serves an allocation from its heap arenas below the *mmap threshold* and maps it
-on its own above it.  By default that threshold is dynamic: each time a mapped block is
-freed, the threshold rises to its size (up to 32 MB).  The pipeline allocates and frees
-many arrays of a few to 32 MB (slices, slabs, mesh blocks, per-tissue boxes) in several
-threads, so after the first few they all come from the arenas, which keep the freed
-memory and fragment: on the 512x512x400 bench series the peak RSS was 2.35-2.54 GB with
-the dynamic threshold and 2.21-2.23 GB with a fixed 4 MB one, at the same speed (a
-fixed 128 kB one was as small but made the SEG writer ~1.5x slower).  ``run_pipeline``
-sets it for the HU backend, whose job process it is; the AI backends' processes keep
-glibc's defaults, which their libraries (torch) are tuned and measured with.
+Two settings, both for the HU backend's job process (``run_pipeline`` applies them; the
+AI backends' processes keep glibc's defaults, which their libraries (torch) are tuned
+and measured with):
+
+* :func:`fix_mmap_threshold`: glibc serves an allocation from its heap arenas below the
+  *mmap threshold* and maps it on its own above it.  By default that threshold is
+  dynamic: each time a mapped block is freed, it rises to that block's size (up to
+  32 MB), so the pipeline's many freed arrays of a few MB (slices, slabs, mesh blocks)
+  end up in the arenas, which keep and fragment them: on the 512x512x400 bench series
+  the peak RSS was 2.35-2.54 GB with the dynamic threshold and 2.21-2.23 GB with a fixed
+  4 MB one (a fixed 128 kB one was as small but made the SEG writer ~1.5x slower).
+
+* :class:`RetainFreed`: with that threshold every array of more than 4 MB is a mapping
+  of its own, returned to the kernel when freed, and the next one is fresh memory that
+  the kernel must fault in and zero page by page.  The HU pipeline allocates and frees
+  ~15 GB that way on the bench series (masks of 70-105 MB, float32 volumes of 280 MB,
+  ITK label images), and the kernel's page zeroing was ~30% of the run's CPU time on our
+  2-core VM (``perf``: ``clear_page_erms``; worse on a VM whose host takes freed guest
+  pages back, where a fresh page costs a host fault too).  While a ``RetainFreed``
+  window is open, every allocation comes from the heap (no mappings of their own, no
+  automatic trimming, one arena for threads made from then on), so freed memory is reused without faults, and a
+  guard thread hands freed memory back (``malloc_trim``) whenever the process RSS is
+  above a budget.  The peak RSS is therefore at most about ``max(budget, the peak
+  without the window)`` plus what is freed within one poll; when the window closes,
+  everything free goes back and the fixed-threshold setting returns.
 """
 
 from __future__ import annotations
@@ -17,17 +32,54 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
+import time
+from types import TracebackType
 
 log = logging.getLogger(__name__)
 
-#: ``M_MMAP_THRESHOLD`` of glibc's ``mallopt``
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+# glibc's defaults, restored when the last retention window closes
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_MAX = 65536
+
 #: allocations of at least this many bytes get their own mapping, returned on free
 MMAP_THRESHOLD = 4 << 20
+#: how often the guard thread reads the process RSS while a window is open
+POLL_S = 0.005
+#: above the budget, hand freed memory back at most this often (a trim walks the free
+#: blocks; while the live data alone is above the budget there is little to hand back)
+TRIM_INTERVAL_S = 0.02
+#: the HU pipeline's working set per voxel of its grid, above what the process holds
+#: before segmenting (measured: bones profile, 512x512x400 series, ~17 bytes per voxel)
+BYTES_PER_VOXEL = 16
 
-_done = False
 _lock = threading.Lock()
+_threshold_fixed = False
+_libc_handle: ctypes.CDLL | None = None
+_libc_tried = False
+
+
+def _libc() -> ctypes.CDLL | None:
+    """glibc with ``mallopt`` and ``malloc_trim`` typed, or ``None`` where there is none."""
+    global _libc_handle, _libc_tried
+    if not _libc_tried:
+        _libc_tried = True
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            libc.mallopt.restype = ctypes.c_int
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            libc.malloc_trim.restype = ctypes.c_int
+            _libc_handle = libc
+        except (OSError, AttributeError):
+            log.debug("no glibc mallopt/malloc_trim: heap settings left as they are")
+    return _libc_handle
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
@@ -37,21 +89,140 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     setting is in effect (now or from an earlier call), ``False`` where the C library is
     not glibc or refuses it; the pipeline works either way, with a higher peak RSS.
     """
-    global _done
+    global _threshold_fixed
     with _lock:
-        if _done:
+        if _threshold_fixed:
             return True
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):
-            log.debug("no glibc mallopt: heap settings left as they are")
+        libc = _libc()
+        if libc is None:
             return False
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-        if mallopt(_M_MMAP_THRESHOLD, int(threshold)) != 1:
+        if libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) != 1:
             log.debug("mallopt(M_MMAP_THRESHOLD, %d) refused", threshold)
             return False
-        _done = True
+        _threshold_fixed = True
         return True
+
+
+def process_rss() -> int:
+    """This process's resident set size in bytes (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def working_set_budget(voxels: int, bytes_per_voxel: int = BYTES_PER_VOXEL) -> int:
+    """A :class:`RetainFreed` budget for segmenting ``voxels`` voxels: the RSS now plus
+    ``bytes_per_voxel`` per voxel (about what the HU pipeline itself needs at its peak, so
+    that memory kept for reuse does not raise the peak)."""
+    return process_rss() + int(voxels) * int(bytes_per_voxel)
+
+
+class _Guard:
+    """The process-wide state behind :class:`RetainFreed` (one guard thread for all windows)."""
+
+    def __init__(self) -> None:
+        self.windows: list[RetainFreed] = []
+        self.thread: threading.Thread | None = None
+        self.wake = threading.Event()
+
+    def budget(self) -> int:
+        return min(w.budget for w in self.windows)
+
+    def run(self) -> None:
+        libc = _libc()
+        assert libc is not None
+        page = os.sysconf("SC_PAGE_SIZE")
+        last = -TRIM_INTERVAL_S  # when the guard last trimmed
+        with open("/proc/self/statm", "rb") as fh:
+            while True:
+                with _lock:
+                    if not self.windows:
+                        self.thread = None
+                        return
+                    self.wake.clear()  # set by a window that closed while another opened
+                    budget = self.budget()
+                fh.seek(0)
+                rss = int(fh.read().split()[1]) * page
+                now = time.monotonic()
+                if rss > budget and now - last >= TRIM_INTERVAL_S:
+                    libc.malloc_trim(0)
+                    last = now
+                    fh.seek(0)
+                    released = max(0, rss - int(fh.read().split()[1]) * page)
+                    with _lock:
+                        for w in self.windows:
+                            w.trims += 1
+                            w.trimmed_bytes += released
+                self.wake.wait(POLL_S)
+
+
+_guard = _Guard()
+
+
+class RetainFreed:
+    """Keep freed memory in this process for reuse while its RSS is below ``budget`` bytes.
+
+    A context manager (glibc only; elsewhere it does nothing and :attr:`applied` stays
+    ``False``).  Windows may nest or overlap (in threads): the heap settings hold while
+    any is open, and the smallest open budget applies.  ``trims`` and ``trimmed_bytes``
+    count what the guard thread handed back while this window was open.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = int(budget)
+        self.active = False  #: open now
+        self.applied = False  #: the settings took effect when it opened
+        self.trims = 0
+        self.trimmed_bytes = 0
+
+    def __enter__(self) -> "RetainFreed":
+        libc = _libc()
+        if libc is None:
+            return self
+        with _lock:
+            if not _guard.windows:
+                ok = (
+                    libc.mallopt(_M_MMAP_MAX, 0) == 1  # no mapping of its own for any block
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # free memory stays
+                )
+                # one arena: blocks freed by one thread are reused by the others (the
+                # pipeline hands arrays between threads).  A hint for the threads made
+                # from now on, and it stays: glibc fixes its arena limit once per process
+                libc.mallopt(_M_ARENA_MAX, 1)
+                if not ok:
+                    _restore(libc)
+                    log.debug("mallopt refused the retention settings")
+                    return self
+            _guard.windows.append(self)
+            self.active = self.applied = True
+            if _guard.thread is None:
+                _guard.wake.clear()
+                _guard.thread = threading.Thread(target=_guard.run, name="heap-guard", daemon=True)
+                _guard.thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.active:
+            return
+        libc = _libc()
+        assert libc is not None
+        with _lock:
+            _guard.windows.remove(self)
+            self.active = False
+            last = not _guard.windows
+            if last:
+                _guard.wake.set()  # the guard thread sees no window and ends
+                _restore(libc)
+        if last:
+            libc.malloc_trim(0)  # everything freed in the window goes back now
+
+
+def _restore(libc: ctypes.CDLL) -> None:
+    """glibc's defaults for mappings and trimming (the fixed mmap threshold stays, and so
+    does the arena limit, which glibc does not let go back to automatic)."""
+    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)

@@ -12,6 +12,7 @@ the JSON report written next to the outputs::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -28,7 +29,7 @@ from node import __version__
 from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
-from node.pipeline.heap import fix_mmap_threshold
+from node.pipeline.heap import RetainFreed, fix_mmap_threshold, working_set_budget
 from node.pipeline.mesh import MeshOptions, mesh_from_mask, topology
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
 from node.pipeline.series import find_series, load_series
@@ -183,175 +184,183 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
 
-    headers: dict[Path, Any] = {}  # parsed once while grouping, reused by the loader
-    files = select_series(inputs, series_uid, headers)
-    volume: Volume = stages.run(
-        "load",
-        f"reading {len(files)} files",
-        lambda: load_series(
-            files, fill_missing_uids=fill_missing_uids, require_modality=prof.modality, decode_workers=decode_workers,
-            header_cache=headers,
-        ),
-    )
-    headers.clear()  # headers of other series in the input
-    native = {
-        "shape_kji": list(volume.shape),
-        "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
-        "resampled": volume.resampled,
-    }
-    grid = prof.working_grid_mm if working_grid_mm is None else (working_grid_mm or None)
-    working: dict[str, Any] | None = None
-    if grid:
-        factors = volume.grid_factors(grid)
-        if factors != (1, 1, 1):
-            volume = stages.run(
-                "resample", f"working grid ~{grid} mm (blocks {factors[2]}x{factors[1]}x{factors[0]})",
-                lambda: volume.downsampled(factors),
-            )
-            working = {
-                "grid_mm": grid,
-                "factors_kji": list(factors),
-                "shape_kji": list(volume.shape),
-                "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
-            }
-    model_type = backend or prof.model_type
-    seg_backend = get_backend(model_type)
-    chosen_phase = prof.resolve_phase(volume.info.contrast_applied, phase)
-    voxel_ml = volume.voxel_volume_ml
-    by_name = {t.name: t for t in prof.tissues}
-    tissues: dict[str, dict[str, Any]] = {}
-    mesh_paths: list[Path] = []
-
-    def _mesh_one(t, mask: np.ndarray) -> list[Path]:
-        info = tissues[t.name]
-        opts = MeshOptions.from_dict(t.mesh.model_dump(exclude={"enabled"}))
-        mesh = mesh_from_mask(mask, volume.affine, opts)
-        info["triangles"] = mesh.triangles
-        if mesh.is_empty:
-            info.update({"volume_ml_mesh": 0.0, "watertight": None, "manifold": None, "stl": None, "ply": None})
-            return []
-        # the mesh's topology (most of the check's work) is computed while the files are
-        # written: numpy/scipy release the GIL, and the file writes wait on the disk
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-topology") as helper:
-            topo = helper.submit(topology, mesh.faces, len(mesh.vertices))
-            stl = write_stl(mesh, out / f"{prof.name}_{t.name}.stl")
-            ply = write_ply(mesh, out / f"{prof.name}_{t.name}_colored.ply", tuple(t.color))
-            # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
-            check = check_written_stl(stl, mesh, mesh_topology=topo.result)
-        info.update({"volume_ml_mesh": round(check.volume_ml, 3), "watertight": check.watertight,
-                     "manifold": check.manifold, "stl": stl.name, "ply": ply.name})
-        if not check.printable:
-            log.warning("mesh %s is not printable: %s", stl.name, check)
-        return [stl, ply]
-
-    # Meshes are made while the next tissues are still being segmented (a streaming
-    # backend hands each tissue over as soon as it is final): meshing is VTK and numpy,
-    # which release the GIL, so it fills the core the segmentation's single-threaded
-    # steps leave idle.  Two tissues at a time at most; outputs stay in profile order.
-    mesh_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh") if write_meshes else None
-    mesh_jobs: dict[str, Future] = {}
-    mesh_span: list[float] = []  # start of the first and end of the last mesh
-
-    # one mesh at a time while segmentation runs (it has its own threads and its peak
-    # memory), two once it is over: the segmenting thread holds one of the two permits
-    permits = threading.BoundedSemaphore(2)
-
-    def _timed_mesh(t, mask: np.ndarray) -> list[Path]:
-        with permits:
-            if not mesh_span:
-                mesh_span.append(time.perf_counter())
-            return _mesh_one(t, mask)
-
-    def _tissue_done(name: str, mask: np.ndarray) -> None:
-        n = int(np.count_nonzero(mask))
-        tissues[name] = {"voxels": n, "volume_ml_voxels": round(n * voxel_ml, 3)}
-        if not seg_first or not write_segmentation:
-            _submit_mesh(name, mask)
-
-    def _submit_mesh(name: str, mask: np.ndarray) -> None:
-        t = by_name.get(name)
-        if mesh_pool is not None and t is not None and t.mesh.enabled:
-            mesh_jobs[name] = mesh_pool.submit(_timed_mesh, t, mask)
-
-    if write_segmentation:
-        # highdicom's standard tables load while the series is segmented (mostly ITK and
-        # numpy outside the GIL), not while it is read (header parsing needs the GIL)
-        threading.Thread(target=warm_up, name="seg-warm-up", daemon=True).start()
-    try:
-        streaming = bool(getattr(seg_backend, "streams_masks", False))
-
-        def _segment() -> dict[str, np.ndarray]:
-            if streaming:
-                return seg_backend.segment(volume, prof, phase=chosen_phase, on_mask=_tissue_done)  # type: ignore[call-arg]
-            return seg_backend.segment(volume, prof, phase=chosen_phase)
-
-        with permits:
-            masks: dict[str, np.ndarray] = stages.run(
-                "segment", f"{model_type} segmentation, profile {prof.name}, {chosen_phase} phase", _segment
-            )
-        missing = [t.name for t in prof.tissues if t.name not in masks]
-        if missing:
-            raise InputError(f"backend {model_type} returned no mask for tissue(s) {', '.join(missing)}")
-        for t in prof.tissues:
-            if t.name not in tissues:  # a backend that hands over all masks at the end
-                _tissue_done(t.name, masks[t.name])
-        tissues = {t.name: tissues[t.name] for t in prof.tissues}  # profile order in the report
-        for t in prof.tissues:
-            if tissues[t.name]["voxels"] == 0:
-                log.warning("tissue %s of profile %s is empty", t.name, prof.name)
-    except BaseException:
-        if mesh_pool is not None:
-            mesh_pool.shutdown(wait=True, cancel_futures=True)
-        raise
-
-    def _meshes() -> None:
-        assert mesh_pool is not None
-        try:
-            for t in prof.tissues:
-                if t.name in mesh_jobs:
-                    mesh_paths.extend(mesh_jobs[t.name].result())
-        finally:
-            mesh_pool.shutdown(wait=True, cancel_futures=True)
-        if mesh_span:
-            mesh_span.append(time.perf_counter())
-
-    seg_path: Path | None = out / f"{prof.name}_seg.dcm" if write_segmentation else None
-    seg_uid: str | None = None
-
-    def _seg() -> None:
-        nonlocal seg_uid
-        ds = write_seg(
-            volume,
-            _segment_specs(prof, masks),
-            seg_path,  # type: ignore[arg-type]
-            algorithm_name=ALGORITHM_NAMES.get(model_type, model_type),
-            algorithm_version=__version__,
-            algorithm_family=ALGORITHM_FAMILY_THRESHOLD if model_type == "hu_based" else ALGORITHM_FAMILY_AI,
-            series_instance_uid=seg_series_uid,
-            series_description=f"SEG {prof.name} {volume.info.series_description}".strip()[:64],
+    # the heap window (see below) is closed on every way out, errors included
+    with contextlib.ExitStack() as scope:
+        headers: dict[Path, Any] = {}  # parsed once while grouping, reused by the loader
+        files = select_series(inputs, series_uid, headers)
+        volume: Volume = stages.run(
+            "load",
+            f"reading {len(files)} files",
+            lambda: load_series(
+                files, fill_missing_uids=fill_missing_uids, require_modality=prof.modality, decode_workers=decode_workers,
+                header_cache=headers,
+            ),
         )
-        seg_uid = str(ds.SeriesInstanceUID)
-        if on_seg is not None:
-            on_seg(seg_path, seg_uid)  # type: ignore[arg-type]
+        headers.clear()  # headers of other series in the input
+        native = {
+            "shape_kji": list(volume.shape),
+            "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
+            "resampled": volume.resampled,
+        }
+        grid = prof.working_grid_mm if working_grid_mm is None else (working_grid_mm or None)
+        working: dict[str, Any] | None = None
+        if grid:
+            factors = volume.grid_factors(grid)
+            if factors != (1, 1, 1):
+                volume = stages.run(
+                    "resample", f"working grid ~{grid} mm (blocks {factors[2]}x{factors[1]}x{factors[0]})",
+                    lambda: volume.downsampled(factors),
+                )
+                working = {
+                    "grid_mm": grid,
+                    "factors_kji": list(factors),
+                    "shape_kji": list(volume.shape),
+                    "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
+                }
+        model_type = backend or prof.model_type
+        seg_backend = get_backend(model_type)
+        heap_window: RetainFreed | None = None
+        if model_type == "hu_based":
+            # from here on freed arrays are reused instead of faulted in and zeroed afresh by
+            # the kernel, as long as the process stays below about what segmenting this grid
+            # needs at its peak anyway (see node.pipeline.heap)
+            heap_window = scope.enter_context(RetainFreed(working_set_budget(int(np.prod(volume.shape)))))
+        chosen_phase = prof.resolve_phase(volume.info.contrast_applied, phase)
+        voxel_ml = volume.voxel_volume_ml
+        by_name = {t.name: t for t in prof.tissues}
+        tissues: dict[str, dict[str, Any]] = {}
+        mesh_paths: list[Path] = []
 
-    # Meshing is mostly VTK/numpy (releases the GIL), the SEG mostly Python (highdicom):
-    # running them side by side uses both cores.  Each stage keeps its own timing.
-    if seg_first and write_segmentation:
-        stages.run("seg", "writing DICOM SEG", _seg)
-        for t in prof.tissues:  # now the meshes
-            _submit_mesh(t.name, masks[t.name])
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="outputs") as pool:
-        futures = []
-        if write_meshes:
-            # "mesh" is what meshing still takes once segmentation is over; "mesh_span"
-            # (below) runs from the first mesh started to the last one finished
-            futures.append(pool.submit(stages.run, "mesh", f"meshing {len(prof.tissues)} tissues", _meshes))
-        if write_segmentation and not seg_first:
-            futures.append(pool.submit(stages.run, "seg", "writing DICOM SEG", _seg))
-        for f in futures:
-            f.result()
-    if len(mesh_span) == 2:
-        stages.timings["mesh_span"] = round(mesh_span[1] - mesh_span[0], 3)
+        def _mesh_one(t, mask: np.ndarray) -> list[Path]:
+            info = tissues[t.name]
+            opts = MeshOptions.from_dict(t.mesh.model_dump(exclude={"enabled"}))
+            mesh = mesh_from_mask(mask, volume.affine, opts)
+            info["triangles"] = mesh.triangles
+            if mesh.is_empty:
+                info.update({"volume_ml_mesh": 0.0, "watertight": None, "manifold": None, "stl": None, "ply": None})
+                return []
+            # the mesh's topology (most of the check's work) is computed while the files are
+            # written: numpy/scipy release the GIL, and the file writes wait on the disk
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-topology") as helper:
+                topo = helper.submit(topology, mesh.faces, len(mesh.vertices))
+                stl = write_stl(mesh, out / f"{prof.name}_{t.name}.stl")
+                ply = write_ply(mesh, out / f"{prof.name}_{t.name}_colored.ply", tuple(t.color))
+                # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
+                check = check_written_stl(stl, mesh, mesh_topology=topo.result)
+            info.update({"volume_ml_mesh": round(check.volume_ml, 3), "watertight": check.watertight,
+                         "manifold": check.manifold, "stl": stl.name, "ply": ply.name})
+            if not check.printable:
+                log.warning("mesh %s is not printable: %s", stl.name, check)
+            return [stl, ply]
+
+        # Meshes are made while the next tissues are still being segmented (a streaming
+        # backend hands each tissue over as soon as it is final): meshing is VTK and numpy,
+        # which release the GIL, so it fills the core the segmentation's single-threaded
+        # steps leave idle.  Two tissues at a time at most; outputs stay in profile order.
+        mesh_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh") if write_meshes else None
+        mesh_jobs: dict[str, Future] = {}
+        mesh_span: list[float] = []  # start of the first and end of the last mesh
+
+        # one mesh at a time while segmentation runs (it has its own threads and its peak
+        # memory), two once it is over: the segmenting thread holds one of the two permits
+        permits = threading.BoundedSemaphore(2)
+
+        def _timed_mesh(t, mask: np.ndarray) -> list[Path]:
+            with permits:
+                if not mesh_span:
+                    mesh_span.append(time.perf_counter())
+                return _mesh_one(t, mask)
+
+        def _tissue_done(name: str, mask: np.ndarray) -> None:
+            n = int(np.count_nonzero(mask))
+            tissues[name] = {"voxels": n, "volume_ml_voxels": round(n * voxel_ml, 3)}
+            if not seg_first or not write_segmentation:
+                _submit_mesh(name, mask)
+
+        def _submit_mesh(name: str, mask: np.ndarray) -> None:
+            t = by_name.get(name)
+            if mesh_pool is not None and t is not None and t.mesh.enabled:
+                mesh_jobs[name] = mesh_pool.submit(_timed_mesh, t, mask)
+
+        if write_segmentation:
+            # highdicom's standard tables load while the series is segmented (mostly ITK and
+            # numpy outside the GIL), not while it is read (header parsing needs the GIL)
+            threading.Thread(target=warm_up, name="seg-warm-up", daemon=True).start()
+        try:
+            streaming = bool(getattr(seg_backend, "streams_masks", False))
+
+            def _segment() -> dict[str, np.ndarray]:
+                if streaming:
+                    return seg_backend.segment(volume, prof, phase=chosen_phase, on_mask=_tissue_done)  # type: ignore[call-arg]
+                return seg_backend.segment(volume, prof, phase=chosen_phase)
+
+            with permits:
+                masks: dict[str, np.ndarray] = stages.run(
+                    "segment", f"{model_type} segmentation, profile {prof.name}, {chosen_phase} phase", _segment
+                )
+            missing = [t.name for t in prof.tissues if t.name not in masks]
+            if missing:
+                raise InputError(f"backend {model_type} returned no mask for tissue(s) {', '.join(missing)}")
+            for t in prof.tissues:
+                if t.name not in tissues:  # a backend that hands over all masks at the end
+                    _tissue_done(t.name, masks[t.name])
+            tissues = {t.name: tissues[t.name] for t in prof.tissues}  # profile order in the report
+            for t in prof.tissues:
+                if tissues[t.name]["voxels"] == 0:
+                    log.warning("tissue %s of profile %s is empty", t.name, prof.name)
+        except BaseException:
+            if mesh_pool is not None:
+                mesh_pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+        def _meshes() -> None:
+            assert mesh_pool is not None
+            try:
+                for t in prof.tissues:
+                    if t.name in mesh_jobs:
+                        mesh_paths.extend(mesh_jobs[t.name].result())
+            finally:
+                mesh_pool.shutdown(wait=True, cancel_futures=True)
+            if mesh_span:
+                mesh_span.append(time.perf_counter())
+
+        seg_path: Path | None = out / f"{prof.name}_seg.dcm" if write_segmentation else None
+        seg_uid: str | None = None
+
+        def _seg() -> None:
+            nonlocal seg_uid
+            ds = write_seg(
+                volume,
+                _segment_specs(prof, masks),
+                seg_path,  # type: ignore[arg-type]
+                algorithm_name=ALGORITHM_NAMES.get(model_type, model_type),
+                algorithm_version=__version__,
+                algorithm_family=ALGORITHM_FAMILY_THRESHOLD if model_type == "hu_based" else ALGORITHM_FAMILY_AI,
+                series_instance_uid=seg_series_uid,
+                series_description=f"SEG {prof.name} {volume.info.series_description}".strip()[:64],
+            )
+            seg_uid = str(ds.SeriesInstanceUID)
+            if on_seg is not None:
+                on_seg(seg_path, seg_uid)  # type: ignore[arg-type]
+
+        # Meshing is mostly VTK/numpy (releases the GIL), the SEG mostly Python (highdicom):
+        # running them side by side uses both cores.  Each stage keeps its own timing.
+        if seg_first and write_segmentation:
+            stages.run("seg", "writing DICOM SEG", _seg)
+            for t in prof.tissues:  # now the meshes
+                _submit_mesh(t.name, masks[t.name])
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="outputs") as pool:
+            futures = []
+            if write_meshes:
+                # "mesh" is what meshing still takes once segmentation is over; "mesh_span"
+                # (below) runs from the first mesh started to the last one finished
+                futures.append(pool.submit(stages.run, "mesh", f"meshing {len(prof.tissues)} tissues", _meshes))
+            if write_segmentation and not seg_first:
+                futures.append(pool.submit(stages.run, "seg", "writing DICOM SEG", _seg))
+            for f in futures:
+                f.result()
+        if len(mesh_span) == 2:
+            stages.timings["mesh_span"] = round(mesh_span[1] - mesh_span[0], 3)
 
     report = {
         "software": {"name": "dicom-node", "version": __version__},
@@ -374,6 +383,12 @@ def run_pipeline(
         },
         "timings_s": stages.timings,
         "peak_rss_mb": stages.peak_rss_mb,
+        "heap": None if heap_window is None else {
+            "retained_below_mb": round(heap_window.budget / 2**20, 1),
+            "applied": heap_window.applied,
+            "trims": heap_window.trims,
+            "trimmed_mb": round(heap_window.trimmed_bytes / 2**20, 1),
+        },
     }
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     if progress:
