@@ -77,9 +77,10 @@ def test_retain_window_reuses_freed_arrays_without_page_faults():
     assert faults <= 8
 
 
-# Inside a window: 256 MB allocated, written and freed stay resident under a large budget,
-# and are handed back by the guard thread under a small one; closing the window hands
-# everything back and restores glibc's mappings (an 8 MB array is a mapping of its own).
+# Inside a window: 256 MB allocated, written and freed stay resident under a large budget;
+# under a small one the guard thread suspends the retention as the array passes it, and
+# the array goes back when freed, and the retention resumes.  Closing the window hands everything back and restores
+# glibc's mappings (an 8 MB array is a mapping of its own).
 BUDGET = r"""
 import sys, time
 import numpy as np
@@ -92,16 +93,18 @@ with heap.RetainFreed(budget) as w:
     a = np.empty(256 * MB, dtype=np.uint8); a.fill(1); del a
     # the guard polls every few ms: give it time to hand the array back (or not)
     deadline = time.monotonic() + (5 if sys.argv[1] == "small" else 0.3)
-    while time.monotonic() < deadline and w.trimmed_bytes < 200 * MB:
+    while time.monotonic() < deadline and heap.process_rss() - base > 100 * MB:
         time.sleep(0.02)
     inside = heap.process_rss() - base
-    trims, trimmed = w.trims, w.trimmed_bytes
+    while time.monotonic() < deadline and not heap._guard.retaining:
+        time.sleep(0.02)
+    trims, suspended, resumed = w.trims, w.suspended, heap._guard.retaining
 after = heap.process_rss() - base
 b = np.ones(8 * MB, dtype=np.uint8)
 addr = b.__array_interface__["data"][0]
 brk = [line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
 lo, hi = (int(x, 16) for x in brk[0].split()[0].split("-")) if brk else (0, 0)
-print(inside // MB, trims, trimmed // MB, after // MB, "heap" if lo <= addr < hi else "mapped")
+print(inside // MB, trims, suspended, resumed, after // MB, "heap" if lo <= addr < hi else "mapped")
 """
 
 
@@ -111,16 +114,18 @@ def _budget(mode: str) -> list[str]:
 
 
 def test_retain_window_keeps_freed_memory_below_its_budget():
-    inside, trims, _, after, where = _budget("large")
-    assert int(inside) >= 200 and int(trims) == 0  # freed, but kept for reuse
+    inside, trims, suspended, resumed, after, where = _budget("large")
+    assert int(inside) >= 200 and int(trims) == 0 and int(suspended) == 0  # freed, but kept for reuse
+    assert resumed == "True"  # retaining all along
     assert int(after) < 100  # the window closed: handed back
     assert where == "mapped"  # glibc's mappings are back (with the fixed 4 MB threshold)
 
 
 def test_retain_window_hands_freed_memory_back_above_its_budget():
-    inside, trims, trimmed, after, where = _budget("small")
-    assert int(trims) >= 1 and int(trimmed) >= 200
-    assert int(inside) < 100
+    inside, trims, suspended, resumed, after, where = _budget("small")
+    assert int(suspended) == 1 and int(trims) >= 1  # retention stopped once, over the budget
+    assert int(inside) < 100  # the freed array went back
+    assert resumed == "True"  # and retention resumed below the budget
     assert where == "mapped"
 
 

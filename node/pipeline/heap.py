@@ -18,13 +18,14 @@ and measured with):
   ~15 GB that way on the bench series (masks of 70-105 MB, float32 volumes of 280 MB,
   ITK label images), and the kernel's page zeroing was ~30% of the run's CPU time on our
   2-core VM (``perf``: ``clear_page_erms``; worse on a VM whose host takes freed guest
-  pages back, where a fresh page costs a host fault too).  While a ``RetainFreed``
-  window is open, every allocation comes from the heap (no mappings of their own, no
-  automatic trimming, one arena for threads made from then on), so freed memory is reused without faults, and a
-  guard thread hands freed memory back (``malloc_trim``) whenever the process RSS is
-  above a budget.  The peak RSS is therefore at most about ``max(budget, the peak
-  without the window)`` plus what is freed within one poll; when the window closes,
-  everything free goes back and the fixed-threshold setting returns.
+  pages back, where a fresh page costs a host fault too: free page reporting).  While a
+  ``RetainFreed`` window is open, every allocation comes from the heap (no mappings of
+  their own, no automatic trimming, one arena for the threads made from then on), so
+  freed memory is reused without faults.  A guard thread watches the process RSS: above
+  a budget it hands freed memory back (``malloc_trim``) and suspends the retention until
+  the RSS is back below it, so a job whose own data outgrow the budget runs as it would
+  without the window.  When the window closes, everything free goes back and the
+  fixed-threshold setting returns.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ POLL_S = 0.005
 #: above the budget, hand freed memory back at most this often (a trim walks the free
 #: blocks; while the live data alone is above the budget there is little to hand back)
 TRIM_INTERVAL_S = 0.02
+#: retention resumes once the RSS is back below this fraction of the budget
+RESUME_FRACTION = 0.9
 #: the HU pipeline's working set per voxel of its grid, above what the process holds
 #: before segmenting (measured: bones profile, 512x512x400 series, ~17 bytes per voxel)
 BYTES_PER_VOXEL = 16
@@ -126,6 +129,7 @@ class _Guard:
         self.windows: list[RetainFreed] = []
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
+        self.retaining = False  #: the retention settings are in effect
 
     def budget(self) -> int:
         return min(w.budget for w in self.windows)
@@ -143,18 +147,27 @@ class _Guard:
                         return
                     self.wake.clear()  # set by a window that closed while another opened
                     budget = self.budget()
-                fh.seek(0)
-                rss = int(fh.read().split()[1]) * page
-                now = time.monotonic()
-                if rss > budget and now - last >= TRIM_INTERVAL_S:
-                    libc.malloc_trim(0)
-                    last = now
                     fh.seek(0)
-                    released = max(0, rss - int(fh.read().split()[1]) * page)
-                    with _lock:
-                        for w in self.windows:
-                            w.trims += 1
-                            w.trimmed_bytes += released
+                    rss = int(fh.read().split()[1]) * page
+                    now = time.monotonic()
+                    if rss > budget:
+                        if self.retaining:
+                            # over the budget: large blocks get mappings of their own again,
+                            # returned as soon as they are freed (what the heap kept goes below)
+                            _restore(libc)
+                            self.retaining = False
+                            for w in self.windows:
+                                w.suspended += 1
+                        if now - last >= TRIM_INTERVAL_S:
+                            libc.malloc_trim(0)
+                            last = now
+                            fh.seek(0)
+                            released = max(0, rss - int(fh.read().split()[1]) * page)
+                            for w in self.windows:
+                                w.trims += 1
+                                w.trimmed_bytes += released
+                    elif not self.retaining and rss < budget * RESUME_FRACTION:
+                        self.retaining = _retain(libc)
                 self.wake.wait(POLL_S)
 
 
@@ -166,14 +179,19 @@ class RetainFreed:
 
     A context manager (glibc only; elsewhere it does nothing and :attr:`applied` stays
     ``False``).  Windows may nest or overlap (in threads): the heap settings hold while
-    any is open, and the smallest open budget applies.  ``trims`` and ``trimmed_bytes``
-    count what the guard thread handed back while this window was open.
+    any is open, and the smallest open budget applies.  When the RSS passes the budget,
+    the guard thread hands freed memory back (``malloc_trim``, at most every
+    :data:`TRIM_INTERVAL_S`) and suspends the retention (large blocks are mappings of their
+    own again, returned when freed) until the RSS is back below :data:`RESUME_FRACTION` of
+    the budget.  ``trims``, ``trimmed_bytes`` and ``suspended`` count what it did while
+    this window was open.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
         self.active = False  #: open now
         self.applied = False  #: the settings took effect when it opened
+        self.suspended = 0  #: times retention stopped because the RSS passed the budget
         self.trims = 0
         self.trimmed_bytes = 0
 
@@ -183,18 +201,10 @@ class RetainFreed:
             return self
         with _lock:
             if not _guard.windows:
-                ok = (
-                    libc.mallopt(_M_MMAP_MAX, 0) == 1  # no mapping of its own for any block
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # free memory stays
-                )
-                # one arena: blocks freed by one thread are reused by the others (the
-                # pipeline hands arrays between threads).  A hint for the threads made
-                # from now on, and it stays: glibc fixes its arena limit once per process
-                libc.mallopt(_M_ARENA_MAX, 1)
-                if not ok:
-                    _restore(libc)
+                if not _retain(libc):
                     log.debug("mallopt refused the retention settings")
                     return self
+                _guard.retaining = True
             _guard.windows.append(self)
             self.active = self.applied = True
             if _guard.thread is None:
@@ -217,8 +227,25 @@ class RetainFreed:
             if last:
                 _guard.wake.set()  # the guard thread sees no window and ends
                 _restore(libc)
+                _guard.retaining = False
         if last:
             libc.malloc_trim(0)  # everything freed in the window goes back now
+
+
+def _retain(libc: ctypes.CDLL) -> bool:
+    """Every block from the heap, freed memory kept there; ``False`` (and glibc's defaults
+    back) where ``mallopt`` refuses."""
+    ok = (
+        libc.mallopt(_M_MMAP_MAX, 0) == 1  # no mapping of its own for any block
+        and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # free memory stays
+    )
+    # one arena: blocks freed by one thread are reused by the others (the pipeline hands
+    # arrays between threads).  A hint for the threads made from now on, and it stays:
+    # glibc fixes its arena limit once per process
+    libc.mallopt(_M_ARENA_MAX, 1)
+    if not ok:
+        _restore(libc)
+    return ok
 
 
 def _restore(libc: ctypes.CDLL) -> None:

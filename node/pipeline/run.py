@@ -387,6 +387,7 @@ def run_pipeline(
             "retained_below_mb": round(heap_window.budget / 2**20, 1),
             "applied": heap_window.applied,
             "trims": heap_window.trims,
+            "suspended": heap_window.suspended,
             "trimmed_mb": round(heap_window.trimmed_bytes / 2**20, 1),
         },
     }
