@@ -457,6 +457,66 @@ def test_slice_valleys_at_the_scan_edge_small_parts_and_the_core():
     assert whole[8:11][mask[8:11]].all()  # the rim lifts the median of the whole part
 
 
+def _valleys_by_window_scan(mask, hu, spacing, window_mm, ratio, min_area_mm2, core_mm=0):
+    """slice_valleys as first written: each part's window maxima read slice by slice from the
+    medians map (the reference for the running maxima that replaced it)."""
+    box = M._bbox(mask)
+    if box is None:
+        return mask.copy()
+    full, mask, hu = mask, mask[box], hu[box]
+    half = max(0, int(round(window_mm / spacing[2])))
+    kernel = M._core_kernel(core_mm, spacing) if core_mm > 0 else None
+    none = np.iinfo(np.int16).min
+    nz = mask.shape[0]
+    medmap = np.full(mask.shape, none, dtype=np.int16)
+    found = [M._large_parts(mask[z], hu[z], spacing[0] * spacing[1], min_area_mm2, kernel) for z in range(nz)]
+    for z, mine in enumerate(found):
+        for crop, part, med in mine:
+            view = medmap[z][crop]
+            view[part] = np.maximum(view[part], np.int16(np.clip(med, -32767, 32767)))
+    w = max(1, 2 * ((half - 1) // 2) + 1)
+    out = mask.copy()
+
+    def brightest(lo, hi, crop, part):
+        lo, hi = max(lo, 0), min(hi, nz)
+        return float(none) if hi <= lo else float(medmap[lo:hi, crop[0], crop[1]].max(axis=0)[part].max())
+
+    for z, mine in enumerate(found):
+        above_ok, below_ok = z - w >= 0, z + w < nz
+        for crop, part, med in mine:
+            above, below = brightest(z - w, z, crop, part), brightest(z + 1, z + w + 1, crop, part)
+            top = min(above, below) if above_ok and below_ok else (
+                (above if above_ok else below) if above_ok or below_ok else max(above, below))
+            if top > 0 and med < ratio * top:
+                out[z][crop][part] = False
+    result = np.zeros(full.shape, dtype=bool)
+    result[box] = out
+    return result
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slice_valleys_running_maxima_equal_the_window_scan(seed):
+    """Random stacks of overlapping blobs of random HU (scan edges, parts that overlap several
+    others, windows of 1..9 slices): the running maxima give what scanning each window gives."""
+    rng = np.random.default_rng(seed)
+    nz = int(rng.integers(6, 30))
+    yy, xx = np.mgrid[:48, :48]
+    mask = np.zeros((nz, 48, 48), dtype=bool)
+    hu = np.zeros((nz, 48, 48), dtype=np.int16)
+    for z in range(nz):
+        for _ in range(int(rng.integers(0, 4))):
+            cy, cx, r = rng.integers(8, 40), rng.integers(8, 40), rng.integers(3, 10)
+            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            mask[z] |= blob
+            hu[z][blob] = rng.integers(-50, 300)
+    hu += rng.integers(-20, 20, hu.shape).astype(np.int16)
+    for window_mm in (2, 6, 10, 18):
+        for core_mm in (0, 2):
+            got = M.slice_valleys(mask, hu, SPINE_SP, window_mm, 0.7, 20, core_mm=core_mm)
+            ref = _valleys_by_window_scan(mask, hu, SPINE_SP, window_mm, 0.7, 20, core_mm=core_mm)
+            assert np.array_equal(got, ref), (window_mm, core_mm)
+
+
 def test_hu_backend_slice_valleys_without_and_outside():
     """In a profile: ``without`` leaves another tissue's voxels out of the parts (and keeps them);
     ``outside`` removes a tissue from an earlier tissue's filled envelope, made once."""
