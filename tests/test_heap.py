@@ -16,10 +16,28 @@ pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
 )
 
+# the placement check both probes print: an array inside the [heap] (brk) arena, or a
+# mapping of its own
+WHERE = r"""
+def where(arr):
+    addr = arr.__array_interface__["data"][0]
+    brk = [line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+    lo, hi = (int(x, 16) for x in brk[0].split()[0].split("-")) if brk else (0, 0)
+    return "heap" if lo <= addr < hi else "mapped"
+"""
+
+
+def _probe(code: str, *args: str) -> list[str]:
+    """Run ``code`` in a Python process of its own (the heap settings are process-wide);
+    the words it printed."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
 # An 8 MB array freed and allocated again: with glibc's dynamic threshold the first free
 # raises the threshold to 8 MB and the second array comes from the [heap] (brk) arena;
 # with a fixed 4 MB threshold both are mappings of their own.
-PROBE = r"""
+PROBE = WHERE + r"""
 import sys
 import numpy as np
 if sys.argv[1] == "fixed":
@@ -27,17 +45,12 @@ if sys.argv[1] == "fixed":
     assert fix_mmap_threshold() and fix_mmap_threshold()  # once, then a no-op
 a = np.ones(8 << 20, dtype=np.uint8)
 del a
-b = np.ones(8 << 20, dtype=np.uint8)
-addr = b.__array_interface__["data"][0]
-heap = [line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
-lo, hi = (int(x, 16) for x in heap[0].split()[0].split("-")) if heap else (0, 0)
-print("heap" if lo <= addr < hi else "mapped")
+print(where(np.ones(8 << 20, dtype=np.uint8)))
 """
 
 
 def _where(mode: str) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return _probe(PROBE, mode)[0]
 
 
 # A 64 MB array allocated and written, freed, then again: the minor page faults of the
@@ -64,8 +77,7 @@ else:
 
 
 def _reuse(mode: str) -> tuple[int, str, int]:
-    out = subprocess.run([sys.executable, "-c", REUSE, mode], capture_output=True, text=True, check=True)
-    faults, applied, trims = out.stdout.split()
+    faults, applied, trims = _probe(REUSE, mode)
     return int(faults), applied, int(trims)
 
 
@@ -78,10 +90,10 @@ def test_retain_window_reuses_freed_arrays_without_page_faults():
 
 
 # Inside a window: 256 MB allocated, written and freed stay resident under a large budget;
-# under a small one the guard thread suspends the retention as the array passes it, and
-# the array goes back when freed, and the retention resumes.  Closing the window hands everything back and restores
-# glibc's mappings (an 8 MB array is a mapping of its own).
-BUDGET = r"""
+# under a small one the guard thread suspends the retention as the array passes it, the
+# array goes back when freed, and the retention resumes.  Closing the window hands
+# everything back and restores glibc's mappings (an 8 MB array is a mapping of its own).
+BUDGET = WHERE + r"""
 import sys, time
 import numpy as np
 from node.pipeline import heap
@@ -100,17 +112,12 @@ with heap.RetainFreed(budget) as w:
         time.sleep(0.02)
     trims, suspended, resumed = w.trims, w.suspended, heap._guard.retaining
 after = heap.process_rss() - base
-b = np.ones(8 * MB, dtype=np.uint8)
-addr = b.__array_interface__["data"][0]
-brk = [line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
-lo, hi = (int(x, 16) for x in brk[0].split()[0].split("-")) if brk else (0, 0)
-print(inside // MB, trims, suspended, resumed, after // MB, "heap" if lo <= addr < hi else "mapped")
+print(inside // MB, trims, suspended, resumed, after // MB, where(np.ones(8 * MB, dtype=np.uint8)))
 """
 
 
 def _budget(mode: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", BUDGET, mode], capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    return _probe(BUDGET, mode)
 
 
 def test_retain_window_keeps_freed_memory_below_its_budget():
@@ -141,8 +148,7 @@ with heap.RetainFreed(10 << 30) as a:
 assert not heap._guard.windows and not a.active
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ok"
+    assert _probe(code) == ["ok"]
     assert heap.working_set_budget(1000, 16) == pytest.approx(heap.process_rss() + 16000, abs=64 << 20)
 
 
