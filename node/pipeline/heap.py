@@ -16,16 +16,16 @@ and measured with):
   of its own, returned to the kernel when freed, and the next one is fresh memory that
   the kernel must fault in and zero page by page.  The HU pipeline allocates and frees
   ~15 GB that way on the bench series (masks of 70-105 MB, float32 volumes of 280 MB,
-  ITK label images), and the kernel's page zeroing was ~30% of the run's CPU time on our
-  2-core VM (``perf``: ``clear_page_erms``; worse on a VM whose host takes freed guest
-  pages back, where a fresh page costs a host fault too: free page reporting).  While a
-  ``RetainFreed`` window is open, every allocation comes from the heap (no mappings of
-  their own, no automatic trimming, one arena for the threads made from then on), so
-  freed memory is reused without faults.  A guard thread watches the process RSS: above
-  a budget it hands freed memory back (``malloc_trim``) and suspends the retention until
-  the RSS is back below it, so a job whose own data outgrow the budget runs as it would
-  without the window.  When the window closes, everything free goes back and the
-  fixed-threshold setting returns.
+  ITK label images), and the kernel's page zeroing was ~22% of the run's CPU samples
+  (sys time ~30%) on our 2-core VM (``perf``: ``clear_page_erms``; worse on a VM whose
+  host takes freed guest pages back, where a fresh page costs a host fault too: free
+  page reporting).  While a ``RetainFreed`` window is open, every allocation comes from
+  the heap (no mappings of their own, no automatic trimming, one arena for the threads
+  made from then on), so freed memory is reused without faults.  A guard thread watches
+  the process RSS: above a budget it hands freed memory back (``malloc_trim``) and
+  suspends the retention until the RSS is back below 90% of it, so a job whose own data
+  outgrow the budget runs as it would without the window.  When the window closes,
+  everything free goes back and the fixed-threshold setting returns.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import os
 import threading
 import time
 from types import TracebackType
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,17 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
         return True
 
 
+def _statm_rss(fh: BinaryIO) -> int:
+    """The resident set size in bytes from an open ``/proc/self/statm`` (read again from its start)."""
+    fh.seek(0)
+    return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def process_rss() -> int:
     """This process's resident set size in bytes (``/proc/self/statm``; 0 where there is none)."""
     try:
         with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return _statm_rss(fh)
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -137,7 +144,6 @@ class _Guard:
     def run(self) -> None:
         libc = _libc()
         assert libc is not None
-        page = os.sysconf("SC_PAGE_SIZE")
         last = -TRIM_INTERVAL_S  # when the guard last trimmed
         with open("/proc/self/statm", "rb") as fh:
             while True:
@@ -147,8 +153,7 @@ class _Guard:
                         return
                     self.wake.clear()  # set by a window that closed while another opened
                     budget = self.budget()
-                    fh.seek(0)
-                    rss = int(fh.read().split()[1]) * page
+                    rss = _statm_rss(fh)
                     now = time.monotonic()
                     if rss > budget:
                         if self.retaining:
@@ -161,8 +166,7 @@ class _Guard:
                         if now - last >= TRIM_INTERVAL_S:
                             libc.malloc_trim(0)
                             last = now
-                            fh.seek(0)
-                            released = max(0, rss - int(fh.read().split()[1]) * page)
+                            released = max(0, rss - _statm_rss(fh))
                             for w in self.windows:
                                 w.trims += 1
                                 w.trimmed_bytes += released

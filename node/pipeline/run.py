@@ -176,7 +176,8 @@ def run_pipeline(
     """
     t_start = time.perf_counter()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    if (backend or prof.model_type) == "hu_based":
+    model_type = backend or prof.model_type
+    if model_type == "hu_based":
         # the HU backend's many freed arrays of a few MB go back to the OS (measured there,
         # see node.pipeline.heap); an AI backend's process keeps its library's defaults
         fix_mmap_threshold()
@@ -217,7 +218,6 @@ def run_pipeline(
                     "shape_kji": list(volume.shape),
                     "spacing_mm_ijk": [round(x, 4) for x in volume.spacing],
                 }
-        model_type = backend or prof.model_type
         seg_backend = get_backend(model_type)
         heap_window: RetainFreed | None = None
         if model_type == "hu_based":
