@@ -29,8 +29,9 @@ Shape::
   process and its whole process group (the job process starts its own session,
   so decoder pools it spawned die with it), then records a transient failure.
 * A job or slot process kills itself (and its process group) within half a second when
-  the node process is gone (:func:`_watch_node`), so a node killed with SIGKILL
-  leaves no job running; the restarted node re-queues the job (``Store.requeue_running_jobs``)
+  the node process is gone (:func:`_watch_node`), and checks again right before it
+  publishes its early SEG or its result folder (:func:`_stop_if_node_gone`), so a node
+  killed with SIGKILL leaves no job running and nothing published that it did not record; the restarted node re-queues the job (``Store.requeue_running_jobs``)
   and runs it again with the same SEG SeriesInstanceUID (:func:`seg_series_uid`)
   into the same result folder: the job completes once, one SEG identity.
 * Failures: :class:`~node.errors.InputError` (bad series, profile) and
@@ -117,31 +118,58 @@ def job_output_dir(config: Any, job_id: int) -> Path:
 # ---------------------------------------------------------------------------------- job process
 
 
+def _node_alive(node_pid: int, node_started: float) -> bool:
+    """Whether the node process (pid *and* start time, so a recycled pid is not mistaken
+    for it) is still running."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(node_pid).create_time() - node_started) < 1e-3
+    except psutil.Error:
+        return False
+
+
+def _end_process_group() -> None:
+    """SIGKILL this process's group (the job or slot process and the decoder pools it
+    started); ``os._exit`` if that returns."""
+    try:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
 def _watch_node(node_pid: int, node_started: float, interval_s: float = 0.5) -> None:
     """Kill this job's process group as soon as the node process is gone (a daemon thread).
 
     The parent of a job process is the forkserver, which outlives a node killed
     with SIGKILL while any job process is alive (each holds its liveness pipe), so
-    ``PR_SET_PDEATHSIG`` cannot be used; the job watches the node itself (pid and
-    start time, so a recycled pid is not mistaken for the node).
+    ``PR_SET_PDEATHSIG`` cannot be used; the job watches the node itself.  Between two
+    looks the job may reach a publish step: :func:`_stop_if_node_gone` checks again there.
     """
-    import psutil
-
-    def alive() -> bool:
-        try:
-            return abs(psutil.Process(node_pid).create_time() - node_started) < 1e-3
-        except psutil.Error:
-            return False
+    _PROC["node"] = (node_pid, node_started)
 
     def loop() -> None:
-        while alive():
+        while _node_alive(node_pid, node_started):
             time.sleep(interval_s)
-        try:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        finally:
-            os._exit(1)
+        _end_process_group()
 
     threading.Thread(target=loop, name="node-watch", daemon=True).start()
+
+
+def _stop_if_node_gone(what: str) -> None:
+    """Called right before a job publishes ``what``: when its node is gone, end the process
+    group instead, so nothing of a job whose node died appears in ``results/``.
+
+    The store still says ``running``; the restarted node re-queues the job and runs it
+    again, and the try that was cut short leaves only its ``.tmp-*`` folder, which the
+    next try removes.  Without this, a job finishing within the watch interval after a
+    SIGKILL of the node published a result the node never recorded.
+    """
+    node = _PROC.get("node")
+    if node is not None and not _node_alive(*node):
+        log.warning("the node (pid %d) is gone: %s is not published; the restarted node runs the job again",
+                    node[0], what)
+        _end_process_group()
 
 
 def _configure_models(models: dict[str, Any]) -> None:
@@ -156,7 +184,8 @@ def _configure_models(models: dict[str, Any]) -> None:
 
 
 #: what this (job or slot) process is: slot name, long-lived or not, jobs run so far
-_PROC: dict[str, Any] = {"slot": None, "persistent": False, "jobs": 0, "job_id": None, "notify": None}
+_PROC: dict[str, Any] = {"slot": None, "persistent": False, "jobs": 0, "job_id": None, "notify": None,
+                         "node": None}  # node: (pid, start time) of the node that started this process
 
 
 def _apply_env(env: dict[str, str] | None) -> None:
@@ -217,6 +246,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         notify = _PROC.get("notify")
         if notify is None:
             return
+        _stop_if_node_gone("the early SEG")
         try:
             link = final.parent / f".{early.name}.tmp-{os.getpid()}"
             link.unlink(missing_ok=True)
@@ -245,6 +275,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     res.report["backend"] = backend_info
     atomic_write(tmp / "report.json", (json.dumps(res.report, indent=2) + "\n").encode("utf-8"))
     # publish the folder whole: results/<id>/ only ever holds a finished run
+    _stop_if_node_gone(f"the result folder {final}")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

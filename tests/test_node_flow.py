@@ -9,6 +9,7 @@ arrive; a per-job timeout that really kills the job process.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -189,6 +190,26 @@ def job_of(node: Node, series_uid: str, states: tuple[str, ...]) -> Any:
     return jobs[0] if jobs else None
 
 
+def kill_inside_pipeline(node: Node, job_id: int) -> tuple[list[int], int]:
+    """SIGKILL the node while job *job_id*'s pipeline runs, however fast this machine runs it.
+
+    Waits for the pipeline's folder (``.<id>.tmp-<job pid>``: the job process is inside
+    ``run_pipeline``), holds the job's process group (a session of its own) with SIGSTOP,
+    kills the node, then lets the job go on: it is left to its node watch.  Returns the
+    node's descendants at the kill and the job's pid.
+    """
+    results = node.storage / "results"
+    tmp = wait_for(lambda: list(results.glob(f".{job_id}.tmp-*")), 60, "the pipeline to start", 0.01)[0]
+    job_pid = int(tmp.name.rsplit("-", 1)[1])
+    os.killpg(job_pid, signal.SIGSTOP)
+    try:
+        assert not (results / str(job_id)).exists(), "the job finished before it could be held"
+        kids = node.kill()
+    finally:
+        os.killpg(job_pid, signal.SIGCONT)
+    return kids, job_pid
+
+
 def test_flow_done_unrouted_and_bad_input(node_factory, tmp_path):
     """CT -> done with SEG/STL/report and dispatch rows; MR to a CT profile -> failed, not retried;
     MR no rule matches -> unrouted, kept and listed; the jobs command shows all of it."""
@@ -275,14 +296,16 @@ def test_sigkill_while_job_runs_completes_once(node_factory):
     node.send(ct_files())
     uid = ct_series_uid()
     running = wait_for(lambda: job_of(node, uid, ("running",)), 60, "the job to start")
-    time.sleep(1.5)  # well inside the pipeline (~5 s)
-    kids = node.kill()
+    results = node.storage / "results"
+    kids, job_pid = kill_inside_pipeline(node, running.id)
     # the work really stopped: every process of the node is gone, none finishes the job
     wait_for(lambda: not [p for p in kids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
              15, "the node's child processes to die")
+    assert job_pid in kids
     stale = node.jobs(series_uid=uid)
     assert [j.state for j in stale] == ["running"]
-    assert not (node.storage / "results" / str(running.id)).exists()
+    assert not (results / str(running.id)).exists()
+    assert not (results / f"{running.id}-seg.dcm").exists()
 
     node.start()
     job = wait_for(lambda: job_of(node, uid, ("done", "failed")), 90, "the job to finish after restart")
@@ -301,6 +324,47 @@ def test_sigkill_while_job_runs_completes_once(node_factory):
         assert len(s.list_dispatches(job_id=job.id)) == 2
     finally:
         s.close()
+
+
+# A job process whose node dies while its pipeline runs (after the watch thread's look, before
+# the publish step): the node is a stand-in process the job ends itself once its SEG is handed on.
+_PUBLISH_AFTER_NODE_DIED = r"""
+import json, os, subprocess, sys, time
+import psutil
+from node import worker
+
+spec = json.loads(sys.argv[1])
+node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+worker._PROC.update(job_id=spec["job_id"], node=(node.pid, psutil.Process(node.pid).create_time()))
+
+def notify(msg):
+    print("NOTIFY", msg[0], flush=True)
+    node.kill()  # the node dies while the meshes are being made
+    node.wait()
+
+worker._PROC["notify"] = notify
+worker._run_spec(spec)
+print("PUBLISHED", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_job_does_not_publish_after_its_node_died(tmp_path):
+    """The node dies between the job's SEG and its result folder: the job ends its process group
+    at the publish step; results/<id>/ does not appear (the restarted node runs the job again)."""
+    results = tmp_path / "results"
+    spec = {"job_id": 7, "series_uid": ct_series_uid(), "paths": [str(p) for p in ct_files()],
+            "profile": "bones", "profiles_dir": str(REPO / "profiles"), "backend": None,
+            "output_dir": str(results / "7"), "seg_series_uid": "1.2.826.0.1.3680043.8.498.7",
+            "decode_workers": 1, "models": {}}
+    proc = subprocess.run([sys.executable, "-c", _PUBLISH_AFTER_NODE_DIED, json.dumps(spec)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, start_new_session=True)
+    out = proc.stdout + proc.stderr
+    assert "NOTIFY seg" in out, out[-3000:]  # the node was alive when the early SEG was handed on
+    assert "PUBLISHED" not in out and proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert "is gone: the result folder" in out and "is not published" in out, out[-3000:]
+    assert not (results / "7").exists()
+    assert [p.name for p in results.glob(".7.tmp-*")], "the cut-short try leaves its tmp folder for the next"
 
 
 @pytest.mark.slow
@@ -501,8 +565,7 @@ def test_sigkill_during_an_early_start(node_factory):
     node.send(ct_files())
     running = wait_for(lambda: (lambda j: j if j and j.provisional else None)(job_of(node, uid, ("running",))),
                        60, "the early start")
-    time.sleep(1.0)  # inside the pipeline
-    node.kill()
+    kill_inside_pipeline(node, running.id)
     assert [(j.state, j.provisional) for j in node.jobs(series_uid=uid)] == [("running", True)]
     assert node.series(uid).state == "receiving"
 
