@@ -18,6 +18,8 @@ from node.pipeline.mesh import (
     mesh_labels,
     separate_coincident,
     topology,
+    vertex_normals,
+    vertex_normals_of,
 )
 from node.pipeline.mesh_io import check_mesh, check_stl, load_stl, read_ply, read_stl, write_ply, write_stl
 
@@ -369,6 +371,47 @@ def test_check_stl_detects_float32_coincident_vertices(tmp_path):
     assert np.abs(fixed_v - mesh.vertices).max() < 1e-3
     write_stl(Mesh(fixed_v, mesh.faces), tmp_path / "fixed.stl")
     assert check_stl(tmp_path / "fixed.stl").manifold
+
+
+def test_vertex_normals_of_some_vertices_equal_all_normals():
+    mesh = mesh_from_mask(sphere_mask((20, 20, 20), (6, 7, 5)), np.eye(4), MeshOptions())
+    rng = np.random.default_rng(3)
+    every = vertex_normals(mesh.vertices, mesh.faces)
+    for size in (1, 17, len(mesh.vertices)):
+        which = rng.choice(len(mesh.vertices), size=size, replace=False)
+        assert np.array_equal(vertex_normals_of(mesh.vertices, mesh.faces, which), every[which])
+
+
+def test_separate_coincident_moves_the_later_members_of_each_group_by_rank():
+    # a sphere whose vertices are copied into groups of 2 and 3 (the copies in scattered places,
+    # each with a face of its own so it has a normal): the lowest index of a group stays, the
+    # r-th by index moves r * step along its own normal; one hash pass finds them all
+    mesh = mesh_from_mask(sphere_mask((20, 20, 20), (6, 7, 5)), np.eye(4), MeshOptions())
+    v, f = mesh.vertices.copy(), mesh.faces.copy()
+    n = len(v)
+    rng = np.random.default_rng(5)
+    src = rng.choice(n, size=40, replace=False)
+    copies = np.r_[src, src[:10]]  # 40 groups of two, 10 of them of three
+    v2 = np.vstack([v, v[copies]])
+    extra = []
+    for i, s in enumerate(copies):  # the copy stands in for s in one of s's faces (same orientation)
+        row = f[np.any(f == s, axis=1)][0]
+        extra.append(np.where(row == s, n + i, row))
+    f2 = np.vstack([f, np.array(extra)])
+    perm = rng.permutation(len(v2))  # the copies are not at the end: ranks follow the index
+    inv = np.argsort(perm)
+    v3, f3 = v2[perm], inv[f2]
+    normals = vertex_normals(v3, f3)
+    out, moved = separate_coincident(v3, f3, step_mm=1e-3)
+    assert moved == 50
+    shift = np.linalg.norm(out - v3, axis=1)
+    for s in src:
+        members = np.sort(inv[np.r_[s, n + np.flatnonzero(copies == s)]])
+        assert shift[members[0]] == 0
+        for r, m in enumerate(members[1:], start=1):
+            assert np.allclose(out[m] - v3[m], normals[m] * r * 1e-3)
+    assert np.count_nonzero(shift) == 50
+    assert separate_coincident(out, f3)[1] == 0
 
 
 def test_check_stl_detects_open_and_flipped(tmp_path):
