@@ -17,6 +17,7 @@ from node.pipeline.mesh import (
     mesh_from_mask,
     mesh_labels,
     separate_coincident,
+    surface_components,
     topology,
     vertex_normals,
     vertex_normals_of,
@@ -190,6 +191,44 @@ def test_max_triangles(tmp_path):
     assert_printable_on_disk(mesh, tmp_path)
     both = mesh_from_mask(mask, aff, MeshOptions(decimate=0.9, max_triangles=800))
     assert both.triangles <= 800
+
+
+def _cube_and_islands() -> tuple[np.ndarray, int]:
+    """A 12-voxel cube and single-voxel islands around it (none touching another)."""
+    mask = np.zeros((40, 40, 40), dtype=bool)
+    mask[14:26, 14:26, 14:26] = True
+    islands = np.zeros_like(mask)
+    islands[1:-1:3, 1:-1:3, 1:-1:3] = True
+    islands[12:28, 12:28, 12:28] = False  # clear of the cube
+    return mask | islands, int(np.count_nonzero(islands))
+
+
+def test_surface_components_counts_islands_and_cavities():
+    mask, n_islands = _cube_and_islands()
+    plain = mesh_from_mask(mask, np.eye(4), MeshOptions(smoothing="none"))
+    assert plain.decimated_from is None
+    assert surface_components(plain.faces, len(plain.vertices)) == 1 + n_islands
+    hollow = np.zeros((12, 12, 12), dtype=bool)
+    hollow[1:11, 1:11, 1:11] = True
+    hollow[4:8, 4:8, 4:8] = False  # a cavity: an inner surface of its own
+    m = mesh_from_mask(hollow, np.eye(4), MeshOptions(smoothing="none"))
+    assert surface_components(m.faces, len(m.vertices)) == 2
+    # unused vertices are no components
+    assert surface_components(m.faces, len(m.vertices) + 5) == 2
+    assert surface_components(np.zeros((0, 3), dtype=np.int64), 3) == 0
+
+
+def test_decimation_records_the_components_it_removed(tmp_path):
+    # a decimator meets its target by collapsing the smallest components first: the islands go,
+    # the cube stays; the mesh says what it was before, so the report can say what was removed
+    mask, n_islands = _cube_and_islands()
+    mesh = mesh_from_mask(mask, np.eye(4), MeshOptions(max_triangles=3000))
+    assert mesh.triangles <= 3000
+    assert mesh.decimated_from["components"] == 1 + n_islands
+    assert mesh.decimated_from["triangles"] > 3000
+    after = check_mesh(mesh)
+    assert after.printable and after.components < mesh.decimated_from["components"]
+    assert abs(after.volume_ml - 1.728) < 0.05 * 1.728  # the cube (12 mm)^3 is kept
 
 
 # ---------------------------------------------------------------------- watertight / manifold on disk

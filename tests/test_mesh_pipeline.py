@@ -58,6 +58,28 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         assert heap["applied"] is True
 
 
+def test_report_gives_components_and_what_decimation_removed(series, tmp_path, caplog):
+    from node.profiles import parse_profile
+
+    # "rim": the noisy edge between body and organ, hundreds of voxel-sized islands
+    tissues = [synth_tissue("organ", hu=[100, 170], labels=[1]),
+               synth_tissue("rim", hu=[40, 90], labels=[1], mesh={"decimate": 0.2})]
+    prof = parse_profile({"name": "synth", "description": "synthetic shapes", "model_type": "hu_based",
+                          "model": {}, "tissues": tissues}, "<test synth>")
+    with caplog.at_level("WARNING", logger="node.pipeline.run"):
+        res = run_mod.run_pipeline([series], prof, tmp_path / "out", write_segmentation=False)
+    report = res.report["tissues"]
+    for name in ("organ", "rim"):
+        assert report[name]["components"] == check_stl(tmp_path / "out" / f"synth_{name}.stl").components
+    assert "decimation" not in report["organ"]
+    dec = report["rim"]["decimation"]
+    assert dec["triangles_before"] * 0.2 >= report["rim"]["triangles"]
+    assert dec["components_before"] > 100
+    assert dec["components_removed"] == dec["components_before"] - report["rim"]["components"] > 0
+    (warned,) = [r.getMessage() for r in caplog.records if "decimation to" in r.getMessage()]
+    assert f"removed {dec['components_removed']} of its {dec['components_before']} surface components" in warned
+
+
 def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeypatch):
     import itertools
     import threading

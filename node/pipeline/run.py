@@ -237,7 +237,8 @@ def run_pipeline(
             mesh = mesh_from_mask(mask, volume.affine, opts)
             info["triangles"] = mesh.triangles
             if mesh.is_empty:
-                info.update({"volume_ml_mesh": 0.0, "watertight": None, "manifold": None, "stl": None, "ply": None})
+                info.update({"volume_ml_mesh": 0.0, "watertight": None, "manifold": None, "components": 0,
+                             "stl": None, "ply": None})
                 return []
             # the mesh's topology (most of the check's work) is computed while the files are
             # written: numpy/scipy release the GIL, and the file writes wait on the disk
@@ -248,7 +249,17 @@ def run_pipeline(
                 # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
                 check = check_written_stl(stl, mesh, mesh_topology=topo.result)
             info.update({"volume_ml_mesh": round(check.volume_ml, 3), "watertight": check.watertight,
-                         "manifold": check.manifold, "stl": stl.name, "ply": ply.name})
+                         "manifold": check.manifold, "components": check.components,
+                         "stl": stl.name, "ply": ply.name})
+            if mesh.decimated_from is not None:
+                before = mesh.decimated_from
+                removed = max(0, before["components"] - check.components)  # net: a split would offset a removal
+                info["decimation"] = {"triangles_before": before["triangles"],
+                                      "components_before": before["components"], "components_removed": removed}
+                if removed:
+                    log.warning("mesh %s: decimation to %d triangles removed %d of its %d surface components "
+                                "(the smallest islands and cavities collapse first)",
+                                stl.name, mesh.triangles, removed, before["components"])
             if not check.printable:
                 log.warning("mesh %s is not printable: %s", stl.name, check)
             return [stl, ply]
