@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from node.pipeline.mesh import (
     mesh_from_mask,
     mesh_labels,
     separate_coincident,
+    simplify_isolated,
     surface_components,
     topology,
     vertex_normals,
@@ -229,6 +232,59 @@ def test_decimation_records_the_components_it_removed(tmp_path):
     after = check_mesh(mesh)
     assert after.printable and after.components < mesh.decimated_from["components"]
     assert abs(after.volume_ml - 1.728) < 0.05 * 1.728  # the cube (12 mm)^3 is kept
+
+
+def test_simplify_isolated_gives_what_fast_simplification_gives_in_process():
+    import node.pipeline.mesh as mesh_mod
+
+    mesh = mesh_from_mask(sphere_mask((30, 30, 30), (10, 11, 9)), np.eye(4), MeshOptions())
+    target = len(mesh.faces) // 3
+    v1, f1 = simplify_isolated(mesh.vertices, mesh.faces, target, 7.0)
+    v0, f0 = mesh_mod._simplify_in_process(mesh.vertices, mesh.faces, target, 7.0)
+    assert len(f1) <= target and np.array_equal(v0, v1) and np.array_equal(f0, f1)
+
+
+def test_simplify_isolated_reports_a_failed_child(capfd):
+    with pytest.raises(RuntimeError, match=r"fast_simplification failed in its process \(exit code 1\)"):
+        simplify_isolated(np.random.default_rng(0).random((10, 3)), np.zeros((4, 4), dtype=np.int64), 2, 7.0)
+    assert "Expected ``triangles`` array to be (n, 3)" in capfd.readouterr().err  # the child's traceback
+
+
+_SIMPLIFY_MEMORY = r"""
+import gc
+import numpy as np
+import node.pipeline.mesh as M
+from node.pipeline.heap import process_rss
+from node.pipeline.mesh import MeshOptions, mesh_from_mask
+
+r = 110
+z, y, x = np.ogrid[:240, :240, :240]
+mesh = mesh_from_mask((z - 120) ** 2 + (y - 120) ** 2 + (x - 120) ** 2 < r * r, np.eye(4), MeshOptions("none"))
+target = len(mesh.faces) // 2
+
+def grown(call):
+    gc.collect()
+    before = process_rss()
+    out = call(mesh.vertices, mesh.faces, target, 7.0)
+    del out
+    gc.collect()
+    return (process_rss() - before) / 2**20
+
+isolated = grown(M.simplify_isolated)
+in_process = grown(M._simplify_in_process)
+print(len(mesh.faces), round(isolated, 1), round(in_process, 1))
+"""
+
+
+def test_simplify_isolated_leaves_no_memory_behind():
+    # fast_simplification keeps its copy of the mesh (~160 B per triangle) in global vectors
+    # for the life of the process; run in a child, the process keeps none of it
+    out = subprocess.run([sys.executable, "-c", _SIMPLIFY_MEMORY], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    faces, isolated, in_process = out.stdout.split()[-3:]
+    assert int(faces) > 400_000
+    assert float(isolated) < 20, out.stdout  # MB kept by this process after the isolated call
+    assert float(in_process) > 0.5 * int(faces) * 160 / 2**20, out.stdout  # the in-process call keeps its copy
 
 
 # ---------------------------------------------------------------------- watertight / manifold on disk

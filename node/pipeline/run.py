@@ -394,6 +394,9 @@ def run_pipeline(
         },
         "timings_s": stages.timings,
         "peak_rss_mb": stages.peak_rss_mb,
+        # the largest child process this one waited for: decoder pools, the decimator
+        # (mesh.simplify_isolated); its pages shared with this process count in both
+        "peak_rss_mb_children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, 1),
         "heap": None if heap_window is None else {
             "retained_below_mb": round(heap_window.budget / 2**20, 1),
             "applied": heap_window.applied,
