@@ -231,6 +231,9 @@ def test_decimation_records_the_components_it_removed(tmp_path):
     assert mesh.decimated_from["triangles"] > 3000
     after = check_mesh(mesh)
     assert after.printable and after.components < mesh.decimated_from["components"]
+    # the decimation's check of its result is the mesh's topology (separation moved vertices only)
+    assert mesh.known_topology == topology(mesh.faces, len(mesh.vertices))
+    assert mesh_from_mask(mask, np.eye(4), MeshOptions()).known_topology is None
     assert abs(after.volume_ml - 1.728) < 0.05 * 1.728  # the cube (12 mm)^3 is kept
 
 

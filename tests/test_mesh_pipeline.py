@@ -58,8 +58,17 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         assert heap["applied"] is True
 
 
-def test_report_gives_components_and_what_decimation_removed(series, tmp_path, caplog):
+def test_report_gives_components_and_what_decimation_removed(series, tmp_path, caplog, monkeypatch):
     from node.profiles import parse_profile
+
+    computed: list[int] = []  # topologies the mesh stage computes itself (a decimated mesh brings its own)
+    real = run_mod.topology
+
+    def spy(faces, n):
+        computed.append(len(faces))
+        return real(faces, n)
+
+    monkeypatch.setattr(run_mod, "topology", spy)
 
     # "rim": the noisy edge between body and organ, hundreds of voxel-sized islands
     tissues = [synth_tissue("organ", hu=[100, 170], labels=[1]),
@@ -76,6 +85,7 @@ def test_report_gives_components_and_what_decimation_removed(series, tmp_path, c
     assert dec["triangles_before"] * 0.2 >= report["rim"]["triangles"]
     assert dec["components_before"] > 100
     assert dec["components_removed"] == dec["components_before"] - report["rim"]["components"] > 0
+    assert computed == [report["organ"]["triangles"]]
     (warned,) = [r.getMessage() for r in caplog.records if "decimation to" in r.getMessage()]
     assert f"removed {dec['components_removed']} of its {dec['components_before']} surface components" in warned
 

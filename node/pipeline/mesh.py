@@ -150,6 +150,9 @@ class Mesh:
     """Set when the mesh was decimated: ``triangles`` and surface ``components`` of the smoothed
     surface before decimation (a decimator reaches its target by collapsing the smallest
     components first, so a drop in components is what it removed)."""
+    known_topology: Topology | None = field(default=None, repr=False)
+    """``topology(faces, len(vertices))`` when the mesher computed it already (the decimation
+    checks its result with it), so a caller need not compute it again."""
 
     def __post_init__(self) -> None:
         self.vertices = np.ascontiguousarray(np.asarray(self.vertices, dtype=np.float64).reshape(-1, 3))
@@ -829,21 +832,25 @@ def simplify_isolated(vertices: np.ndarray, faces: np.ndarray, target: int, agg:
             buf.close()
 
 
-def _decimate(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+def _decimate(vertices: np.ndarray, faces: np.ndarray, target: int
+              ) -> tuple[np.ndarray, np.ndarray, Topology | None]:
     """Decimate to about ``target`` triangles, keeping the mesh watertight and manifold.
 
     fast_simplification (in a child process: :func:`simplify_isolated`), then a manifold3d
     round trip; if the result is not a closed 2-manifold, retry less aggressively, and as a
-    last resort keep the input mesh.
+    last resort keep the input mesh.  Returns vertices, faces and the topology of the
+    result (``None`` for the kept input).
     """
     for agg in (7.0, 3.0, 1.0):
         v2, f2 = simplify_isolated(vertices, faces, max(int(target), 4), agg)
         res = _manifold_roundtrip(np.asarray(v2, dtype=np.float64), f2)
-        if res is not None and topology(res[1], len(res[0])).manifold:
-            return res
+        if res is not None:
+            topo = topology(res[1], len(res[0]))
+            if topo.manifold:
+                return res[0], res[1], topo
         log.debug("decimation to %d triangles (agg=%s) was not manifold; retrying", target, agg)
     log.warning("decimation could not keep the mesh manifold; keeping %d triangles", len(faces))
-    return vertices, faces
+    return vertices, faces, None
 
 
 def vertex_normals_of(vertices: np.ndarray, faces: np.ndarray, which: np.ndarray) -> np.ndarray:
@@ -975,18 +982,21 @@ def _mesh_crop(crop: np.ndarray, offset_kji: tuple[int, int, int], affine: np.nd
 
     target = _target_triangles(len(faces), options)
     decimated_from = None
+    known = None
     if target is not None:
         # counted before, not beside, the decimator: on a helper thread both ran slower
         # (13 M faces: the count ~2 s alone, ~5-8% of the decimation)
         decimated_from = {"triangles": len(faces), "components": surface_components(faces, len(verts))}
-        verts, faces = _decimate(verts, faces, target)
+        verts, faces, known = _decimate(verts, faces, target)
         if signed_volume(verts, faces) < 0:
             faces = faces[:, ::-1].copy()
+            known = None  # the same counts, but recomputed rather than argued
 
     verts, moved = separate_coincident(verts, faces)
     if moved:
         log.debug("separated %d float32-coincident vertices", moved)
-    return Mesh(verts, faces, decimated_from=decimated_from)
+    # separate_coincident moves vertices only: the faces' topology is the decimation's
+    return Mesh(verts, faces, decimated_from=decimated_from, known_topology=known)
 
 
 def mesh_from_mask(mask: np.ndarray, affine: np.ndarray, options: MeshOptions | None = None) -> Mesh:

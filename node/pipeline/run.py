@@ -30,7 +30,7 @@ from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
 from node.pipeline.heap import RetainFreed, fix_mmap_threshold, working_set_budget
-from node.pipeline.mesh import MeshOptions, mesh_from_mask, topology
+from node.pipeline.mesh import MeshOptions, Topology, mesh_from_mask, topology
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
 from node.pipeline.series import find_series, load_series
 from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, warm_up, write_seg
@@ -242,12 +242,15 @@ def run_pipeline(
                 return []
             # the mesh's topology (most of the check's work) is computed while the files are
             # written: numpy/scipy release the GIL, and the file writes wait on the disk
+            # (a decimated mesh comes with it: the decimation checked its result)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-topology") as helper:
-                topo = helper.submit(topology, mesh.faces, len(mesh.vertices))
+                known = mesh.known_topology
+                topo_of: Callable[[], Topology] = ((lambda: known) if known is not None else
+                                                   helper.submit(topology, mesh.faces, len(mesh.vertices)).result)
                 stl = write_stl(mesh, out / f"{prof.name}_{t.name}.stl")
                 ply = write_ply(mesh, out / f"{prof.name}_{t.name}_colored.ply", tuple(t.color))
                 # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
-                check = check_written_stl(stl, mesh, mesh_topology=topo.result)
+                check = check_written_stl(stl, mesh, mesh_topology=topo_of)
             info.update({"volume_ml_mesh": round(check.volume_ml, 3), "watertight": check.watertight,
                          "manifold": check.manifold, "components": check.components,
                          "stl": stl.name, "ply": ply.name})
