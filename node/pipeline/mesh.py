@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping
 
@@ -799,7 +800,11 @@ def simplify_isolated(vertices: np.ndarray, faces: np.ndarray, target: int, agg:
     buf = mmap.mmap(-1, size)  # anonymous and shared with the child
     ok = False
     try:
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns on fork in a threaded process; the child runs only the
+            # decimator's own C++ code and numpy copies, and leaves by os._exit
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the child: no logging, no Python-level exit handlers
             code = 1
             try:
