@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -242,9 +243,25 @@ def test_simplify_isolated_gives_what_fast_simplification_gives_in_process():
 
     mesh = mesh_from_mask(sphere_mask((30, 30, 30), (10, 11, 9)), np.eye(4), MeshOptions())
     target = len(mesh.faces) // 3
-    v1, f1 = simplify_isolated(mesh.vertices, mesh.faces, target, 7.0)
+    here: list[int] = []
+    v1, f1 = simplify_isolated(mesh.vertices, mesh.faces, target, 7.0, meanwhile=lambda: here.append(os.getpid()))
+    assert here == [os.getpid()]  # the work given for meanwhile ran once, in this process
     v0, f0 = mesh_mod._simplify_in_process(mesh.vertices, mesh.faces, target, 7.0)
     assert len(f1) <= target and np.array_equal(v0, v1) and np.array_equal(f0, f1)
+
+
+def test_simplify_isolated_reaps_its_child_when_meanwhile_fails():
+    import psutil
+
+    mesh = mesh_from_mask(sphere_mask((30, 30, 30), (10, 11, 9)), np.eye(4), MeshOptions())
+
+    def fails() -> None:
+        raise ValueError("meanwhile failed")
+
+    before = {c.pid for c in psutil.Process().children()}
+    with pytest.raises(ValueError, match="meanwhile failed"):
+        simplify_isolated(mesh.vertices, mesh.faces, len(mesh.faces) // 3, 7.0, meanwhile=fails)
+    assert {c.pid for c in psutil.Process().children()} == before  # waited for: neither running nor a zombie
 
 
 def test_simplify_isolated_reports_a_failed_child(capfd):
