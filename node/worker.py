@@ -31,9 +31,10 @@ Shape::
 * A job or slot process kills itself (and its process group) within half a second when
   the node process is gone (:func:`_watch_node`), and checks again right before it
   publishes its early SEG or its result folder (:func:`_stop_if_node_gone`), so a node
-  killed with SIGKILL leaves no job running and nothing published that it did not record; the restarted node re-queues the job (``Store.requeue_running_jobs``)
-  and runs it again with the same SEG SeriesInstanceUID (:func:`seg_series_uid`)
-  into the same result folder: the job completes once, one SEG identity.
+  killed with SIGKILL leaves no job running and nothing published that it did not record;
+  the restarted node re-queues the job (``Store.requeue_running_jobs``) and runs it again
+  with the same SEG SeriesInstanceUID (:func:`seg_series_uid`) into the same result
+  folder: the job completes once, one SEG identity.
 * Failures: :class:`~node.errors.InputError` (bad series, profile) and
   :class:`~node.errors.BackendUnavailable` -> ``failed`` at once with the reason;
   anything else (exception, crash of the job process, timeout) -> retried with
