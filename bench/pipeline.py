@@ -49,6 +49,8 @@ NIFTI_REL = Path("ct-body-3mm") / "ct.nii.gz"
 TARGET_WALL_S = 10.0
 #: --working-grid of this run (the node side only)
 WORKING_GRID: list[float | None] = [None]
+#: --profile of this run (the node side; the baseline and the targets are for bones only)
+PROFILE: list[str] = ["bones"]
 TARGET_RSS_MB = 2500.0
 TARGET_SPEEDUP = 3.0
 
@@ -108,13 +110,14 @@ def _dicom_files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*.dcm"))
 
 
-def side_node(series: Path, out: Path, workers: int, working_grid: float | None = None) -> dict[str, Any]:
+def side_node(series: Path, out: Path, workers: int, working_grid: float | None = None,
+              profile: str = "bones") -> dict[str, Any]:
     t0 = time.perf_counter()
     from node.pipeline.run import run_pipeline
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
-    res = run_pipeline([series], "bones", out, decode_workers=workers, working_grid_mm=working_grid)
+    res = run_pipeline([series], profile, out, decode_workers=workers, working_grid_mm=working_grid)
     total = time.perf_counter() - t1
     rep = res.report
     return {
@@ -273,10 +276,11 @@ def _child_main(argv: list[str]) -> int:
     p.add_argument("result", type=Path)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--working-grid", type=float, default=None)
+    p.add_argument("--profile", default="bones")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.side == "node":
-        res = side_node(a.series, a.out, a.workers, a.working_grid)
+        res = side_node(a.series, a.out, a.workers, a.working_grid, a.profile)
     else:
         res = side_baseline(a.series, a.out, shrink=(a.side == "baseline-shrink"))
     a.result.write_text(json.dumps(res))
@@ -294,6 +298,27 @@ def _tree_rss_mb(procs: list[Any]) -> float:
         try:
             total += p.memory_info().rss
         except psutil.Error:
+            pass
+    return total / (1024.0 * 1024.0)
+
+
+def _tree_pss_mb(procs: list[Any]) -> float | None:
+    """Summed proportional set size (``/proc/<pid>/smaps_rollup``): a page shared by n
+    processes counts 1/n in each, so a forked child (the node's decimator) is not counted
+    twice for what it shares with its parent, as the summed RSS counts it.  ``None`` where
+    the kernel has no ``smaps_rollup``."""
+    total = 0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/smaps_rollup", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except FileNotFoundError:
+            if p.pid == procs[0].pid:
+                return None
+        except (OSError, ValueError):
             pass
     return total / (1024.0 * 1024.0)
 
@@ -320,11 +345,14 @@ def measure(side: str, series: Path, work: Path, cores: list[int]) -> dict[str, 
            "--workers", n]
     if side == "node" and WORKING_GRID[0]:
         cmd += ["--working-grid", str(WORKING_GRID[0])]
+    if side == "node":
+        cmd += ["--profile", PROFILE[0]]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO),
                             preexec_fn=(lambda: os.sched_setaffinity(0, cores)))
     peak = [0.0]
+    peak_pss: list[float | None] = [0.0]
     done = threading.Event()
 
     def poll() -> None:
@@ -343,6 +371,9 @@ def measure(side: str, series: Path, work: Path, cores: list[int]) -> dict[str, 
                 except psutil.Error:
                     pass
             peak[0] = max(peak[0], _tree_rss_mb(procs))
+            if peak_pss[0] is not None and i % 2 == 0:  # smaps_rollup walks the page tables: 10/s
+                pss = _tree_pss_mb(procs)
+                peak_pss[0] = None if pss is None else max(peak_pss[0], pss)
             i += 1
             done.wait(0.05)
 
@@ -362,6 +393,8 @@ def measure(side: str, series: Path, work: Path, cores: list[int]) -> dict[str, 
         "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
         "ru_maxrss_mb": round(ru.ru_maxrss / 1024.0, 1),  # largest single process (incl. waited children)
         "tree_peak_rss_mb": round(peak[0], 1),  # summed RSS of the process tree, polled
+        # summed PSS of the tree, polled: shared pages counted once (None: no smaps_rollup)
+        "tree_peak_pss_mb": None if peak_pss[0] is None else round(peak_pss[0], 1),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     })
@@ -387,12 +420,12 @@ def _yn(ok: bool) -> str:
 
 
 def print_case(name: str, case: dict[str, Any], check_targets: bool) -> None:
-    node, base = case["node"], case["baseline"]
+    node, base = case["node"], case.get("baseline")
     print(f"\n=== {name}: {case['series']} ({case['files']} files, {case['size_mb']:.0f} MB on disk)")
     print(f"    pick: {case['pick']} of {len(node['all_total_s'])} run(s);"
-          f" node totals {node['all_total_s']} s, baseline totals {base['all_total_s']} s")
+          f" node totals {node['all_total_s']} s" + (f", baseline totals {base['all_total_s']} s" if base else ""))
     grid = f", working grid ~{WORKING_GRID[0]} mm" if WORKING_GRID[0] else ", native grid"
-    print(f"\n  node (bones profile{grid}: one STL + PLY per tissue, SEG, STL re-read check)")
+    print(f"\n  node ({PROFILE[0]} profile{grid}: one STL + PLY per tissue, SEG, STL re-read check)")
     print(f"    {'stage':<12}{'wall s':>9}{'peak RSS MB':>14}")
     order = ["load", "segment", "mesh", "seg"]  # mesh: meshing left once segmentation is over
     stages = order + [k for k in node["timings_s"] if k not in order and k != "total"]
@@ -407,7 +440,12 @@ def print_case(name: str, case: dict[str, Any], check_targets: bool) -> None:
     print(f"    {'pipeline':<12}{node['total_s']:>9.2f}{'':>14}")
     print(f"    process wall {node['process_wall_s']:.2f} s (imports {node['import_s']:.2f} s),"
           f" CPU {node['cpu_s']:.1f} s, peak RSS {node['peak_rss_mb']:.0f} MB"
-          f" (tree {node['tree_peak_rss_mb']:.0f}, largest process {node['ru_maxrss_mb']:.0f})")
+          f" (tree {node['tree_peak_rss_mb']:.0f}, largest process {node['ru_maxrss_mb']:.0f}"
+          + (f", tree PSS {node['tree_peak_pss_mb']:.0f}" if node.get("tree_peak_pss_mb") is not None else "") + ")")
+    if base is None:
+        print(f"\n  no baseline: it makes the bones profile's cortical surface, not {PROFILE[0]}'s"
+              f"\n  load average before/after node: {node['loadavg_before']} / {node['loadavg_after']}")
+        return
     print("\n  baseline (dicom2stl steps, full resolution, 1 surface HU>=300)")
     print(f"    {'stage':<12}{'wall s':>9}{'peak RSS MB':>14}")
     for st, sec in base["timings_s"].items():
@@ -435,7 +473,10 @@ def print_case(name: str, case: dict[str, Any], check_targets: bool) -> None:
 
 
 def run_case(series: Path, ts: str, args: argparse.Namespace, cores: list[int], work: Path) -> dict[str, Any]:
-    sides = ["node", "baseline"] + (["baseline-shrink"] if args.baseline_shrink else [])
+    if PROFILE[0] != "bones":  # the baseline and the targets are the bones profile's
+        sides = ["node"]
+    else:
+        sides = ["node", "baseline"] + (["baseline-shrink"] if args.baseline_shrink else [])
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     for i in range(args.repeat):
         order = sides if i % 2 == 0 else list(reversed(sides))  # alternate to spread drift
@@ -443,7 +484,6 @@ def run_case(series: Path, ts: str, args: argparse.Namespace, cores: list[int], 
             print(f"  [{ts}] run {i + 1}/{args.repeat}: {side} ...", flush=True)
             runs[side].append(measure(side, series, work, cores))
     node = pick(runs["node"], args.pick)
-    base = pick(runs["baseline"], args.pick)
     files = _dicom_files(series)
     case: dict[str, Any] = {
         "series": str(series),
@@ -452,13 +492,18 @@ def run_case(series: Path, ts: str, args: argparse.Namespace, cores: list[int], 
         "size_mb": sum(os.path.getsize(f) for f in files) / 1e6,
         "pick": args.pick,
         "node": node,
+    }
+    if "baseline" not in runs:
+        return case
+    base = pick(runs["baseline"], args.pick)
+    case.update({
         "baseline": base,
         "ratio": {
             "pipeline": round(base["total_s"] / node["total_s"], 3),
             "process_wall": round(base["process_wall_s"] / node["process_wall_s"], 3),
             "cpu": round(base["cpu_s"] / max(node["cpu_s"], 1e-9), 3),
         },
-    }
+    })
     if args.baseline_shrink:
         case["baseline_shrink"] = pick(runs["baseline-shrink"], args.pick)
     case["targets"] = {
@@ -486,8 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     p.add_argument("--working-grid", type=float, default=None, metavar="MM",
                    help="run the node on a ~MM mm working grid (dicom-node run --working-grid)")
+    p.add_argument("--profile", default="bones",
+                   help="the node's organ profile (default bones; any other runs the node side only:"
+                        " the baseline and the targets are the bones profile's)")
     args = p.parse_args(argv)
     WORKING_GRID[0] = args.working_grid
+    PROFILE[0] = args.profile
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
 
@@ -525,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for ts in cases_ts:
         title = "uncompressed (Explicit VR Little Endian)" if ts == "explicit" else "JPEG 2000 Lossless (reported separately)"
-        print_case(title, results["cases"][ts], check_targets=(ts == "explicit"))
+        print_case(title, results["cases"][ts], check_targets=(ts == "explicit" and args.profile == "bones"))
     print(f"\nload average at end: {results['machine']['loadavg_end']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
