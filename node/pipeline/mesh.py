@@ -543,9 +543,7 @@ def topology(faces: np.ndarray, n_vertices: int | None = None) -> Topology:
         # one fan per vertex: faces sharing a vertex are joined through the fan's edges
         n_components, _ = _components(face_adj, 3, m)
     else:
-        vg = coo_matrix((np.ones(3 * m, dtype=np.int8), (a, b)), shape=(nv, nv))
-        _, vlab = connected_components(vg, directed=False)
-        n_components = int(np.count_nonzero(np.bincount(vlab[used])))
+        n_components = surface_components(f, nv)
     return Topology(
         triangles=m,
         edges=n_edges,
