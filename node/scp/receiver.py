@@ -63,6 +63,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.config import NodeConfig
 from node.durable import atomic_write
 from node.scp.policy import AssociationPolicy
 from node.store import InstanceRecord, Store, tags_from_dataset
@@ -150,7 +151,7 @@ class Receiver:
     association); ``stop()`` shuts the server down.  Also a context manager.
     """
 
-    def __init__(self, config: Any, store: Store) -> None:
+    def __init__(self, config: NodeConfig, store: Store) -> None:
         self.config = config
         self.store = store
         self.spool_dir = Path(config.spool_dir)
