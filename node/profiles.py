@@ -1,15 +1,8 @@
-"""Organ profiles: what to segment, how, and how to present it.
+"""Organ profiles: the schema of ``profiles/<name>.yaml`` and its loader.
 
-A profile is one YAML file in ``profiles/`` (``profiles/liver.yaml`` is the profile
-``liver``).  It names the backend (``model_type``) and lists tissues; each tissue has
-its HU range (optionally one per contrast phase), an ordered list of morphology steps
-with sizes in millimetres, mesh options, display colour and the SNOMED CT concepts
-used in the DICOM SEG.  Every schema error is reported with the file, the field path
-and what is allowed, e.g.::
-
-    profiles/liver.yaml: tissues[0].morphology[1].op: 'clsoing' is not allowed;
-    allowed: closing, connected_to, dilation, edge_grow, erosion, fill_holes, grow, keep_largest, median,
-    opening, remove_small, remove_thick, slice_valleys
+A profile names its backend (``model_type``) and its tissues: HU range (or one per contrast
+phase), morphology steps in millimetres, mesh options, colour and the SNOMED CT codes of the
+SEG.  Every schema error names the file, the field path and what is allowed.
 """
 
 from __future__ import annotations

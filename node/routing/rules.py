@@ -1,26 +1,8 @@
-"""Routing rule schema, loader with line-accurate validation, rule sets and hot reload.
+"""Routing rule files: schema, loader with line-accurate validation, rule sets and hot reload.
 
-File format (``routing_rules.yaml``)::
-
-    rules:                      # ordered; a bare top-level list is accepted too
-      - name: body-ct-bones     # required, unique
-        match:                  # required; a mapping is an implicit ``all``
-          Modality: CT
-          SeriesDescription: {regex: "(?i)body|bone"}
-        profile: bones          # required: organ profile name
-        backend: null           # optional: hu_based | totalsegmentator | monai | nnunet
-        destinations: [pacs]    # optional (default []): names from node.yaml or ``origin``
-        share: true             # optional (default true)
-        stop: true              # optional (default true): first match wins
-        enabled: true           # optional (default true)
-        supersede: true         # optional (default true): late instances start a new job
-        early_start: true       # optional (default true): may start before the quiet period ends
-                                #   (node.yaml early_start_s); false for senders that trickle
-        description: "..."      # optional free text
-
-See :mod:`node.routing.conditions` for the operators.  Every problem is reported
-as a :class:`RuleIssue` naming the file, the YAML line and the rule; all problems
-of a file are collected and raised together as :class:`RulesError`.
+Every problem is a :class:`RuleIssue` naming the file, the YAML line and the rule; all problems
+of a file are raised together as :class:`RulesError`.  The file format is on :class:`Rule` (and
+in the header of the shipped ``routing_rules.yaml``), the operators in :mod:`node.routing.conditions`.
 """
 
 from __future__ import annotations
@@ -170,7 +152,26 @@ class RulesError(InputError):
 
 @dataclass(frozen=True)
 class Rule:
-    """One routing rule as loaded (see module docstring for the fields)."""
+    """One routing rule as loaded.
+
+    File format (``routing_rules.yaml``)::
+
+        rules:                      # ordered; a bare top-level list is accepted too
+          - name: body-ct-bones     # required, unique
+            match:                  # required; a mapping is an implicit ``all``
+              Modality: CT
+              SeriesDescription: {regex: "(?i)body|bone"}
+            profile: bones          # required: organ profile name
+            backend: null           # optional: hu_based | totalsegmentator | monai | nnunet
+            destinations: [pacs]    # optional (default []): names from node.yaml or ``origin``
+            share: true             # optional (default true)
+            stop: true              # optional (default true): first match wins
+            enabled: true           # optional (default true)
+            supersede: true         # optional (default true): late instances start a new job
+            early_start: true       # optional (default true): may start before the quiet period ends
+                                    #   (node.yaml early_start_s); false for senders that trickle
+            description: "..."      # optional free text
+    """
 
     name: str
     match: Condition
