@@ -55,6 +55,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from node.backend_registry import DEFAULT_BACKEND
 from node.errors import InputError
 from node.profiles import load_profile
 from node.routing.facts import SeriesFacts, dataset_to_tags
@@ -169,7 +170,7 @@ class Router:
         try:
             return load_profile(rule.profile, self.config.profiles).model_type
         except InputError:
-            return "hu_based"  # the worker reports the profile problem
+            return DEFAULT_BACKEND  # the job reports the profile problem
 
     def _create_jobs(self, series: Series, matched: list[Any], version: str, *,
                      provisional: bool) -> tuple[list[int], list[str]]:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from node.backend_registry import BACKEND_NAMES
 from node.errors import InputError
 from node.routing.conditions import (
     AllOf,
@@ -39,7 +40,6 @@ from node.routing.facts import ASSOCIATION_FIELDS, FACT_FIELDS, SeriesFacts
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hu_based", "totalsegmentator", "monai", "nnunet")
 #: destination name meaning "send back to the calling AE's configured address"
 ORIGIN = "origin"
 RULE_KEYS = (
@@ -162,7 +162,7 @@ class Rule:
               Modality: CT
               SeriesDescription: {regex: "(?i)body|bone"}
             profile: bones          # required: organ profile name
-            backend: null           # optional: hu_based | totalsegmentator | monai | nnunet
+            backend: null           # optional: a backend of node.backend_registry (hu_based, nnunet, ...)
             destinations: [pacs]    # optional (default []): names from node.yaml or ``origin``
             share: true             # optional (default true)
             stop: true              # optional (default true): first match wins
@@ -439,9 +439,9 @@ class _Parser:
                              + (", ".join(sorted(self.known_profiles)) or "none"), kl["profile"])
 
         backend = item.get("backend")
-        if backend is not None and backend not in BACKENDS:
-            self.err(f"unknown backend {backend!r}{_suggest(str(backend), BACKENDS)}; allowed: "
-                     + ", ".join(BACKENDS), kl["backend"])
+        if backend is not None and backend not in BACKEND_NAMES:
+            self.err(f"unknown backend {backend!r}{_suggest(str(backend), BACKEND_NAMES)}; allowed: "
+                     + ", ".join(BACKEND_NAMES), kl["backend"])
 
         dests: list[str] = []
         if "destinations" in item:
