@@ -20,12 +20,13 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Callable
 
+from node.backend_registry import runs_model
 from node.config import NodeConfig
-from node.contracts import FailureKind, JobState, ProcessInfo, Resource, SeriesState, SlotInfo, JobSpec
+from node.contracts import FailureKind, JobSpec, JobState, ProcessInfo, Resource, SeriesState, SlotInfo
 from node.job_process import JobDone, JobFailed, SegReady, _job_process, _slot_process
 from node.jobs import job_output_dir, publish_early_seg, record_failure, record_success, seg_series_uid
 from node.pipeline.ai_common import GPU_SLOT_ENV
-from node.store import MODEL_BACKENDS, Job, Store, instances_digest
+from node.store import Job, Store, instances_digest
 
 __all__ = ["WorkerPool", "job_backend", "job_resource"]
 
@@ -103,7 +104,7 @@ def job_resource(config: NodeConfig, job: Job) -> Resource:
 
     Independent of whether this node has GPUs: without ``gpus`` every slot takes every job.
     """
-    if job_backend(job) not in MODEL_BACKENDS:
+    if not runs_model(job_backend(job)):
         return Resource.CPU
     device = None
     try:
@@ -172,8 +173,8 @@ class WorkerPool:
         if self._thread is not None:
             return
         self._stop.clear()
-        # the forkserver (and its preload of the pipeline modules, ~1 s) starts now rather than
-        # when the first job arrives; in the background, so the node is listening meanwhile
+        # the forkserver (and its preload of the pipeline modules, see bench/README.md) starts now
+        # rather than when the first job arrives; in the background, so the node is listening meanwhile
         threading.Thread(target=self._warm_forkserver, name="forkserver-warm-up", daemon=True).start()
         self._thread = threading.Thread(target=self._loop, name="worker-pool", daemon=True)
         self._thread.start()
@@ -377,7 +378,7 @@ class WorkerPool:
 
     def _start_job(self, slot: _Slot, job: Job) -> None:
         store = self.store
-        persistent = job_backend(job) in MODEL_BACKENDS
+        persistent = runs_model(job_backend(job))
         try:
             store.set_series_state(job.series_uid, SeriesState.PROCESSING,
                                    from_states=(SeriesState.ROUTED, SeriesState.PROCESSING), generation=job.generation)

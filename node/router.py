@@ -11,6 +11,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from node.backend_registry import DEFAULT_BACKEND
 from node.config import NodeConfig
 from node.contracts import JobParams, JobState, SeriesState
 from node.errors import InputError
@@ -128,7 +129,7 @@ class Router:
         try:
             return load_profile(rule.profile, self.config.profiles).model_type
         except InputError:
-            return "hu_based"  # the worker reports the profile problem
+            return DEFAULT_BACKEND  # the job reports the profile problem
 
     def _create_jobs(self, series: Series, matched: list[Any], version: str, *,
                      provisional: bool) -> tuple[list[int], list[str]]:

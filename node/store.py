@@ -33,7 +33,6 @@ from node.contracts import (
 
 __all__ = [
     "SCHEMA_VERSION",
-    "MODEL_BACKENDS",
     "RULE_TAGS",
     "InstanceRecord",
     "Instance",
@@ -46,12 +45,9 @@ __all__ = [
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 log = logging.getLogger("node.store")
-
-#: backends that run a model (a job of theirs wants a GPU slot when the node has GPUs)
-MODEL_BACKENDS: tuple[str, ...] = ("totalsegmentator", "nnunet", "monai")
 
 #: DICOM keywords copied into ``instances.tags`` / ``series.tags`` for the routing rules
 RULE_TAGS: tuple[str, ...] = (
@@ -192,6 +188,12 @@ _MIGRATIONS: tuple[str, ...] = (
     # jobs.provisional = 1 while the series is not complete (its result is not published),
     # jobs.instances_digest = digest of the instance set a try ran on (series_digest).
     "@add_column jobs provisional INTEGER NOT NULL DEFAULT 0; @add_column jobs instances_digest TEXT",
+    # 4 -> 5: the store stops knowing backends.  Until now claim_job derived the slot kind of a
+    # row without ``resource`` (written before schema 2) from its backend at every claim; this
+    # fills it once, the same way, with the model backends as they were at schema 4.  From here
+    # on a row without ``resource`` is one the pool has not classified yet.
+    "UPDATE jobs SET resource = CASE WHEN backend IN ('totalsegmentator','nnunet','monai') THEN 'gpu' ELSE 'cpu' END"
+    " WHERE resource IS NULL",
 )
 
 
@@ -265,8 +267,6 @@ def _add_column(c: sqlite3.Connection, table: str, column: str, decl: str) -> No
         c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
-#: SQL for the slot kind of a job row: its ``resource``, else (rows from before schema 2) by backend
-_RESOURCE_SQL = (f"COALESCE(resource, CASE WHEN backend IN ({_in(MODEL_BACKENDS)}) THEN 'gpu' ELSE 'cpu' END)")
 
 
 def _loads(text: str | None) -> Any:
@@ -756,9 +756,8 @@ class Store:
 
         Args:
             kinds: only jobs whose slot kind (``resource``: 'cpu' | 'gpu') is one of these;
-                None: any job.  Rows without a ``resource`` (written before schema 2 or not
-                classified yet) count as 'gpu' when their backend runs a model
-                (:data:`MODEL_BACKENDS`), else 'cpu'.
+                None: any job.  A job the pool has not classified yet (``resource`` NULL,
+                see :meth:`unclassified_jobs`) is claimed only with None.
             early_quiet_s: a provisional job is due only while its series is still
                 ``receiving`` and has been quiet for at least this long (so a series that is
                 still arriving is not started again after every instance); None: provisional
@@ -772,7 +771,7 @@ class Store:
             ks = [_check_resource(k) for k in kinds]
             if not ks:
                 return None
-            where = f" AND {_RESOURCE_SQL} IN ({','.join('?' * len(ks))})"
+            where = f" AND resource IN ({','.join('?' * len(ks))})"
             args = list(ks)
         if early_quiet_s is None or confirmed_only:
             where += " AND provisional = 0"

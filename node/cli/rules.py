@@ -1,10 +1,5 @@
-"""``dicom-node rules``: validate routing rules and try them on series.
-
-* ``dicom-node rules validate [FILE]`` - prints ``OK: N rule(s)`` or every error
-  (``file:line: rule 'name': message``), exit code 1 on error.
-* ``dicom-node rules test PATH_OR_SERIES_UID`` - for every series under PATH (or
-  the stored series with that SeriesInstanceUID) prints each rule's outcome and
-  the reason, then the decision (profile, backend, destinations) or UNROUTED.
+"""``dicom-node rules``: validate a rule file (``validate``) and show how the rules route a
+folder of DICOM files or a stored series, rule by rule with the reason (``test``).
 """
 
 from __future__ import annotations

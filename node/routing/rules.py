@@ -1,26 +1,8 @@
-"""Routing rule schema, loader with line-accurate validation, rule sets and hot reload.
+"""Routing rule files: schema, loader with line-accurate validation, rule sets and hot reload.
 
-File format (``routing_rules.yaml``)::
-
-    rules:                      # ordered; a bare top-level list is accepted too
-      - name: body-ct-bones     # required, unique
-        match:                  # required; a mapping is an implicit ``all``
-          Modality: CT
-          SeriesDescription: {regex: "(?i)body|bone"}
-        profile: bones          # required: organ profile name
-        backend: null           # optional: hu_based | totalsegmentator | monai | nnunet
-        destinations: [pacs]    # optional (default []): names from node.yaml or ``origin``
-        share: true             # optional (default true)
-        stop: true              # optional (default true): first match wins
-        enabled: true           # optional (default true)
-        supersede: true         # optional (default true): late instances start a new job
-        early_start: true       # optional (default true): may start before the quiet period ends
-                                #   (node.yaml early_start_s); false for senders that trickle
-        description: "..."      # optional free text
-
-See :mod:`node.routing.conditions` for the operators.  Every problem is reported
-as a :class:`RuleIssue` naming the file, the YAML line and the rule; all problems
-of a file are collected and raised together as :class:`RulesError`.
+Every problem is a :class:`RuleIssue` naming the file, the YAML line and the rule; all problems
+of a file are raised together as :class:`RulesError`.  The file format is on :class:`Rule` (and
+in the header of the shipped ``routing_rules.yaml``), the operators in :mod:`node.routing.conditions`.
 """
 
 from __future__ import annotations
@@ -37,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from node.backend_registry import BACKEND_NAMES
 from node.errors import InputError
 from node.routing.conditions import (
     AllOf,
@@ -57,7 +40,6 @@ from node.routing.facts import ASSOCIATION_FIELDS, FACT_FIELDS, SeriesFacts
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hu_based", "totalsegmentator", "monai", "nnunet")
 #: destination name meaning "send back to the calling AE's configured address"
 ORIGIN = "origin"
 RULE_KEYS = (
@@ -170,7 +152,26 @@ class RulesError(InputError):
 
 @dataclass(frozen=True)
 class Rule:
-    """One routing rule as loaded (see module docstring for the fields)."""
+    """One routing rule as loaded.
+
+    File format (``routing_rules.yaml``)::
+
+        rules:                      # ordered; a bare top-level list is accepted too
+          - name: body-ct-bones     # required, unique
+            match:                  # required; a mapping is an implicit ``all``
+              Modality: CT
+              SeriesDescription: {regex: "(?i)body|bone"}
+            profile: bones          # required: organ profile name
+            backend: null           # optional: a backend of node.backend_registry (hu_based, nnunet, ...)
+            destinations: [pacs]    # optional (default []): names from node.yaml or ``origin``
+            share: true             # optional (default true)
+            stop: true              # optional (default true): first match wins
+            enabled: true           # optional (default true)
+            supersede: true         # optional (default true): late instances start a new job
+            early_start: true       # optional (default true): may start before the quiet period ends
+                                    #   (node.yaml early_start_s); false for senders that trickle
+            description: "..."      # optional free text
+    """
 
     name: str
     match: Condition
@@ -438,9 +439,9 @@ class _Parser:
                              + (", ".join(sorted(self.known_profiles)) or "none"), kl["profile"])
 
         backend = item.get("backend")
-        if backend is not None and backend not in BACKENDS:
-            self.err(f"unknown backend {backend!r}{_suggest(str(backend), BACKENDS)}; allowed: "
-                     + ", ".join(BACKENDS), kl["backend"])
+        if backend is not None and backend not in BACKEND_NAMES:
+            self.err(f"unknown backend {backend!r}{_suggest(str(backend), BACKEND_NAMES)}; allowed: "
+                     + ", ".join(BACKEND_NAMES), kl["backend"])
 
         dests: list[str] = []
         if "destinations" in item:
