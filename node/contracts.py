@@ -105,8 +105,10 @@ class SlotInfo:
     cuda_visible_devices: str | None  #: None: the environment was left as it was
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": str(self.kind), "gpu": self.gpu, "pid": self.pid,
-                "process": self.process, "device": self.device, "cuda_visible_devices": self.cuda_visible_devices}
+        """Without the None values: the store merges it with SQLite's json_patch, which drops them."""
+        d = {"name": self.name, "kind": str(self.kind), "gpu": self.gpu, "pid": self.pid, "process": self.process,
+             "device": self.device, "cuda_visible_devices": self.cuda_visible_devices}
+        return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SlotInfo:
