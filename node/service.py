@@ -48,7 +48,7 @@ from apscheduler.jobstores.base import JobLookupError
 
 from node.completion import sweep
 from node.profiles import list_profiles
-from node.router import Router, short_version
+from node.router import Router
 from node.routing.rules import RuleSetHolder
 from node.scp.receiver import Receiver
 from node.store import Store
@@ -193,7 +193,7 @@ class NodeService:
             known_destinations=lambda: list(cfg.destinations),
         )
         log.info("routing rules %s: %d rule(s), version %s", cfg.rules, len(self.rules.ruleset),
-                 short_version(self.rules.ruleset.version))
+                 self.rules.ruleset.version)
         self.router = Router(cfg, store, self.rules)
         requeued = store.requeue_running_jobs()
         if requeued:

@@ -11,7 +11,7 @@ Layout (``share.root`` + ``share.path_template``, default
         manifest.json          written last: its presence means the folder is complete
 
 Template fields (anything else is a :class:`~node.config.ConfigError` naming
-``share.path_template``): every keyword of :data:`node.store.RULE_TAGS`
+``share.path_template``): every keyword of :data:`node.dicom_values.RULE_TAGS`
 (``PatientID``, ``StudyDate``, ``AccessionNumber``, ``SeriesNumber``,
 ``SeriesDescription``, ``Modality``, ...), plus ``organ`` (= the profile
 name), ``profile``, ``rule``, ``backend``, ``job_id``, ``generation``,
@@ -64,7 +64,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from node import __version__
 from node.durable import atomic_copy, atomic_write, fsync_dir, makedirs_durable
 from node.config import ConfigError
-from node.store import RULE_TAGS
+from node.dicom_values import RULE_TAGS
 
 __all__ = [
     "DEFAULT_TEMPLATE",

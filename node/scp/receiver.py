@@ -63,9 +63,10 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.dicom_values import tags_from_dataset
 from node.durable import atomic_write
 from node.scp.policy import AssociationPolicy
-from node.store import InstanceRecord, Store, tags_from_dataset
+from node.store import InstanceRecord, Store
 
 __all__ = [
     "Receiver",
