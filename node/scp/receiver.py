@@ -16,6 +16,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -117,7 +118,8 @@ class Receiver:
         self.policy.apply(ae)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, list(SUPPORTED_TRANSFER_SYNTAXES))
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's list (typed optional)
+                ae.add_supported_context(cx.abstract_syntax, list(SUPPORTED_TRANSFER_SYNTAXES))
         return ae
 
     def start(self, *, rescan: bool = True) -> None:
@@ -180,7 +182,7 @@ class Receiver:
         raw = req.DataSet.getvalue()
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = calling or "UNKNOWN"
-        buf = BytesIO()
+        buf = DicomBytesIO()
         buf.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(buf, meta, enforce_standard=True)
         data = buf.getvalue() + raw
