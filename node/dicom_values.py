@@ -7,6 +7,7 @@ headers the router reads, so a rule sees the same value from either source.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -77,6 +78,7 @@ def _visible_vr(vr: str | None) -> bool:
     return vr is not None and not any(part in HIDDEN_VRS for part in vr.split(" or "))
 
 
+@lru_cache(maxsize=4096)
 def rule_visible(keyword: str) -> bool:
     """Whether rules can test ``keyword``: a DICOM keyword whose dictionary VR is plain-valued
     (not a sequence or binary, nor an ambiguous VR that may be binary such as ``OB or OW``)."""
