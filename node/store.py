@@ -63,7 +63,6 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 __all__ = [
     "SCHEMA_VERSION",
     "RESOURCES",
-    "RULE_TAGS",
     "SERIES_STATES",
     "JOB_STATES",
     "DISPATCH_STATES",
@@ -73,8 +72,6 @@ __all__ = [
     "Job",
     "Dispatch",
     "Store",
-    "tags_from_dataset",
-    "rules_version",
     "instances_digest",
 ]
 
@@ -84,35 +81,6 @@ log = logging.getLogger("node.store")
 
 #: slot kinds of the worker pool (``jobs.resource``)
 RESOURCES: tuple[str, ...] = ("cpu", "gpu")
-
-#: DICOM keywords copied into ``instances.tags`` / ``series.tags`` for the routing rules
-RULE_TAGS: tuple[str, ...] = (
-    "Modality",
-    "SeriesDescription",
-    "ProtocolName",
-    "BodyPartExamined",
-    "StudyDescription",
-    "PatientID",
-    "AccessionNumber",
-    "StudyDate",
-    "StudyTime",
-    "SeriesDate",
-    "SeriesNumber",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ImageType",
-    "SliceThickness",
-    "ContrastBolusAgent",
-    "ConvolutionKernel",
-    "KVP",
-    "PatientSex",
-    "PatientAge",
-    "InstitutionName",
-    "StationName",
-    "SOPClassUID",
-    "Rows",
-    "Columns",
-)
 
 SeriesState = Literal["receiving", "complete", "routed", "unrouted", "processing", "done", "failed"]
 JobState = Literal["queued", "running", "done", "failed", "superseded"]
@@ -246,51 +214,10 @@ _MIGRATIONS: tuple[str, ...] = (
 # helpers
 
 
-def _jsonable(value: Any) -> Any:
-    """Turn a pydicom element value into JSON (MultiValue -> list, DS -> float, IS -> int)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        # pydicom DSfloat/IS subclass float/int: plain numbers in JSON
-        if isinstance(value, float):
-            return float(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return int(value)
-        return value
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
-def tags_from_dataset(ds: Any, keywords: Iterable[str] = RULE_TAGS) -> dict[str, Any]:
-    """The rule tags present in ``ds`` (a pydicom Dataset) as a JSON-able dict.
-
-    Absent tags are left out; present-but-empty tags are kept as ``""``
-    (``None`` values become ``""``) so rules can tell "empty" from "absent".
-    A value that cannot be decoded is skipped.
-    """
-    out: dict[str, Any] = {}
-    for kw in keywords:
-        try:
-            if kw not in ds:
-                continue
-            value = ds[kw].value
-        except Exception:  # noqa: BLE001 - a broken value must not stop indexing
-            continue
-        out[kw] = "" if value is None else _jsonable(value)
-    return out
-
-
 def _check_resource(value: str | None) -> str | None:
     if value is not None and value not in RESOURCES:
         raise ValueError(f"job resource must be one of {', '.join(RESOURCES)} (got {value!r})")
     return value
-
-
-def rules_version(source: str | Path | bytes) -> str:
-    """Version id of a rule file: the SHA-256 (hex, first 16 chars) of its bytes."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def instances_digest(sop_instance_uids: Iterable[str]) -> str:
