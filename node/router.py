@@ -17,21 +17,17 @@ from node.contracts import JobParams, JobState, SeriesState
 from node.errors import InputError
 from node.jobs import publish_early_seg, publish_result, settle_series
 from node.profiles import load_profile
-from node.routing.facts import SeriesFacts, dataset_to_tags
+from node.dicom_values import tags_from_dataset
+from node.routing.facts import SeriesFacts
 from node.routing.rules import RuleSetHolder
 from node.store import Job, Series, Store
 
-__all__ = ["Router", "short_version", "series_facts", "RouteOutcome", "TagCache"]
+__all__ = ["Router", "series_facts", "RouteOutcome", "TagCache"]
 
 log = logging.getLogger("node.router")
 
 #: job states that count as "this rule already handled an earlier generation"
 _LIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DONE)
-
-
-def short_version(version: str) -> str:
-    """The node's rules version: 16 hex digits (what :func:`node.store.rules_version` returns)."""
-    return version[:16]
 
 
 class TagCache:
@@ -68,7 +64,7 @@ def series_facts(store: Store, series: Series, cache: TagCache | None = None) ->
         tags: dict[str, Any] | None = cache.get(inst.path) if cache is not None else None
         if tags is None:
             try:
-                tags = dataset_to_tags(pydicom.dcmread(inst.path, stop_before_pixels=True))
+                tags = tags_from_dataset(pydicom.dcmread(inst.path, stop_before_pixels=True), keywords=None)
                 if cache is not None:
                     cache.put(inst.path, tags)
             except Exception as exc:  # noqa: BLE001 - unreadable: use what the receiver indexed
@@ -184,7 +180,7 @@ class Router:
         for series in self.store.quiet_series(early_start_s, now=now):
             uid, gen = series.series_uid, series.generation
             ruleset = self.rules.ruleset
-            version = short_version(ruleset.version)
+            version = ruleset.version
             key = (gen, series.instance_count, version)
             if self._early_seen.get(uid) == key:
                 continue
@@ -267,7 +263,7 @@ class Router:
             return RouteOutcome(series_uid, "routed", [j.id for j in existing], "jobs existed")
 
         ruleset = self.rules.ruleset  # one consistent snapshot for decision and version
-        version = short_version(ruleset.version)
+        version = ruleset.version
         try:
             facts = series_facts(store, series, self._tags)
         except InputError as exc:

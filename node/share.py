@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from node import __version__
 from node.durable import atomic_copy, atomic_write, fsync_dir, makedirs_durable
 from node.config import ConfigError
-from node.store import RULE_TAGS
+from node.dicom_values import RULE_TAGS
 
 __all__ = [
     "DEFAULT_TEMPLATE",

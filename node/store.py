@@ -33,15 +33,12 @@ from node.contracts import (
 
 __all__ = [
     "SCHEMA_VERSION",
-    "RULE_TAGS",
     "InstanceRecord",
     "Instance",
     "Series",
     "Job",
     "Dispatch",
     "Store",
-    "tags_from_dataset",
-    "rules_version",
     "instances_digest",
 ]
 
@@ -49,34 +46,6 @@ SCHEMA_VERSION = 5
 
 log = logging.getLogger("node.store")
 
-#: DICOM keywords copied into ``instances.tags`` / ``series.tags`` for the routing rules
-RULE_TAGS: tuple[str, ...] = (
-    "Modality",
-    "SeriesDescription",
-    "ProtocolName",
-    "BodyPartExamined",
-    "StudyDescription",
-    "PatientID",
-    "AccessionNumber",
-    "StudyDate",
-    "StudyTime",
-    "SeriesDate",
-    "SeriesNumber",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ImageType",
-    "SliceThickness",
-    "ContrastBolusAgent",
-    "ConvolutionKernel",
-    "KVP",
-    "PatientSex",
-    "PatientAge",
-    "InstitutionName",
-    "StationName",
-    "SOPClassUID",
-    "Rows",
-    "Columns",
-)
 
 def _in(values: Iterable[str]) -> str:
     return ",".join(f"'{v}'" for v in values)
@@ -201,41 +170,6 @@ _MIGRATIONS: tuple[str, ...] = (
 # helpers
 
 
-def _jsonable(value: Any) -> Any:
-    """Turn a pydicom element value into JSON (MultiValue -> list, DS -> float, IS -> int)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        # pydicom DSfloat/IS subclass float/int: plain numbers in JSON
-        if isinstance(value, float):
-            return float(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return int(value)
-        return value
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
-def tags_from_dataset(ds: Any, keywords: Iterable[str] = RULE_TAGS) -> dict[str, Any]:
-    """The rule tags present in ``ds`` (a pydicom Dataset) as a JSON-able dict.
-
-    Absent tags are left out; present-but-empty tags are kept as ``""``
-    (``None`` values become ``""``) so rules can tell "empty" from "absent".
-    A value that cannot be decoded is skipped.
-    """
-    out: dict[str, Any] = {}
-    for kw in keywords:
-        try:
-            if kw not in ds:
-                continue
-            value = ds[kw].value
-        except Exception:  # noqa: BLE001 - a broken value must not stop indexing
-            continue
-        out[kw] = "" if value is None else _jsonable(value)
-    return out
-
-
 def _check_resource(value: str | None) -> Resource | None:
     if value is None:
         return None
@@ -243,12 +177,6 @@ def _check_resource(value: str | None) -> Resource | None:
         return Resource(value)
     except ValueError:
         raise ValueError(f"job resource must be one of {', '.join(Resource)} (got {value!r})") from None
-
-
-def rules_version(source: str | Path | bytes) -> str:
-    """Version id of a rule file: the SHA-256 (hex, first 16 chars) of its bytes."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def instances_digest(sop_instance_uids: Iterable[str]) -> str:

@@ -20,9 +20,10 @@ from pydicom import dcmread
 
 from node.config import ConfigError, Destination, KnownAE, NodeConfig, RetryPolicy, ShareConfig
 from node.contracts import JobParams, JobResult
+from node.dicom_values import tags_from_dataset
 from node.dispatcher import Dispatcher, dispatch_log
 from node.share import MANIFEST_NAME, PLACEHOLDER, SUPERSEDED_NAME, render_folder, sanitize_component
-from node.store import InstanceRecord, Store, tags_from_dataset
+from node.store import InstanceRecord, Store
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))

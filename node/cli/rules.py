@@ -62,7 +62,7 @@ def _facts_from_store(uid: str, db_path: str | None,
 
     ``db_path`` defaults to the database of ./node.yaml.  The association AE
     titles default to the ones recorded with the series.  Only the tags the store
-    keeps (``node.store.RULE_TAGS`` plus geometry) are visible to the rules.
+    keeps (``node.dicom_values.RULE_TAGS``, geometry included) are visible to the rules.
     """
     try:
         from node.store import Store  # noqa: PLC0415 - written separately, optional here

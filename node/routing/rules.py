@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from node.backend_registry import BACKEND_NAMES
+from node.dicom_values import rule_visible
 from node.errors import InputError
 from node.routing.conditions import (
     AllOf,
@@ -52,7 +53,6 @@ OPTION_KEYS = ("ignore_case",)
 COMBINATORS = ("all", "any", "not")
 ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
 _CASE_OPS = ("equals", "one_of", "regex", "glob")
-_SKIP_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 
 
 # ------------------------------------------------------------------ YAML with lines
@@ -253,7 +253,7 @@ class RuleSet:
 
     rules: tuple[Rule, ...]
     version: str
-    """sha256 (hex) of the file bytes."""
+    """The file's :func:`rules_version`."""
     path: str | None = None
     mtime_ns: int | None = None
 
@@ -540,7 +540,7 @@ class _Parser:
             self.err(f"unknown DICOM keyword or fact {key!r}{_suggest(key, cands)}", line)
             return False
         vr = dictionary_VR(tag)
-        if vr in _SKIP_VRS:
+        if not rule_visible(key):
             self.err(f"{key!r} is a {vr} attribute (sequence or binary); rules can only test "
                      "plain-valued attributes", line)
             return False
@@ -641,6 +641,13 @@ class _Parser:
 # ------------------------------------------------------------------------ loading
 
 
+def rules_version(source: str | Path | bytes) -> str:
+    """The version of a rule file (a path, or its bytes): the first 16 hex digits of the SHA-256 of
+    its bytes.  Jobs carry it, and a SEG's identity derives from it."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def parse_rules(
     data: bytes | str,
     path: str | Path | None = None,
@@ -652,7 +659,7 @@ def parse_rules(
     """Parse and validate rule text; raises :class:`RulesError` listing every problem."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     spath = str(path) if path is not None else None
-    version = hashlib.sha256(raw).hexdigest()
+    version = rules_version(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -773,7 +780,7 @@ class RuleSetHolder:
             except OSError as exc:
                 msg = f"{self.path}: cannot read rule file ({exc.strerror or exc}); keeping previous rules"
                 return False, self._report(msg, "unreadable")
-            version = hashlib.sha256(raw).hexdigest()
+            version = rules_version(raw)
             current = self._ruleset
             if version == current.version:
                 if current.mtime_ns != st.st_mtime_ns:
