@@ -1,48 +1,6 @@
-"""Dispatch: deliver finished jobs' results (C-STORE of the SEG, share drop).
-
-The worker creates one ``dispatches`` row per (job, destination, kind) when a
-job is done; the service's scheduler calls :meth:`Dispatcher.run_due`
-periodically.  Each call processes every *due* pending dispatch::
-
-    claim (lease)  ->  perform  ->  sent            (sent_at; where: dispatch_attempts)
-                                ->  pending again   (attempts < max: next_attempt_at =
-                                                     now + dispatch_retry.delay(attempts))
-                                ->  failed          (attempts exhausted, or an error that
-                                                     retrying cannot fix; last_error)
-
-Everything is in the job store, so retries survive a restart: a dispatch is
-due when its persisted ``next_attempt_at`` has passed.  A claim moves
-``next_attempt_at`` ahead by a lease; if the process dies mid-send the
-dispatch becomes due again when the lease runs out (the C-STORE is
-idempotent: the same SOP Instance UID is sent again, which a PACS stores once).
-
-Kinds:
-
-* ``dicom``: the job's SEG (``<organ>_seg.dcm``; while the job still makes its meshes,
-  the SEG it handed on early, ``result["seg_early"]``) is sent with
-  :func:`node.scp.sender.send_datasets` to ``config.destinations[name]``, or
-  for ``origin`` to the address of the calling AE (``job.params["calling_ae"]``,
-  else the series' calling AE) from ``config.known_aes``, falling back to the
-  address the worker recorded in ``job.result["origin"]``.  :class:`~node.scp.sender.DestinationUnavailable`
-  (peer down, association rejected/aborted) and failure statuses from the
-  peer are retried with backoff; an unknown destination, an origin AE with no
-  known address or a missing SEG file fail at once (``jobs retry`` after
-  fixing the cause).
-* ``share``: :func:`node.share.drop` into ``share.root`` / ``share.path_template``
-  (SEG, STL, PLY, report.json + manifest.json).  An ``OSError`` (share not
-  mounted, disk full) is retried; a bad template fails at once (and is
-  already refused when the Dispatcher is created).
-
-Job results: the job row's ``result`` JSON must name the result folder
-(``output_dir``; also accepted: ``result_dir``/``dir``/``folder``, or the folder
-of ``seg``/``seg_path``).  The file list is taken from the pipeline's
-``report.json`` in that folder (``outputs.seg``, ``outputs.meshes``), falling
-back to ``seg``/``meshes`` keys of the job result or the files in the folder.
-
-Every attempt is logged in the store's ``dispatch_attempts`` table: when, outcome
-(``sent`` / ``retry`` / ``failed``) and detail -- for ``sent`` the place it went
-(``ORTHANC@127.0.0.1:4242 (1/1 instance(s) stored) SOP 1.2...`` or the share folder).
-:meth:`Store.dispatch_attempts` reads it (``jobs show``; :func:`dispatch_log` here).
+"""Dispatch: delivers finished jobs' results, one ``dispatches`` row at a time (C-STORE of the SEG
+to a DICOM destination, or the share drop), with leases and retries with backoff that survive a
+restart; every attempt is logged in ``dispatch_attempts``.  See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -56,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from node.config import ConfigError, Destination, NodeConfig
+from node.contracts import DispatchKind, DispatchState, JobState
 from node.errors import InputError, NodeError
+from node.jobs import resolve_origin
+from node.routing.rules import ORIGIN
 from node.scp.sender import DestinationUnavailable, send_datasets
 from node.share import ShareFile, Superseded, drop, validate_template
 from node.store import Dispatch, Job, Store
@@ -64,7 +25,6 @@ from node.store import Dispatch, Job, Store
 __all__ = ["Dispatcher", "DispatchOutcome", "PermanentDispatchError", "dispatch_log"]
 
 log = logging.getLogger("node.dispatcher")
-
 
 
 class PermanentDispatchError(NodeError):
@@ -80,7 +40,7 @@ class DispatchOutcome:
     kind: str
     destination: str
     attempt: int
-    state: str  #: sent | pending (will retry) | failed
+    state: DispatchState  #: sent | pending (will retry) | failed
     detail: str
     location: str | None = None  #: where it went (AE@host:port or share folder), for sent
     retry_at: float | None = None
@@ -154,29 +114,29 @@ class Dispatcher:
             job = self.store.get_job(d.job_id)
             if job is None:
                 raise PermanentDispatchError(f"job {d.job_id} does not exist")
-            if d.kind == "dicom":
+            if d.kind == DispatchKind.DICOM:
                 detail, location = self._send_dicom(job, d)
-            elif d.kind == "share":
+            elif d.kind == DispatchKind.SHARE:
                 detail, location = self._send_share(job, d)
             else:
                 raise PermanentDispatchError(f"unknown dispatch kind {d.kind!r}")
         except Superseded as exc:
-            return self._finish(d, started, "failed", f"superseded: {exc}")
+            return self._finish(d, started, DispatchState.FAILED, f"superseded: {exc}")
         except (PermanentDispatchError, InputError) as exc:  # ConfigError is an InputError
-            return self._finish(d, started, "failed", f"{type(exc).__name__}: {exc}")
+            return self._finish(d, started, DispatchState.FAILED, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - transient by default: retry with backoff
             err = str(exc) if isinstance(exc, DestinationUnavailable) else f"{type(exc).__name__}: {exc}"
             if d.attempts >= policy.max_attempts:
-                return self._finish(d, started, "failed", f"gave up after {d.attempts} attempt(s): {err}")
+                return self._finish(d, started, DispatchState.FAILED, f"gave up after {d.attempts} attempt(s): {err}")
             retry_at = t + policy.delay(d.attempts)
-            return self._finish(d, started, "pending", err, retry_at=retry_at)
-        return self._finish(d, started, "sent", detail, location=location)
+            return self._finish(d, started, DispatchState.PENDING, err, retry_at=retry_at)
+        return self._finish(d, started, DispatchState.SENT, detail, location=location)
 
     def _finish(
         self,
         d: Dispatch,
         started: float,
-        state: str,
+        state: DispatchState,
         detail: str,
         *,
         location: str | None = None,
@@ -184,13 +144,13 @@ class Dispatcher:
     ) -> DispatchOutcome:
         detail = _one_line(detail)
         what = f"dispatch {d.id} (job {d.job_id}, {d.kind} -> {d.destination}, attempt {d.attempts})"
-        if state == "sent":
+        if state == DispatchState.SENT:
             ok = self.store.mark_dispatch_sent(d.id)
             log.info("%s sent%s: %s", what, f" -> {location}" if location and location not in detail else "", detail)
         else:
             new = self.store.mark_dispatch_failed(d.id, detail, retry_at=retry_at)
             ok = new is not None
-            if state == "pending":
+            if state == DispatchState.PENDING:
                 log.warning("%s failed, retry in %.0f s: %s", what, (retry_at or 0) - time.time(), detail)
             else:
                 log.error("%s failed for good: %s", what, detail)
@@ -198,7 +158,7 @@ class Dispatcher:
             log.warning("%s: no longer pending when recording %s", what, state)
         try:
             self.store.record_dispatch_attempt(
-                d, started_at=started, outcome="retry" if state == "pending" else state, detail=detail,
+                d, started_at=started, outcome="retry" if state == DispatchState.PENDING else state, detail=detail,
                 location=location,
             )
         except Exception:  # noqa: BLE001 - the log is informative; the state change above is what counts
@@ -208,29 +168,23 @@ class Dispatcher:
     # -- result files -------------------------------------------------------
     @staticmethod
     def _result_dir(job: Job) -> Path:
-        r = job.result or {}
-        for key in ("output_dir", "result_dir", "dir", "folder", "outputs_dir"):
-            v = r.get(key)
-            if isinstance(v, str) and v:
-                return Path(v)
-        for key in ("seg", "seg_path"):
-            v = r.get(key)
-            if isinstance(v, str) and v:
-                return Path(v).parent
-        raise PermanentDispatchError(f"job {job.id} has no result folder in its result ({sorted(r)})")
+        if job.result.output_dir is None:
+            raise PermanentDispatchError(f"job {job.id} has no result folder in its result "
+                                         f"({sorted(job.result.to_json())})")
+        return job.result.output_dir
 
     def _result_files(self, job: Job) -> tuple[Path, Path | None, list[ShareFile], dict[str, Any]]:
         """(folder, SEG path or None, files for the share, report) of a done job."""
-        if job.state == "superseded":
+        if job.state == JobState.SUPERSEDED:
             raise Superseded(f"job {job.id} is superseded ({job.error or 'a newer generation exists'})", Path(), {})
-        if job.state != "done":
+        if job.state != JobState.DONE:
             raise PermanentDispatchError(f"job {job.id} is {job.state}, not done")
         folder = self._result_dir(job)
         if not folder.is_dir():
             raise PermanentDispatchError(f"result folder {folder} of job {job.id} is missing")
-        r = job.result or {}
+        r = job.result
         report: dict[str, Any] = {}
-        report_path = Path(r.get("report") or r.get("report_path") or folder / "report.json")
+        report_path = r.report or folder / "report.json"
         if not report_path.is_absolute():
             report_path = folder / report_path
         if report_path.is_file():
@@ -244,11 +198,11 @@ class Dispatcher:
             p = Path(str(v))
             return p if p.is_absolute() else folder / p
 
-        seg_name = outputs.get("seg") or r.get("seg") or r.get("seg_path")
+        seg_name = outputs.get("seg") or r.seg
         seg = _p(seg_name) if seg_name else next(iter(sorted(folder.glob("*_seg.dcm"))), None)
         meshes_v = outputs.get("meshes")
         if meshes_v is None:
-            meshes_v = r.get("meshes") or r.get("mesh_paths")
+            meshes_v = r.meshes or None
         meshes = [_p(m) for m in meshes_v] if meshes_v is not None else sorted(
             [*folder.glob("*.stl"), *folder.glob("*.ply")]
         )
@@ -266,24 +220,15 @@ class Dispatcher:
 
     # -- dicom -----------------------------------------------------------------
     def _destination(self, job: Job, d: Dispatch) -> Destination:
-        if d.destination == "origin":
-            calling = str(job.params.get("calling_ae") or "")
-            if not calling:
-                series = self.store.get_series(job.series_uid)
-                calling = (series.calling_ae if series else None) or ""
-            dest = self.config.origin_destination(calling) if calling else None
-            recorded = (job.result or {}).get("origin")
-            if dest is None and isinstance(recorded, dict) and recorded.get("host") and recorded.get("port"):
-                # the address resolved when the job finished (known_aes changed since)
-                dest = Destination(
-                    ae_title=recorded.get("ae_title") or calling, host=recorded["host"], port=int(recorded["port"])
-                )
-            if dest is None:
+        if d.destination == ORIGIN:
+            # known_aes, else the address resolved when the job finished (known_aes changed since)
+            origin = resolve_origin(self.config, self.store, job, recorded=True)
+            if origin.destination is None:
                 raise PermanentDispatchError(
-                    f"destination 'origin': calling AE {calling or '(unknown)'!r} of series {job.series_uid}"
-                    " has no address in known_aes"
+                    f"destination 'origin': calling AE {origin.calling_ae or '(unknown)'!r} of series"
+                    f" {job.series_uid} has no address in known_aes"
                 )
-            return dest
+            return origin.destination
         return self.config.destination(d.destination)  # ConfigError if unknown
 
     @staticmethod
@@ -292,10 +237,9 @@ class Dispatcher:
 
         A retry of the job writes the same SEG instance, so it may go before the job is done.
         """
-        early = (job.result or {}).get("seg_early")
-        if job.state not in ("running", "queued") or not early:
+        path = job.result.seg_early
+        if job.state not in (JobState.RUNNING, JobState.QUEUED) or path is None:
             return None
-        path = Path(str(early))
         if not path.is_file():  # retried (transient) until the job is done
             raise NodeError(f"job {job.id} is {job.state} and its early SEG {path} is missing")
         return path
@@ -376,10 +320,10 @@ class Dispatcher:
         for j in self.store.list_jobs(series_uid=job.series_uid):
             if j.id == job.id or j.profile != job.profile or j.generation >= job.generation:
                 continue
-            if j.state not in ("done", "superseded"):
+            if j.state not in (JobState.DONE, JobState.SUPERSEDED):
                 continue
             folder = None
-            shares = {x.id for x in self.store.list_dispatches(job_id=j.id) if x.kind == "share"}
+            shares = {x.id for x in self.store.list_dispatches(job_id=j.id) if x.kind == DispatchKind.SHARE}
             for a in reversed(dispatch_log(self.store, job_id=j.id)):
                 if a["outcome"] == "sent" and a["location"] and a["dispatch_id"] in shares:
                     try:

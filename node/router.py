@@ -1,51 +1,8 @@
-"""Routing of complete series to jobs.
+"""Routing: turns complete series into jobs (one per matched rule), and early-started series
+into provisional jobs that completion confirms or drops.  See docs/architecture.md.
 
-For every series in state ``complete`` the router
-
-1. builds :class:`~node.routing.facts.SeriesFacts` from the series' instances:
-   the headers of the spool files (read without pixel data, so rules can test
-   any DICOM keyword and the geometry facts are computed), falling back to the
-   rule tags stored in the job store for a file that cannot be read, plus the
-   calling/called AE titles recorded with the series;
-2. evaluates the active rules (:class:`~node.routing.rules.RuleSetHolder`);
-3. creates one job per matched rule (:meth:`node.store.Store.create_job`) and
-   moves the series to ``routed``; no match moves it to ``unrouted`` (the series
-   and its files are kept and listed by ``dicom-node jobs series``).
-
-Rules version: everywhere in the node a rule file version is
-:func:`node.routing.rules.rules_version` (``RuleSet.version``).
-
-Idempotent across crashes: jobs are unique on (series, rule, rules_version,
-generation), and a series generation that already has jobs is never routed a
-second time (not even under rules edited meanwhile): the router only re-marks it
-``routed``.
-
-Early start (``early_start_s`` in node.yaml, default 2 s, in effect when shorter than the
-quiet period): :meth:`Router.route_early` routes a series that is still ``receiving`` but
-has been quiet for ``early_start_s`` and creates its jobs as *provisional*.  The worker
-pool runs them at once (behind confirmed jobs), but their results are held: nothing is
-sent.  When the quiet period completes the series, :meth:`Router.route_series` routes it
-again on the complete series and reconciles:
-
-* a provisional job whose rule (same rules version) still matches is confirmed; if it is
-  already done and ran on exactly the series' instances (:meth:`Store.series_digest`),
-  its result is published at once (:func:`node.worker.publish_result`: dispatch rows,
-  older generations superseded); done on another instance set, it runs again;
-* a provisional job whose rule no longer matches is dropped (``superseded``, with the
-  reason; the pool stops it if it runs); newly matched rules get ordinary jobs.
-
-Instances that arrive during an early start send a finished provisional job back to the
-queue (:meth:`Store.record_instance`) and make the pool stop a running one; it starts
-again once the series is quiet again.  The SEG identity depends only on (series, rule,
-rules version, generation), so a held result that is confirmed is exactly the result an
-ordinary job would have produced.
-
-Late instances: the store moves a processed series back to ``receiving`` with
-``generation + 1`` (and supersedes its still-queued jobs); once quiet again it is
-routed anew and the new jobs supersede the older results (see
-:mod:`node.worker`).  A rule with ``supersede: false`` ignores late instances:
-when the series already has a job of an earlier generation for that rule
-(done, running or queued), no new job is created for it.
+Idempotent across crashes: jobs are unique on (series, rule, rules version, generation), and
+a series generation that already has jobs is never routed a second time.
 """
 
 from __future__ import annotations
@@ -55,7 +12,10 @@ from collections import OrderedDict
 from typing import Any
 
 from node.backend_registry import DEFAULT_BACKEND
+from node.config import NodeConfig
+from node.contracts import JobParams, JobState, SeriesState
 from node.errors import InputError
+from node.jobs import publish_early_seg, publish_result, settle_series
 from node.profiles import load_profile
 from node.dicom_values import tags_from_dataset
 from node.routing.facts import SeriesFacts
@@ -67,7 +27,7 @@ __all__ = ["Router", "series_facts", "RouteOutcome", "TagCache"]
 log = logging.getLogger("node.router")
 
 #: job states that count as "this rule already handled an earlier generation"
-_LIVE_JOB_STATES = ("queued", "running", "done")
+_LIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DONE)
 
 
 class TagCache:
@@ -141,7 +101,7 @@ class Router:
         rules: the hot-reloaded rule set.
     """
 
-    def __init__(self, config: Any, store: Store, rules: RuleSetHolder) -> None:
+    def __init__(self, config: NodeConfig, store: Store, rules: RuleSetHolder) -> None:
         self.config = config
         self.store = store
         self.rules = rules
@@ -152,7 +112,7 @@ class Router:
     def route_pending(self) -> list[RouteOutcome]:
         """Route every series in state ``complete`` (oldest first)."""
         out = []
-        for s in self.store.list_series("complete"):
+        for s in self.store.list_series(SeriesState.COMPLETE):
             try:
                 out.append(self.route_series(s.series_uid))
             except Exception:  # noqa: BLE001 - one bad series must not stop the others
@@ -182,14 +142,14 @@ class Router:
                 log.info("series %s generation %d: rule %s has supersede: false; late instances ignored",
                          uid, gen, rule.name)
                 continue
-            params = {
-                "destinations": list(rule.destinations),
-                "share": bool(rule.share),
-                "backend_override": rule.backend,
-                "calling_ae": series.calling_ae,
-                "rule_line": rule.line,
-                "supersede": bool(rule.supersede),
-            }
+            params = JobParams(
+                destinations=tuple(rule.destinations),
+                share=bool(rule.share),
+                backend_override=rule.backend,
+                calling_ae=series.calling_ae,
+                rule_line=rule.line,
+                supersede=bool(rule.supersede),
+            )
             job_id, created = store.create_job(
                 uid,
                 rule.name,
@@ -250,8 +210,6 @@ class Router:
 
     def _reconcile(self, series: Series, job_ids: list[int], provisional: list[Job]) -> None:
         """Confirm or drop the early-started (provisional) jobs of a series that just completed."""
-        from node.worker import publish_early_seg, publish_result, settle_series
-
         store, uid = self.store, series.series_uid
         digest = store.series_digest(uid)
         for job in provisional:
@@ -264,40 +222,41 @@ class Router:
                 continue
             store.confirm_job(job.id)
             fresh = store.get_job(job.id)  # after confirming: a job finishing meanwhile is seen here
-            if fresh is not None and fresh.state == "failed" and fresh.instances_digest != digest:
+            if fresh is not None and fresh.state == JobState.FAILED and fresh.instances_digest != digest:
                 # it failed on part of the series (e.g. too few slices): the whole series decides
-                store.restart_job(job.id, "early start failed on another instance set; run on the complete series",
-                                  from_states=("failed",))
+                store.requeue_job(job.id, "early start failed on another instance set; run on the complete series",
+                                  counts_as_try=False, discard_result=True, from_states=(JobState.FAILED,))
                 log.info("series %s: early-start job %d failed on another instance set; queued again", uid, job.id)
                 continue
-            if fresh is None or fresh.state != "done":
+            if fresh is None or fresh.state != JobState.DONE:
                 log.info("series %s: early-start job %d (rule %s, %s) confirmed", uid, job.id, job.rule,
                          fresh.state if fresh else "?")
-                if fresh is not None and fresh.state == "running":
+                if fresh is not None and fresh.state == JobState.RUNNING:
                     publish_early_seg(self.config, store, job.id)  # its SEG may be ready already
                 continue
             if fresh.instances_digest != digest:
-                store.restart_job(job.id, "early start ran on other instances than the complete series",
-                                  from_states=("done",))
+                store.requeue_job(job.id, "early start ran on other instances than the complete series",
+                                  counts_as_try=False, discard_result=True, from_states=(JobState.DONE,))
                 log.info("series %s: early-start job %d ran on another instance set; queued again", uid, job.id)
                 continue
             log.info("series %s: early-start job %d (rule %s) confirmed; its result is published", uid, job.id,
                      job.rule)
-            publish_result(self.config, store, fresh, fresh.result)
+            publish_result(self.config, store, fresh)
         settle_series(store, uid, series.generation)  # e.g. an early start that failed on these instances
 
     def route_series(self, series_uid: str) -> RouteOutcome:
         """Route one ``complete`` series; see the module docstring."""
         store = self.store
         series = store.get_series(series_uid)
-        if series is None or series.state != "complete":
+        if series is None or series.state != SeriesState.COMPLETE:
             return RouteOutcome(series_uid, "skipped", reason="not complete")
         gen = series.generation
         existing = [j for j in store.list_jobs(series_uid=series_uid) if j.generation == gen]
-        provisional = [j for j in existing if j.provisional and j.state != "superseded"]
+        provisional = [j for j in existing if j.provisional and j.state != JobState.SUPERSEDED]
         confirmed = [j for j in existing if not j.provisional]
         if confirmed:  # routed before a crash: never route a generation twice
-            store.set_series_state(series_uid, "routed", from_states=("complete",), generation=gen)
+            store.set_series_state(series_uid, SeriesState.ROUTED, from_states=(SeriesState.COMPLETE,),
+                                   generation=gen)
             if provisional:  # a crash in the middle of a reconciliation: finish it
                 versions = {j.rules_version for j in confirmed}
                 self._reconcile(series, [j.id for j in provisional if j.rules_version in versions], provisional)
@@ -309,7 +268,7 @@ class Router:
             facts = series_facts(store, series, self._tags)
         except InputError as exc:
             self._drop(provisional, f"cannot compute series facts: {exc}")
-            store.set_series_state(series_uid, "failed", from_states=("complete",), generation=gen,
+            store.set_series_state(series_uid, SeriesState.FAILED, from_states=(SeriesState.COMPLETE,), generation=gen,
                                    error=f"cannot compute series facts: {exc}")
             log.error("series %s: cannot compute series facts: %s", series_uid, exc)
             return RouteOutcome(series_uid, "failed", reason=str(exc))
@@ -317,7 +276,7 @@ class Router:
         if decision.unrouted:
             why = "; ".join(f"{e.rule.name}: {e.reason}" for e in decision.evaluations) or "no rules"
             self._drop(provisional, f"no rule matches the complete series: {why}")
-            store.set_series_state(series_uid, "unrouted", from_states=("complete",), generation=gen,
+            store.set_series_state(series_uid, SeriesState.UNROUTED, from_states=(SeriesState.COMPLETE,), generation=gen,
                                    error=f"no rule matched (rules {version}): {why}"[:2000])
             log.warning("series %s (%s, %r) is UNROUTED: no rule matched; kept in the spool", series_uid,
                         facts.modality, facts.tags.get("SeriesDescription"))
@@ -328,13 +287,14 @@ class Router:
             store.supersede_jobs(series_uid, below_generation=gen)
         if not job_ids:  # every matching rule ignores late instances: earlier results stand
             self._drop(provisional, "late instances ignored (supersede: false)")
-            store.set_series_state(series_uid, "done", from_states=("complete",), generation=gen,
+            store.set_series_state(series_uid, SeriesState.DONE, from_states=(SeriesState.COMPLETE,), generation=gen,
                                    error=f"late instances ignored (supersede: false): {', '.join(ignored)}")
             return RouteOutcome(series_uid, "done", reason="supersede: false")
-        store.set_series_state(series_uid, "routed", from_states=("complete",), generation=gen)
+        store.set_series_state(series_uid, SeriesState.ROUTED, from_states=(SeriesState.COMPLETE,), generation=gen)
         if provisional:
             self._reconcile(series, job_ids, provisional)
-            if any(j.state == "running" for j in store.list_jobs(series_uid=series_uid) if j.generation == gen):
-                store.set_series_state(series_uid, "processing", from_states=("routed",), generation=gen)
+            if any(j.state == JobState.RUNNING for j in store.list_jobs(series_uid=series_uid) if j.generation == gen):
+                store.set_series_state(series_uid, SeriesState.PROCESSING, from_states=(SeriesState.ROUTED,),
+                                       generation=gen)
         return RouteOutcome(series_uid, "routed", job_ids)
 

@@ -1,36 +1,6 @@
-"""The running node: receiver + scheduler + worker pool around one job store.
-
-:class:`NodeService` wires the stages together (each hands on through the
-store, so any of them can die and a restart carries on)::
-
-    Receiver (C-STORE -> spool + store)
-      -> completion sweep (every 0.5 s: quiet series -> complete)
-      -> router (complete -> jobs, or unrouted; early start: provisional jobs for
-         series quiet for early_start_s, confirmed or dropped at completion)
-      -> WorkerPool (job processes: queued -> running -> done | failed)
-      -> Dispatcher (node.dispatcher, if present: dispatch rows -> C-STORE / share)
-
-Periodic work runs on an APScheduler ``BackgroundScheduler``:
-
-=====================  =======  ====================================================
-job                    every    what
-=====================  =======  ====================================================
-``complete-and-route``  0.5 s   :func:`node.completion.sweep`, then route complete series,
-                                then early-start series quiet for ``early_start_s``
-                                (:meth:`Router.route_early`)
-``rules-reload``        2 s     :meth:`RuleSetHolder.reload_if_changed` (a broken edit
-                                keeps the previous rules; logged once)
-``dispatch``            2 s     ``node.dispatcher.Dispatcher(config, store).run_due()``
-``spool-retention``     1 h     delete spool files of series ``done`` for longer than
-                                ``spool_retention_days`` (0 = keep forever); rows stay
-=====================  =======  ====================================================
-
-On start: the spool is rescanned (receiver), ``running`` jobs of a crashed run
-are re-queued, done jobs missing their dispatch rows get them, complete series
-are routed, then the worker pool starts.  ``stop()`` (SIGTERM/SIGINT in
-:meth:`run_forever`) stops accepting associations, stops the scheduler and the
-pool (running jobs get a short grace period, then are killed and re-queued
-without counting the try).
+"""The running node: one job store, the receiver, the periodic work (completion sweep and routing,
+rules reload, dispatch, spool retention on an APScheduler scheduler) and the worker pool, with
+startup recovery and a clean stop.  See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -46,13 +16,16 @@ from typing import Any
 from apscheduler.jobstores.base import JobLookupError
 
 from node.completion import sweep
+from node.config import NodeConfig
+from node.contracts import JobState
+from node.jobs import ensure_dispatches
+from node.pool import WorkerPool
 from node.profiles import list_profiles
 from node.router import Router
 from node.routing.rules import RuleSetHolder
 from node.scp.receiver import Receiver
 from node.spool import Spool
 from node.store import Store
-from node.worker import WorkerPool, ensure_dispatches
 
 __all__ = ["NodeService"]
 
@@ -75,7 +48,7 @@ class NodeService:
     After :meth:`start`, :attr:`port` is the port actually listened on.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.store: Store | None = None
         self.receiver: Receiver | None = None
@@ -157,7 +130,9 @@ class NodeService:
         log.info("routing rules %s: %d rule(s), version %s", cfg.rules, len(self.rules.ruleset),
                  self.rules.ruleset.version)
         self.router = Router(cfg, store, self.rules)
-        requeued = store.requeue_running_jobs()
+        # a crash cut these tries short: the try counts, so a job that crashes the node every time ends failed
+        requeued = sum(store.requeue_job(job.id, "interrupted (node restarted)", counts_as_try=True)
+                       for job in store.list_jobs(JobState.RUNNING))
         if requeued:
             log.warning("re-queued %d job(s) left running by a previous run", requeued)
         ensure_dispatches(cfg, store)

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydicom import dcmread
 
+from node.contracts import SeriesState
 from node.dicom_values import tags_from_dataset, uid_value
 from node.durable import atomic_write
 from node.store import InstanceRecord, Store
@@ -168,7 +169,7 @@ class Spool:
         cutoff = (now if now is not None else time.time()) - days * 86400.0
         spool = self.spool_dir.resolve()
         removed = 0
-        for s in store.list_series("done"):
+        for s in store.list_series(SeriesState.DONE):
             if s.state_changed_at > cutoff:
                 continue
             folders = set()

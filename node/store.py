@@ -1,49 +1,9 @@
-"""The node's durable state: one SQLite database (WAL mode).
+"""The node's durable state: one SQLite database (WAL mode), shared by every thread and process.
 
-Every stage hands work on through this store, so a crash or restart loses
-nothing: the receiver records instances, the completion sweep marks quiet
-series complete, the router creates jobs, workers claim and finish jobs, the
-dispatcher sends results.  Any number of threads and processes may share one
-database file:
-
-* one connection per thread (and per process: a forked child opens its own),
-  WAL journal, ``busy_timeout`` so writers wait instead of failing;
-* every state change is a single conditional ``UPDATE`` (or an ``IMMEDIATE``
-  transaction), so two workers can never claim the same job and a series can
-  never be completed while an instance for it is being recorded;
-* all clocks are the persisted timestamps (``time.time()`` seconds, UTC epoch),
-  so a restart does not restart the quiet period.
-
-Tables (see ``_SCHEMA``)::
-
-    instances   one row per SOP Instance UID (+ received_count for duplicates,
-                the rule tags as JSON)
-    series      receiving -> complete -> routed|unrouted -> processing -> done|failed;
-                ``generation`` grows when instances arrive after completion
-    jobs        queued -> running -> done|failed (or back to queued for a retry),
-                superseded when a newer generation of the series exists;
-                UNIQUE(series_uid, rule, rules_version, generation);
-                ``provisional`` while started early on a series that is not
-                complete yet (its result is held until completion confirms it),
-                ``instances_digest`` = the instance set the job ran on
-    dispatches  pending -> sent|failed per (job, destination, kind)
-
-Typical use::
-
-    store = Store(cfg.database_path)             # creates / migrates
-    store.record_instance(InstanceRecord(...))   # receiver -> "new" | "duplicate"
-    for s in store.quiet_series(cfg.quiet_period_s):          # completion sweep
-        if store.complete_series(s.series_uid, quiet_period_s=cfg.quiet_period_s):
-            ...                                               # hand to the router
-    job_id, created = store.create_job(s.series_uid, "liver", profile="liver",
-                                       backend="threshold", rules_version=v,
-                                       generation=s.generation)
-    store.set_series_state(s.series_uid, "routed", from_states=("complete",))
-    job = store.claim_job(worker="w1")                        # worker pool
-    store.complete_job(job.id, {"seg": "..."}, seg_series_uid="1.2...")
-    store.add_dispatch(job.id, "pacs", "dicom")
-    d = store.claim_dispatch()                                # dispatcher
-    store.mark_dispatch_sent(d.id)
+The store is the only owner of state: every state change of an instance, series, job or
+dispatch is one of its methods, a single conditional ``UPDATE`` or ``IMMEDIATE`` transaction,
+so concurrent stages never take the same work twice.  The tables and their states are
+described in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -60,12 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
+from node.contracts import (
+    DispatchKind,
+    DispatchState,
+    JobParams,
+    JobResult,
+    JobState,
+    Resource,
+    SeriesState,
+    SlotInfo,
+)
+
 __all__ = [
     "SCHEMA_VERSION",
-    "RESOURCES",
-    "SERIES_STATES",
-    "JOB_STATES",
-    "DISPATCH_STATES",
     "InstanceRecord",
     "Instance",
     "Series",
@@ -79,19 +46,8 @@ SCHEMA_VERSION = 5
 
 log = logging.getLogger("node.store")
 
-#: slot kinds of the worker pool (``jobs.resource``)
-RESOURCES: tuple[str, ...] = ("cpu", "gpu")
 
-SeriesState = Literal["receiving", "complete", "routed", "unrouted", "processing", "done", "failed"]
-JobState = Literal["queued", "running", "done", "failed", "superseded"]
-DispatchState = Literal["pending", "sent", "failed"]
-DispatchKind = Literal["dicom", "share"]
-SERIES_STATES: tuple[str, ...] = ("receiving", "complete", "routed", "unrouted", "processing", "done", "failed")
-JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "superseded")
-DISPATCH_STATES: tuple[str, ...] = ("pending", "sent", "failed")
-
-
-def _in(values: Sequence[str]) -> str:
+def _in(values: Iterable[str]) -> str:
     return ",".join(f"'{v}'" for v in values)
 
 
@@ -124,7 +80,7 @@ _MIGRATIONS: tuple[str, ...] = (
         first_received_at    REAL NOT NULL,
         last_received_at     REAL NOT NULL,
         instance_count       INTEGER NOT NULL DEFAULT 0,
-        state                TEXT NOT NULL DEFAULT 'receiving' CHECK (state IN ({_in(SERIES_STATES)})),
+        state                TEXT NOT NULL DEFAULT 'receiving' CHECK (state IN ({_in(SeriesState)})),
         state_changed_at     REAL NOT NULL,
         generation           INTEGER NOT NULL DEFAULT 1,
         processed_generation INTEGER NOT NULL DEFAULT 0,
@@ -144,7 +100,7 @@ _MIGRATIONS: tuple[str, ...] = (
         backend         TEXT NOT NULL,
         rules_version   TEXT NOT NULL,
         generation      INTEGER NOT NULL,
-        state           TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ({_in(JOB_STATES)})),
+        state           TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ({_in(JobState)})),
         error           TEXT,
         attempts        INTEGER NOT NULL DEFAULT 0,
         max_attempts    INTEGER NOT NULL DEFAULT 3,
@@ -166,7 +122,7 @@ _MIGRATIONS: tuple[str, ...] = (
         job_id          INTEGER NOT NULL REFERENCES jobs(id),
         destination     TEXT NOT NULL,
         kind            TEXT NOT NULL CHECK (kind IN ('dicom','share')),
-        state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ({_in(DISPATCH_STATES)})),
+        state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ({_in(DispatchState)})),
         attempts        INTEGER NOT NULL DEFAULT 0,
         next_attempt_at REAL,
         last_error      TEXT,
@@ -214,10 +170,13 @@ _MIGRATIONS: tuple[str, ...] = (
 # helpers
 
 
-def _check_resource(value: str | None) -> str | None:
-    if value is not None and value not in RESOURCES:
-        raise ValueError(f"job resource must be one of {', '.join(RESOURCES)} (got {value!r})")
-    return value
+def _check_resource(value: str | None) -> Resource | None:
+    if value is None:
+        return None
+    try:
+        return Resource(value)
+    except ValueError:
+        raise ValueError(f"job resource must be one of {', '.join(Resource)} (got {value!r})") from None
 
 
 def instances_digest(sop_instance_uids: Iterable[str]) -> str:
@@ -236,12 +195,6 @@ def _add_column(c: sqlite3.Connection, table: str, column: str, decl: str) -> No
         c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
-
-
-#: SET clause of a job restart (:meth:`Store.restart_job`, and the receiver's discard of an early
-#: start that new instances made stale): queued again, no result, the try not counted; ``?`` = reason
-_RESTART_SET = ("state = 'queued', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL, finished_at = NULL,"
-                " error = ?, result = '{}', seg_series_uid = NULL, instances_digest = NULL")
 
 
 def _loads(text: str | None) -> Any:
@@ -303,7 +256,7 @@ class Series:
     first_received_at: float
     last_received_at: float
     instance_count: int
-    state: str
+    state: SeriesState
     state_changed_at: float
     generation: int
     processed_generation: int
@@ -317,6 +270,7 @@ class Series:
     def _from(cls, r: sqlite3.Row) -> "Series":
         d = dict(r)
         d["tags"] = _loads(d["tags"])
+        d["state"] = SeriesState(d["state"])
         return cls(**d)
 
 
@@ -329,7 +283,7 @@ class Job:
     backend: str
     rules_version: str
     generation: int
-    state: str
+    state: JobState
     error: str | None
     attempts: int  #: tries started so far (claim_job increments it)
     max_attempts: int
@@ -338,10 +292,10 @@ class Job:
     started_at: float | None
     finished_at: float | None
     worker: str | None
-    params: dict[str, Any]  #: free-form rule parameters given to create_job
-    result: dict[str, Any]  #: result paths (SEG path, mesh folder, report) given to complete_job
+    params: JobParams  #: the rule's parameters given to create_job (and the slot of the last try)
+    result: JobResult  #: result paths given to complete_job (empty until then, or the early SEG)
     seg_series_uid: str | None
-    resource: str | None = None  #: worker-pool slot kind 'cpu' | 'gpu' (None: not classified yet)
+    resource: Resource | None = None  #: worker-pool slot kind (None: not classified yet)
     #: started early, before the series completed: its result is held until the router confirms it
     provisional: bool = False
     #: :meth:`Store.series_digest` of the instances the (last) try ran on
@@ -350,8 +304,11 @@ class Job:
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Job":
         d = dict(r)
-        d["params"] = _loads(d["params"])
-        d["result"] = _loads(d["result"])
+        d["state"] = JobState(d["state"])
+        d["params"] = JobParams.from_json(_loads(d["params"]))
+        d["result"] = JobResult.from_json(_loads(d["result"]))
+        if d.get("resource") is not None:
+            d["resource"] = Resource(d["resource"])
         if "provisional" in d:
             d["provisional"] = bool(d["provisional"])
         return cls(**d)
@@ -362,8 +319,8 @@ class Dispatch:
     id: int
     job_id: int
     destination: str
-    kind: str
-    state: str
+    kind: DispatchKind
+    state: DispatchState
     attempts: int
     next_attempt_at: float | None
     last_error: str | None
@@ -372,7 +329,10 @@ class Dispatch:
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Dispatch":
-        return cls(**dict(r))
+        d = dict(r)
+        d["kind"] = DispatchKind(d["kind"])
+        d["state"] = DispatchState(d["state"])
+        return cls(**d)
 
 
 # ---------------------------------------------------------------------------
@@ -535,21 +495,22 @@ class Store:
                         tags,
                     ),
                 )
-            elif row["state"] == "receiving":
+            elif row["state"] == SeriesState.RECEIVING:
                 c.execute(
                     "UPDATE series SET instance_count = instance_count + 1,"
                     " last_received_at = MAX(last_received_at, ?) WHERE series_uid = ?",
                     (now, rec.series_uid),
                 )
                 # an early-started result of this generation no longer matches the series: run again
-                cur = c.execute(
-                    f"UPDATE jobs SET {_RESTART_SET} WHERE series_uid = ? AND generation = ?"
-                    " AND provisional = 1 AND state IN ('done', 'failed')",
-                    ("new instances arrived after an early start", rec.series_uid, row["generation"]),
-                )
-                if cur.rowcount:
+                stale = [r[0] for r in c.execute(
+                    "SELECT id FROM jobs WHERE series_uid = ? AND generation = ? AND provisional = 1"
+                    " AND state IN (?, ?)", (rec.series_uid, row["generation"], JobState.DONE, JobState.FAILED))]
+                n = sum(self.requeue_job(job_id, "new instances arrived after an early start", counts_as_try=False,
+                                         discard_result=True, from_states=(JobState.DONE, JobState.FAILED))
+                        for job_id in stale)
+                if n:
                     log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
-                             rec.series_uid, cur.rowcount)
+                             rec.series_uid, n)
             else:
                 c.execute(
                     "UPDATE series SET instance_count = instance_count + 1,"
@@ -587,7 +548,7 @@ class Store:
         r = self.conn.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
         return Series._from(r) if r else None
 
-    def list_series(self, state: str | Sequence[str] | None = None) -> list[Series]:
+    def list_series(self, state: SeriesState | Sequence[SeriesState] | None = None) -> list[Series]:
         """Series, optionally filtered by state(s), oldest first."""
         if state is None:
             rows = self.conn.execute("SELECT * FROM series ORDER BY first_received_at").fetchall()
@@ -626,9 +587,9 @@ class Store:
     def set_series_state(
         self,
         series_uid: str,
-        state: str,
+        state: SeriesState | str,
         *,
-        from_states: Sequence[str] | None = None,
+        from_states: Sequence[SeriesState] | None = None,
         generation: int | None = None,
         error: str | None = None,
     ) -> bool:
@@ -641,11 +602,13 @@ class Store:
                 a series that received more instances meanwhile).
             error: stored in ``series.error`` (cleared when None).
         """
-        if state not in SERIES_STATES:
-            raise ValueError(f"unknown series state {state!r}")
+        try:
+            state = SeriesState(state)
+        except ValueError:
+            raise ValueError(f"unknown series state {state!r}") from None
         sql = "UPDATE series SET state = ?, state_changed_at = ?, error = ?"
         args: list[Any] = [state, time.time(), error]
-        if state == "done" and generation is not None:
+        if state == SeriesState.DONE and generation is not None:
             sql += ", processed_generation = MAX(processed_generation, ?)"
             args.append(generation)
         sql += " WHERE series_uid = ?"
@@ -669,8 +632,8 @@ class Store:
         rules_version: str,
         generation: int,
         max_attempts: int = 3,
-        params: Mapping[str, Any] | None = None,
-        resource: str | None = None,
+        params: JobParams | None = None,
+        resource: Resource | None = None,
         provisional: bool = False,
     ) -> tuple[int, bool]:
         """Queue a job; idempotent on (series_uid, rule, rules_version, generation).
@@ -696,7 +659,7 @@ class Store:
                     rules_version,
                     generation,
                     max_attempts,
-                    json.dumps(dict(params or {}), sort_keys=True),
+                    json.dumps((params or JobParams()).to_json(), sort_keys=True),
                     time.time(),
                     _check_resource(resource),
                     int(bool(provisional)),
@@ -711,7 +674,7 @@ class Store:
             return int(row[0]), False
 
     def claim_job(self, worker: str, now: float | None = None, *,
-                  kinds: Sequence[str] | None = None, early_quiet_s: float | None = None,
+                  kinds: Sequence[Resource] | None = None, early_quiet_s: float | None = None,
                   confirmed_only: bool = False) -> Job | None:
         """Atomically take the oldest due ``queued`` job: state -> running, attempts + 1.
 
@@ -730,13 +693,14 @@ class Store:
             confirmed_only: only non-provisional jobs.
         """
         t = now if now is not None else time.time()
-        where, args = "", []
+        where = ""
+        args: list[Any] = []
         if kinds is not None:
             ks = [_check_resource(k) for k in kinds]
             if not ks:
                 return None
             where = f" AND resource IN ({','.join('?' * len(ks))})"
-            args = ks
+            args = list(ks)
         if early_quiet_s is None or confirmed_only:
             where += " AND provisional = 0"
         else:
@@ -770,18 +734,36 @@ class Store:
         return self.conn.execute("UPDATE jobs SET provisional = 0 WHERE id = ? AND provisional = 1",
                                  (job_id,)).rowcount == 1
 
-    def restart_job(self, job_id: int, why: str, *,
-                    from_states: Sequence[str] = ("running", "done", "failed")) -> bool:
-        """Back to ``queued`` with no result, without counting the try (its input changed under it).
+    def requeue_job(self, job_id: int, why: str, *, counts_as_try: bool, retry_at: float | None = None,
+                    discard_result: bool = False, from_states: Sequence[JobState] = (JobState.RUNNING,)) -> bool:
+        """Put a job back in the queue (``queued``, due at ``retry_at`` or at once); True if this call did it.
 
-        For an early-started job whose series received more instances while it ran, or whose
-        result was computed from an instance set that is no longer the series'.
+        Args:
+            why: kept as the job's ``error`` (the reason the operator sees).
+            counts_as_try: True keeps the try counted (a failed try retried with backoff, a try cut
+                short by a crash of the node), so a job that fails every time still ends ``failed``
+                after ``max_attempts``; False gives it back (``attempts - 1``): the node stopped it
+                itself (shutdown, an early start whose input changed or whose slot went to a
+                confirmed job).
+            retry_at: when it is due again (epoch seconds); ``finished_at`` then records when the
+                failed try ended.  None: due at once.
+            discard_result: the result was computed on an instance set the series no longer has:
+                result, SEG identity, instance digest and end time are cleared.  Otherwise the
+                result stays: an early SEG already queued for its destinations is the instance the
+                next try writes again.
+            from_states: only from one of these states.
         """
+        sets, args = "state = ?, error = ?, next_attempt_at = ?", [JobState.QUEUED, why, retry_at]
+        if not counts_as_try:
+            sets += ", attempts = MAX(attempts - 1, 0)"
+        if discard_result:
+            sets += ", finished_at = NULL, result = '{}', seg_series_uid = NULL, instances_digest = NULL"
+        elif retry_at is not None:
+            sets += ", finished_at = ?"
+            args.append(time.time())
         q = ",".join("?" * len(from_states))
-        return self.conn.execute(
-            f"UPDATE jobs SET {_RESTART_SET} WHERE id = ? AND state IN ({q})",
-            (why, job_id, *from_states),
-        ).rowcount == 1
+        return self.conn.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ({q})",
+                                 (*args, job_id, *from_states)).rowcount == 1
 
     def drop_job(self, job_id: int, why: str) -> bool:
         """A job that is no longer wanted (e.g. an early start whose rule does not match the complete
@@ -803,47 +785,94 @@ class Store:
         return self.conn.execute("UPDATE jobs SET resource = ? WHERE id = ? AND resource IS NULL",
                                  (_check_resource(resource), job_id)).rowcount == 1
 
-    def merge_job_params(self, job_id: int, extra: Mapping[str, Any]) -> None:
-        """Add keys to a job's ``params`` (e.g. the slot a try ran in); one atomic statement."""
+    def set_job_slot(self, job_id: int, slot: SlotInfo) -> None:
+        """Record the slot and process the try that starts now runs in (``params.slot``)."""
         self.conn.execute("UPDATE jobs SET params = json_patch(params, ?) WHERE id = ?",
-                          (json.dumps(dict(extra), sort_keys=True, default=str), job_id))
+                          (json.dumps({"slot": slot.to_json()}, sort_keys=True), job_id))
 
-    def merge_job_result(self, job_id: int, extra: Mapping[str, Any]) -> None:
-        """Add keys to a job's ``result`` (e.g. a SEG ready before the rest); one atomic statement."""
+    def set_job_early_seg(self, job_id: int, seg_early: Path, seg_series_uid: str) -> None:
+        """Record the SEG a running job handed on before its meshes (``result.seg_early``)."""
+        patch = {"seg_early": str(seg_early), "seg_series_uid": seg_series_uid}
         self.conn.execute("UPDATE jobs SET result = json_patch(result, ?) WHERE id = ?",
-                          (json.dumps(dict(extra), sort_keys=True, default=str), job_id))
+                          (json.dumps(patch, sort_keys=True), job_id))
 
-    def complete_job(
-        self, job_id: int, result: Mapping[str, Any] | None = None, *, seg_series_uid: str | None = None
-    ) -> bool:
-        """running -> done with the result paths (JSON); False if the job was not running."""
+    def complete_job(self, job_id: int, result: JobResult | None = None) -> bool:
+        """running -> done with the result (and its SEG identity); False if the job was not running."""
+        result = result or JobResult()
         cur = self.conn.execute(
             "UPDATE jobs SET state = 'done', finished_at = ?, error = NULL, result = ?, seg_series_uid = ?"
             " WHERE id = ? AND state = 'running'",
-            (time.time(), json.dumps(dict(result or {}), sort_keys=True, default=str), seg_series_uid, job_id),
+            (time.time(), json.dumps(result.to_json(), sort_keys=True, default=str), result.seg_series_uid, job_id),
         )
         return cur.rowcount == 1
 
-    def fail_job(self, job_id: int, error: str, *, retry_at: float | None = None) -> str | None:
+    def fail_job(self, job_id: int, error: str, *, retry_at: float | None = None) -> JobState | None:
         """Record a failed try of a running job.
 
-        With ``retry_at`` (epoch seconds) and attempts left, the job goes back
-        to ``queued`` and is due at ``retry_at``; otherwise it is ``failed``.
-        Returns the new state, or None if the job was not running.
+        With ``retry_at`` (epoch seconds) and attempts left, the job goes back to the queue
+        (:meth:`requeue_job`, the try counted) and is due at ``retry_at``; otherwise it is
+        ``failed``.  Returns the new state, or None if the job was not running.
         """
-        t = time.time()
         with self.transaction() as c:
             row = c.execute("SELECT state, attempts, max_attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != "running":
+            if row is None or row["state"] != JobState.RUNNING:
                 return None
             if retry_at is not None and row["attempts"] < row["max_attempts"]:
-                c.execute(
-                    "UPDATE jobs SET state = 'queued', error = ?, next_attempt_at = ?, finished_at = ? WHERE id = ?",
-                    (error, retry_at, t, job_id),
-                )
-                return "queued"
-            c.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?", (error, t, job_id))
-            return "failed"
+                self.requeue_job(job_id, error, counts_as_try=True, retry_at=retry_at)
+                return JobState.QUEUED
+            c.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                      (error, time.time(), job_id))
+            return JobState.FAILED
+
+    def supersede_results(self, job: Job) -> int | None:
+        """Settle which generation's result of (series, rule) stands, now that ``job`` is done.
+
+        In one transaction: when a newer generation already has a confirmed ``done`` result,
+        ``job`` becomes ``superseded`` and that job's id is returned; otherwise the ``done``
+        results of older generations become ``superseded`` and None is returned.
+        """
+        with self.transaction() as c:
+            newer = c.execute(
+                "SELECT id FROM jobs WHERE series_uid = ? AND rule = ? AND generation > ? AND state = 'done'"
+                " AND provisional = 0",
+                (job.series_uid, job.rule, job.generation),
+            ).fetchone()
+            if newer is not None:
+                c.execute("UPDATE jobs SET state = 'superseded', error = ? WHERE id = ?",
+                          (f"superseded by job {newer[0]} (newer generation)", job.id))
+                return int(newer[0])
+            c.execute(
+                "UPDATE jobs SET state = 'superseded', error = ? WHERE series_uid = ? AND rule = ?"
+                " AND generation < ? AND state = 'done'",
+                (f"superseded by job {job.id} (generation {job.generation})", job.series_uid, job.rule,
+                 job.generation),
+            )
+            return None
+
+    def retry_failed(self, job_id: int) -> tuple[JobState | None, int]:
+        """The operator's retry, in one transaction: a ``failed`` job goes back to ``queued`` with
+        fresh attempts (and its failed series generation back to ``routed``); a ``done`` job's
+        failed dispatches go back to ``pending`` with fresh attempts.
+
+        Returns the job's state before (None: no such job) and how many dispatches were re-queued.
+        """
+        with self.transaction() as c:
+            row = c.execute("SELECT state, series_uid, generation FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None, 0
+            state = JobState(row["state"])
+            if state == JobState.FAILED:
+                c.execute("UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = NULL, error = NULL,"
+                          " finished_at = NULL WHERE id = ?", (job_id,))
+                c.execute("UPDATE series SET state = 'routed', error = NULL, state_changed_at = ?"
+                          " WHERE series_uid = ? AND generation = ? AND state = 'failed'",
+                          (time.time(), row["series_uid"], row["generation"]))
+                return state, 0
+            if state == JobState.DONE:
+                n = c.execute("UPDATE dispatches SET state = 'pending', next_attempt_at = NULL, attempts = 0"
+                              " WHERE job_id = ? AND state = 'failed'", (job_id,)).rowcount
+                return state, n
+            return state, 0
 
     def supersede_jobs(self, series_uid: str, below_generation: int) -> int:
         """Mark queued jobs of older generations ``superseded``; returns how many."""
@@ -853,27 +882,14 @@ class Store:
             (time.time(), series_uid, below_generation),
         ).rowcount
 
-    def requeue_running_jobs(self, worker: str | None = None) -> int:
-        """Put ``running`` jobs back to ``queued`` (call once at startup, before workers start).
-
-        A job interrupted by a crash keeps its ``attempts`` count, so a job
-        that crashes the node every time still ends ``failed``.  With
-        ``worker`` only that worker's jobs are requeued.
-        """
-        sql = "UPDATE jobs SET state = 'queued', next_attempt_at = NULL, error = 'interrupted (node restarted)'"
-        sql += " WHERE state = 'running'"
-        args: tuple[Any, ...] = ()
-        if worker is not None:
-            sql += " AND worker = ?"
-            args = (worker,)
-        return self.conn.execute(sql, args).rowcount
-
     def get_job(self, job_id: int) -> Job | None:
         r = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job._from(r) if r else None
 
-    def list_jobs(self, state: str | Sequence[str] | None = None, *, series_uid: str | None = None) -> list[Job]:
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+    def list_jobs(self, state: JobState | Sequence[JobState] | None = None, *,
+                  series_uid: str | None = None) -> list[Job]:
+        sql = "SELECT * FROM jobs WHERE 1=1"
+        args: list[Any] = []
         if state is not None:
             states = [state] if isinstance(state, str) else list(state)
             sql += f" AND state IN ({','.join('?' * len(states))})"
@@ -884,10 +900,12 @@ class Store:
         return [Job._from(r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
 
     # -- dispatches ------------------------------------------------------
-    def add_dispatch(self, job_id: int, destination: str, kind: str) -> tuple[int, bool]:
+    def add_dispatch(self, job_id: int, destination: str, kind: DispatchKind | str) -> tuple[int, bool]:
         """Create a pending dispatch; idempotent on (job_id, destination, kind).  Returns (id, created)."""
-        if kind not in ("dicom", "share"):
-            raise ValueError(f"dispatch kind must be 'dicom' or 'share' (got {kind!r})")
+        try:
+            kind = DispatchKind(kind)
+        except ValueError:
+            raise ValueError(f"dispatch kind must be 'dicom' or 'share' (got {kind!r})") from None
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO dispatches (job_id, destination, kind, created_at) VALUES (?,?,?,?)"
@@ -953,7 +971,8 @@ class Store:
             args.append(dispatch_id)
         return [dict(r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
 
-    def mark_dispatch_failed(self, dispatch_id: int, error: str, *, retry_at: float | None = None) -> str | None:
+    def mark_dispatch_failed(self, dispatch_id: int, error: str, *,
+                             retry_at: float | None = None) -> DispatchState | None:
         """Record a failed try: with ``retry_at`` stays ``pending`` (due then), else ``failed``.
 
         The caller decides on ``retry_at`` from its retry policy and
@@ -964,20 +983,21 @@ class Store:
                 "UPDATE dispatches SET last_error = ?, next_attempt_at = ? WHERE id = ? AND state = 'pending'",
                 (error, retry_at, dispatch_id),
             )
-            return "pending" if cur.rowcount else None
+            return DispatchState.PENDING if cur.rowcount else None
         cur = self.conn.execute(
             "UPDATE dispatches SET state = 'failed', last_error = ?, next_attempt_at = NULL"
             " WHERE id = ? AND state = 'pending'",
             (error, dispatch_id),
         )
-        return "failed" if cur.rowcount else None
+        return DispatchState.FAILED if cur.rowcount else None
 
     def get_dispatch(self, dispatch_id: int) -> Dispatch | None:
         r = self.conn.execute("SELECT * FROM dispatches WHERE id = ?", (dispatch_id,)).fetchone()
         return Dispatch._from(r) if r else None
 
-    def list_dispatches(self, *, job_id: int | None = None, state: str | None = None) -> list[Dispatch]:
-        sql, args = "SELECT * FROM dispatches WHERE 1=1", []
+    def list_dispatches(self, *, job_id: int | None = None, state: DispatchState | None = None) -> list[Dispatch]:
+        sql = "SELECT * FROM dispatches WHERE 1=1"
+        args: list[Any] = []
         if job_id is not None:
             sql += " AND job_id = ?"
             args.append(job_id)

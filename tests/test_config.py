@@ -133,13 +133,14 @@ def test_models_section(tmp_path):
 
 def test_job_process_applies_models_section(monkeypatch, tmp_path):
     from node.pipeline import ai_common
-    from node.worker import _configure_models
+    from node.config import ModelsConfig
+    from node.job_process import _configure_models
 
     import os
 
     for key in ("models_root", "device", "threads"):  # restored after the test
         monkeypatch.setitem(ai_common._settings, key, ai_common._settings.get(key))
     monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", "before")
-    _configure_models({"root": str(tmp_path), "device": "cpu", "threads": 1, "totalseg_weights": str(tmp_path / "w")})
+    _configure_models(ModelsConfig(root=tmp_path, device="cpu", threads=1, totalseg_weights=tmp_path / "w"))
     assert ai_common.models_root() == tmp_path
     assert os.environ["TOTALSEG_WEIGHTS_PATH"] == str(tmp_path / "w")

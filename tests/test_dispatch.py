@@ -19,6 +19,7 @@ import pytest
 from pydicom import dcmread
 
 from node.config import ConfigError, Destination, KnownAE, NodeConfig, RetryPolicy, ShareConfig
+from node.contracts import JobParams, JobResult
 from node.dicom_values import tags_from_dataset
 from node.dispatcher import Dispatcher, dispatch_log
 from node.share import MANIFEST_NAME, PLACEHOLDER, SUPERSEDED_NAME, render_folder, sanitize_component
@@ -79,18 +80,18 @@ def done_job(store: Store, source, result_dir: Path, *, tags_override=None, gene
     series = store.get_series(source["series_uid"])
     job_id, _ = store.create_job(source["series_uid"], rule, profile="bones", backend="hu_based",
                                  rules_version="testrules", generation=series.generation + generation_bump,
-                                 params={"calling_ae": calling_ae})
+                                 params=JobParams(calling_ae=calling_ae))
     job = store.claim_job("test-worker")
     assert job is not None and job.id == job_id
     report = json.loads((result_dir / "report.json").read_text())
     seg = result_dir / report["outputs"]["seg"]
-    store.complete_job(job_id, {
-        "output_dir": str(result_dir),
-        "seg": str(seg),
-        "meshes": [str(result_dir / m) for m in report["outputs"]["meshes"]],
-        "report": str(result_dir / "report.json"),
-        "seg_series_uid": report["outputs"]["seg_series_instance_uid"],
-    }, seg_series_uid=report["outputs"]["seg_series_instance_uid"])
+    store.complete_job(job_id, JobResult(
+        output_dir=result_dir,
+        seg=seg,
+        meshes=tuple(result_dir / m for m in report["outputs"]["meshes"]),
+        report=result_dir / "report.json",
+        seg_series_uid=report["outputs"]["seg_series_instance_uid"],
+    ))
     return job_id
 
 

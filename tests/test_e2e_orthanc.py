@@ -158,7 +158,7 @@ def check_result(node: Node, pacs, source_series_uid: str, n_files: int) -> None
     assert job.state == "done" and job.profile == "bones" and job.rule == "body-ct-bones"
     assert job.seg_series_uid == seg_series["MainDicomTags"]["SeriesInstanceUID"]
     # the instance in the PACS is the one in the result folder (its UID is fixed by the job)
-    result_seg = dcmread(Path(job.result["seg"]), stop_before_pixels=True)
+    result_seg = dcmread(job.result.seg, stop_before_pixels=True)
     assert result_seg.SOPInstanceUID == inst["MainDicomTags"]["SOPInstanceUID"]
 
     # the share drop may land a moment after the SEG (both are dispatches of the same job)

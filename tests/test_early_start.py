@@ -17,10 +17,11 @@ import yaml
 
 from node.completion import sweep
 from node.config import load_config
+from node.contracts import JobResult
+from node.jobs import ensure_dispatches, record_success
 from node.router import Router
 from node.routing.rules import RuleSetHolder
 from node.store import InstanceRecord, Store
-from node.worker import ensure_dispatches, record_success
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +93,7 @@ def run_job(store: Store, cfg, now: float):
         return None, None
     store.set_job_digest(job.id, store.series_digest(job.series_uid))
     job = store.get_job(job.id)
-    return job, {"output_dir": "/nonexistent", "seg_series_uid": "1.2.3"}
+    return job, JobResult(output_dir=Path("/nonexistent"), seg_series_uid="1.2.3")
 
 
 def test_early_start_held_then_published_at_completion(env, tmp_path, capsys):
@@ -154,7 +155,7 @@ def test_instances_during_early_start_restart_the_job(env, tmp_path):
     # a finished early start goes back to the queue when an instance arrives
     add(store, tmp_path, "1.1", 6, t0 + 8)
     back = store.get_job(running.id)
-    assert (back.state, back.result, back.instances_digest) == ("queued", {}, None)
+    assert (back.state, back.result, back.instances_digest) == ("queued", JobResult(), None)
     running, result = run_job(store, cfg, t0 + 10.5)
     assert record_success(cfg, store, running, result) == "held"
 
@@ -264,7 +265,7 @@ def test_failed_early_start_runs_again_on_more_instances(env, tmp_path):
     """An early start that fails on part of a series (bad input such as too few slices) is run
     again when more instances arrive, or at completion when it failed on another instance set;
     a failure on exactly the complete series stands and fails the series."""
-    from node.worker import record_failure
+    from node.jobs import record_failure
 
     cfg, store, router, _, _ = env
     t0, _ = start_early(store, router, tmp_path)
@@ -291,7 +292,7 @@ def test_failed_early_start_runs_again_on_more_instances(env, tmp_path):
 
 
 def test_failed_early_start_on_the_same_instances_fails_the_series_at_completion(env, tmp_path):
-    from node.worker import record_failure
+    from node.jobs import record_failure
 
     cfg, store, router, _, _ = env
     t0, _ = start_early(store, router, tmp_path)

@@ -25,8 +25,9 @@ import pydicom
 import pytest
 import yaml
 
+from node.contracts import JobResult
+from node.jobs import seg_series_uid
 from node.store import Store
-from node.worker import seg_series_uid
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -230,7 +231,7 @@ def test_flow_done_unrouted_and_bad_input(node_factory, tmp_path):
     seg = out / "bones_seg.dcm"
     assert seg.is_file() and (out / "report.json").is_file()
     assert sorted(p.name for p in out.glob("*.stl")), "no STL written"
-    assert job.result["seg"] == str(seg)
+    assert job.result.seg == seg
     ds = pydicom.dcmread(seg, stop_before_pixels=True)
     assert ds.Modality == "SEG"
     assert ds.SeriesInstanceUID == job.seg_series_uid == seg_series_uid(job)
@@ -245,8 +246,8 @@ def test_flow_done_unrouted_and_bad_input(node_factory, tmp_path):
     # the SEG was handed on before the meshes were done: its C-STORE row predates the job's end,
     # the share drop (the whole result) follows it
     assert disp[("dicom", "origin")].created_at <= job.finished_at <= disp[("share", "share")].created_at
-    assert job.result["seg_early"] == str(node.storage / "results" / f"{job.id}-seg.dcm")
-    assert os.path.samefile(job.result["seg_early"], seg)  # a hard link, not a copy
+    assert job.result.seg_early == node.storage / "results" / f"{job.id}-seg.dcm"
+    assert os.path.samefile(job.result.seg_early, seg)  # a hard link, not a copy
     assert disp[("dicom", "origin")].state == "failed"
     assert "known_aes" in (disp[("dicom", "origin")].last_error or "")
     assert ct_series.state == "done" and ct_series.instance_count == 20
@@ -330,20 +331,25 @@ def test_sigkill_while_job_runs_completes_once(node_factory):
 # the publish step): the node is a stand-in process the job ends itself once its SEG is handed on.
 _PUBLISH_AFTER_NODE_DIED = r"""
 import json, os, subprocess, sys, time
+from pathlib import Path
 import psutil
-from node import worker
+from node import job_process
+from node.config import ModelsConfig
+from node.contracts import JobSpec
 
-spec = json.loads(sys.argv[1])
+d = json.loads(sys.argv[1])
+spec = JobSpec(**{**d, "paths": tuple(d["paths"]), "profiles_dir": Path(d["profiles_dir"]),
+                  "output_dir": Path(d["output_dir"]), "models": ModelsConfig()})
 node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-worker._PROC.update(job_id=spec["job_id"], node=(node.pid, psutil.Process(node.pid).create_time()))
+job_process._PROC.update(job_id=spec.job_id, node=(node.pid, psutil.Process(node.pid).create_time()))
 
 def notify(msg):
-    print("NOTIFY", msg[0], flush=True)
+    print("NOTIFY", type(msg).__name__, flush=True)
     node.kill()  # the node dies while the meshes are being made
     node.wait()
 
-worker._PROC["notify"] = notify
-worker._run_spec(spec)
+job_process._PROC["notify"] = notify
+job_process._run_spec(spec)
 print("PUBLISHED", flush=True)
 """
 
@@ -356,11 +362,11 @@ def test_job_does_not_publish_after_its_node_died(tmp_path):
     spec = {"job_id": 7, "series_uid": ct_series_uid(), "paths": [str(p) for p in ct_files()],
             "profile": "bones", "profiles_dir": str(REPO / "profiles"), "backend": None,
             "output_dir": str(results / "7"), "seg_series_uid": "1.2.826.0.1.3680043.8.498.7",
-            "decode_workers": 1, "models": {}}
+            "decode_workers": 1}
     proc = subprocess.run([sys.executable, "-c", _PUBLISH_AFTER_NODE_DIED, json.dumps(spec)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, start_new_session=True)
     out = proc.stdout + proc.stderr
-    assert "NOTIFY seg" in out, out[-3000:]  # the node was alive when the early SEG was handed on
+    assert "NOTIFY SegReady" in out, out[-3000:]  # the node was alive when the early SEG was handed on
     assert "PUBLISHED" not in out and proc.returncode == -signal.SIGKILL, out[-3000:]
     assert "is gone: the result folder" in out and "is not published" in out, out[-3000:]
     assert not (results / "7").exists()
@@ -481,7 +487,7 @@ def test_router_generations_supersede_and_idempotence(tmp_path):
 
     first = store.claim_job("w")
     assert first is not None and first.series_uid == "1.3"
-    assert store.complete_job(first.id, {})
+    assert store.complete_job(first.id, JobResult())
 
     # late instances: generation 2, a new job; the older queued job is superseded
     add("1.1", "1.1.2", "CT Body", t0 + 1)

@@ -6,9 +6,11 @@ import multiprocessing as mp
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from node.contracts import JobParams, JobResult
 from node.store import SCHEMA_VERSION, InstanceRecord, Store
 
 
@@ -126,9 +128,10 @@ def test_job_unique_per_series_rule_version_generation(store):
 def test_claim_fail_retry_complete(store):
     store.record_instance(rec("1"))
     jid, _ = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v", generation=1,
-                              max_attempts=2, params={"organ": "liver"})
+                              max_attempts=2, params=JobParams(destinations=("pacs",), share=True))
     job = store.claim_job("w1")
-    assert job.id == jid and job.state == "running" and job.attempts == 1 and job.params == {"organ": "liver"}
+    assert job.id == jid and job.state == "running" and job.attempts == 1
+    assert job.params == JobParams(destinations=("pacs",), share=True)
     assert store.claim_job("w2") is None
     assert store.fail_job(jid, "boom", retry_at=time.time() + 60) == "queued"
     assert store.claim_job("w1") is None  # not due yet
@@ -138,10 +141,12 @@ def test_claim_fail_retry_complete(store):
     assert store.get_job(jid).error == "boom again"
     jid2, _ = store.create_job("S1", "spleen", profile="spleen", backend="b", rules_version="v", generation=1)
     store.claim_job("w1")
-    assert store.complete_job(jid2, {"seg": "/out/seg.dcm", "meshes": "/out/m"}, seg_series_uid="1.2.3")
+    assert store.complete_job(jid2, JobResult(seg=Path("/out/seg.dcm"), meshes=(Path("/out/m.stl"),),
+                                              seg_series_uid="1.2.3"))
     j = store.get_job(jid2)
-    assert j.state == "done" and j.result["seg"] == "/out/seg.dcm" and j.seg_series_uid == "1.2.3"
-    assert not store.complete_job(jid2, {})  # not running any more
+    assert j.state == "done" and j.result.seg == Path("/out/seg.dcm") and j.seg_series_uid == "1.2.3"
+    assert j.result.meshes == (Path("/out/m.stl"),)
+    assert not store.complete_job(jid2, JobResult())  # not running any more
     assert [x.id for x in store.list_jobs("failed")] == [jid]
 
 
@@ -152,7 +157,8 @@ def test_requeue_running_on_startup(tmp_path):
     s.claim_job("w1")
     s.close()  # crash
     s = Store(tmp_path / "node.db")
-    assert s.requeue_running_jobs() == 1
+    (running,) = s.list_jobs("running")
+    assert s.requeue_job(running.id, "interrupted (node restarted)", counts_as_try=True)
     job = s.claim_job("w1")
     assert job.id == jid and job.attempts == 2
     s.close()
@@ -232,3 +238,109 @@ def test_dispatch_attempts_are_logged_in_the_store(tmp_path):
     log = s.dispatch_attempts(job_id=job_id)
     assert [a["outcome"] for a in log] == ["retry", "sent"] and log[-1]["location"] == "PACS@h:104"
     assert s.dispatch_attempts(dispatch_id=did + 1) == []
+
+
+def test_requeue_job_counts_the_try_or_gives_it_back(store):
+    """One operation puts a job back in the queue: the try counted or not, due now or at retry_at,
+    the result kept or discarded, the reason kept as the job's error."""
+    store.record_instance(rec("1"))
+    jid, _ = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v", generation=1,
+                              max_attempts=3)
+    assert not store.requeue_job(jid, "not running", counts_as_try=True)  # only from running (by default)
+    job = store.claim_job("w1")
+    store.set_job_early_seg(jid, Path("/results/1-seg.dcm"), "1.2.3")
+
+    # not counted (the node stopped it itself): attempts given back, due at once, the early SEG stays
+    assert store.requeue_job(jid, "interrupted (node shut down)", counts_as_try=False)
+    j = store.get_job(jid)
+    assert (j.state, j.attempts, j.next_attempt_at, j.error) == ("queued", 0, None, "interrupted (node shut down)")
+    assert j.result.seg_early == Path("/results/1-seg.dcm")
+    assert not store.requeue_job(jid, "again", counts_as_try=False)  # queued already: no change
+    assert store.get_job(jid).attempts == 0
+
+    # counted, with backoff: attempts kept, due at retry_at, the end of the failed try recorded
+    job = store.claim_job("w1")
+    assert job.attempts == 1
+    retry_at = time.time() + 60
+    assert store.requeue_job(jid, "boom", counts_as_try=True, retry_at=retry_at)
+    j = store.get_job(jid)
+    assert (j.state, j.attempts, j.error) == ("queued", 1, "boom")
+    assert j.next_attempt_at == pytest.approx(retry_at) and j.finished_at is not None
+    assert store.claim_job("w1") is None  # not due yet
+    assert store.claim_job("w1", now=retry_at + 1).attempts == 2
+
+    # counted, due at once (a crash cut the try short)
+    assert store.requeue_job(jid, "interrupted (node restarted)", counts_as_try=True)
+    j = store.get_job(jid)
+    assert (j.state, j.attempts, j.next_attempt_at) == ("queued", 2, None)
+
+    # a result computed on another instance set: discarded, the try not counted
+    store.claim_job("w1")
+    store.set_job_digest(jid, "0" * 16)
+    assert store.complete_job(jid, JobResult(output_dir=Path("/results/1"), seg_series_uid="1.2.3"))
+    assert not store.requeue_job(jid, "stale", counts_as_try=False, discard_result=True)  # done: not by default
+    assert store.requeue_job(jid, "stale", counts_as_try=False, discard_result=True, from_states=("done",))
+    j = store.get_job(jid)
+    assert (j.state, j.attempts, j.error, j.result) == ("queued", 2, "stale", JobResult())
+    assert (j.seg_series_uid, j.instances_digest, j.finished_at, j.next_attempt_at) == (None, None, None, None)
+
+
+def test_attempts_given_back_never_go_below_zero(store):
+    store.record_instance(rec("1"))
+    jid, _ = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v", generation=1)
+    assert store.requeue_job(jid, "x", counts_as_try=False, from_states=("queued",))
+    assert store.get_job(jid).attempts == 0
+
+
+def _insert_job(store: Store, params: str, result: str, state: str = "done") -> int:
+    """A job row as written by the code before the typed records (raw JSON columns)."""
+    return int(store.conn.execute(
+        "INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation, state, params, result,"
+        " created_at) VALUES ('S1', ?, 'bones', 'hu_based', 'v', 1, ?, ?, ?, 0) RETURNING id",
+        (f"r{time.monotonic_ns()}", state, params, result)).fetchone()[0])
+
+
+def test_job_rows_in_the_json_shape_written_before_stay_readable(store):
+    """params and result as the router and the worker pool wrote them (json_patch dropped nulls
+    from the slot), and results naming their folder, SEG, report and meshes by the legacy keys."""
+    import json
+
+    store.record_instance(rec("1"))
+    params = {"destinations": ["pacs", "origin"], "share": True, "backend_override": None, "calling_ae": "CT01",
+              "rule_line": 12, "supersede": False,
+              "slot": {"name": "cpu0", "kind": "cpu", "pid": 4242, "process": "job", "device": "auto",
+                       "cuda_visible_devices": ""}}
+    result = {"output_dir": "/var/results/7", "seg": "/var/results/7/bones_seg.dcm",
+              "meshes": ["/var/results/7/bones_cortical.stl"], "report": "/var/results/7/report.json",
+              "seg_series_uid": "1.2.3", "timings_s": {"total": 12.5}, "seg_early": "/var/results/7-seg.dcm",
+              "backend": {"name": "hu_based", "process": {"pid": 4242, "persistent": False}},
+              "origin": {"calling_ae": "CT01", "ae_title": "CT01", "host": "10.0.0.5", "port": 104}}
+    job = store.get_job(_insert_job(store, json.dumps(params), json.dumps(result)))
+    assert job.params.destinations == ("pacs", "origin") and job.params.share and not job.params.supersede
+    assert (job.params.calling_ae, job.params.rule_line, job.params.backend_override) == ("CT01", 12, None)
+    assert job.params.slot is not None and (job.params.slot.name, job.params.slot.pid) == ("cpu0", 4242)
+    assert job.params.slot.gpu is None and job.params.slot.cuda_visible_devices == ""
+    r = job.result
+    assert r.output_dir == Path("/var/results/7") and r.seg == Path("/var/results/7/bones_seg.dcm")
+    assert r.meshes == (Path("/var/results/7/bones_cortical.stl"),) and r.report == Path("/var/results/7/report.json")
+    assert r.seg_early == Path("/var/results/7-seg.dcm") and r.timings_s == {"total": 12.5}
+    assert r.backend["process"]["pid"] == 4242
+    assert r.origin is not None and (r.origin.host, r.origin.port, r.origin.ae_title) == ("10.0.0.5", 104, "CT01")
+    # written back, the same JSON
+    assert r.to_json() == result
+    assert job.params.to_json() == params
+
+    # the legacy keys of the result folder, the SEG, the report and the meshes
+    for key in ("result_dir", "dir", "folder", "outputs_dir"):
+        legacy = store.get_job(_insert_job(store, "{}", json.dumps({key: "/old/3"}))).result
+        assert legacy.output_dir == Path("/old/3"), key
+    legacy = store.get_job(_insert_job(store, "{}", json.dumps(
+        {"seg_path": "/old/4/x_seg.dcm", "report_path": "/old/4/r.json", "mesh_paths": ["/old/4/a.stl"]}))).result
+    assert legacy.seg == Path("/old/4/x_seg.dcm") and legacy.output_dir == Path("/old/4")  # the SEG's folder
+    assert legacy.report == Path("/old/4/r.json") and legacy.meshes == (Path("/old/4/a.stl"),)
+    # output_dir comes first; rows without params or result, or with an empty mesh list
+    both = store.get_job(_insert_job(store, "{}", json.dumps({"folder": "/b", "output_dir": "/a"}))).result
+    assert both.output_dir == Path("/a")
+    bare = store.get_job(_insert_job(store, "{}", json.dumps({"output_dir": "/c", "meshes": []}), "queued"))
+    assert bare.params == JobParams() and bare.params.supersede and bare.result.meshes == ()
+    assert store.get_job(_insert_job(store, "{}", "{}")).result == JobResult()

@@ -25,8 +25,9 @@ import yaml
 from pydicom import dcmread
 
 from node.config import NodeConfig
+from node.contracts import JobParams
+from node.pool import WorkerPool, job_resource
 from node.store import _MIGRATIONS, SCHEMA_VERSION, InstanceRecord, Store
-from node.worker import WorkerPool, job_resource
 
 from ai_helpers import NNUNET_TINY, SYNTH_TISSUES  # tests/ is on sys.path
 
@@ -75,7 +76,7 @@ def setup(tmp_path):
     def job(rule: str, profile: str, backend: str) -> int:
         jid, created = store.create_job(series_uid, rule, profile=profile, backend=backend, rules_version="v1",
                                         generation=1, max_attempts=1,
-                                        params={"destinations": [], "share": False, "backend_override": None})
+                                        params=JobParams(destinations=(), share=False, backend_override=None))
         assert created
         return jid
 
@@ -206,7 +207,7 @@ def test_job_resource_from_backend_profile_and_node_device(setup):
     ids = {"hu": job("hu", "synth_hu", "hu_based"), "ai": job("ai", "synth_ai", "nnunet"),
            "ai_cpu": job("ai-cpu", "synth_ai_cpu", "nnunet")}
     override = store.create_job(store.list_jobs()[0].series_uid, "override", profile="synth_hu", backend="nnunet",
-                                rules_version="v1", generation=1, params={"backend_override": "nnunet"})[0]
+                                rules_version="v1", generation=1, params=JobParams(backend_override="nnunet"))[0]
     jobs = {j.id: j for j in store.list_jobs()}
     assert job_resource(cfg, jobs[ids["hu"]]) == "cpu"
     assert job_resource(cfg, jobs[ids["ai"]]) == "gpu"
@@ -237,18 +238,19 @@ def test_gpu_slot_one_model_job_at_a_time_hu_beside_it_warm_cache(setup):
 
     assert jobs[hu].state == "done", jobs[hu].error
     assert jobs[hu].resource == "cpu" and jobs[hu].worker.endswith(":cpu0")
-    assert jobs[hu].params["slot"]["process"] == "job"
-    seen = jobs[hu].result["backend"]["process"]
+    assert jobs[hu].params.slot.process == "job"
+    seen = jobs[hu].result.backend["process"]
     assert seen["cuda_visible_devices"] == "" and not seen["persistent"]  # what the job process saw
     for jid in (ai1, ai2):
         j = jobs[jid]
         assert j.resource == "gpu" and j.worker.endswith(":gpu0"), (j.worker, j.resource)
-        assert j.params["slot"] == {**j.params["slot"], "name": "gpu0", "kind": "gpu", "gpu": 0, "process": "slot",
-                                    "device": "cuda", "cuda_visible_devices": "0"}
+        slot = j.params.slot
+        assert (slot.name, slot.kind, slot.gpu, slot.process, slot.device, slot.cuda_visible_devices) == (
+            "gpu0", "gpu", 0, "slot", "cuda", "0")
     # one model job per GPU: the second started only after the first finished
     first, second = sorted((jobs[ai1], jobs[ai2]), key=lambda j: j.started_at)
     assert second.started_at >= first.finished_at
-    assert jobs[ai1].params["slot"]["pid"] == jobs[ai2].params["slot"]["pid"]  # the same slot process
+    assert jobs[ai1].params.slot.pid == jobs[ai2].params.slot.pid  # the same slot process
 
     if not HAVE_AI:
         for jid in (ai1, ai2):
@@ -257,16 +259,16 @@ def test_gpu_slot_one_model_job_at_a_time_hu_beside_it_warm_cache(setup):
     # real inference: both done, HU beside the first model job, the second one warm
     assert first.state == "done" and second.state == "done", (first.error, second.error)
     assert _overlap(jobs[hu], first), "the HU job did not run beside the model job"
-    b1, b2 = first.result["backend"], second.result["backend"]
+    b1, b2 = first.result.backend, second.result.backend
     for b in (b1, b2):
         assert b["name"] == "nnunet"
         assert b["process"]["cuda_visible_devices"] == "0" and b["process"]["persistent"]
-        assert b["process"]["pid"] == first.params["slot"]["pid"]
+        assert b["process"]["pid"] == first.params.slot.pid
     assert b1["model_cache"] == "miss" and b1["load_s"] > 0 and b1["process"]["jobs_in_process"] == 1
     assert b2["model_cache"] == "hit" and b2["load_s"] == 0.0 and b2["process"]["jobs_in_process"] == 2
     import json
 
-    report = json.loads(Path(second.result["report"]).read_text())
+    report = json.loads(second.result.report.read_text())
     assert report["backend"]["model_cache"] == "hit"
     assert b2["device"] == "cpu"  # no CUDA here: the profile's device auto falls back to the CPU
     assert not psutil.pid_exists(b1["process"]["pid"]) or \
@@ -287,9 +289,9 @@ def test_timeout_kills_the_slot_process_and_the_next_model_job_gets_a_fresh_one(
             time.sleep(0.1)
         j = store.get_job(slow)
         assert j.state == "failed" and "timeout" in j.error, (j.state, j.error)
-        killed = j.params["slot"]["pid"]
-        assert j.params["slot"]["name"] == "cpu0" and j.params["slot"]["process"] == "slot"
-        assert j.params["slot"].get("cuda_visible_devices") is None  # no GPUs configured: env untouched
+        killed = j.params.slot.pid
+        assert j.params.slot.name == "cpu0" and j.params.slot.process == "slot"
+        assert j.params.slot.cuda_visible_devices is None  # no GPUs configured: env untouched
         time.sleep(0.5)
         assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
         cfg.job_timeout_s = 300
@@ -300,8 +302,8 @@ def test_timeout_kills_the_slot_process_and_the_next_model_job_gets_a_fresh_one(
             time.sleep(0.2)
         j2 = store.get_job(ok)
         assert j2.state == "done", j2.error
-        assert j2.params["slot"]["pid"] != killed
-        assert j2.result["backend"]["model_cache"] == "miss"  # a fresh process: cold again
+        assert j2.params.slot.pid != killed
+        assert j2.result.backend["model_cache"] == "miss"  # a fresh process: cold again
     finally:
         pool.stop()
 
@@ -310,7 +312,7 @@ _POOL_SCRIPT = """
 import sys, time
 from node.config import NodeConfig
 from node.store import Store
-from node.worker import WorkerPool
+from node.pool import WorkerPool
 cfg = NodeConfig(storage=sys.argv[1], profiles=sys.argv[2], workers=1, gpus=[0], job_timeout_s=300,
                  job_retry={"max_attempts": 1, "backoff_base_s": 0, "backoff_max_s": 0})
 store = Store(cfg.database_path)
@@ -320,7 +322,7 @@ while True:
     time.sleep(0.2)
     j = store.get_job(int(sys.argv[3]))
     if j.state in ("done", "failed"):
-        print("SLOT", j.params["slot"]["pid"], flush=True)
+        print("SLOT", j.params.slot.pid, flush=True)
         time.sleep(3600)
 """
 

@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 from node.config import load_config
+from node.contracts import DispatchState, JobState, SeriesState
 from node.errors import InputError
-from node.store import JOB_STATES, SERIES_STATES, Store
+from node.jobs import retry_job
+from node.store import Store
 
 
 def _open(args: argparse.Namespace) -> Store:
@@ -46,7 +48,7 @@ def _short(uid: str | None, n: int = 24) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     store = _open(args)
     try:
-        jobs = store.list_jobs(args.state)
+        jobs = store.list_jobs(JobState(args.state) if args.state else None)
     finally:
         store.close()
     print(f"{'ID':>5}  {'STATE':<10} {'TRIES':>5}  {'RULE':<20} {'PROFILE':<9} {'GEN':>3}  {'SERIES':<26} "
@@ -85,10 +87,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     ]
     for k, v in rows:
         print(f"{k + ':':<16} {v}")
-    print(f"{'params:':<16} {json.dumps(job.params, sort_keys=True)}")
-    if job.result:
+    print(f"{'params:':<16} {json.dumps(job.params.to_json(), sort_keys=True)}")
+    result = job.result.to_json()
+    if result:
         print("result:")
-        for k, v in sorted(job.result.items()):
+        for k, v in sorted(result.items()):
             if isinstance(v, list):
                 print(f"  {k}:")
                 for item in v:
@@ -98,7 +101,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"dispatches: {len(dispatches)}")
     for d in dispatches:
         print(f"  #{d.id} {d.kind}:{d.destination} {d.state} attempts={d.attempts} sent={_ts(d.sent_at)}"
-              f"{' next=' + _ts(d.next_attempt_at) if d.state == 'pending' and d.next_attempt_at else ''}"
+              f"{' next=' + _ts(d.next_attempt_at) if d.state == DispatchState.PENDING and d.next_attempt_at else ''}"
               f"{' error=' + d.last_error if d.last_error else ''}")
         for a in (a for a in attempts if a["dispatch_id"] == d.id):
             # the location once: a DICOM detail already names the AE@host:port it stored at
@@ -108,8 +111,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
-    from node.worker import retry_job
-
     store = _open(args)
     try:
         msg = retry_job(store, args.id)
@@ -122,7 +123,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
 def _cmd_series(args: argparse.Namespace) -> int:
     store = _open(args)
     try:
-        series = store.list_series(args.state)
+        series = store.list_series(SeriesState(args.state) if args.state else None)
     finally:
         store.close()
     print(f"{'STATE':<10} {'GEN':>3} {'INST':>5}  {'MODALITY':<8} {'DESCRIPTION':<24} {'CALLING AE':<16} "
@@ -160,7 +161,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sp.add_argument("--db", default=None, metavar="PATH", help="the node database (instead of --config)")
 
     lp = sub.add_parser("list", help="one line per job")
-    lp.add_argument("--state", choices=JOB_STATES, default=None)
+    lp.add_argument("--state", choices=[str(s) for s in JobState], default=None)
     common(lp)
     lp.set_defaults(func=_cmd_list)
     sp = sub.add_parser("show", help="everything about one job")
@@ -172,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(rp)
     rp.set_defaults(func=_cmd_retry)
     ser = sub.add_parser("series", help="the series the node knows (unrouted ones included)")
-    ser.add_argument("--state", choices=SERIES_STATES, default=None)
+    ser.add_argument("--state", choices=[str(s) for s in SeriesState], default=None)
     common(ser)
     ser.set_defaults(func=_cmd_series)
 

@@ -35,6 +35,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.config import NodeConfig
 from node.dicom_values import tags_from_dataset, uid_value
 from node.scp.policy import AssociationPolicy
 from node.spool import Spool, missing_uids
@@ -95,7 +96,7 @@ class Receiver:
     (``instances.received_count``) and answered with success.
     """
 
-    def __init__(self, config: Any, store: Store) -> None:
+    def __init__(self, config: NodeConfig, store: Store) -> None:
         self.config = config
         self.store = store
         self.spool = Spool(config.spool_dir, config.quarantine_dir)

@@ -1,0 +1,252 @@
+"""What the stages hand each other: the states of the store's tables and the typed records
+written to its JSON columns (a job's parameters and result) or sent to a job process (its spec).
+
+Each record reads the JSON shape the node has always written (:meth:`from_json`, which also
+reads the legacy alias keys) and writes it back unchanged (:meth:`to_json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Mapping
+
+from node.config import ModelsConfig
+
+__all__ = [
+    "SeriesState",
+    "JobState",
+    "DispatchState",
+    "DispatchKind",
+    "Resource",
+    "FailureKind",
+    "SlotInfo",
+    "JobParams",
+    "OriginAddress",
+    "JobResult",
+    "ProcessInfo",
+    "JobSpec",
+]
+
+
+class SeriesState(StrEnum):
+    """``series.state``: receiving -> complete -> routed | unrouted -> processing -> done | failed."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ROUTED = "routed"
+    UNROUTED = "unrouted"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class JobState(StrEnum):
+    """``jobs.state``: queued -> running -> done | failed (or queued again), superseded."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class DispatchState(StrEnum):
+    """``dispatches.state``: pending -> sent | failed."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class DispatchKind(StrEnum):
+    """``dispatches.kind``: C-STORE of the SEG, or the share drop."""
+
+    DICOM = "dicom"
+    SHARE = "share"
+
+
+class Resource(StrEnum):
+    """``jobs.resource``: the worker-pool slot kind a job needs."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class FailureKind(StrEnum):
+    """How a try failed: bad input and a missing backend fail the job at once, the rest is retried."""
+
+    INPUT = "input"
+    BACKEND = "backend"
+    TRANSIENT = "transient"
+
+
+def _str(value: Any) -> str | None:
+    """A non-empty string value of a JSON field, else None."""
+    return value if isinstance(value, str) and value else None
+
+
+def _path(value: Any) -> Path | None:
+    text = _str(value)
+    return Path(text) if text is not None else None
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """``params.slot``: the worker-pool slot and process the latest try of a job ran in."""
+
+    name: str  #: cpu<N> | gpu<id>
+    kind: Resource
+    gpu: int | None
+    pid: int
+    process: str  #: 'slot' (the slot's long-lived process) | 'job' (a process of its own)
+    device: str | None  #: models.device given to the process
+    cuda_visible_devices: str | None  #: None: the environment was left as it was
+
+    def to_json(self) -> dict[str, Any]:
+        """Without the None values: the store merges it with SQLite's json_patch, which drops them."""
+        d = {"name": self.name, "kind": str(self.kind), "gpu": self.gpu, "pid": self.pid, "process": self.process,
+             "device": self.device, "cuda_visible_devices": self.cuda_visible_devices}
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SlotInfo:
+        gpu, cuda = d.get("gpu"), d.get("cuda_visible_devices")  # cuda: "" (no GPU) differs from None
+        return cls(name=str(d.get("name") or ""), kind=Resource(d.get("kind") or Resource.CPU),
+                   gpu=int(gpu) if gpu is not None else None, pid=int(d.get("pid") or 0),
+                   process=str(d.get("process") or ""), device=_str(d.get("device")),
+                   cuda_visible_devices=None if cuda is None else str(cuda))
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """``jobs.params``: what the router took from the matched rule, and where the last try ran."""
+
+    destinations: tuple[str, ...] = ()  #: names from node.yaml, or ``origin``
+    share: bool = False
+    backend_override: str | None = None  #: the rule's ``backend``, else the profile's
+    calling_ae: str | None = None  #: the series' calling AE when it was routed
+    rule_line: int | None = None
+    supersede: bool = True  #: a newer generation's result supersedes this one
+    slot: SlotInfo | None = None  #: set by the pool when a try starts
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"destinations": list(self.destinations), "share": self.share,
+                             "backend_override": self.backend_override, "calling_ae": self.calling_ae,
+                             "rule_line": self.rule_line, "supersede": self.supersede}
+        if self.slot is not None:
+            d["slot"] = self.slot.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> JobParams:
+        d = d or {}
+        slot = d.get("slot")
+        line = d.get("rule_line")
+        return cls(destinations=tuple(str(x) for x in d.get("destinations") or ()),
+                   share=bool(d.get("share")), backend_override=_str(d.get("backend_override")),
+                   calling_ae=_str(d.get("calling_ae")), rule_line=int(line) if line is not None else None,
+                   supersede=bool(d.get("supersede", True)),
+                   slot=SlotInfo.from_json(slot) if isinstance(slot, Mapping) else None)
+
+
+@dataclass(frozen=True)
+class OriginAddress:
+    """``result.origin``: the address the ``origin`` destination resolved to when the job finished."""
+
+    calling_ae: str
+    ae_title: str
+    host: str
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"calling_ae": self.calling_ae, "ae_title": self.ae_title, "host": self.host, "port": self.port}
+
+    @classmethod
+    def from_json(cls, d: Any) -> OriginAddress | None:
+        if not isinstance(d, Mapping) or not d.get("host") or not d.get("port"):
+            return None
+        calling = str(d.get("calling_ae") or "")
+        return cls(calling_ae=calling, ae_title=str(d.get("ae_title") or calling), host=str(d["host"]),
+                   port=int(d["port"]))
+
+
+#: keys of the result folder in ``jobs.result``: ``output_dir``, then legacy aliases
+_FOLDER_KEYS = ("output_dir", "result_dir", "dir", "folder", "outputs_dir")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """``jobs.result``: the paths a job's run produced (empty until a try finished or wrote its SEG)."""
+
+    output_dir: Path | None = None  #: ``results/<job id>/``
+    seg: Path | None = None
+    meshes: tuple[Path, ...] | None = None  #: None: not recorded (the files in the folder are the meshes)
+    report: Path | None = None  #: ``report.json``
+    seg_series_uid: str | None = None
+    timings_s: Mapping[str, Any] = field(default_factory=dict)  #: the report's ``timings_s``
+    backend: Mapping[str, Any] = field(default_factory=dict)  #: the report's ``backend`` section
+    seg_early: Path | None = None  #: ``results/<job id>-seg.dcm``, the SEG handed on before the meshes
+    origin: OriginAddress | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "output_dir": str(self.output_dir) if self.output_dir is not None else None,
+            "seg": str(self.seg) if self.seg is not None else None,
+            "meshes": [str(m) for m in self.meshes] if self.meshes is not None else None,
+            "report": str(self.report) if self.report is not None else None,
+            "seg_series_uid": self.seg_series_uid,
+            "timings_s": dict(self.timings_s) or None,
+            "backend": dict(self.backend) or None,
+            "seg_early": str(self.seg_early) if self.seg_early is not None else None,
+            "origin": self.origin.to_json() if self.origin is not None else None,
+        }
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> JobResult:
+        d = d or {}
+        seg = _path(d.get("seg")) or _path(d.get("seg_path"))
+        folder = next((p for p in (_path(d.get(k)) for k in _FOLDER_KEYS) if p is not None), None)
+        if folder is None and seg is not None:  # rows that name only the SEG: its folder
+            folder = seg.parent
+        meshes_v = d.get("meshes") or d.get("mesh_paths")
+        if meshes_v is None and isinstance(d.get("meshes"), list):
+            meshes_v = []
+        meshes = tuple(Path(str(m)) for m in meshes_v) if isinstance(meshes_v, list) else None
+        timings = d.get("timings_s")
+        backend = d.get("backend")
+        return cls(output_dir=folder, seg=seg, meshes=meshes,
+                   report=_path(d.get("report")) or _path(d.get("report_path")),
+                   seg_series_uid=_str(d.get("seg_series_uid")),
+                   timings_s=dict(timings) if isinstance(timings, Mapping) else {},
+                   backend=dict(backend) if isinstance(backend, Mapping) else {},
+                   seg_early=_path(d.get("seg_early")), origin=OriginAddress.from_json(d.get("origin")))
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What a job or slot process is told when it starts: its slot, environment and node."""
+
+    slot: str
+    env: Mapping[str, str]  #: set before anything imports torch (``CUDA_VISIBLE_DEVICES``)
+    log_level: str
+    node_pid: int  #: the node process, watched by the job process (with its start time)
+    node_started: float
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One try of a job, as the pool hands it to the process that runs the pipeline."""
+
+    job_id: int
+    series_uid: str
+    paths: tuple[str, ...]  #: the series' spool files
+    profile: str
+    profiles_dir: Path
+    backend: str | None  #: the rule's backend override, else None (the profile's)
+    output_dir: Path  #: ``results/<job id>/``
+    seg_series_uid: str
+    decode_workers: int | None
+    models: ModelsConfig  #: node.yaml's ``models`` (``device: cuda`` in a GPU slot)
