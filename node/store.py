@@ -803,13 +803,14 @@ class Store:
             confirmed_only: only non-provisional jobs.
         """
         t = now if now is not None else time.time()
-        where, args = "", []
+        where = ""
+        args: list[object] = []
         if kinds is not None:
             ks = [_check_resource(k) for k in kinds]
             if not ks:
                 return None
             where = f" AND {_RESOURCE_SQL} IN ({','.join('?' * len(ks))})"
-            args = ks
+            args = list(ks)
         if early_quiet_s is None or confirmed_only:
             where += " AND provisional = 0"
         else:
@@ -1050,7 +1051,8 @@ class Store:
         return Dispatch._from(r) if r else None
 
     def list_dispatches(self, *, job_id: int | None = None, state: str | None = None) -> list[Dispatch]:
-        sql, args = "SELECT * FROM dispatches WHERE 1=1", []
+        sql = "SELECT * FROM dispatches WHERE 1=1"
+        args: list[object] = []
         if job_id is not None:
             sql += " AND job_id = ?"
             args.append(job_id)
