@@ -475,12 +475,12 @@ def record_success(config: Any, store: Store, job: Job, result: dict[str, Any]) 
     if not store.complete_job(job.id, result, seg_series_uid=result.get("seg_series_uid")):
         log.warning("job %d finished but was no longer running; result ignored", job.id)
         return "lost"
-    fresh = store.get_job(job.id)  # after completing: a confirmation made meanwhile is seen here
-    if fresh is not None and fresh.provisional:
+    completed = store.get_job(job.id)  # after completing: a confirmation made meanwhile is seen here
+    if completed is not None and completed.provisional:
         log.info("job %d done early (series %s still inside its quiet period): result held until the series"
                  " completes", job.id, job.series_uid)
         return "held"
-    return publish_result(config, store, fresh or job, result)
+    return publish_result(config, store, completed or job, result)
 
 
 def publish_early_seg(config: Any, store: Store, job_id: int) -> int:
@@ -757,7 +757,7 @@ class WorkerPool:
 
         try:
             forkserver.ensure_running()
-        except Exception:  # noqa: BLE001 - the first job starts it then
+        except Exception:  # the first job starts it then
             log.debug("forkserver warm-up failed", exc_info=True)
 
     def wake(self) -> None:
@@ -786,7 +786,7 @@ class WorkerPool:
                     checked = time.monotonic()
                     self._check_running()
                 self._fill()
-            except Exception:  # noqa: BLE001 - the supervisor must survive (e.g. database busy)
+            except Exception:  # the supervisor must survive (e.g. database busy)
                 log.exception("worker pool supervisor error")
             self._wake.wait(0.2 if self._running else self.poll_s)
             self._wake.clear()
@@ -908,7 +908,7 @@ class WorkerPool:
             self.store.merge_job_result(job.id, info)
             if publish_early_seg(self.config, self.store, job.id) and self.on_done is not None:
                 self.on_done()
-        except Exception:  # noqa: BLE001 - the SEG is then sent with the whole result
+        except Exception:  # the SEG is then sent with the whole result
             log.exception("job %d: cannot queue the early SEG", job.id)
 
     def _slot_info(self, slot: _Slot) -> dict[str, Any]:
@@ -979,7 +979,7 @@ class WorkerPool:
                 "name": slot.name, "kind": slot.kind, "gpu": slot.gpu, "pid": proc.pid,
                 "process": "slot" if persistent else "job", "device": models.get("device"),
                 "cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES")}})
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("job %d: cannot start its process", job.id)
             if persistent and slot.proc is not None:
                 _kill_tree(slot.proc)
@@ -1035,7 +1035,7 @@ class WorkerPool:
                 if state == "done" and self.on_done is not None:
                     try:
                         self.on_done()
-                    except Exception:  # noqa: BLE001 - a hook must not stop the supervisor
+                    except Exception:  # a hook must not stop the supervisor
                         log.exception("on_done hook failed")
             else:
                 record_failure(self.config, self.store, r.job, msg[1], msg[2])
