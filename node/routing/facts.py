@@ -92,7 +92,7 @@ def dataset_to_tags(ds: Any) -> dict[str, Any]:
             continue
         try:
             tags[kw] = plain_value(elem.value, elem.VR)
-        except Exception:  # an unparsable value must not break routing
+        except Exception:  # noqa: BLE001 - an unparsable value must not break routing
             continue
     return tags
 
