@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -61,7 +62,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
 
 from node.durable import atomic_write
 from node.scp.policy import AssociationPolicy
@@ -175,7 +176,8 @@ class Receiver:
         self.policy.apply(ae)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, list(SUPPORTED_TRANSFER_SYNTAXES))
+            if cx.abstract_syntax is not None:  # always set in this list of pynetdicom's
+                ae.add_supported_context(cx.abstract_syntax, list(SUPPORTED_TRANSFER_SYNTAXES))
         return ae
 
     def start(self, *, rescan: bool = True) -> None:
@@ -239,7 +241,7 @@ class Receiver:
         raw = req.DataSet.getvalue()
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = calling or "UNKNOWN"
-        buf = BytesIO()
+        buf = DicomBytesIO()
         buf.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(buf, meta, enforce_standard=True)
         data = buf.getvalue() + raw
@@ -310,7 +312,7 @@ class Receiver:
                 tags=tags_from_dataset(ds),
             )
             outcome = self.store.record_instance(rec)
-        except Exception:  # noqa: BLE001 - the rescan at next start indexes the file
+        except Exception:  # the rescan at next start indexes the file
             self._count("index_errors")
             log.exception("C-STORE %s: stored %s but could not index it (will be indexed on rescan)", who, path)
             return STATUS_SUCCESS
