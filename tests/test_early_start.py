@@ -252,7 +252,11 @@ def test_routing_twice_reads_each_header_once(env, tmp_path, monkeypatch):
             tags={"Modality": "CT"}))
     reads: list[str] = []
     real = pydicom.dcmread
-    monkeypatch.setattr(pydicom, "dcmread", lambda p, *a, **k: (reads.append(str(p)), real(p, *a, **k))[1])
+    def counting_dcmread(p, *a, **k):
+        reads.append(str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)
     (o,) = router.route_early(EARLY, now=t0 + 2.5)  # the real series is "CT ... body": body-bones
     sweep(store, QUIET, now=t0 + QUIET + 1)
     (done,) = router.route_pending()

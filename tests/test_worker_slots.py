@@ -129,10 +129,10 @@ def test_schema_migration_adds_resource_and_legacy_rows_claim_by_backend(tmp_pat
     assert [(j.provisional, j.instances_digest) for j in store.list_jobs()] == [(False, None)] * 3
     assert len(store.unclassified_jobs()) == 3
     # legacy rows: model backends count as gpu, the rest as cpu
-    assert store.claim_job("w", kinds=("cpu",)).backend == "hu_based"
+    assert (j := store.claim_job("w", kinds=("cpu",))) is not None and j.backend == "hu_based"
     assert store.claim_job("w", kinds=("cpu",)) is None
-    assert store.claim_job("w", kinds=("gpu",)).backend == "nnunet"
-    assert store.claim_job("w").backend == "monai"  # kinds=None: any job (the old call)
+    assert (j := store.claim_job("w", kinds=("gpu",))) is not None and j.backend == "nnunet"
+    assert (j := store.claim_job("w")) is not None and j.backend == "monai"  # kinds=None: any job (the old call)
     store.close()
 
 
@@ -146,9 +146,9 @@ def test_claim_respects_resource_column(tmp_path):
     with pytest.raises(ValueError, match="resource"):
         mk("bad", "nnunet", "tpu")
     assert store.set_job_resource(b, "gpu") and not store.set_job_resource(b, "cpu")
-    assert store.claim_job("w", kinds=("gpu",)).id == b
+    assert (j := store.claim_job("w", kinds=("gpu",))) is not None and j.id == b
     assert store.claim_job("w", kinds=("gpu",)) is None
-    assert store.claim_job("w", kinds=("cpu",)).id == a
+    assert (j := store.claim_job("w", kinds=("cpu",))) is not None and j.id == a
     assert store.claim_job("w", kinds=()) is None
     store.close()
 
@@ -182,7 +182,7 @@ def test_claim_by_kind_is_atomic_across_processes(tmp_path):
         p.join(30)
     assert sorted(i for i, _ in claims) == list(range(1, 61))  # each job exactly once
     by_id = {j.id: j for j in store.list_jobs()}
-    assert all(by_id[i].resource == r and by_id[i].worker.startswith(r) for i, r in claims)
+    assert all(by_id[i].resource == r and (by_id[i].worker or "").startswith(r) for i, r in claims)
     store.close()
 
 
@@ -334,6 +334,7 @@ def test_slot_process_dies_with_the_node(setup, tmp_path):
     cfg = config()
     proc = subprocess.Popen([sys.executable, "-c", _POOL_SCRIPT, str(cfg.storage), str(cfg.profiles), str(jid)],
                             stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
     try:
         line = ""
         while not line.startswith("SLOT "):  # libraries in the slot process print to stdout too
