@@ -1,15 +1,6 @@
-"""Series completion: a series is complete after a quiet period without new instances.
-
-The clock is the *persisted* receive time of the last instance
-(``series.last_received_at`` in the store), never an in-memory timer, so a
-restart neither loses a series that went quiet while the node was down nor
-restarts the quiet period of one still arriving.  The state change itself is
-the store's conditional ``UPDATE`` (:meth:`node.store.Store.complete_series`):
-an instance recorded between the query and the update keeps the series open.
-
-Series states (see :mod:`node.store`)::
-
-    receiving --(quiet for quiet_period_s)--> complete --(router)--> routed | unrouted
+"""Series completion: the sweep that marks a series ``complete`` once it has been quiet for
+``quiet_period_s``, timed from the persisted receive times, never an in-memory timer, so a
+restart neither loses nor restarts a quiet period (series states: docs/architecture.md).
 """
 
 from __future__ import annotations

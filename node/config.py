@@ -1,23 +1,8 @@
-"""Node configuration: ``node.yaml``.
+"""Node configuration: ``node.yaml``, validated at the door.
 
-The keys of :class:`NodeConfig` are a public interface (operators write them),
-so they are validated strictly: an unknown key or a bad value is an error that
-names the file, the field path and the offending value, e.g.::
-
-    node.yaml: destinations.pacs.port: must be 1..65535 (got 70000)
-
-Relative paths (``storage``, ``rules``, ``profiles``, ``share.root``) are
-resolved against the folder of the configuration file; with no configuration
-file, against the current working directory.  ``rules`` and ``profiles`` have a
-further fallback to the repository (package) root when the default file is not
-found in the CWD, so that ``dicom-node serve`` without a config finds the
-shipped ``routing_rules.yaml`` and ``profiles/``.
-
-Usage::
-
-    cfg = load_config("node.yaml")      # or load_config(None) for defaults
-    cfg.spool_dir, cfg.database_path, cfg.quarantine_dir
-    cfg.destinations["pacs"].port
+The keys of :class:`NodeConfig` are a public interface (operators write them): an unknown key
+or a bad value is a :class:`ConfigError` naming the file, the field path and the value, e.g.
+``node.yaml: destinations.pacs.port: must be 1..65535 (got 70000)``.
 """
 
 from __future__ import annotations
@@ -139,7 +124,7 @@ class ModelsConfig(_Model):
     """Folder that model paths in profiles are relative to; default $DICOM_NODE_MODELS, else <repo>/models."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1)
-    """torch threads per job (two threads on two busy cores measured 25x slower than one)."""
+    """torch threads per job (more than one on a busy machine was much slower: bench/README.md)."""
     totalseg_weights: Path | None = None
     """TotalSegmentator weights folder (TOTALSEG_WEIGHTS_PATH); default under ``root``."""
     totalseg_home: Path | None = None
@@ -160,7 +145,7 @@ def _default_workers() -> int:
 
 
 class NodeConfig(_Model):
-    """Everything in ``node.yaml``.  See the module docstring for path resolution."""
+    """Everything in ``node.yaml``.  See :func:`load_config` for path resolution."""
 
     ae_title: str = "DICOMNODE"
     port: int = 11112
@@ -286,9 +271,19 @@ def _resolve(p: Path, base: Path) -> Path:
 def load_config(path: str | Path | None = None) -> NodeConfig:
     """Load and validate ``node.yaml``; ``None`` returns the embedded defaults.
 
-    Relative paths are made absolute (see module docstring).  Raises
-    :class:`ConfigError` (an :class:`~node.errors.InputError`) with a one-line
+    Relative paths are made absolute against the folder of the configuration file (with
+    no file: the current working directory): ``storage``, ``share.root`` (left at its
+    default while ``storage`` is set: ``<storage>/share``), ``models.root``,
+    ``models.totalseg_weights``, ``models.totalseg_home``, and ``rules`` / ``profiles``
+    when given; left at their defaults, ``rules`` and ``profiles`` are the first that exists
+    of that folder, the working directory and the repository root, so that ``dicom-node
+    serve`` without a config finds the shipped ``routing_rules.yaml`` and ``profiles/``.
+
+    Raises :class:`ConfigError` (an :class:`~node.errors.InputError`) with a one-line
     message naming the file and the field.
+
+    Usage: ``cfg = load_config("node.yaml")``, then ``cfg.spool_dir``, ``cfg.database_path``,
+    ``cfg.destinations["pacs"].port``.
     """
     where = Path(path) if path is not None else Path(DEFAULT_CONFIG_NAME)
     # The embedded defaults mirror the documented example: a local PACS (Orthanc's

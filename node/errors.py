@@ -1,10 +1,9 @@
-"""Exception types shared by every stage.
+"""Exception types shared by every stage; their class decides fail-now vs retry.
 
-Every error raised for bad input says *what* is wrong and *where* (file, tag,
-field), in one line, so that the command line, the log and the job store can
-show it verbatim.  ``InputError`` and its subclasses mean "the input is bad,
-retrying will not help"; anything else is treated as a possibly transient
-failure by the job runner.
+``InputError`` and its subclasses (bad input) and ``BackendUnavailable`` (a backend's package
+or model is missing) fail a job at once; anything else is treated as transient and retried
+(docs/architecture.md, Retries and errors).  Every message says what is wrong and where (file,
+tag, field) in one line, so the CLI, the log and the job store can show it verbatim.
 """
 
 from __future__ import annotations

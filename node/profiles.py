@@ -1,15 +1,8 @@
-"""Organ profiles: what to segment, how, and how to present it.
+"""Organ profiles: the schema of ``profiles/<name>.yaml`` and its loader.
 
-A profile is one YAML file in ``profiles/`` (``profiles/liver.yaml`` is the profile
-``liver``).  It names the backend (``model_type``) and lists tissues; each tissue has
-its HU range (optionally one per contrast phase), an ordered list of morphology steps
-with sizes in millimetres, mesh options, display colour and the SNOMED CT concepts
-used in the DICOM SEG.  Every schema error is reported with the file, the field path
-and what is allowed, e.g.::
-
-    profiles/liver.yaml: tissues[0].morphology[1].op: 'clsoing' is not allowed;
-    allowed: closing, connected_to, dilation, edge_grow, erosion, fill_holes, grow, keep_largest, median,
-    opening, remove_small, remove_thick, slice_valleys
+A profile names its backend (``model_type``) and its tissues: HU range (or one per contrast
+phase), morphology steps in millimetres, mesh options, colour and the SNOMED CT codes of the
+SEG.  Every schema error names the file, the field path and what is allowed.
 """
 
 from __future__ import annotations
@@ -21,11 +14,10 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 
+from node.backend_registry import BACKEND_NAMES, DEFAULT_BACKEND, allowed_text, backend_spec
 from node.errors import ProfileError
-
-MODEL_TYPES = ("hu_based", "totalsegmentator", "monai", "nnunet")
 PHASES = ("non_contrast", "contrast")
 
 
@@ -323,6 +315,7 @@ class MonaiModel(_Strict):
         return self
 
 
+#: the typed ``model:`` section of each backend that runs a model (keys: node.backend_registry names)
 MODEL_SECTIONS: dict[str, type[_Strict]] = {
     "totalsegmentator": TotalSegmentatorModel,
     "nnunet": NnUNetModel,
@@ -335,7 +328,7 @@ class Profile(_Strict):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$")
     description: str
-    model_type: Literal["hu_based", "totalsegmentator", "monai", "nnunet"] = "hu_based"
+    model_type: str = DEFAULT_BACKEND  #: a backend of node.backend_registry
     modality: str = "CT"
     phase: Literal["auto", "non_contrast", "contrast"] = "auto"
     body_mask: BodyMaskSpec = BodyMaskSpec()
@@ -347,6 +340,14 @@ class Profile(_Strict):
     tissues: list[Tissue] = Field(min_length=1)
     model: dict[str, Any] = Field(default_factory=dict, description="backend-specific settings")
     source: str | None = Field(default=None, exclude=True)
+
+    @field_validator("model_type")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKEND_NAMES:
+            # reported like any other not-allowed value (see _format_error)
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": allowed_text()})
+        return value
 
     @model_validator(mode="after")
     def _references(self) -> "Profile":
@@ -365,9 +366,10 @@ class Profile(_Strict):
                         f"tissues[{n}] ({t.name}): refers to '{r}', which is not an earlier tissue; "
                         f"earlier tissues: {', '.join(seen) or 'none'}"
                     )
-            if self.model_type == "hu_based" and t.hu is None:
-                raise ValueError(f"tissues[{n}].hu: required for model_type hu_based")
-            if self.model_type != "hu_based" and not (t.labels or t.structures):
+            runs_model = backend_spec(self.model_type).runs_model
+            if not runs_model and t.hu is None:
+                raise ValueError(f"tissues[{n}].hu: required for model_type {self.model_type}")
+            if runs_model and not (t.labels or t.structures):
                 raise ValueError(f"tissues[{n}] ({t.name}): model_type {self.model_type} needs labels "
                                  "(model label ids) or structures (model structure names)")
             seen.append(t.name)

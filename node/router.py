@@ -12,9 +12,8 @@ For every series in state ``complete`` the router
    moves the series to ``routed``; no match moves it to ``unrouted`` (the series
    and its files are kept and listed by ``dicom-node jobs series``).
 
-Rules version: everywhere in the node a rule file version is the store's
-:func:`node.store.rules_version` form, the first 16 hex digits of the SHA-256 of
-the file bytes (:func:`short_version` turns a ``RuleSet.version`` into it).
+Rules version: everywhere in the node a rule file version is
+:func:`node.routing.rules.rules_version` (``RuleSet.version``).
 
 Idempotent across crashes: jobs are unique on (series, rule, rules_version,
 generation), and a series generation that already has jobs is never routed a
@@ -55,23 +54,20 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from node.backend_registry import DEFAULT_BACKEND
 from node.errors import InputError
 from node.profiles import load_profile
-from node.routing.facts import SeriesFacts, dataset_to_tags
+from node.dicom_values import tags_from_dataset
+from node.routing.facts import SeriesFacts
 from node.routing.rules import RuleSetHolder
 from node.store import Job, Series, Store
 
-__all__ = ["Router", "short_version", "series_facts", "RouteOutcome", "TagCache"]
+__all__ = ["Router", "series_facts", "RouteOutcome", "TagCache"]
 
 log = logging.getLogger("node.router")
 
 #: job states that count as "this rule already handled an earlier generation"
 _LIVE_JOB_STATES = ("queued", "running", "done")
-
-
-def short_version(version: str) -> str:
-    """The node's rules version: 16 hex digits (what :func:`node.store.rules_version` returns)."""
-    return version[:16]
 
 
 class TagCache:
@@ -108,7 +104,7 @@ def series_facts(store: Store, series: Series, cache: TagCache | None = None) ->
         tags: dict[str, Any] | None = cache.get(inst.path) if cache is not None else None
         if tags is None:
             try:
-                tags = dataset_to_tags(pydicom.dcmread(inst.path, stop_before_pixels=True))
+                tags = tags_from_dataset(pydicom.dcmread(inst.path, stop_before_pixels=True), keywords=None)
                 if cache is not None:
                     cache.put(inst.path, tags)
             except Exception as exc:  # noqa: BLE001 - unreadable: use what the receiver indexed
@@ -169,7 +165,7 @@ class Router:
         try:
             return load_profile(rule.profile, self.config.profiles).model_type
         except InputError:
-            return "hu_based"  # the worker reports the profile problem
+            return DEFAULT_BACKEND  # the job reports the profile problem
 
     def _create_jobs(self, series: Series, matched: list[Any], version: str, *,
                      provisional: bool) -> tuple[list[int], list[str]]:
@@ -224,7 +220,7 @@ class Router:
         for series in self.store.quiet_series(early_start_s, now=now):
             uid, gen = series.series_uid, series.generation
             ruleset = self.rules.ruleset
-            version = short_version(ruleset.version)
+            version = ruleset.version
             key = (gen, series.instance_count, version)
             if self._early_seen.get(uid) == key:
                 continue
@@ -308,7 +304,7 @@ class Router:
             return RouteOutcome(series_uid, "routed", [j.id for j in existing], "jobs existed")
 
         ruleset = self.rules.ruleset  # one consistent snapshot for decision and version
-        version = short_version(ruleset.version)
+        version = ruleset.version
         try:
             facts = series_facts(store, series, self._tags)
         except InputError as exc:

@@ -39,7 +39,6 @@ import importlib
 import logging
 import signal
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,54 +47,16 @@ from apscheduler.jobstores.base import JobLookupError
 
 from node.completion import sweep
 from node.profiles import list_profiles
-from node.router import Router, short_version
+from node.router import Router
 from node.routing.rules import RuleSetHolder
 from node.scp.receiver import Receiver
+from node.spool import Spool
 from node.store import Store
 from node.worker import WorkerPool, ensure_dispatches
 
-__all__ = ["NodeService", "clean_spool"]
+__all__ = ["NodeService"]
 
 log = logging.getLogger("node.service")
-
-
-def clean_spool(config: Any, store: Store, *, now: float | None = None) -> int:
-    """Delete the spool files of series processed (``done``) more than ``spool_retention_days`` ago.
-
-    The series and instance rows are kept (history); ``unrouted`` and ``failed``
-    series are never cleaned.  ``spool_retention_days: 0`` disables cleaning.
-    Returns the number of files deleted.
-    """
-    days = float(config.spool_retention_days)
-    if days <= 0:
-        return 0
-    cutoff = (now if now is not None else time.time()) - days * 86400.0
-    spool = Path(config.spool_dir).resolve()
-    removed = 0
-    for s in store.list_series("done"):
-        if s.state_changed_at > cutoff:
-            continue
-        folders = set()
-        for inst in store.series_instances(s.series_uid):
-            p = Path(inst.path)
-            try:
-                if spool not in p.resolve().parents:
-                    continue  # never delete outside the spool
-                if p.is_file():
-                    p.unlink()
-                    removed += 1
-                folders.add(p.parent)
-            except OSError as exc:
-                log.warning("retention: cannot delete %s: %s", p, exc)
-        for folder in folders:
-            for d in (folder, folder.parent):
-                try:
-                    d.rmdir()  # only when empty
-                except OSError:
-                    pass
-    if removed:
-        log.info("spool retention: deleted %d file(s) of series done more than %g day(s) ago", removed, days)
-    return removed
 
 
 def _skip_overlap_notice(record: logging.LogRecord) -> bool:
@@ -177,8 +138,9 @@ class NodeService:
             pass
 
     def clean_spool(self) -> None:
+        """Spool retention (:meth:`node.spool.Spool.clean`)."""
         assert self.store is not None
-        clean_spool(self.config, self.store)
+        Spool(self.config.spool_dir, self.config.quarantine_dir).clean(self.store, self.config.spool_retention_days)
 
     # -- lifecycle
     def start(self) -> None:
@@ -193,7 +155,7 @@ class NodeService:
             known_destinations=lambda: list(cfg.destinations),
         )
         log.info("routing rules %s: %d rule(s), version %s", cfg.rules, len(self.rules.ruleset),
-                 short_version(self.rules.ruleset.version))
+                 self.rules.ruleset.version)
         self.router = Router(cfg, store, self.rules)
         requeued = store.requeue_running_jobs()
         if requeued:

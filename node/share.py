@@ -1,50 +1,8 @@
 """The share drop: a finished job's files in a folder on a file share.
 
-Layout (``share.root`` + ``share.path_template``, default
-``{PatientID}/{StudyDate}_{AccessionNumber}/{SeriesNumber}_{SeriesDescription}_{organ}/``)::
-
-    <root>/<PatientID>/<StudyDate>_<AccessionNumber>/<SeriesNumber>_<SeriesDescription>_<organ>/
-        <organ>_seg.dcm
-        <organ>_<tissue>.stl
-        <organ>_<tissue>_colored.ply
-        report.json
-        manifest.json          written last: its presence means the folder is complete
-
-Template fields (anything else is a :class:`~node.config.ConfigError` naming
-``share.path_template``): every keyword of :data:`node.store.RULE_TAGS`
-(``PatientID``, ``StudyDate``, ``AccessionNumber``, ``SeriesNumber``,
-``SeriesDescription``, ``Modality``, ...), plus ``organ`` (= the profile
-name), ``profile``, ``rule``, ``backend``, ``job_id``, ``generation``,
-``StudyInstanceUID``, ``SeriesInstanceUID``, ``calling_ae``.  A field may
-carry a string format spec (``{SeriesNumber:>04}``, ``{SeriesDescription:.20}``).
-
-Every field value is sanitised (:func:`sanitize_component`): path
-separators, control characters and the characters Windows shares refuse
-become ``_``, ``..`` cannot survive, leading dots are dropped, the length is
-limited, and an empty value becomes ``_unknown_``.  The rendered folder is
-checked to lie inside ``root``.
-
-Writing: each file goes to a temporary name *inside the target folder*, is
-fsync'ed and renamed over its final name, then the folder is fsync'ed.
-``manifest.json`` is written the same way after all the data files.
-
-Idempotence: a re-run for the same job (or the same series + organ) writes
-the same folder again; files named by the previous manifest that the new run
-no longer produces are removed, nothing else in the folder is touched.  When a
-folder is already taken by a *different* series (two series whose fields
-sanitise to the same names, e.g. all empty), the folder name gets a suffix
-``~<8 hex of the SeriesInstanceUID hash>``, deterministic, so re-runs still land
-in the same place.
-
-Superseded results (a newer generation of the same series, see the job
-store): the newer ``manifest.json`` lists what it supersedes
-(``supersedes: [{job_id, generation, seg_series_instance_uid, folder}]``).
-When the newer result lands in the *same* folder (the default template has
-no per-generation field) it simply replaces the older files; when it lands in
-a different folder, a ``SUPERSEDED.json`` marker naming the newer job and
-folder is written into the older folder (its files are kept).  An older
-generation never overwrites a newer one: :func:`drop` then writes nothing and
-raises :class:`Superseded`.
+The folder comes from ``share.path_template`` (every field sanitised, the folder kept inside
+the root); files are copied atomically and ``manifest.json`` is written last.  How re-runs and
+newer generations land there: docs/architecture.md (Generations).
 """
 
 from __future__ import annotations
@@ -64,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from node import __version__
 from node.durable import atomic_copy, atomic_write, fsync_dir, makedirs_durable
 from node.config import ConfigError
-from node.store import RULE_TAGS
+from node.dicom_values import RULE_TAGS
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -349,10 +307,21 @@ def drop(
 ) -> ShareDrop:
     """Publish ``files`` into the template folder under ``root`` with a ``manifest.json``.
 
+    The folder holds ``<organ>_seg.dcm``, ``<organ>_<tissue>.stl``, ``<organ>_<tissue>_colored.ply``,
+    ``report.json`` and ``manifest.json``, written last: its presence means the folder is complete.
+    Each file goes to a temporary name inside the folder, is fsynced and renamed over its name.
+    A re-run for the same series and organ writes the same folder again: files named by the
+    previous manifest that it no longer produces are removed, nothing else is touched.  A folder
+    already taken by another series (fields that sanitise to the same names, e.g. all empty) gets
+    the suffix ``~<8 hex of a hash of series UID and organ>``, so re-runs land there again.
+
     Args:
         root: share root (created if missing).
-        template: ``share.path_template``.
-        fields: template field values (raw; sanitised here).
+        template: ``share.path_template``: fields of :data:`TEMPLATE_FIELDS` (the rule tags
+            plus ``organ`` = the profile, ``profile``, ``rule``, ``backend``, ``job_id``,
+            ``generation``, the study/series UIDs, ``calling_ae``), each with an optional
+            string format spec (``{SeriesNumber:>04}``, ``{SeriesDescription:.20}``).
+        fields: template field values (raw; sanitised here, see :func:`sanitize_component`).
         files: what to copy (each file's ``name`` must be a plain file name).
         job: ``id``, ``series_uid``, ``rule``, ``profile``, ``backend``,
             ``rules_version``, ``generation`` (+ anything else, kept in the manifest).

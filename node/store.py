@@ -62,9 +62,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 __all__ = [
     "SCHEMA_VERSION",
-    "MODEL_BACKENDS",
     "RESOURCES",
-    "RULE_TAGS",
     "SERIES_STATES",
     "JOB_STATES",
     "DISPATCH_STATES",
@@ -74,48 +72,15 @@ __all__ = [
     "Job",
     "Dispatch",
     "Store",
-    "tags_from_dataset",
-    "rules_version",
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 log = logging.getLogger("node.store")
 
-#: backends that run a model (a job of theirs wants a GPU slot when the node has GPUs)
-MODEL_BACKENDS: tuple[str, ...] = ("totalsegmentator", "nnunet", "monai")
 #: slot kinds of the worker pool (``jobs.resource``)
 RESOURCES: tuple[str, ...] = ("cpu", "gpu")
-
-#: DICOM keywords copied into ``instances.tags`` / ``series.tags`` for the routing rules
-RULE_TAGS: tuple[str, ...] = (
-    "Modality",
-    "SeriesDescription",
-    "ProtocolName",
-    "BodyPartExamined",
-    "StudyDescription",
-    "PatientID",
-    "AccessionNumber",
-    "StudyDate",
-    "StudyTime",
-    "SeriesDate",
-    "SeriesNumber",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ImageType",
-    "SliceThickness",
-    "ContrastBolusAgent",
-    "ConvolutionKernel",
-    "KVP",
-    "PatientSex",
-    "PatientAge",
-    "InstitutionName",
-    "StationName",
-    "SOPClassUID",
-    "Rows",
-    "Columns",
-)
 
 SeriesState = Literal["receiving", "complete", "routed", "unrouted", "processing", "done", "failed"]
 JobState = Literal["queued", "running", "done", "failed", "superseded"]
@@ -236,6 +201,12 @@ _MIGRATIONS: tuple[str, ...] = (
     # jobs.provisional = 1 while the series is not complete (its result is not published),
     # jobs.instances_digest = digest of the instance set a try ran on (series_digest).
     "@add_column jobs provisional INTEGER NOT NULL DEFAULT 0; @add_column jobs instances_digest TEXT",
+    # 4 -> 5: the store stops knowing backends.  Until now claim_job derived the slot kind of a
+    # row without ``resource`` (written before schema 2) from its backend at every claim; this
+    # fills it once, the same way, with the model backends as they were at schema 4.  From here
+    # on a row without ``resource`` is one the pool has not classified yet.
+    "UPDATE jobs SET resource = CASE WHEN backend IN ('totalsegmentator','nnunet','monai') THEN 'gpu' ELSE 'cpu' END"
+    " WHERE resource IS NULL",
 )
 
 
@@ -243,51 +214,10 @@ _MIGRATIONS: tuple[str, ...] = (
 # helpers
 
 
-def _jsonable(value: Any) -> Any:
-    """Turn a pydicom element value into JSON (MultiValue -> list, DS -> float, IS -> int)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        # pydicom DSfloat/IS subclass float/int: plain numbers in JSON
-        if isinstance(value, float):
-            return float(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return int(value)
-        return value
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
-def tags_from_dataset(ds: Any, keywords: Iterable[str] = RULE_TAGS) -> dict[str, Any]:
-    """The rule tags present in ``ds`` (a pydicom Dataset) as a JSON-able dict.
-
-    Absent tags are left out; present-but-empty tags are kept as ``""``
-    (``None`` values become ``""``) so rules can tell "empty" from "absent".
-    A value that cannot be decoded is skipped.
-    """
-    out: dict[str, Any] = {}
-    for kw in keywords:
-        try:
-            if kw not in ds:
-                continue
-            value = ds[kw].value
-        except Exception:  # noqa: BLE001 - a broken value must not stop indexing
-            continue
-        out[kw] = "" if value is None else _jsonable(value)
-    return out
-
-
 def _check_resource(value: str | None) -> str | None:
     if value is not None and value not in RESOURCES:
         raise ValueError(f"job resource must be one of {', '.join(RESOURCES)} (got {value!r})")
     return value
-
-
-def rules_version(source: str | Path | bytes) -> str:
-    """Version id of a rule file: the SHA-256 (hex, first 16 chars) of its bytes."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def instances_digest(sop_instance_uids: Iterable[str]) -> str:
@@ -306,8 +236,6 @@ def _add_column(c: sqlite3.Connection, table: str, column: str, decl: str) -> No
         c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
-#: SQL for the slot kind of a job row: its ``resource``, else (rows from before schema 2) by backend
-_RESOURCE_SQL = (f"COALESCE(resource, CASE WHEN backend IN ({_in(MODEL_BACKENDS)}) THEN 'gpu' ELSE 'cpu' END)")
 
 
 #: SET clause of a job restart (:meth:`Store.restart_job`, and the receiver's discard of an early
@@ -793,9 +721,8 @@ class Store:
 
         Args:
             kinds: only jobs whose slot kind (``resource``: 'cpu' | 'gpu') is one of these;
-                None: any job.  Rows without a ``resource`` (written before schema 2 or not
-                classified yet) count as 'gpu' when their backend runs a model
-                (:data:`MODEL_BACKENDS`), else 'cpu'.
+                None: any job.  A job the pool has not classified yet (``resource`` NULL,
+                see :meth:`unclassified_jobs`) is claimed only with None.
             early_quiet_s: a provisional job is due only while its series is still
                 ``receiving`` and has been quiet for at least this long (so a series that is
                 still arriving is not started again after every instance); None: provisional
@@ -809,7 +736,7 @@ class Store:
             ks = [_check_resource(k) for k in kinds]
             if not ks:
                 return None
-            where = f" AND {_RESOURCE_SQL} IN ({','.join('?' * len(ks))})"
+            where = f" AND resource IN ({','.join('?' * len(ks))})"
             args = list(ks)
         if early_quiet_s is None or confirmed_only:
             where += " AND provisional = 0"

@@ -78,7 +78,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.pipeline.ai_common import GPU_SLOT_ENV
-from node.store import MODEL_BACKENDS, Job, Store, instances_digest
+from node.backend_registry import runs_model
+from node.store import Job, Store, instances_digest
 
 __all__ = [
     "WorkerPool",
@@ -195,11 +196,9 @@ def _apply_env(env: dict[str, str] | None) -> None:
         os.environ[key] = str(value)
 
 
-def _backend_info(spec: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """``report["backend"]``: which backend ran, in which process, and its model cache."""
-    import sys
-
-    info: dict[str, Any] = {
+def _backend_info(model_type: str, run: dict[str, Any]) -> dict[str, Any]:
+    """``report["backend"]``: which backend ran, in which process, and what it used (its run_info())."""
+    return {
         "name": model_type,
         "process": {
             "pid": os.getpid(),
@@ -208,18 +207,12 @@ def _backend_info(spec: dict[str, Any], model_type: str) -> dict[str, Any]:
             "jobs_in_process": _PROC["jobs"],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         },
+        **run,
     }
-    if model_type == "nnunet":
-        mod = sys.modules.get("node.pipeline.backend_nnunet")
-        if mod is not None and hasattr(mod, "last_run_info"):
-            info.update(mod.last_run_info())
-    return info
 
 
 def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the pipeline for one job (in the job process, or in a long-lived slot process)."""
-    import sys
-
     from node.durable import atomic_write, fsync_dir
     from node.errors import InputError
     from node.pipeline.run import run_pipeline
@@ -237,9 +230,6 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    nnunet = sys.modules.get("node.pipeline.backend_nnunet")
-    if nnunet is not None and hasattr(nnunet, "_last_run"):
-        nnunet._last_run.clear()  # a long-lived process: no stale cache info from the last job
     early = early_seg_path(final)
 
     def on_seg(path: Path, uid: str) -> None:
@@ -272,7 +262,8 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         on_seg=on_seg,
         seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
     )
-    backend_info = _backend_info(spec, str(res.report.get("profile", {}).get("model_type") or spec.get("backend")))
+    backend_info = _backend_info(str(res.report.get("profile", {}).get("model_type") or spec.get("backend")),
+                                 res.backend_run)
     res.report["backend"] = backend_info
     atomic_write(tmp / "report.json", (json.dumps(res.report, indent=2) + "\n").encode("utf-8"))
     # publish the folder whole: results/<id>/ only ever holds a finished run
@@ -672,7 +663,7 @@ def job_resource(config: Any, job: Job) -> str:
 
     Independent of whether this node has GPUs: without ``gpus`` every slot takes every job.
     """
-    if job_backend(job) not in MODEL_BACKENDS:
+    if not runs_model(job_backend(job)):
         return "cpu"
     device = None
     try:
@@ -944,7 +935,7 @@ class WorkerPool:
 
     def _start_job(self, slot: _Slot, job: Job) -> None:
         store = self.store
-        persistent = job_backend(job) in MODEL_BACKENDS
+        persistent = runs_model(job_backend(job))
         try:
             store.set_series_state(job.series_uid, "processing", from_states=("routed", "processing"),
                                    generation=job.generation)

@@ -19,9 +19,10 @@ import pytest
 from pydicom import dcmread
 
 from node.config import ConfigError, Destination, KnownAE, NodeConfig, RetryPolicy, ShareConfig
+from node.dicom_values import tags_from_dataset
 from node.dispatcher import Dispatcher, dispatch_log
 from node.share import MANIFEST_NAME, PLACEHOLDER, SUPERSEDED_NAME, render_folder, sanitize_component
-from node.store import Dispatch, InstanceRecord, Job, Store, tags_from_dataset
+from node.store import Dispatch, InstanceRecord, Job, Store
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))

@@ -439,9 +439,9 @@ def test_router_generations_supersede_and_idempotence(tmp_path):
     the older queued job superseded; a rule with supersede: false ignores them; unmatched -> unrouted."""
     from node.completion import sweep
     from node.config import load_config
-    from node.router import Router, short_version
-    from node.routing.rules import RuleSetHolder
-    from node.store import InstanceRecord, rules_version
+    from node.router import Router
+    from node.routing.rules import RuleSetHolder, rules_version
+    from node.store import InstanceRecord
 
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES + """
@@ -457,7 +457,7 @@ def test_router_generations_supersede_and_idempotence(tmp_path):
     cfg = load_config(cfg_file)
     store = Store(cfg.database_path)
     router = Router(cfg, store, RuleSetHolder(rules))
-    assert short_version(router.rules.ruleset.version) == rules_version(rules)
+    assert router.rules.ruleset.version == rules_version(rules)
 
     def add(series: str, sop: str, desc: str, t: float) -> None:
         store.record_instance(InstanceRecord(

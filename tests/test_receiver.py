@@ -167,7 +167,7 @@ def test_storescu_j2k_series_stored_byte_identical(receiver):
     rx, store = receiver
     r = run(["storescu", "-xv", "+sd", "-aec", "DICOMNODE", "-aet", "MODALITY", "127.0.0.1", str(rx.port), str(J2K)], 60)
     assert r.returncode == 0, r.stdout + r.stderr
-    files = sorted(rx.spool_dir.rglob("*.dcm"))
+    files = sorted(rx.spool.spool_dir.rglob("*.dcm"))
     assert len(files) == 20
     by_sop = {f.stem: f for f in files}
     for src in sorted(J2K.glob("*.dcm")):
@@ -186,13 +186,13 @@ def test_storescu_j2k_series_stored_byte_identical(receiver):
         assert inst.tags["Modality"] == "CT" and inst.tags["SeriesDescription"] == "CT Body 3.0"
     series = store.list_series()
     assert len(series) == 1 and series[0].instance_count == 20 and series[0].state == "receiving"
-    assert not list(rx.spool_dir.rglob("*.tmp"))
+    assert not list(rx.spool.spool_dir.rglob("*.tmp"))
 
     # duplicates: stored once, counted, success
     dup = sorted(J2K.glob("*.dcm"))[:2]
     r = run(["storescu", "-xv", "-aec", "DICOMNODE", "127.0.0.1", str(rx.port), *map(str, dup)])
     assert r.returncode == 0, r.stdout + r.stderr
-    assert len(list(rx.spool_dir.rglob("*.dcm"))) == 20
+    assert len(list(rx.spool.spool_dir.rglob("*.dcm"))) == 20
     counts = sorted(i.received_count for i in store.series_instances(series[0].series_uid))
     assert counts == [1] * 18 + [2, 2]
     assert store.get_series(series[0].series_uid).instance_count == 20
@@ -214,9 +214,9 @@ def test_as_published_empty_uids_refused_and_quarantined(receiver, raw_send):
     finally:
         assoc.release()
     assert statuses == [0xA900] * 20
-    assert not list(rx.spool_dir.rglob("*.dcm")) and store.count_instances() == 0
-    q = sorted(rx.quarantine_dir.glob("*.dcm"))
-    reasons = sorted(rx.quarantine_dir.glob("*.reason.txt"))
+    assert not list(rx.spool.spool_dir.rglob("*.dcm")) and store.count_instances() == 0
+    q = sorted(rx.spool.quarantine_dir.glob("*.dcm"))
+    reasons = sorted(rx.spool.quarantine_dir.glob("*.reason.txt"))
     assert len(q) == len(reasons) == 20
     text = reasons[0].read_text()
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PYTEST"):
@@ -242,15 +242,13 @@ def test_corrupt_instance_refused_others_stored(receiver, tmp_path, raw_send):
     finally:
         assoc.release()
     assert statuses == [0x0000, 0xC000, 0x0000]
-    assert store.count_instances() == 2 and len(list(rx.spool_dir.rglob("*.dcm"))) == 2
-    (reason,) = rx.quarantine_dir.glob("*.reason.txt")
+    assert store.count_instances() == 2 and len(list(rx.spool.spool_dir.rglob("*.dcm"))) == 2
+    (reason,) = rx.spool.quarantine_dir.glob("*.reason.txt")
     assert "cannot parse" in reason.read_text()
-    (qfile,) = rx.quarantine_dir.glob("*.dcm")
+    (qfile,) = rx.spool.quarantine_dir.glob("*.dcm")
     assert dataset_bytes(qfile.read_bytes()) == dataset_bytes(bad.read_bytes())
     # the operator sees it: reason, sender and file, from the reason file next to the bytes
-    from node.scp.receiver import read_quarantine
-
-    (entry,) = read_quarantine(rx.quarantine_dir)
+    (entry,) = rx.spool.quarantined()
     assert entry.path == qfile and entry.size == qfile.stat().st_size
     assert "cannot parse" in entry.reason and entry.calling == "PYTEST" and entry.peer == "127.0.0.1"
     res = subprocess.run([sys.executable, "-m", "node.cli", "jobs", "quarantine", "--db", str(store.path)],
@@ -273,7 +271,7 @@ def test_sop_instance_mismatch_refused(receiver, raw_send, tmp_path):
     finally:
         assoc.release()
     assert store.count_instances() == 0
-    (reason,) = rx.quarantine_dir.glob("*.reason.txt")
+    (reason,) = rx.spool.quarantine_dir.glob("*.reason.txt")
     assert "differs from the command's AffectedSOPInstanceUID" in reason.read_text()
 
 
@@ -289,13 +287,13 @@ def test_rescan_indexes_unindexed_spool_files(tmp_path):
     # simulate a crash after the write but before indexing: forget one instance
     uid = str(dcmread(src[0], stop_before_pixels=True).SOPInstanceUID)
     store.conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (uid,))
-    (rx.spool_dir / "leftover.dcm.tmp").write_bytes(b"partial")
+    (rx.spool.spool_dir / "leftover.dcm.tmp").write_bytes(b"partial")
     rx2 = Receiver(rx.config, store)
     rx2.start()
     try:
         inst = store.get_instance(uid)
         assert inst is not None and inst.calling_ae == "PYTEST" and inst.transfer_syntax == J2K_LOSSLESS
-        assert not (rx.spool_dir / "leftover.dcm.tmp").exists()
+        assert not (rx.spool.spool_dir / "leftover.dcm.tmp").exists()
     finally:
         rx2.stop()
         store.close()
@@ -387,4 +385,4 @@ def test_sender_rejected_is_transient_error(receiver):
         send_datasets(sorted(J2K.glob("*.dcm"))[:1], ("WRONG", "127.0.0.1", rx.port), timeouts=5)
     # and to our own receiver it works end to end
     result = send_datasets(sorted(J2K.glob("*.dcm"))[:2], ("DICOMNODE", "127.0.0.1", rx.port), timeouts=5)
-    assert result.ok and len(list(rx.spool_dir.rglob("*.dcm"))) == 2
+    assert result.ok and len(list(rx.spool.spool_dir.rglob("*.dcm"))) == 2

@@ -64,7 +64,7 @@ def test_minimal_rule_loads():
     (r,) = rs.rules
     assert (r.name, r.profile, r.destinations, r.backend) == ("body-ct-bones", "bones", ("pacs",), None)
     assert (r.share, r.stop, r.enabled, r.supersede) == (True, True, True, True)
-    assert r.line == 3 and len(rs.version) == 64
+    assert r.line == 3 and len(rs.version) == 16
     assert rs.keywords() == {"Modality", "SeriesDescription"}
 
 
@@ -431,6 +431,22 @@ def test_hot_reload(tmp_path):
     assert h.ruleset.rules[0].name == "b" and h.ruleset.version != v1
     assert seen == [h.ruleset] and h.last_error is None
     assert h.reload_if_changed() == (False, None)
+
+
+def test_rules_version_is_the_one_version_of_a_rule_file(tmp_path):
+    """Jobs, logs and RuleSet.version all carry rules_version: 16 hex digits of the file's SHA-256."""
+    from node.routing import rules_version
+
+    f = tmp_path / "r.yaml"
+    f.write_text("a: 1\n")
+    v1 = rules_version(f)
+    f.write_text("a: 2\n")
+    assert rules_version(f) != v1 and rules_version(b"a: 1\n") == v1 and len(v1) == 16
+    f.write_text(GOOD)
+    assert load_rules(f).version == rules_version(f) == parse_rules(GOOD).version
+    h = RuleSetHolder(f)
+    f.write_text(GOOD.replace("name: a", "name: b"))
+    assert h.reload_if_changed() == (True, None) and h.ruleset.version == rules_version(f)
 
 
 # ------------------------------------------------------------------ default file

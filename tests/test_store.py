@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from node.store import SCHEMA_VERSION, InstanceRecord, Store, rules_version
+from node.store import SCHEMA_VERSION, InstanceRecord, Store
 
 
 def rec(sop: str, series: str = "S1", study: str = "T1", at: float | None = None, **kw) -> InstanceRecord:
@@ -219,14 +219,6 @@ def test_claim_is_exclusive_across_processes_and_threads(tmp_path):
     assert sorted(got) == sorted(j.id for j in s.list_jobs())
     assert len(got) == len(set(got)) == 40
     assert all(j.state == "running" and j.attempts == 1 for j in s.list_jobs())
-
-
-def test_rules_version(tmp_path):
-    f = tmp_path / "r.yaml"
-    f.write_text("a: 1\n")
-    v1 = rules_version(f)
-    f.write_text("a: 2\n")
-    assert rules_version(f) != v1 and rules_version(b"a: 1\n") == v1
 
 
 def test_dispatch_attempts_are_logged_in_the_store(tmp_path):

@@ -122,12 +122,14 @@ def test_schema_migration_adds_resource_and_legacy_rows_claim_by_backend(tmp_pat
     db = tmp_path / "node.db"
     _v1_database(db, with_column=with_column)
     store = Store(db)
-    assert store.schema_version() == SCHEMA_VERSION == 4
-    assert store.migrate() == 4  # idempotent
-    assert [j.resource for j in store.list_jobs()] == [None, None, None]
+    assert store.schema_version() == SCHEMA_VERSION == 5
+    assert store.migrate() == 5  # idempotent
+    # schema 5 fills the slot kind of legacy rows from their backend once (the store no longer
+    # knows backends): model backends gpu, the rest cpu
+    assert [j.resource for j in store.list_jobs()] == ["gpu", "cpu", "gpu"]
     # schema 4: rows from before early start are ordinary (confirmed) jobs with no instance digest
     assert [(j.provisional, j.instances_digest) for j in store.list_jobs()] == [(False, None)] * 3
-    assert len(store.unclassified_jobs()) == 3
+    assert store.unclassified_jobs() == []
     # legacy rows: model backends count as gpu, the rest as cpu
     assert (j := store.claim_job("w", kinds=("cpu",))) is not None and j.backend == "hu_based"
     assert store.claim_job("w", kinds=("cpu",)) is None

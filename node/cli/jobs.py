@@ -138,7 +138,7 @@ def _cmd_series(args: argparse.Namespace) -> int:
 
 
 def _cmd_quarantine(args: argparse.Namespace) -> int:
-    from node.scp.receiver import read_quarantine
+    from node.spool import read_quarantine
 
     folder = Path(args.db).parent / "quarantine" if args.db else load_config(args.config).quarantine_dir
     entries = read_quarantine(folder)

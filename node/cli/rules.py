@@ -1,10 +1,5 @@
-"""``dicom-node rules``: validate routing rules and try them on series.
-
-* ``dicom-node rules validate [FILE]`` - prints ``OK: N rule(s)`` or every error
-  (``file:line: rule 'name': message``), exit code 1 on error.
-* ``dicom-node rules test PATH_OR_SERIES_UID`` - for every series under PATH (or
-  the stored series with that SeriesInstanceUID) prints each rule's outcome and
-  the reason, then the decision (profile, backend, destinations) or UNROUTED.
+"""``dicom-node rules``: validate a rule file (``validate``) and show how the rules route a
+folder of DICOM files or a stored series, rule by rule with the reason (``test``).
 """
 
 from __future__ import annotations
@@ -67,7 +62,7 @@ def _facts_from_store(uid: str, db_path: str | None,
 
     ``db_path`` defaults to the database of ./node.yaml.  The association AE
     titles default to the ones recorded with the series.  Only the tags the store
-    keeps (``node.store.RULE_TAGS`` plus geometry) are visible to the rules.
+    keeps (``node.dicom_values.RULE_TAGS``, geometry included) are visible to the rules.
     """
     try:
         from node.store import Store  # written separately, optional here

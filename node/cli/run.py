@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from node.profiles import MODEL_TYPES, list_profiles
+from node.backend_registry import BACKEND_NAMES
+from node.profiles import list_profiles
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--input", nargs="+", type=Path, help="DICOM folder(s) or file(s)")
     p.add_argument("--organ", help="organ profile name or YAML path (see --list-profiles)")
-    p.add_argument("--model", choices=MODEL_TYPES, default=None, help="backend; default: the profile's model_type")
+    p.add_argument("--model", choices=BACKEND_NAMES, default=None, help="backend; default: the profile's model_type")
     p.add_argument("--output", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the input holds several series")
     p.add_argument("--phase", choices=("auto", "contrast", "non_contrast"), default=None,

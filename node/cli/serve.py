@@ -1,10 +1,5 @@
-"""``dicom-node serve [--config node.yaml]``: run the node until SIGTERM/SIGINT.
-
-Without ``--config`` the embedded defaults apply (AE ``DICOMNODE``, port 11112,
-``./var``, workers = cores - 1, the repository's ``routing_rules.yaml`` and
-``profiles/``).  Prints one line once listening::
-
-    dicom-node: listening as DICOMNODE on port 11112, storage /srv/node/var
+"""``dicom-node serve [--config node.yaml]``: run the node (:mod:`node.service`) until
+SIGTERM/SIGINT; prints ``dicom-node: listening as <AE> on port <port>, storage <dir>`` once listening.
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""``dicom-node synth``: write a realistic DICOM CT series from a NIfTI volume (test tooling).
-
-Same options as ``python -m node.tools.synth_series``: resampling to a size, gantry
-tilt, uneven spacing, shuffled files, localizers, Enhanced CT and every transfer
-syntax a PACS sends, with fresh UIDs.
-"""
+"""``dicom-node synth``: the command line of :mod:`node.tools.synth_series` (test tooling)."""
 
 from __future__ import annotations
 

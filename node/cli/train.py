@@ -1,13 +1,7 @@
 """``dicom-node train nnunet``: nnU-Net's plan/preprocess/train on an exported dataset, result registered
 as a profile's model.
 
-On a GPU machine the defaults run nnU-Net's standard trainer::
-
-    dicom-node train nnunet --dataset out/Dataset501_Pancreas --work /data/nnunet \\
-        --models-root /opt/models --profile profiles/ai/pancreas_nnunet.yaml
-
-On the CPU (tests, smoke runs) ``--tiny`` shrinks the plans (3 stages, 12/24/48 features, 32^3
-patches) and uses a short trainer (``--epochs`` x ``--iterations``).
+The first paragraph above is the command's ``--help`` description; examples: docs/ai-backends.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -142,8 +142,6 @@ def _gauss_radius(sigma: float) -> int:
 
 class HUBackend:
     """Threshold + morphology segmentation driven entirely by the profile."""
-
-    name = "hu_based"
 
     #: calls ``on_mask`` as each tissue is final (see :meth:`segment`)
     streams_masks = True
@@ -300,3 +298,7 @@ class HUBackend:
         g = g[sub]
         out[inner] = (g >= lo) & (g <= hi) & env[inner]
         return out
+
+    def run_info(self) -> dict[str, Any]:
+        """Nothing beyond the report: this backend keeps no state between runs."""
+        return {}

@@ -250,8 +250,6 @@ def predict_bundle(volume: Volume, settings: MonaiModel) -> np.ndarray:
 class MonaiBackend:
     """MONAI inference (bundle or TorchScript) driven by the profile's ``model:`` section."""
 
-    name = "monai"
-
     def check(self, profile: Profile) -> None:
         settings: MonaiModel = ai_common.model_section(profile, MonaiModel)
         _model_path(settings)
@@ -263,3 +261,7 @@ class MonaiBackend:
         ai_common.prepare_torch(settings.threads)
         label = predict_bundle(volume, settings) if settings.bundle else predict_torchscript(volume, settings)
         return ai_common.tissue_masks(label, wanted)
+
+    def run_info(self) -> dict[str, Any]:
+        """Nothing beyond the report: this backend keeps no state between runs."""
+        return {}

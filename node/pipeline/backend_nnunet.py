@@ -190,8 +190,6 @@ def predict_label_map(volume: Volume, settings: NnUNetModel) -> np.ndarray:
 class NnUNetBackend:
     """nnU-Net v2 inference driven by the profile's ``model:`` section."""
 
-    name = "nnunet"
-
     def check(self, profile: Profile) -> None:
         """Raise when the profile's model cannot run here (package, folder, labels)."""
         settings: NnUNetModel = ai_common.model_section(profile, NnUNetModel)
@@ -199,8 +197,13 @@ class NnUNetBackend:
         ai_common.profile_tissue_labels(profile, label_names(folder))
 
     def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:
+        _last_run.clear()  # a long-lived slot process: nothing stale from an earlier job's prediction
         settings: NnUNetModel = ai_common.model_section(profile, NnUNetModel)
         folder = check_model(settings)
         wanted = ai_common.profile_tissue_labels(profile, label_names(folder))
         label_map = predict_label_map(volume, settings)
         return ai_common.tissue_masks(label_map, wanted)
+
+    def run_info(self) -> dict[str, Any]:
+        """The model cache this process used for the last prediction (see :func:`last_run_info`)."""
+        return last_run_info()

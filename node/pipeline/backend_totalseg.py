@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -224,8 +225,6 @@ def run_totalsegmentator(img, settings: TotalSegmentatorModel):
 class TotalSegmentatorBackend:
     """TotalSegmentator inference driven by the profile's ``model:`` section."""
 
-    name = "totalsegmentator"
-
     def check(self, profile: Profile) -> None:
         settings: TotalSegmentatorModel = ai_common.model_section(profile, TotalSegmentatorModel)
         check_weights(settings)
@@ -239,3 +238,7 @@ class TotalSegmentatorBackend:
         if label_map.shape != volume.shape:
             raise BackendUnavailable(f"TotalSegmentator returned shape {label_map.shape}, volume is {volume.shape}")
         return ai_common.tissue_masks(label_map, wanted)
+
+    def run_info(self) -> dict[str, Any]:
+        """Nothing beyond the report: this backend keeps no state between runs."""
+        return {}

@@ -2,26 +2,26 @@
 
 A backend takes a :class:`~node.pipeline.volume.Volume` and a
 :class:`~node.profiles.Profile` and returns one boolean mask per tissue on the
-volume grid.  Backends are looked up by the profile's ``model_type`` (or a rule's
-override) and imported lazily, so the HU backend works without any AI package.
+volume grid.  Backends are looked up in :mod:`node.backend_registry` by the profile's
+``model_type`` (or a rule's override) and imported lazily, so the HU backend works without
+any AI package.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from node.errors import BackendUnavailable, ProfileError
+from node.backend_registry import backend_spec
+from node.errors import BackendUnavailable
 from node.pipeline.volume import Volume
-from node.profiles import MODEL_TYPES, Profile
+from node.profiles import Profile
 
 
 class Backend(Protocol):
-    """What every backend implements."""
-
-    name: str
+    """What every backend implements (registered in :mod:`node.backend_registry`)."""
 
     def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:
         """Return ``{tissue name: bool mask shaped like volume.array}`` for every tissue.
@@ -31,14 +31,9 @@ class Backend(Protocol):
         pipeline can mesh a tissue while the next one is segmented.
         """
 
-
-#: model_type -> (module, class, pip extra that installs its dependencies)
-_REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "hu_based": ("node.pipeline.backend_hu", "HUBackend", None),
-    "totalsegmentator": ("node.pipeline.backend_totalseg", "TotalSegmentatorBackend", "totalseg"),
-    "nnunet": ("node.pipeline.backend_nnunet", "NnUNetBackend", "nnunet"),
-    "monai": ("node.pipeline.backend_monai", "MonaiBackend", "monai"),
-}
+    def run_info(self) -> dict[str, Any]:
+        """What the last :meth:`segment` in this process used (e.g. model cache hit or miss,
+        load time, device), for the job report; ``{}`` when there is nothing to say."""
 
 
 def get_backend(model_type: str) -> Backend:
@@ -49,18 +44,18 @@ def get_backend(model_type: str) -> Backend:
         BackendUnavailable: the backend's package is not installed; the message says
             which ``pip install`` command fixes it.
     """
-    if model_type not in _REGISTRY:
-        raise ProfileError(f"model_type '{model_type}' is not allowed; allowed: {', '.join(MODEL_TYPES)}")
-    module, cls, extra = _REGISTRY[model_type]
+    spec = backend_spec(model_type)
+    extra = spec.extra
     try:
-        mod = importlib.import_module(module)
+        mod = importlib.import_module(spec.module)
     except ModuleNotFoundError as exc:
         hint = (f"pip install torch==2.13.0 && pip install -e '.[{extra}]' -c constraints.txt "
                 "(in the dicom-node checkout; see docs/ai-backends.md)" if extra else "reinstall dicom-seg-node")
         raise BackendUnavailable(
             f"backend '{model_type}' is not available ({exc.name} is not installed): run {hint}"
         ) from None
-    return getattr(mod, cls)()
+    backend: Backend = getattr(mod, spec.class_name)()
+    return backend
 
 
 def check_profile(profile: Profile, backend: str | None = None) -> str | None:

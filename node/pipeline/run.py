@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from node import __version__
+from node.backend_registry import backend_spec
 from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
@@ -42,14 +43,6 @@ log = logging.getLogger(__name__)
 #: ``progress(stage, message)`` callback; stages: load, segment, mesh, seg, report
 Progress = Callable[[str, str], None]
 
-ALGORITHM_NAMES = {
-    "hu_based": "dicom-node HU threshold",
-    "totalsegmentator": "TotalSegmentator",
-    "nnunet": "nnU-Net",
-    "monai": "MONAI",
-}
-
-
 @dataclass
 class RunResult:
     """What a run produced."""
@@ -61,6 +54,7 @@ class RunResult:
     report_path: Path | None = None
     volume: Volume | None = None
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    backend_run: dict[str, Any] = field(default_factory=dict)  #: the backend's run_info() after segmenting
 
 
 def _peak_rss_mb() -> float:
@@ -177,7 +171,8 @@ def run_pipeline(
     t_start = time.perf_counter()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     model_type = backend or prof.model_type
-    if model_type == "hu_based":
+    backend_entry = backend_spec(model_type)
+    if not backend_entry.runs_model:
         # the HU backend's many freed arrays of a few MB go back to the OS (measured there,
         # see node.pipeline.heap); an AI backend's process keeps its library's defaults
         fix_mmap_threshold()
@@ -220,7 +215,7 @@ def run_pipeline(
                 }
         seg_backend = get_backend(model_type)
         heap_window: RetainFreed | None = None
-        if model_type == "hu_based":
+        if not backend_entry.runs_model:
             # from here on freed arrays are reused instead of faulted in and zeroed afresh by
             # the kernel, as long as the process stays below about what segmenting this grid
             # needs at its peak anyway (see node.pipeline.heap)
@@ -312,6 +307,7 @@ def run_pipeline(
                 masks: dict[str, np.ndarray] = stages.run(
                     "segment", f"{model_type} segmentation, profile {prof.name}, {chosen_phase} phase", _segment
                 )
+            backend_run = seg_backend.run_info()
             missing = [t.name for t in prof.tissues if t.name not in masks]
             if missing:
                 raise InputError(f"backend {model_type} returned no mask for tissue(s) {', '.join(missing)}")
@@ -347,9 +343,9 @@ def run_pipeline(
                 volume,
                 _segment_specs(prof, masks),
                 seg_path,  # type: ignore[arg-type]  # set whenever _seg runs
-                algorithm_name=ALGORITHM_NAMES.get(model_type, model_type),
+                algorithm_name=backend_entry.display_name,
                 algorithm_version=__version__,
-                algorithm_family=ALGORITHM_FAMILY_THRESHOLD if model_type == "hu_based" else ALGORITHM_FAMILY_AI,
+                algorithm_family=ALGORITHM_FAMILY_AI if backend_entry.runs_model else ALGORITHM_FAMILY_THRESHOLD,
                 series_instance_uid=seg_series_uid,
                 series_description=f"SEG {prof.name} {volume.info.series_description}".strip()[:64],
             )
@@ -413,4 +409,4 @@ def run_pipeline(
         progress("report", "writing report.json")
     report_path = out / "report.json"
     atomic_write(report_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
-    return RunResult(out, report, seg_path, mesh_paths, report_path, volume, masks)
+    return RunResult(out, report, seg_path, mesh_paths, report_path, volume, masks, backend_run)

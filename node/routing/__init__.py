@@ -18,9 +18,11 @@ from node.routing.rules import (
     RoutingDecision,
     load_rules,
     parse_rules,
+    rules_version,
 )
 
 __all__ = [
     "ORIGIN", "Rule", "RuleEvaluation", "RuleIssue", "RuleSet", "RuleSetHolder", "RulesError",
     "RoutingDecision", "SeriesFacts", "facts_from_paths", "load_rules", "parse_rules",
+    "rules_version",
 ]

@@ -1,26 +1,8 @@
-"""Condition types of routing rules and their evaluation with explanations.
+"""Condition operators and combinators of routing rules, evaluated with explanations.
 
-A condition tree is built by :mod:`node.routing.rules` from the ``match`` block of a
-rule and evaluated against a :class:`~node.routing.facts.SeriesFacts`.  Every
-evaluation returns a :class:`Outcome`: whether it matched and a one-line reason
-naming the condition that decided it, for example::
-
-    SeriesDescription regex '(?i)body|bone' did not match 'Head 5.0'
-
-Value semantics (documented in ``routing_rules.yaml`` as well):
-
-* ``equals`` / plain scalar: strings compare case-sensitively after stripping
-  surrounding blanks (``ignore_case: true`` to fold case); a number compares
-  numerically (``3`` equals ``"3.0"``); ``true``/``false`` compare as booleans.
-* ``one_of`` / plain list: equals any of the listed values.
-* ``regex``: Python ``re.search`` (not anchored: use ``^...$`` to anchor).
-* ``glob``: ``fnmatch`` on the whole value (case-sensitive unless ``ignore_case``).
-* ``range`` / ``min``/``max``: inclusive numeric bounds, either may be ``null``.
-* ``exists``: the attribute is present (even if empty) / absent.
-* ``not_empty``: present with a non-blank value (``false``: absent or blank).
-* Multi-valued attributes (ImageType, PixelSpacing, ...): ``equals``, ``one_of``,
-  ``regex`` and ``glob`` see the DICOM string form, values joined with ``\\``
-  (``ORIGINAL\\PRIMARY\\AXIAL``); ``range`` uses the *first* value.
+:mod:`node.routing.rules` builds a condition tree from a rule's ``match`` block; evaluating it
+against a :class:`~node.routing.facts.SeriesFacts` gives an :class:`Outcome`: matched or not,
+and a one-line reason naming the condition that decided it (operator semantics: :class:`Operator`).
 """
 
 from __future__ import annotations
@@ -154,7 +136,23 @@ def _scalar_equal(expected: Any, actual: Any, ignore_case: bool) -> bool:
 
 
 class Operator:
-    """A test applied to one attribute value."""
+    """A test applied to one attribute value.
+
+    Value semantics (documented in ``routing_rules.yaml`` as well):
+
+    * ``equals`` / plain scalar: strings compare case-sensitively after stripping
+      surrounding blanks (``ignore_case: true`` to fold case); a number compares
+      numerically (``3`` equals ``"3.0"``); ``true``/``false`` compare as booleans.
+    * ``one_of`` / plain list: equals any of the listed values.
+    * ``regex``: Python ``re.search`` (not anchored: use ``^...$`` to anchor).
+    * ``glob``: ``fnmatch`` on the whole value (case-sensitive unless ``ignore_case``).
+    * ``range`` / ``min``/``max``: inclusive numeric bounds, either may be ``null``.
+    * ``exists``: the attribute is present (even if empty) / absent.
+    * ``not_empty``: present with a non-blank value (``false``: absent or blank).
+    * Multi-valued attributes (ImageType, PixelSpacing, ...): ``equals``, ``one_of``,
+      ``regex`` and ``glob`` see the DICOM string form, values joined with ``\\``
+      (``ORIGINAL\\PRIMARY\\AXIAL``); ``range`` uses the *first* value.
+    """
 
     name = "?"
     needs_value = True

@@ -1,27 +1,6 @@
-"""Series-level facts that routing rules are evaluated against.
-
-A :class:`SeriesFacts` holds the header attributes of one *representative*
-instance (the first one by position along the slice normal) plus values computed
-over the whole series:
-
-==================  =========================================================
-``instance_count``  number of distinct instances (SOPInstanceUID)
-``slice_thickness`` SliceThickness of the representative instance (mm)
-``slice_spacing``   median gap between slice positions projected on the slice
-                    normal (mm); *not* SliceThickness.  ``None`` with < 2 positions
-``orientation``     ``axial``, ``coronal``, ``sagittal`` or ``oblique`` (from IOP)
-``gantry_tilt``     bool: the step between positions deviates from the normal
-                    by more than 0.5 degrees, or GantryDetectorTilt is non-zero
-``gantry_tilt_deg`` that angle in degrees (geometry; else abs(GantryDetectorTilt))
-``modality``        Modality
-``calling_ae``      AE title of the sender (association)
-``called_ae``       AE title the sender addressed (association)
-==================  =========================================================
-
-Facts can be built from pydicom datasets (:meth:`SeriesFacts.from_datasets`),
-from files and folders (:func:`facts_from_paths`, one ``SeriesFacts`` per series)
-or from plain per-instance dicts ``keyword -> value`` as the store keeps them
-(:meth:`SeriesFacts.from_tag_dicts`).
+"""Series facts: what routing rules are evaluated against for one series (the attributes of a
+representative instance, plus counts and geometry computed over the whole series), built from
+DICOM headers or from the rule tags the store keeps, with the same values from either.
 """
 
 from __future__ import annotations
@@ -34,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from node.dicom_values import tags_from_dataset
 from node.errors import InputError
 from node.routing.conditions import MISSING, as_number
 
@@ -57,44 +37,6 @@ ASSOCIATION_FIELDS: dict[str, str] = {
 TILT_THRESHOLD_DEG = 0.5
 #: a slice normal within this angle (degrees) of a patient axis names the plane
 ORIENTATION_TOLERANCE_DEG = 30.0
-
-_SKIP_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
-
-
-def plain_value(elem_value: Any, vr: str | None = None) -> Any:
-    """Turn a pydicom element value into plain JSON-able Python (str/int/float/list)."""
-    from pydicom.multival import MultiValue
-    from pydicom.valuerep import PersonName
-
-    if isinstance(elem_value, (MultiValue, list, tuple)):
-        return [plain_value(v, vr) for v in elem_value]
-    if elem_value is None:
-        return None
-    if isinstance(elem_value, bool):
-        return elem_value
-    if isinstance(elem_value, int):
-        return int(elem_value)
-    if isinstance(elem_value, float):
-        return float(elem_value)
-    if isinstance(elem_value, PersonName):
-        return str(elem_value)
-    if isinstance(elem_value, bytes):
-        return None
-    return str(elem_value)
-
-
-def dataset_to_tags(ds: Any) -> dict[str, Any]:
-    """Keyword -> plain value for every top-level, non-binary, non-sequence element."""
-    tags: dict[str, Any] = {}
-    for elem in ds:
-        kw = elem.keyword
-        if not kw or elem.VR in _SKIP_VRS or kw == "PixelData":
-            continue
-        try:
-            tags[kw] = plain_value(elem.value, elem.VR)
-        except Exception:  # noqa: BLE001 - an unparsable value must not break routing
-            continue
-    return tags
 
 
 def _vec(value: Any, n: int) -> np.ndarray | None:
@@ -291,7 +233,7 @@ class SeriesFacts:
     ) -> "SeriesFacts":
         """Build from pydicom datasets (headers are enough) of one series."""
         return cls.from_tag_dicts(
-            [dataset_to_tags(ds) for ds in datasets], calling_ae, called_ae, source=source
+            [tags_from_dataset(ds, keywords=None) for ds in datasets], calling_ae, called_ae, source=source
         )
 
 
@@ -335,7 +277,7 @@ def facts_from_paths(
             continue
         if "SOPClassUID" not in ds and "Modality" not in ds and "SeriesInstanceUID" not in ds:
             continue  # a DICOMDIR or similar
-        tags = dataset_to_tags(ds)
+        tags = tags_from_dataset(ds, keywords=None)
         groups.setdefault(str(tags.get("SeriesInstanceUID") or ""), []).append(tags)
     if not groups:
         raise InputError("no DICOM files found", path=", ".join(str(p) for p in paths))

@@ -1,26 +1,8 @@
-"""Routing rule schema, loader with line-accurate validation, rule sets and hot reload.
+"""Routing rule files: schema, loader with line-accurate validation, rule sets and hot reload.
 
-File format (``routing_rules.yaml``)::
-
-    rules:                      # ordered; a bare top-level list is accepted too
-      - name: body-ct-bones     # required, unique
-        match:                  # required; a mapping is an implicit ``all``
-          Modality: CT
-          SeriesDescription: {regex: "(?i)body|bone"}
-        profile: bones          # required: organ profile name
-        backend: null           # optional: hu_based | totalsegmentator | monai | nnunet
-        destinations: [pacs]    # optional (default []): names from node.yaml or ``origin``
-        share: true             # optional (default true)
-        stop: true              # optional (default true): first match wins
-        enabled: true           # optional (default true)
-        supersede: true         # optional (default true): late instances start a new job
-        early_start: true       # optional (default true): may start before the quiet period ends
-                                #   (node.yaml early_start_s); false for senders that trickle
-        description: "..."      # optional free text
-
-See :mod:`node.routing.conditions` for the operators.  Every problem is reported
-as a :class:`RuleIssue` naming the file, the YAML line and the rule; all problems
-of a file are collected and raised together as :class:`RulesError`.
+Every problem is a :class:`RuleIssue` naming the file, the YAML line and the rule; all problems
+of a file are raised together as :class:`RulesError`.  The file format is on :class:`Rule` (and
+in the header of the shipped ``routing_rules.yaml``), the operators in :mod:`node.routing.conditions`.
 """
 
 from __future__ import annotations
@@ -37,6 +19,8 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from node.backend_registry import BACKEND_NAMES
+from node.dicom_values import rule_visible
 from node.errors import InputError
 from node.routing.conditions import (
     AllOf,
@@ -57,7 +41,6 @@ from node.routing.facts import ASSOCIATION_FIELDS, FACT_FIELDS, SeriesFacts
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hu_based", "totalsegmentator", "monai", "nnunet")
 #: destination name meaning "send back to the calling AE's configured address"
 ORIGIN = "origin"
 RULE_KEYS = (
@@ -70,7 +53,6 @@ OPTION_KEYS = ("ignore_case",)
 COMBINATORS = ("all", "any", "not")
 ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
 _CASE_OPS = ("equals", "one_of", "regex", "glob")
-_SKIP_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 
 
 # ------------------------------------------------------------------ YAML with lines
@@ -170,7 +152,26 @@ class RulesError(InputError):
 
 @dataclass(frozen=True)
 class Rule:
-    """One routing rule as loaded (see module docstring for the fields)."""
+    """One routing rule as loaded.
+
+    File format (``routing_rules.yaml``)::
+
+        rules:                      # ordered; a bare top-level list is accepted too
+          - name: body-ct-bones     # required, unique
+            match:                  # required; a mapping is an implicit ``all``
+              Modality: CT
+              SeriesDescription: {regex: "(?i)body|bone"}
+            profile: bones          # required: organ profile name
+            backend: null           # optional: a backend of node.backend_registry (hu_based, nnunet, ...)
+            destinations: [pacs]    # optional (default []): names from node.yaml or ``origin``
+            share: true             # optional (default true)
+            stop: true              # optional (default true): first match wins
+            enabled: true           # optional (default true)
+            supersede: true         # optional (default true): late instances start a new job
+            early_start: true       # optional (default true): may start before the quiet period ends
+                                    #   (node.yaml early_start_s); false for senders that trickle
+            description: "..."      # optional free text
+    """
 
     name: str
     match: Condition
@@ -252,7 +253,7 @@ class RuleSet:
 
     rules: tuple[Rule, ...]
     version: str
-    """sha256 (hex) of the file bytes."""
+    """The file's :func:`rules_version`."""
     path: str | None = None
     mtime_ns: int | None = None
 
@@ -438,9 +439,9 @@ class _Parser:
                              + (", ".join(sorted(self.known_profiles)) or "none"), kl["profile"])
 
         backend = item.get("backend")
-        if backend is not None and backend not in BACKENDS:
-            self.err(f"unknown backend {backend!r}{_suggest(str(backend), BACKENDS)}; allowed: "
-                     + ", ".join(BACKENDS), kl["backend"])
+        if backend is not None and backend not in BACKEND_NAMES:
+            self.err(f"unknown backend {backend!r}{_suggest(str(backend), BACKEND_NAMES)}; allowed: "
+                     + ", ".join(BACKEND_NAMES), kl["backend"])
 
         dests: list[str] = []
         if "destinations" in item:
@@ -539,7 +540,7 @@ class _Parser:
             self.err(f"unknown DICOM keyword or fact {key!r}{_suggest(key, cands)}", line)
             return False
         vr = dictionary_VR(tag)
-        if vr in _SKIP_VRS:
+        if not rule_visible(key):
             self.err(f"{key!r} is a {vr} attribute (sequence or binary); rules can only test "
                      "plain-valued attributes", line)
             return False
@@ -640,6 +641,13 @@ class _Parser:
 # ------------------------------------------------------------------------ loading
 
 
+def rules_version(source: str | Path | bytes) -> str:
+    """The version of a rule file (a path, or its bytes): the first 16 hex digits of the SHA-256 of
+    its bytes.  Jobs carry it, and a SEG's identity derives from it."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def parse_rules(
     data: bytes | str,
     path: str | Path | None = None,
@@ -651,7 +659,7 @@ def parse_rules(
     """Parse and validate rule text; raises :class:`RulesError` listing every problem."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     spath = str(path) if path is not None else None
-    version = hashlib.sha256(raw).hexdigest()
+    version = rules_version(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -772,7 +780,7 @@ class RuleSetHolder:
             except OSError as exc:
                 msg = f"{self.path}: cannot read rule file ({exc.strerror or exc}); keeping previous rules"
                 return False, self._report(msg, "unreadable")
-            version = hashlib.sha256(raw).hexdigest()
+            version = rules_version(raw)
             current = self._ruleset
             if version == current.version:
                 if current.mtime_ns != st.st_mtime_ns:

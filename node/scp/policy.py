@@ -1,21 +1,8 @@
 """Association policy: who may open an association with the node.
 
-Checked in an ``EVT_REQUESTED`` handler (before pynetdicom negotiates), so
-every refusal is logged with the peer address and both AE titles and carries
-the standard A-ASSOCIATE-RJ codes:
-
-=============================  ======  ======  ======
-refusal                        result  source  reason
-=============================  ======  ======  ======
-called AE is not ours          0x01    0x01    0x07  rejected-permanent, service-user, called AE not recognised
-calling AE not on allow-list   0x01    0x01    0x03  rejected-permanent, service-user, calling AE not recognised
-too many associations          0x02    0x03    0x02  rejected-transient, service-provider (presentation), local limit exceeded
-=============================  ======  ======  ======
-
-An empty allow-list allows every calling AE.  An allow-list entry with a
-``host`` only matches when the peer address equals that host (an IP address,
-or a name resolving to it).  pynetdicom's own ``maximum_associations`` is set
-to the same limit as a backstop.
+Checked in an ``EVT_REQUESTED`` handler, before pynetdicom negotiates, so every refusal is
+logged with the peer address and both AE titles and answered with the standard
+A-ASSOCIATE-RJ codes (see :class:`AssociationPolicy`).
 """
 
 from __future__ import annotations
@@ -62,6 +49,18 @@ def _host_matches(host: str, address: str) -> bool:
 
 class AssociationPolicy:
     """Accept/refuse association requests.
+
+    =============================  ======  ======  ======
+    refusal                        result  source  reason
+    =============================  ======  ======  ======
+    called AE is not ours          0x01    0x01    0x07  rejected-permanent, service-user, called AE not recognised
+    calling AE not on allow-list   0x01    0x01    0x03  rejected-permanent, service-user, calling AE not recognised
+    too many associations          0x02    0x03    0x02  rejected-transient, service-provider (presentation), local limit exceeded
+    =============================  ======  ======  ======
+
+    An empty allow-list allows every calling AE.  An allow-list entry with a ``host`` only
+    matches when the peer address equals that host (an IP address, or a name resolving to it).
+    pynetdicom's own ``maximum_associations`` is set to the same limit as a backstop.
 
     Args:
         ae_title: our AE title; the called AE must equal it (trailing spaces ignored).

@@ -1,47 +1,18 @@
-"""DICOM receiver: C-ECHO and C-STORE SCP writing a durable spool.
+"""DICOM receiver: the C-ECHO and C-STORE SCP.
 
-Every instance is written byte-for-byte as received (preamble + file meta +
-the data set exactly as it came off the wire, no re-encoding) to::
-
-    <storage>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-
-through a temporary file, ``fsync``, ``rename`` and ``fsync`` of the folder,
-*before* success (0x0000) is returned, and is then indexed in the
-:class:`~node.store.Store`.  If indexing fails the file is still in the spool,
-and :meth:`Receiver.rescan_spool` (run by :meth:`Receiver.start`) indexes every
-spool file the database does not know.
-
-Refusals (nothing received is silently dropped: the bytes go to
-``<storage>/quarantine/<stamp>_<id>.dcm`` with a ``.reason.txt`` next to them):
-
-=======  =================================================================
-status   when
-=======  =================================================================
-0xA900   "data set does not match SOP class": StudyInstanceUID,
-         SeriesInstanceUID, SOPInstanceUID or SOPClassUID missing or
-         empty; SOP Instance/Class UID in the data set differing from the
-         command's Affected SOP Instance/Class UID; an image without pixel
-         data (a data set cut short by corruption)
-0xC000   "cannot understand": the data set cannot be parsed
-0xA700   "out of resources": the spool could not be written (not quarantined:
-         the disk is the problem; the sender will retry)
-=======  =================================================================
-
-A duplicate SOP Instance UID is stored once (the first copy is kept), counted
-(``instances.received_count``) and answered with success.
+Checks each instance (refusals: 0xA900 missing UIDs, SOP UIDs differing from the command or an
+image without pixel data; 0xC000 a data set that cannot be parsed; 0xA700 the spool cannot be
+written), writes it byte for byte to the :class:`~node.spool.Spool` before answering success, and
+indexes it in the :class:`~node.store.Store`; refused bytes go to the spool's quarantine.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -64,9 +35,10 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
 
-from node.durable import atomic_write
+from node.dicom_values import tags_from_dataset, uid_value
 from node.scp.policy import AssociationPolicy
-from node.store import InstanceRecord, Store, tags_from_dataset
+from node.spool import Spool, missing_uids
+from node.store import InstanceRecord, Store
 
 __all__ = [
     "Receiver",
@@ -75,9 +47,6 @@ __all__ = [
     "STATUS_DATASET_MISMATCH",
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_OUT_OF_RESOURCES",
-    "spool_path",
-    "QuarantineEntry",
-    "read_quarantine",
 ]
 
 log = logging.getLogger("node.scp.receiver")
@@ -110,33 +79,6 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     RLELossless,  # .5
 )
 
-_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-_SAFE = re.compile(r"[^0-9A-Za-z._-]")
-
-
-def _safe_name(uid: str) -> str:
-    """A UID made safe as a path component (UIDs are digits and dots; anything else becomes '_')."""
-    name = _SAFE.sub("_", uid.strip())[:128]
-    return name if name not in ("", ".", "..") else "_"
-
-
-def spool_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-    """Where an instance lives in the spool."""
-    return spool_dir / _safe_name(study_uid) / _safe_name(series_uid) / f"{_safe_name(sop_uid)}.dcm"
-
-
-def durable_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename + fsync dir)."""
-    atomic_write(path, data)
-
-
-def _str_uid(ds: Any, keyword: str) -> str:
-    try:
-        v = ds.get(keyword)
-    except Exception:  # noqa: BLE001
-        return ""
-    return str(v).strip().rstrip("\x00") if v is not None else ""
-
 
 class Receiver:
     """The node's Storage SCP.
@@ -149,13 +91,14 @@ class Receiver:
 
     ``start()`` rescans the spool, then serves in background threads (one per
     association); ``stop()`` shuts the server down.  Also a context manager.
+    A duplicate SOP Instance UID is stored once (the first copy is kept), counted
+    (``instances.received_count``) and answered with success.
     """
 
     def __init__(self, config: Any, store: Store) -> None:
         self.config = config
         self.store = store
-        self.spool_dir = Path(config.spool_dir)
-        self.quarantine_dir = Path(config.quarantine_dir)
+        self.spool = Spool(config.spool_dir, config.quarantine_dir)
         self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations)
         self._server: Any = None
         self._stats_lock = threading.Lock()
@@ -166,8 +109,7 @@ class Receiver:
     def build_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         # Accept PDUs of any size: with pynetdicom's 16 KB default a 512x512 CT image
-        # arrives in ~32 P-DATA PDUs, each parsed in Python; measured here with storescu
-        # over loopback, 300 instances: ~40-53 MB/s -> ~56-59 MB/s.
+        # arrives in ~32 P-DATA PDUs, each parsed in Python (figures: bench/README.md).
         ae.maximum_pdu_size = 0
         t = self.config.timeouts
         ae.acse_timeout = t.acse_s
@@ -176,17 +118,16 @@ class Receiver:
         self.policy.apply(ae)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
         for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:  # always set in this list of pynetdicom's
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's list (typed optional)
                 ae.add_supported_context(cx.abstract_syntax, list(SUPPORTED_TRANSFER_SYNTAXES))
         return ae
 
     def start(self, *, rescan: bool = True) -> None:
         if self._server is not None:
             return
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self.spool.create()
         if rescan:
-            self.rescan_spool()
+            self.spool.rescan(self.store, called_ae=self.config.ae_title)
         ae = self.build_ae()
         handlers = list(self.policy.handlers()) + [
             (evt.EVT_C_ECHO, self._on_echo),
@@ -197,7 +138,7 @@ class Receiver:
         )
         log.info(
             "receiver %s listening on %s:%s (spool %s)", self.config.ae_title, self.config.bind_address, self.port,
-            self.spool_dir,
+            self.spool.spool_dir,
         )
 
     def stop(self) -> None:
@@ -249,8 +190,8 @@ class Receiver:
 
         def refuse(status: int, reason: str) -> int:
             self._count("refused")
-            qpath = self._quarantine(data, reason, calling=calling, called=called, peer=peer, sop=cmd_inst,
-                                     sop_class=cmd_class, ts=ts)
+            qpath = self.spool.quarantine(data, reason, calling=calling, called=called, peer=peer, sop=cmd_inst,
+                                          sop_class=cmd_class, ts=ts)
             log.warning("C-STORE refused (0x%04X) %s: SOP instance %r: %s; kept as %s", status, who, cmd_inst,
                         reason, qpath)
             return status
@@ -263,33 +204,33 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
             return refuse(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set ({ts}): {type(exc).__name__}: {exc}")
 
-        missing = [kw for kw in _REQUIRED_UIDS if not _str_uid(ds, kw)]
+        missing = missing_uids(ds)
         if missing:
             return refuse(STATUS_DATASET_MISMATCH, f"missing or empty {', '.join(missing)}")
         if "Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             return refuse(STATUS_DATASET_MISMATCH, "image (Rows present) without pixel data: truncated or corrupt")
-        sop_uid = _str_uid(ds, "SOPInstanceUID")
+        sop_uid = uid_value(ds, "SOPInstanceUID")
         if sop_uid != cmd_inst:
             return refuse(
                 STATUS_DATASET_MISMATCH,
                 f"SOPInstanceUID in the data set ({sop_uid}) differs from the command's AffectedSOPInstanceUID "
                 f"({cmd_inst})",
             )
-        sop_class = _str_uid(ds, "SOPClassUID")
+        sop_class = uid_value(ds, "SOPClassUID")
         if sop_class != cmd_class:
             return refuse(
                 STATUS_DATASET_MISMATCH,
                 f"SOPClassUID in the data set ({sop_class}) differs from the command's AffectedSOPClassUID "
                 f"({cmd_class})",
             )
-        study_uid = _str_uid(ds, "StudyInstanceUID")
-        series_uid = _str_uid(ds, "SeriesInstanceUID")
+        study_uid = uid_value(ds, "StudyInstanceUID")
+        series_uid = uid_value(ds, "SeriesInstanceUID")
 
-        path = spool_path(self.spool_dir, study_uid, series_uid, sop_uid)
+        path = self.spool.path_for(study_uid, series_uid, sop_uid)
         duplicate_file = path.exists()
         if not duplicate_file:
             try:
-                durable_write(path, data)
+                self.spool.write(path, data)
             except OSError as exc:
                 log.error("C-STORE %s: cannot write %s: %s", who, path, exc)
                 return STATUS_OUT_OF_RESOURCES
@@ -323,128 +264,3 @@ class Receiver:
             self._count("stored")
             log.debug("C-STORE %s: stored %s", who, path)
         return STATUS_SUCCESS
-
-    # -- quarantine / rescan ---------------------------------------------
-    def _quarantine(self, data: bytes, reason: str, **info: Any) -> Path | None:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        sop = info.get("sop") or ""
-        stem = f"{stamp}_{uuid.uuid4().hex[:8]}" + (f"_{_safe_name(sop)}" if sop else "")
-        path = self.quarantine_dir / f"{stem}.dcm"
-        # one "key: value" per line (read back by read_quarantine): no line breaks inside values
-        lines = [f"reason: {_one_line(reason)}"] + [f"{k}: {_one_line(str(v))}" for k, v in info.items()]
-        lines.append(f"received_at: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-        try:
-            durable_write(path, data)
-            durable_write(path.with_name(f"{stem}.reason.txt"), ("\n".join(lines) + "\n").encode("utf-8"))
-        except OSError as exc:
-            log.error("cannot quarantine %s (%s): %s", sop, reason, exc)
-            return None
-        return path
-
-    def rescan_spool(self) -> int:
-        """Index spool files the store does not know (e.g. after a crash between write and index).
-
-        Leftover ``*.tmp`` files (writes that never completed, so never
-        acknowledged) are removed; unreadable files are moved to quarantine.
-        The receive time of a rescued file is its modification time.
-        Returns how many files were indexed.
-        """
-        if not self.spool_dir.exists():
-            return 0
-        known = self.store.indexed_paths()
-        indexed = 0
-        for p in sorted(self.spool_dir.rglob("*")):
-            if not p.is_file():
-                continue
-            if p.name.endswith(".tmp"):
-                p.unlink(missing_ok=True)
-                continue
-            if p.suffix != ".dcm" or str(p) in known:
-                continue
-            try:
-                ds = dcmread(p, stop_before_pixels=True)
-                meta = ds.file_meta
-                missing = [kw for kw in _REQUIRED_UIDS if not _str_uid(ds, kw)]
-                if missing:
-                    raise ValueError(f"missing or empty {', '.join(missing)}")
-                rec = InstanceRecord(
-                    sop_instance_uid=_str_uid(ds, "SOPInstanceUID"),
-                    sop_class_uid=_str_uid(ds, "SOPClassUID"),
-                    series_uid=_str_uid(ds, "SeriesInstanceUID"),
-                    study_uid=_str_uid(ds, "StudyInstanceUID"),
-                    path=str(p),
-                    transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
-                    size=p.stat().st_size,
-                    calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None,
-                    called_ae=self.config.ae_title,
-                    received_at=p.stat().st_mtime,
-                    tags=tags_from_dataset(ds),
-                )
-            except Exception as exc:  # noqa: BLE001
-                reason = f"spool rescan: cannot index {p}: {type(exc).__name__}: {exc}"
-                q = self._quarantine(p.read_bytes(), reason, sop=p.stem)
-                if q is not None:
-                    p.unlink(missing_ok=True)
-                log.warning("%s; moved to %s", reason, q)
-                continue
-            self.store.record_instance(rec)
-            indexed += 1
-        if indexed:
-            log.info("spool rescan indexed %d instance(s) missing from the store", indexed)
-        return indexed
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split("\n")).replace("\r", " ")
-
-
-@dataclass(frozen=True)
-class QuarantineEntry:
-    """One refused instance kept in the quarantine folder (see :meth:`Receiver._quarantine`)."""
-
-    path: Path
-    """The bytes as received (``.dcm``); may be missing if an operator removed it."""
-    size: int | None
-    received_at: str
-    reason: str
-    calling: str | None
-    called: str | None
-    peer: str | None
-    sop: str | None
-    info: dict[str, str]
-    """Every field of the ``.reason.txt`` file."""
-
-
-def read_quarantine(quarantine_dir: str | Path) -> list[QuarantineEntry]:
-    """The refused instances in ``quarantine_dir``, oldest first (from their ``.reason.txt`` files).
-
-    Unreadable or foreign files are listed with what could be read; the folder's
-    absence means nothing was ever refused.
-    """
-    folder = Path(quarantine_dir)
-    if not folder.is_dir():
-        return []
-    out = []
-    for reason_file in sorted(folder.glob("*.reason.txt")):
-        info: dict[str, str] = {}
-        try:
-            for line in reason_file.read_text(encoding="utf-8", errors="replace").splitlines():
-                key, sep, value = line.partition(": ")
-                if sep:
-                    info[key.strip()] = value.strip()
-        except OSError as exc:
-            info["reason"] = f"(cannot read {reason_file.name}: {exc})"
-        data = reason_file.with_name(reason_file.name[: -len(".reason.txt")] + ".dcm")
-        out.append(QuarantineEntry(
-            path=data,
-            size=data.stat().st_size if data.is_file() else None,
-            received_at=info.get("received_at", "-"),
-            reason=info.get("reason", "(no reason recorded)"),
-            calling=info.get("calling") or None,
-            called=info.get("called") or None,
-            peer=info.get("peer") or None,
-            sop=info.get("sop") or None,
-            info=info,
-        ))
-    out.sort(key=lambda e: (e.received_at, e.path.name))
-    return out

@@ -1,19 +1,9 @@
-"""C-STORE SCU (results to PACS) and C-ECHO.
+"""C-STORE SCU (the SEG to a PACS) and C-ECHO.
 
-``send_datasets`` proposes, for every SOP class being sent, the instance's own
-transfer syntax and the uncompressed syntaxes as a fallback; a file is sent
-as its bytes are (no re-encoding) when the peer accepts its syntax, and is
-decompressed and sent uncompressed otherwise.
-
-Errors for the dispatcher:
-
-* :class:`DestinationUnavailable` (transient: retry with backoff) -- the peer
-  cannot be reached, rejected or aborted the association, or the connection
-  dropped before every instance got an answer;
-* a :class:`SendResult` with per-instance statuses otherwise; ``result.ok`` is
-  True when every instance got a success (0x0000) or warning (0xB000,
-  0xB006, 0xB007) status.  A failure status from the peer is in
-  ``result.failed``: it is the peer's decision, retrying may not help.
+Files are sent as their bytes are when the peer accepts their transfer syntax.  A peer that
+cannot be reached, a rejected or aborted association or a lost connection raise
+:class:`DestinationUnavailable`; what the peer answered is in the :class:`SendResult` (how
+the dispatcher retries either: docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -75,6 +65,9 @@ class InstanceStatus:
 
 @dataclass
 class SendResult:
+    """Per-instance statuses of one send: ``ok`` when every instance got a success (0x0000) or
+    warning (0xB000, 0xB006, 0xB007) status; a failure status from the peer is in ``failed``."""
+
     destination: tuple[str, str, int]
     instances: list[InstanceStatus] = field(default_factory=list)
 
@@ -173,6 +166,10 @@ def send_datasets(
     timeouts: Any = None,
 ) -> SendResult:
     """Send instances with C-STORE in one association.
+
+    For every SOP class being sent it proposes the instance's own transfer syntax and the
+    uncompressed syntaxes as a fallback: a file is sent as its bytes are (no re-encoding) when
+    the peer accepts its syntax, else decompressed and sent uncompressed.
 
     Args:
         items: file paths (sent as their bytes) and/or pydicom Datasets.

@@ -1,51 +1,9 @@
 """Write realistic DICOM CT series from a NIfTI volume (test and benchmark tooling).
 
-:func:`write_series` turns a Hounsfield-unit volume (a NIfTI file or an array with
-its RAS affine) into a single-frame (or one Enhanced multi-frame) DICOM CT series
-with consistent geometry (ImagePositionPatient / ImageOrientationPatient /
-PixelSpacing / FrameOfReferenceUID), fresh UIDs and the CT Image module
-attributes that ``dciodvfy`` asks for.  Quirks seen in real PACS traffic can be
-switched on: gantry tilt, uneven slice spacing, shuffled files with reversed
-InstanceNumbers, a localizer in the series, and every common transfer syntax.
-
-Geometry: the NIfTI is brought to the closest canonical RAS orientation; DICOM
-columns run toward patient Left (NIfTI i reversed), rows toward Posterior (NIfTI
-j reversed), slices toward Superior (NIfTI k), so the slice normal
-cross(row, col) is +z (LPS) and the IPP of slice k is the LPS position of NIfTI
-voxel (nx-1, ny-1, k).
-
-Pixel storage: unsigned 12-bit, RescaleIntercept -1024, RescaleSlope 1, so HU
-are clipped to [-1024, 3071] (what most scanners do).  ``jpeg-baseline`` needs
-8-bit samples: it stores a windowed 8-bit image (window -1000..1000 HU, so
-RescaleSlope = 2000/255, a non-integral slope).
-
-Encoders found in this environment (learned while writing this module):
-
-* pydicom's own encoders cover RLE Lossless (the native RLE encoder; pylibjpeg-rle
-  only decodes), JPEG 2000 lossless/lossy (pylibjpeg-openjpeg) and JPEG-LS
-  lossless/near-lossless (pyjpegls is installed; ``jls_error`` sets NEAR).
-  Deflated Explicit VR Little Endian is written by pydicom itself when the file
-  meta TransferSyntaxUID says so.
-* pydicom cannot *encode* any of the ISO 10918 JPEG processes; DCMTK's
-  ``dcmcjpeg`` does: ``+eb`` baseline (8-bit only), ``+ee`` extended (12-bit),
-  ``+el`` lossless process 14 (.57, we pass ``+sv 1``) and ``+e1`` lossless
-  SV1 (.70).  ``dcmcjpls`` is the fallback for JPEG-LS when pyjpegls is missing.
-* ``dcmcjpeg`` keeps the SOPInstanceUID unless asked otherwise (it only changes it for
-  lossy processes when ``+ud`` is given), so the UIDs written here survive.
-* For ``enhanced=True`` highdicom's ``LegacyConvertedEnhancedCTImage`` builds the
-  multi-frame object from the single-frame datasets (SOP class
-  1.2.840.10008.5.1.4.1.1.2.2); highdicom encodes it itself, but only as
-  explicit/implicit VR LE, JPEG 2000 lossless, JPEG-LS lossless or RLE.  It
-  orders the frames by its own rule (here: descending along z, frame 1 = the top
-  slice), so readers must sort by PlanePositionSequence, never by frame number.
-  ``dciodvfy`` reports one Error on its output ("ReferencedSeriesSequence present
-  but Instance does not reference Instances") and warns about ``AXIAL`` in
-  FrameType; the single-frame files written here pass without errors or warnings.
-* ``j2k_cr`` (compression ratio) is a poor knob for small test images: at 15:1 a
-  64x64 slice loses ~60 HU on average.  ``j2k-lossy`` therefore asks for a PSNR
-  (55 dB on the 12-bit range, ~7 HU RMS).
-* Encoding 400 slices of 512x512 as J2K takes ~1 minute on one core (the writer
-  is single-process); decoding them is ~20 ms per slice.
+:func:`write_series` makes a single-frame (or one Enhanced multi-frame) CT series with consistent
+geometry, fresh UIDs and the attributes ``dciodvfy`` asks for, with the quirks of real PACS
+traffic on request: gantry tilt, uneven spacing, shuffled files, a localizer, every common
+transfer syntax.
 """
 
 from __future__ import annotations
@@ -259,7 +217,25 @@ def _store(ds: Dataset, hu: np.ndarray, ts: str) -> None:
 
 
 def _write(ds: Dataset, path: Path, ts: str) -> None:
-    """Write ``ds`` (native pixel data) to ``path`` with the named transfer syntax."""
+    """Write ``ds`` (native pixel data) to ``path`` with the named transfer syntax.
+
+    Encoders found in this environment (learned while writing this module):
+
+    * pydicom's own encoders cover RLE Lossless (the native RLE encoder; pylibjpeg-rle
+      only decodes), JPEG 2000 lossless/lossy (pylibjpeg-openjpeg) and JPEG-LS
+      lossless/near-lossless (pyjpegls is installed; ``jls_error`` sets NEAR).
+      Deflated Explicit VR Little Endian is written by pydicom itself when the file
+      meta TransferSyntaxUID says so.
+    * pydicom cannot *encode* any of the ISO 10918 JPEG processes; DCMTK's
+      ``dcmcjpeg`` does: ``+eb`` baseline (8-bit only), ``+ee`` extended (12-bit),
+      ``+el`` lossless process 14 (.57, we pass ``+sv 1``) and ``+e1`` lossless
+      SV1 (.70).  ``dcmcjpls`` is the fallback for JPEG-LS when pyjpegls is missing.
+    * ``dcmcjpeg`` keeps the SOPInstanceUID unless asked otherwise (it only changes it for
+      lossy processes when ``+ud`` is given), so the UIDs written here survive.
+    * A compression ratio (``j2k_cr``) is a poor knob for small test images (what it lost
+      on a 64x64 slice: bench/README.md), so ``j2k-lossy`` asks for a PSNR (55 dB on the
+      12-bit range, ~7 HU RMS).
+    """
     if ts in ("explicit", "implicit", "deflate"):
         _finish(ds, TRANSFER_SYNTAXES[ts])
         ds.save_as(path, enforce_file_format=True, implicit_vr=(ts == "implicit"), little_endian=True)
@@ -317,6 +293,25 @@ def write_series(
     seed: int = 0,
 ) -> list[Path]:
     """Write a DICOM series made from a HU volume and return the written files.
+
+    Geometry: the NIfTI is brought to the closest canonical RAS orientation; DICOM columns run
+    toward patient Left (NIfTI i reversed), rows toward Posterior (NIfTI j reversed), slices
+    toward Superior (NIfTI k), so the slice normal cross(row, col) is +z (LPS) and the IPP of
+    slice k is the LPS position of NIfTI voxel (nx-1, ny-1, k).
+
+    Pixel storage: unsigned 12-bit, RescaleIntercept -1024, RescaleSlope 1, so HU are clipped
+    to [-1024, 3071] (what most scanners do).  ``jpeg-baseline`` needs 8-bit samples: it stores
+    a windowed 8-bit image (window -1000..1000 HU, so RescaleSlope = 2000/255, a non-integral
+    slope).  How each transfer syntax is encoded: :func:`_write`.
+
+    Enhanced CT (``enhanced=True``): highdicom's ``LegacyConvertedEnhancedCTImage`` builds the
+    multi-frame object from the single-frame datasets (SOP class 1.2.840.10008.5.1.4.1.1.2.2) and
+    encodes it itself, but only as explicit/implicit VR LE, JPEG 2000 lossless, JPEG-LS lossless
+    or RLE.  It orders the frames by its own rule (here: descending along z, frame 1 = the top
+    slice), so readers must sort by PlanePositionSequence, never by frame number.  ``dciodvfy``
+    reports one Error on its output ("ReferencedSeriesSequence present but Instance does not
+    reference Instances") and warns about ``AXIAL`` in FrameType; the single-frame files written
+    here pass without errors or warnings.
 
     Args:
         volume_hu: NIfTI path, or an array indexed like a NIfTI (i, j, k) whose RAS

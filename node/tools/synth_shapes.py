@@ -1,14 +1,9 @@
 """Synthetic CT-like volumes with known truth, for training and testing the AI backends.
 
-Every case is a box of air with a "body" (an ellipsoid of fat/soft tissue), one
-"organ" (a smooth, randomly placed ellipsoid at ~130 HU, label 1) and one "bone"
-(a cylinder with a cortical shell at ~700 HU, label 2) and an air pocket (-850 HU, label 3).  Shapes, positions and noise
-come from one integer seed, so the training data of the committed fixture and the
-held-out test volumes can be rebuilt bit for bit.
-
-Arrays follow the node's convention: ``[k, j, i]`` (slice, row, column), HU as
-``int16``; spacing is ``(i, j, k)`` in mm.  :func:`case_volume` wraps a case in a
-:class:`~node.pipeline.volume.Volume` (identity orientation, LPS) for the backends.
+A case is a box of air with a body (an ellipsoid of fat/soft tissue), one organ (~130 HU, label 1),
+one bone (a cylinder with a cortical shell, ~700 HU, label 2) and an air pocket (-850 HU, label 3),
+all from one integer seed, so the committed fixture's training data and the held-out test volumes
+can be rebuilt bit for bit.  Arrays follow the node's ``[k, j, i]`` convention (:func:`case_volume`).
 """
 
 from __future__ import annotations

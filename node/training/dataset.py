@@ -1,20 +1,5 @@
-"""Export received series and their DICOM SEG annotations as an nnU-Net raw dataset.
-
-Input: folders of DICOM (e.g. the node's spool, or a PACS export) holding CT series and
-DICOM SEG instances that reference them (a radiologist's corrections sent back to the
-node, or any annotation tool's output).  Output::
-
-    <out>/Dataset<ID>_<Name>/imagesTr/<case>_0000.nii.gz
-                            /labelsTr/<case>.nii.gz
-                            /dataset.json      (channel CT, labels = the stated mapping)
-                            /inventory.csv     (every pair: exported or refused, and why)
-
-Images are written through SimpleITK from the node's volume (LPS direction, origin and
-spacing from the volume affine), which is also exactly the array the nnU-Net backend feeds
-to the predictor, so training and inference see the same axes.  A pair is refused when its
-geometry does not match: another Frame of Reference, another matrix size or pixel spacing,
-SEG frames that reference images not in the series, or a series that had to be resampled
-(gantry tilt, uneven spacing: the SEG frames then do not lie on the volume grid).
+"""Export received series and their DICOM SEG annotations as an nnU-Net raw dataset
+(``dicom-node dataset export``); what is written and when a pair is refused: :func:`export_dataset`.
 """
 
 from __future__ import annotations
@@ -128,7 +113,25 @@ def seg_label_volumes(volume: Volume, seg_path: Path) -> dict[str, np.ndarray]:
 
 def export_dataset(inputs: Sequence[str | Path], out_dir: str | Path, *, dataset_id: int, name: str,
                    mapping: dict[str, list[str]] | None = None) -> ExportResult:
-    """Write the nnU-Net raw dataset; see the module docstring."""
+    """Write the nnU-Net raw dataset.
+
+    Input: folders of DICOM (e.g. the node's spool, or a PACS export) holding CT series and
+    DICOM SEG instances that reference them (a radiologist's corrections sent back to the
+    node, or any annotation tool's output).  Output::
+
+        <out>/Dataset<ID>_<Name>/imagesTr/<case>_0000.nii.gz
+                                /labelsTr/<case>.nii.gz
+                                /dataset.json      (channel CT, labels = the stated mapping)
+                                /inventory.csv     (every pair: exported or refused, and why)
+
+    Images are written through SimpleITK from the node's volume (LPS direction, origin and
+    spacing from the volume affine), which is also exactly the array the nnU-Net backend feeds
+    to the predictor, so training and inference see the same axes.  A pair is refused when its
+    geometry does not match (:func:`check_geometry`, :func:`seg_label_volumes`): another Frame of
+    Reference, matrix size, pixel spacing or orientation, SEG frames that reference images not in
+    the series, or a series that had to be resampled (gantry tilt, uneven spacing: the SEG frames
+    then do not lie on the volume grid).
+    """
     from node.training.nnunet import dataset_name, write_case_nifti, write_dataset_json
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):

@@ -1,15 +1,8 @@
-"""nnU-Net v2 planning, preprocessing and training, driven from the node.
+"""nnU-Net v2 planning, preprocessing and training, driven from the node, with nnU-Net's own code.
 
-nnU-Net reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` from the
-environment (nnunetv2 >= 2.6 reads them lazily; :func:`set_nnunet_dirs` sets them before
-the first import anyway, for older releases that bound them at import time).
-
-Training uses nnU-Net's own code: fingerprint extraction, the default experiment planner,
-the default preprocessor and a trainer class.  :class:`TinyTrainer` is the standard
-``nnUNetTrainer`` with a short schedule and no mirroring (the tiny test models); on a GPU
-the real ``nnUNetTrainer`` runs unchanged (``--trainer nnUNetTrainer``).  The final
-checkpoint is slimmed (optimizer state dropped) and its ``trainer_name`` set to a class
-nnU-Net can find by name, so inference needs nothing from this module.
+:class:`TinyTrainer` (short schedule, no mirroring) makes the tiny test models; on a GPU the
+real ``nnUNetTrainer`` runs unchanged.  The final checkpoint is slimmed so that inference needs
+nothing from this module (:func:`slim_checkpoint`).
 """
 
 from __future__ import annotations
@@ -26,7 +19,9 @@ _DIR_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def set_nnunet_dirs(work: str | Path) -> dict[str, Path]:
-    """Point nnU-Net's three folders into ``work`` (must run before ``import nnunetv2``)."""
+    """Point nnU-Net's three folders into ``work`` (``nnUNet_raw``, ``nnUNet_preprocessed``,
+    ``nnUNet_results`` in the environment).  nnunetv2 >= 2.6 reads them lazily; call this before
+    the first ``import nnunetv2`` anyway, for older releases that bound them at import time."""
     w = Path(work).resolve()
     out = {k: w / k.split("_", 1)[1] for k in _DIR_KEYS}
     for k, v in out.items():
@@ -152,7 +147,8 @@ def _trainer_classes():
 
 
 def slim_checkpoint(path: Path, trainer_name: str = "nnUNetTrainer") -> None:
-    """Drop optimizer/scaler state and set ``trainer_name`` (a class nnU-Net finds by name)."""
+    """Drop optimizer/scaler state and set ``trainer_name`` to a class nnU-Net finds by name
+    (not :class:`TinyTrainer`), so inference needs nothing from this module."""
     import torch
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
