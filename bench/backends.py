@@ -158,6 +158,7 @@ def run_one(name: str, size: tuple[int, int, int], repeat: int, work: Path) -> d
             with torch.inference_mode():
                 logits = sliding_window_inference(xt, roi_size=(64, 64, 64), sw_batch_size=1, predictor=m,
                                                   overlap=0.25, mode="gaussian")
+                assert isinstance(logits, torch.Tensor)  # as the node checks: the model gives one tensor
                 torch.argmax(logits, dim=1)
 
         def node():
@@ -194,7 +195,7 @@ def main() -> int:
     for b in args.backends:
         r = subprocess.run([sys.executable, __file__, "--one", b, "--size", *map(str, args.size),
                             "--repeat", str(args.repeat)], capture_output=True, text=True)
-        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((s for s in r.stdout.splitlines() if s.startswith("RESULT ")), None)
         if r.returncode != 0 or line is None:
             print(f"{b}: FAILED\n{r.stderr[-2000:]}")
             continue

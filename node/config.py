@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from node.errors import InputError
 
@@ -249,7 +250,7 @@ class NodeConfig(_Model):
         return Destination(ae_title=known.ae_title or calling_ae.strip(), host=known.host, port=known.port)
 
 
-def _format_error(err: dict[str, Any]) -> tuple[str, str]:
+def _format_error(err: ErrorDetails) -> tuple[str, str]:
     loc = ".".join(str(p) for p in err.get("loc", ()))
     typ = err.get("type", "")
     if typ == "extra_forbidden":
@@ -328,7 +329,7 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
         if value is not None:
             setattr(cfg.models, attr, _resolve(value, base))
     for key in ("rules", "profiles"):
-        value: Path = getattr(cfg, key)
+        value = getattr(cfg, key)
         if key in explicit:
             setattr(cfg, key, _resolve(value, base))
             continue

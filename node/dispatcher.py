@@ -161,7 +161,7 @@ class Dispatcher:
                 d, started_at=started, outcome="retry" if state == DispatchState.PENDING else state, detail=detail,
                 location=location,
             )
-        except Exception:  # noqa: BLE001 - the log is informative; the state change above is what counts
+        except Exception:  # the log is informative; the state change above is what counts
             log.exception("cannot record the attempt of %s", what)
         return DispatchOutcome(d.id, d.job_id, d.kind, d.destination, d.attempts, state, detail, location, retry_at)
 

@@ -189,7 +189,7 @@ class WorkerPool:
 
         try:
             forkserver.ensure_running()
-        except Exception:  # noqa: BLE001 - the first job starts it then
+        except Exception:  # the first job starts it then
             log.debug("forkserver warm-up failed", exc_info=True)
 
     def wake(self) -> None:
@@ -218,7 +218,7 @@ class WorkerPool:
                     checked = time.monotonic()
                     self._check_running()
                 self._fill()
-            except Exception:  # noqa: BLE001 - the supervisor must survive (e.g. database busy)
+            except Exception:  # the supervisor must survive (e.g. database busy)
                 log.exception("worker pool supervisor error")
             self._wake.wait(0.2 if self._running else self.poll_s)
             self._wake.clear()
@@ -341,7 +341,7 @@ class WorkerPool:
             self.store.set_job_early_seg(job.id, seg.seg_early, seg.seg_series_uid)
             if publish_early_seg(self.config, self.store, job.id) and self.on_done is not None:
                 self.on_done()
-        except Exception:  # noqa: BLE001 - the SEG is then sent with the whole result
+        except Exception:  # the SEG is then sent with the whole result
             log.exception("job %d: cannot queue the early SEG", job.id)
 
     def _process_info(self, slot: _Slot) -> ProcessInfo:
@@ -413,7 +413,7 @@ class WorkerPool:
             store.set_job_slot(job.id, SlotInfo(
                 name=slot.name, kind=slot.kind, gpu=slot.gpu, pid=proc.pid, process="slot" if persistent else "job",
                 device=models.device, cuda_visible_devices=slot.env.get("CUDA_VISIBLE_DEVICES")))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("job %d: cannot start its process", job.id)
             if persistent and slot.proc is not None:
                 _kill_tree(slot.proc)
@@ -469,7 +469,7 @@ class WorkerPool:
                 if state == "done" and self.on_done is not None:
                     try:
                         self.on_done()
-                    except Exception:  # noqa: BLE001 - a hook must not stop the supervisor
+                    except Exception:  # a hook must not stop the supervisor
                         log.exception("on_done hook failed")
             else:
                 record_failure(self.config, self.store, r.job, msg.kind, msg.message)

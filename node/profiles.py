@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from node.backend_registry import BACKEND_NAMES, DEFAULT_BACKEND, allowed_text, backend_spec
 from node.errors import ProfileError
@@ -284,7 +284,7 @@ class NnUNetModel(_Strict):
     folder: str = Field(description="trainer folder (holds dataset.json, plans.json, fold_N/); "
                         "relative to the models root")
     configuration: str = "3d_fullres"
-    folds: list[int | Literal["all"]] = Field(default_factory=lambda: [0], min_length=1)
+    folds: list[int | Literal["all"]] = Field(default=[0], min_length=1)  # pydantic copies a mutable default per model
     checkpoint: str = "checkpoint_final.pth"
     device: Device = "auto"
     step_size: float = Field(default=0.5, gt=0, le=1)
@@ -418,7 +418,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _format_error(err: dict[str, Any], data: Any) -> str:
+def _format_error(err: ErrorDetails, data: Any) -> str:
     loc = _loc(err["loc"])
     kind = err["type"]
     if kind == "union_tag_invalid":

@@ -115,7 +115,7 @@ class Router:
         for s in self.store.list_series(SeriesState.COMPLETE):
             try:
                 out.append(self.route_series(s.series_uid))
-            except Exception:  # noqa: BLE001 - one bad series must not stop the others
+            except Exception:  # one bad series must not stop the others
                 log.exception("routing series %s failed (will retry)", s.series_uid)
         return out
 

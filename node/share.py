@@ -164,6 +164,7 @@ def _parse(template: str) -> list[list[tuple[str, str | None, str]]]:
             if name is None:
                 out.append((literal, None, ""))
                 continue
+            spec = spec or ""  # Formatter.parse gives None only where there is no field
             if name == "" or not name.isidentifier():
                 raise ConfigError(
                     f"field {{{name}}} is not a plain field name; known fields: {', '.join(sorted(TEMPLATE_FIELDS))}",

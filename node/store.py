@@ -694,7 +694,7 @@ class Store:
         """
         t = now if now is not None else time.time()
         where = ""
-        args: list[Any] = []
+        args: list[object] = []
         if kinds is not None:
             ks = [_check_resource(k) for k in kinds]
             if not ks:
@@ -997,7 +997,7 @@ class Store:
 
     def list_dispatches(self, *, job_id: int | None = None, state: DispatchState | None = None) -> list[Dispatch]:
         sql = "SELECT * FROM dispatches WHERE 1=1"
-        args: list[Any] = []
+        args: list[object] = []
         if job_id is not None:
             sql += " AND job_id = ?"
             args.append(job_id)

@@ -198,7 +198,7 @@ class Orthanc:
     # -- REST -------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, timeout: float = 30.0) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback only
             return resp.read()
 
     def get(self, path: str) -> Any:

@@ -20,10 +20,10 @@ pytest.importorskip("nnunetv2", reason="nnunetv2 not installed")
 if shutil.which("storescu") is None:
     pytest.skip("DCMTK storescu not installed", allow_module_level=True)
 
-from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, SYNTH_TISSUES, truth_on_loaded, write_case_series  # noqa: E402
-from test_e2e_orthanc import DICOM_NODE, Node, storescu, wait_job_settled  # noqa: E402
+from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, SYNTH_TISSUES, truth_on_loaded, write_case_series
+from test_e2e_orthanc import DICOM_NODE, Node, storescu, wait_job_settled
 
-from node.tools.synth_shapes import dice, make_case  # noqa: E402
+from node.tools.synth_shapes import dice, make_case
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not DICOM_NODE.exists(), reason="dicom-node is not installed in this environment")]
@@ -75,7 +75,7 @@ def test_rule_selects_nnunet_and_seg_reaches_orthanc(tmp_path, orthanc):
         vol = load_series(files)
         truth = truth_on_loaded(case, vol)
         masks = read_seg_masks(seg_file)
-        index = {f.sop_instance_uid: n for n, f in enumerate(vol.frames)}
+        index: dict[str | tuple[str, int], int] = {f.sop_instance_uid: n for n, f in enumerate(vol.frames)}
         for label, tid in (("synth organ", 1), ("synth bone", 2)):
             m = np.zeros(vol.shape, bool)
             for key, fm in masks[label].items():

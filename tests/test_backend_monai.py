@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from node.tools.synth_shapes import case_volume, dice, make_case  # noqa: E402
 WINDOW = [-200.0, 400.0]
 # batch norm, not MONAI's default instance norm: the absolute intensity is the cue here and
 # per-patch instance normalisation washed it out (held-out organ Dice ~0.5-0.85 vs ~0.98)
-ARCH = dict(spatial_dims=3, in_channels=1, out_channels=4, channels=(8, 16, 32), strides=(2, 2), num_res_units=1,
+ARCH: dict[str, Any] = dict(spatial_dims=3, in_channels=1, out_channels=4, channels=(8, 16, 32), strides=(2, 2), num_res_units=1,
             norm="batch")
 TRAIN_SEEDS = range(200, 216)
 PATCH, BATCH, LR, BUDGET_S = 24, 4, 1e-2, 20.0

@@ -77,7 +77,7 @@ def test_rule_override_end_to_end_dicom_to_seg(tmp_path):
     res = run_pipeline([tmp_path / "dicom"], prof, tmp_path / "out", backend="nnunet", write_meshes=False)
     truth = truth_on_loaded(case, res.volume)
     assert dice(res.masks["organ"], truth == 1) >= 0.9
-    assert dice(res.masks["bone"], truth == 2) >= 0.9
+    assert dice(res.masks["bone"], truth == 2) >= 0.9 and res.seg_path is not None
     seg = hd.seg.segread(res.seg_path)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["synth organ", "synth bone"]
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "nnU-Net"

@@ -11,6 +11,7 @@ import pytest
 
 from node import backend_registry
 from node.backend_registry import BACKEND_NAMES, BACKENDS, DEFAULT_BACKEND, MODEL_BACKEND_NAMES, backend_spec
+from node.contracts import Resource
 from node.errors import BackendUnavailable, ProfileError
 from node.pipeline.backends import get_backend
 from node.profiles import MODEL_SECTIONS, parse_profile
@@ -84,8 +85,8 @@ def test_unclassified_job_is_only_claimed_by_a_claim_for_any_kind(tmp_path):
     store = Store(tmp_path / "node.db")
     store.record_instance(InstanceRecord("1.1", "1.2.840.10008.5.1.4.1.1.2", "9.9", "9", "/x", "1.2", 1))
     job = store.create_job("9.9", "r", profile="p", backend="nnunet", rules_version="v", generation=1)[0]
-    assert store.claim_job("w", kinds=("gpu",)) is None and store.claim_job("w", kinds=("cpu",)) is None
-    assert store.claim_job("w").id == job
+    assert store.claim_job("w", kinds=(Resource.GPU,)) is None and store.claim_job("w", kinds=(Resource.CPU,)) is None
+    assert (claimed := store.claim_job("w")) is not None and claimed.id == job
     store.close()
     with sqlite3.connect(tmp_path / "node.db") as c:
         assert "nnunet" not in " ".join(r[0] or "" for r in c.execute("SELECT sql FROM sqlite_master"))

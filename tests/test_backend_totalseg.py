@@ -19,13 +19,13 @@ import pytest
 pytest.importorskip("torch", reason="AI extras not installed (see docs/ai-backends.md)")
 pytest.importorskip("totalsegmentator", reason="TotalSegmentator not installed: pip install '.[totalseg]' -c constraints.txt")
 
-from ai_helpers import (HELD_OUT_SEEDS, NNUNET_TINY, fail_on_connect, self_check_hook,  # noqa: E402
+from ai_helpers import (HELD_OUT_SEEDS, NNUNET_TINY, fail_on_connect, self_check_hook,
                         tissue_profile, truth_on_loaded, write_case_series)
 
-from node.errors import BackendUnavailable  # noqa: E402
-from node.pipeline import backend_totalseg as bt  # noqa: E402
-from node.pipeline.backends import get_backend  # noqa: E402
-from node.tools.synth_shapes import case_volume, dice, make_case  # noqa: E402
+from node.errors import BackendUnavailable
+from node.pipeline import backend_totalseg as bt
+from node.pipeline.backends import get_backend
+from node.tools.synth_shapes import case_volume, dice, make_case
 
 FAST_DIR = ("Dataset297_TotalSegmentator_total_3mm_1559subj/"
             "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres")
@@ -129,7 +129,7 @@ def test_nifti_file_in(ts_env, tmp_path):
     nib.save(bt.to_nifti(case_volume(case)), f)
     out = totalsegmentator(f, tmp_path / "seg.nii.gz", ml=True, fast=True, device="cpu", quiet=True,
                            nr_thr_saving=1)
-    lab = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj).transpose(2, 1, 0)
+    lab = np.asarray(nib.Nifti1Image.from_filename(tmp_path / "seg.nii.gz").dataobj).transpose(2, 1, 0)
     assert dice(lab == 1, case.labels == 1) >= 0.9
     assert out is not None
 
@@ -146,7 +146,7 @@ def test_dicom_series_in_dicom_seg_out(ts_env, tmp_path):
     prof = tissue_profile("totalsegmentator", MODEL, [("organ", {"structures": ["spleen"]})], name="synth")
     res = run_pipeline([tmp_path / "dicom"], prof, tmp_path / "out", write_meshes=False)
     truth = truth_on_loaded(case, res.volume)
-    assert dice(res.masks["organ"], truth == 1) >= 0.9
+    assert dice(res.masks["organ"], truth == 1) >= 0.9 and res.seg_path is not None
     seg = hd.seg.segread(res.seg_path)
     s0 = seg.SegmentSequence[0]
     assert s0.SegmentAlgorithmName == "TotalSegmentator"

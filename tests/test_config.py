@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import REPO_ROOT, ConfigError, NodeConfig, load_config
+from node.config import REPO_ROOT, ConfigError, Destination, NodeConfig, load_config
 
 EXAMPLE = """\
 ae_title: DICOMNODE
@@ -107,7 +107,7 @@ log_level: debug
     cfg = load_config(write(tmp_path, text))
     assert cfg.profiles == tmp_path / "myprofiles"
     assert cfg.allowed_calling_aes[1].host == "10.0.0.5"
-    assert cfg.origin_destination("CT01").as_tuple() == ("CT01", "10.0.0.4", 104)
+    assert (origin := cfg.origin_destination("CT01")) is not None and origin.as_tuple() == ("CT01", "10.0.0.4", 104)
     assert cfg.origin_destination("OTHER") is None
     assert cfg.log_level == "DEBUG" and cfg.timeouts.dimse_s == 20
     assert [cfg.dispatch_retry.delay(n) for n in (1, 2, 3, 5)] == [10, 20, 40, 100]
@@ -115,7 +115,7 @@ log_level: debug
 
 def test_model_defaults_are_independent():
     a, b = NodeConfig(), NodeConfig()
-    a.destinations["x"] = {"ae_title": "X", "host": "h", "port": 1}  # type: ignore[assignment]
+    a.destinations["x"] = Destination(ae_title="X", host="h", port=1)
     assert b.destinations == {}
 
 

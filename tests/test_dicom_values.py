@@ -134,6 +134,7 @@ def test_routing_facts_from_stored_tags_equal_facts_from_file_headers(tmp_path: 
     try:
         assert spool.rescan(store, called_ae="DICOMNODE") == 4  # indexed as the receiver does
         series = store.get_series(SERIES)
+        assert series is not None
         from_headers = series_facts(store, series)  # the router: spool file headers
         (from_paths,) = facts_from_paths(spool.spool_dir, None, "DICOMNODE")  # `rules test FOLDER`
         for p in paths:

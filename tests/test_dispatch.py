@@ -23,13 +23,25 @@ from node.contracts import JobParams, JobResult
 from node.dicom_values import tags_from_dataset
 from node.dispatcher import Dispatcher, dispatch_log
 from node.share import MANIFEST_NAME, PLACEHOLDER, SUPERSEDED_NAME, render_folder, sanitize_component
-from node.store import InstanceRecord, Store
+from node.store import Dispatch, InstanceRecord, Job, Store
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
 J2K = DATA / "ct-abdomen-siemens-j2k" / "dicom"
 
 pytestmark = pytest.mark.skipif(not J2K.is_dir(), reason=f"test data not found at {DATA} (set NODE_TEST_DATA)")
+
+
+def _dispatch(store: Store, did: int) -> Dispatch:
+    d = store.get_dispatch(did)
+    assert d is not None, f"no dispatch {did}"
+    return d
+
+
+def _job(store: Store, job_id: int) -> Job:
+    job = store.get_job(job_id)
+    assert job is not None, f"no job {job_id}"
+    return job
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -78,6 +90,7 @@ def done_job(store: Store, source, result_dir: Path, *, tags_override=None, gene
             calling_ae=calling_ae, called_ae="DICOMNODE", peer_address="127.0.0.1", tags=tags,
         ))
     series = store.get_series(source["series_uid"])
+    assert series is not None
     job_id, _ = store.create_job(source["series_uid"], rule, profile="bones", backend="hu_based",
                                  rules_version="testrules", generation=series.generation + generation_bump,
                                  params=JobParams(calling_ae=calling_ae))
@@ -111,16 +124,16 @@ def test_seg_dispatched_to_orthanc(tmp_path, orthanc, source, result_dir):
     t0 = time.time()
     assert Dispatcher(cfg, store).run_due() == 1
 
-    d = store.get_dispatch(did)
+    d = _dispatch(store, did)
     assert d.state == "sent", d.last_error
-    assert d.destination == "pacs" and t0 <= d.sent_at <= time.time() and d.attempts == 1
+    assert d.destination == "pacs" and d.sent_at is not None and t0 <= d.sent_at <= time.time() and d.attempts == 1
     (attempt,) = dispatch_log(store, job_id=job_id)
     assert attempt["outcome"] == "sent"
     assert attempt["location"] == f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
     assert "1/1 instance(s) stored" in attempt["detail"]
 
     (seg_series,) = orthanc.seg_series()
-    job = store.get_job(job_id)
+    job = _job(store, job_id)
     assert seg_series["MainDicomTags"]["SeriesInstanceUID"] == job.seg_series_uid
     (inst,) = orthanc.series_instances(seg_series["ID"])
     tags = orthanc.instance_tags(inst["ID"])
@@ -151,10 +164,10 @@ def test_pacs_down_then_back(tmp_path, orthanc, source, result_dir):
     orthanc.stop()
     t0 = time.time()
     assert Dispatcher(cfg, store).run_due(now=t0) == 1
-    d1 = store.get_dispatch(did)
+    d1 = _dispatch(store, did)
     assert d1.state == "pending" and d1.attempts == 1
-    assert d1.next_attempt_at == pytest.approx(t0 + policy.delay(1))
-    assert "cannot connect" in d1.last_error and str(orthanc.dicom_port) in d1.last_error
+    assert d1.next_attempt_at is not None and d1.next_attempt_at == pytest.approx(t0 + policy.delay(1))
+    assert d1.last_error is not None and "cannot connect" in d1.last_error and str(orthanc.dicom_port) in d1.last_error
     assert Dispatcher(cfg, store).run_due(now=t0 + policy.delay(1) - 1) == 0  # not due yet
 
     # a node restart: new store connection, new dispatcher; the retry time comes from the database
@@ -162,16 +175,16 @@ def test_pacs_down_then_back(tmp_path, orthanc, source, result_dir):
     store = Store(cfg.database_path)
     t1 = d1.next_attempt_at
     assert Dispatcher(cfg, store).run_due(now=t1) == 1
-    d2 = store.get_dispatch(did)
+    d2 = _dispatch(store, did)
     assert d2.state == "pending" and d2.attempts == 2
-    assert d2.next_attempt_at == pytest.approx(t1 + policy.delay(2))
+    assert d2.next_attempt_at is not None and d2.next_attempt_at == pytest.approx(t1 + policy.delay(2))
     assert d2.next_attempt_at - t1 > d1.next_attempt_at - t0  # backoff grows
     assert seg_instances_down_safe(orthanc) is None
 
     orthanc.start()
     dispatcher = Dispatcher(cfg, store)
     assert dispatcher.run_due(now=d2.next_attempt_at) == 1
-    d3 = store.get_dispatch(did)
+    d3 = _dispatch(store, did)
     assert d3.state == "sent" and d3.attempts == 3 and d3.last_error is None
     for _ in range(3):
         assert dispatcher.run_due() == 0
@@ -198,9 +211,9 @@ def test_gives_up_after_max_attempts(tmp_path, source, result_dir):
     job_id = done_job(store, source, result_dir)
     did, _ = store.add_dispatch(job_id, "pacs", "dicom")
     assert Dispatcher(cfg, store).run_due() == 3  # zero backoff: retried at once, until attempts are used up
-    d = store.get_dispatch(did)
+    d = _dispatch(store, did)
     assert d.state == "failed" and d.attempts == 3
-    assert d.last_error.startswith("gave up after 3 attempt(s)") and "cannot connect" in d.last_error
+    assert d.last_error is not None and d.last_error.startswith("gave up after 3 attempt(s)") and "cannot connect" in d.last_error
 
 
 def test_origin_destination(tmp_path, orthanc, source, result_dir):
@@ -212,9 +225,9 @@ def test_origin_destination(tmp_path, orthanc, source, result_dir):
     # a destination that is not configured fails at once (retrying cannot help)
     bad, _ = store.add_dispatch(job_id, "nowhere", "dicom")
     assert Dispatcher(cfg, store).run_due() == 2
-    assert store.get_dispatch(did).state == "sent"
-    b = store.get_dispatch(bad)
-    assert b.state == "failed" and b.attempts == 1 and "unknown destination 'nowhere'" in b.last_error
+    assert _dispatch(store, did).state == "sent"
+    b = _dispatch(store, bad)
+    assert b.state == "failed" and b.attempts == 1 and "unknown destination 'nowhere'" in (b.last_error or "")
     assert len(seg_instances(orthanc)) == 1
 
 
@@ -239,7 +252,7 @@ def test_share_drop_sanitised_with_manifest(tmp_path, source, result_dir):
     job_id = done_job(store, source, result_dir, tags_override=HOSTILE)
     did, _ = store.add_dispatch(job_id, "share", "share")
     assert Dispatcher(cfg, store).run_due() == 1
-    d = store.get_dispatch(did)
+    d = _dispatch(store, did)
     assert d.state == "sent", d.last_error
 
     root = cfg.share.root
@@ -265,7 +278,7 @@ def test_share_drop_sanitised_with_manifest(tmp_path, source, result_dir):
     assert m["input"]["source_ae"] == "MODALITY"
     assert m["job"]["id"] == job_id and m["job"]["rule"] == "body-ct-bones" and m["job"]["profile"] == "bones"
     assert m["job"]["backend"] == "hu_based" and m["job"]["rules_version"] == "testrules"
-    assert m["seg_series_instance_uid"] == store.get_job(job_id).seg_series_uid
+    assert m["seg_series_instance_uid"] == _job(store, job_id).seg_series_uid
     for k in ("dicom-node", "pydicom", "highdicom", "vtk"):
         assert m["software"][k] and m["software"][k] != "not installed"
     assert m["created"] and m["supersedes"] == []
@@ -274,7 +287,7 @@ def test_share_drop_sanitised_with_manifest(tmp_path, source, result_dir):
     first = {p: p.stat().st_ino for p in folder.iterdir()}
     store.conn.execute("UPDATE dispatches SET state = 'pending', next_attempt_at = NULL WHERE id = ?", (did,))
     assert Dispatcher(cfg, store).run_due() == 1
-    assert store.get_dispatch(did).state == "sent"
+    assert _dispatch(store, did).state == "sent"
     assert sorted(p for p in root.rglob("*") if p.is_dir()) == [root / "etc", folder.parent, folder]
     assert _files(folder) == expected | {MANIFEST_NAME}  # no temp files left either
     assert all(p.stat().st_ino != ino for p, ino in first.items())  # really rewritten (rename over)
@@ -314,9 +327,9 @@ def test_share_superseded_generation(tmp_path, source, result_dir):
     assert Dispatcher(cfg2, store2).run_due() == 1
     da, _ = store2.add_dispatch(a, "share", "share")  # the older one's dispatch comes late
     assert Dispatcher(cfg2, store2).run_due() == 1
-    assert store2.get_dispatch(db).state == "sent"
-    late = store2.get_dispatch(da)
-    assert late.state == "failed" and late.last_error.startswith("superseded:")
+    assert _dispatch(store2, db).state == "sent"
+    late = _dispatch(store2, da)
+    assert late.state == "failed" and (late.last_error or "").startswith("superseded:")
     (folder,) = {p.parent for p in cfg2.share.root.rglob(MANIFEST_NAME)}
     assert json.loads((folder / MANIFEST_NAME).read_text())["job"]["id"] == b
 
@@ -345,11 +358,11 @@ def test_share_unavailable_is_retried(tmp_path, source, result_dir):
     store = Store(cfg.database_path)
     did, _ = store.add_dispatch(done_job(store, source, result_dir), "share", "share")
     assert Dispatcher(cfg, store).run_due() == 1
-    d = store.get_dispatch(did)
-    assert d.state == "pending" and d.last_error and d.next_attempt_at > time.time()
+    d = _dispatch(store, did)
+    assert d.state == "pending" and d.last_error and d.next_attempt_at is not None and d.next_attempt_at > time.time()
     root.unlink()
     assert Dispatcher(cfg, store).run_due(now=d.next_attempt_at) == 1
-    assert store.get_dispatch(did).state == "sent"
+    assert _dispatch(store, did).state == "sent"
 
 
 @pytest.mark.parametrize(

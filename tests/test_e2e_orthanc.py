@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -58,7 +59,7 @@ class Node:
         self.workdir = workdir
         self.port = free_port()
         (workdir / "routing_rules.yaml").write_text(yaml.safe_dump(RULES), encoding="utf-8")
-        self.config = {
+        self.config: dict[str, Any] = {
             "ae_title": "DICOMNODE",
             "port": self.port,
             "bind_address": "127.0.0.1",

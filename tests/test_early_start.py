@@ -17,7 +17,7 @@ import yaml
 
 from node.completion import sweep
 from node.config import load_config
-from node.contracts import JobResult
+from node.contracts import FailureKind, JobResult
 from node.jobs import ensure_dispatches, record_success
 from node.router import Router
 from node.routing.rules import RuleSetHolder
@@ -253,7 +253,11 @@ def test_routing_twice_reads_each_header_once(env, tmp_path, monkeypatch):
             tags={"Modality": "CT"}))
     reads: list[str] = []
     real = pydicom.dcmread
-    monkeypatch.setattr(pydicom, "dcmread", lambda p, *a, **k: (reads.append(str(p)), real(p, *a, **k))[1])
+    def counting_dcmread(p, *a, **k):
+        reads.append(str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)
     (o,) = router.route_early(EARLY, now=t0 + 2.5)  # the real series is "CT ... body": body-bones
     sweep(store, QUIET, now=t0 + QUIET + 1)
     (done,) = router.route_pending()
@@ -270,13 +274,13 @@ def test_failed_early_start_runs_again_on_more_instances(env, tmp_path):
     cfg, store, router, _, _ = env
     t0, _ = start_early(store, router, tmp_path)
     job, _ = run_job(store, cfg, t0 + 3)
-    assert record_failure(cfg, store, job, "input", "a single slice") == "failed"
+    assert record_failure(cfg, store, job, FailureKind.INPUT, "a single slice") == "failed"
     add(store, tmp_path, "1.1", 4, t0 + 4)  # one more instance: the failure was on a part of the series
     again = store.get_job(job.id)
     assert (again.state, again.provisional, again.attempts) == ("queued", True, 0)
 
     job, _ = run_job(store, cfg, t0 + 7)
-    assert record_failure(cfg, store, job, "input", "still bad") == "failed"
+    assert record_failure(cfg, store, job, FailureKind.INPUT, "still bad") == "failed"
     store.set_job_digest(job.id, "0" * 16)  # as if it had failed on another instance set
     sweep(store, QUIET, now=t0 + 4 + QUIET + 1)
     router.route_pending()
@@ -286,7 +290,7 @@ def test_failed_early_start_runs_again_on_more_instances(env, tmp_path):
     # on exactly the complete series the failure stands: the series fails with the reason
     job = store.claim_job("w")
     store.set_job_digest(job.id, store.series_digest("1.1"))
-    assert record_failure(cfg, store, store.get_job(job.id), "input", "bad for good") == "failed"
+    assert record_failure(cfg, store, store.get_job(job.id), FailureKind.INPUT, "bad for good") == "failed"
     series = store.get_series("1.1")
     assert series.state == "failed" and "bad for good" in series.error
 
@@ -297,7 +301,7 @@ def test_failed_early_start_on_the_same_instances_fails_the_series_at_completion
     cfg, store, router, _, _ = env
     t0, _ = start_early(store, router, tmp_path)
     job, _ = run_job(store, cfg, t0 + 3)
-    record_failure(cfg, store, job, "input", "not a CT")
+    record_failure(cfg, store, job, FailureKind.INPUT, "not a CT")
     assert store.get_series("1.1").state == "receiving"  # nothing is decided before completion
     sweep(store, QUIET, now=t0 + QUIET + 1)
     router.route_pending()

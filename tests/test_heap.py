@@ -162,7 +162,11 @@ def test_run_pipeline_fixes_the_threshold_for_the_hu_backend(monkeypatch, tmp_pa
     from node.pipeline import run as run_mod
 
     calls = []
-    monkeypatch.setattr(run_mod, "fix_mmap_threshold", lambda *a: calls.append(a) or True)
+    def counting_fix(*a):
+        calls.append(a)
+        return True
+
+    monkeypatch.setattr(run_mod, "fix_mmap_threshold", counting_fix)
     with pytest.raises(SeriesError, match="no DICOM files"):
         run_mod.run_pipeline([tmp_path / "missing"], "bones", tmp_path / "out")
     assert calls == [()]  # the HU backend's process

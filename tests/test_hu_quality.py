@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -53,12 +54,9 @@ from node.pipeline.backend_hu import HUBackend
 from node.pipeline.series import load_series
 from node.pipeline.volume import SeriesInfo, Volume
 from node.errors import ProfileError
-from node.profiles import load_profile, parse_profile
+from node.profiles import EdgeGrow, load_profile, parse_profile
 
-try:
-    import nibabel as nib
-except ImportError:  # pragma: no cover
-    nib = None
+import nibabel as nib
 
 DATA = Path(os.environ.get("NODE_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 CASE = DATA / "ct-abdomen-siemens-j2k"
@@ -81,7 +79,7 @@ BONE_NAMES = ("sacrum", "sternum", "costal_cartilages")
 
 def reference_on_grid(volume: Volume, nifti_path: Path) -> np.ndarray:
     """The reference label map resampled (nearest neighbour) onto the Volume's [k, j, i] grid."""
-    img = nib.load(str(nifti_path))
+    img = nib.Nifti1Image.from_filename(str(nifti_path))
     ref = np.asarray(img.dataobj)
     lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
     vox = np.linalg.inv(img.affine) @ lps_to_ras @ volume.affine  # Volume (i, j, k) -> NIfTI voxel
@@ -105,8 +103,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def case():
-    if nib is None:
-        pytest.skip("nibabel not installed")
     if not (DICOM_DIR.exists() and REFERENCE.exists() and LABELS.exists()):
         pytest.skip(f"real series or reference labels missing under {CASE}")
     files = sorted(p for p in DICOM_DIR.iterdir() if p.is_file())
@@ -129,7 +125,7 @@ def _union(volume: Volume, profile_name: str) -> np.ndarray:
 def test_reference_is_mapped_onto_the_volume_grid(case):
     volume, ref, names = case
     # the NIfTI is i = column, j = row reversed, k = slice: the composed affine must say so
-    img = nib.load(str(REFERENCE))
+    img = nib.Nifti1Image.from_filename(str(REFERENCE))
     vox = np.linalg.inv(img.affine) @ np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
     np.testing.assert_allclose(vox[:3, :3], np.diag([1.0, -1.0, 1.0]), atol=1e-3)
     # and bone labels sit on bright voxels
@@ -165,7 +161,7 @@ def test_bones_dice(case):
 
 def nifti_volume(path: Path, contrast: bool) -> Volume:
     """A NIfTI CT as a Volume ([k, j, i] array, LPS affine), for scans that have no DICOM."""
-    img = nib.load(str(path))
+    img = nib.Nifti1Image.from_filename(str(path))
     arr = np.rint(np.asarray(img.dataobj, dtype=np.float32)).astype(np.int16).transpose(2, 1, 0)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # RAS -> LPS
     info = SeriesInfo("2.25.1", "2.25.2", None, "CT", contrast_applied=contrast)
@@ -174,8 +170,6 @@ def nifti_volume(path: Path, contrast: bool) -> Volume:
 
 def test_bones_dice_non_contrast_body_ct():
     """The bones profile on a second scan: non-contrast, 3 mm voxels, lumbar spine and lower ribs."""
-    if nib is None:
-        pytest.skip("nibabel not installed")
     ct, seg, labels = BODY / "ct.nii.gz", BODY / "reference_seg_totalsegmentator.nii.gz", BODY / "reference_labels.json"
     if not (ct.exists() and seg.exists() and labels.exists()):
         pytest.skip(f"body CT or its reference missing under {BODY}")
@@ -362,7 +356,7 @@ def test_edge_grow_rejects_bad_arguments():
 def test_schema_validates_edge_grow():
     p = parse_profile(_bones_dict(op="edge_grow", max_mm=1, background_mm=2, avoid=["cortical"]), "t.yaml")
     step = p.tissues[1].morphology[0]
-    assert (step.level, step.floor_hu, step.mode) == (0.5, -150, "slice")
+    assert isinstance(step, EdgeGrow) and (step.level, step.floor_hu, step.mode) == (0.5, -150, "slice")
     with pytest.raises(ProfileError, match=r"refers to 'cartilage', which is not an earlier tissue"):
         parse_profile(_bones_dict(op="edge_grow", max_mm=1, avoid=["cartilage"]), "t.yaml")
     with pytest.raises(ProfileError, match=r"morphology\[0\]\.level"):
@@ -384,7 +378,7 @@ def test_hu_backend_runs_edge_grow_and_keeps_out_of_avoided_tissues():
     affine = np.diag([0.7, 0.7, 2.0, 1.0])
     volume = Volume(hu, affine, SeriesInfo("2.25.1", "2.25.2", None, "CT"), [])
     cat = {"value": "91723000", "meaning": "Anatomical Structure"}
-    tissues = [
+    tissues: list[dict[str, Any]] = [
         {"name": "bone", "description": "b", "color": [1, 2, 3], "hu": [300, 1500], "category": cat,
          "type": {"value": "272673000", "meaning": "Bone"}},
         {"name": "bar", "description": "c", "color": [4, 5, 6], "hu": [110, 300], "category": cat,
@@ -406,7 +400,7 @@ def test_hu_backend_runs_edge_grow_and_keeps_out_of_avoided_tissues():
 # --------------------------------------------------------------------------- slice_valleys and outside (discs)
 
 
-def _spine(values: list[float], shape=(40, 40)) -> tuple[np.ndarray, np.ndarray]:
+def _spine(values: Sequence[float], shape=(40, 40)) -> tuple[np.ndarray, np.ndarray]:
     """A stack of disk-shaped parts, one per slice, with the given HU (a vertebral column seen
     slice by slice: bright bodies, dim discs); the mask is the disks."""
     k = len(values)
@@ -542,7 +536,11 @@ def test_hu_backend_slice_valleys_without_and_outside():
     calls = []
     real = M.closing
     try:
-        M.closing = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        def counting_closing(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        M.closing = counting_closing
         masks = HUBackend().segment(volume, parse_profile(doc, "spine.yaml"), phase="non_contrast")
     finally:
         M.closing = real

@@ -8,7 +8,12 @@ from pathlib import Path
 from node.config import KnownAE, NodeConfig
 from node.contracts import JobParams, JobResult, OriginAddress
 from node.jobs import record_success, resolve_origin
-from node.store import InstanceRecord, Store
+from node.store import InstanceRecord, Job, Store
+
+
+def _job(job: Job | None) -> Job:
+    assert job is not None
+    return job
 
 
 def _store_with_job(tmp_path: Path, calling_ae: str | None) -> tuple[Store, int]:
@@ -25,21 +30,23 @@ def test_origin_from_the_job_else_the_series_calling_ae(tmp_path):
     cfg = NodeConfig(storage=tmp_path, known_aes={"CT01": KnownAE(host="10.0.0.5", port=104),
                                                   "SERIES_AE": KnownAE(host="10.0.0.6", port=11112, ae_title="PACS2")})
     store, job_id = _store_with_job(tmp_path, "CT01")
-    o = resolve_origin(cfg, store, store.get_job(job_id))
-    assert o.calling_ae == "CT01" and o.destination.as_tuple() == ("CT01", "10.0.0.5", 104)
+    o = resolve_origin(cfg, store, _job(store.get_job(job_id)))
+    assert o.calling_ae == "CT01" and o.destination is not None
+    assert o.destination.as_tuple() == ("CT01", "10.0.0.5", 104)
     store.close()
     store, job_id = _store_with_job(tmp_path / "b", None)  # routed without a calling AE: the series'
-    o = resolve_origin(cfg, store, store.get_job(job_id))
-    assert o.calling_ae == "SERIES_AE" and o.destination.as_tuple() == ("PACS2", "10.0.0.6", 11112)
+    o = resolve_origin(cfg, store, _job(store.get_job(job_id)))
+    assert o.calling_ae == "SERIES_AE" and o.destination is not None
+    assert o.destination.as_tuple() == ("PACS2", "10.0.0.6", 11112)
     store.close()
 
 
 def test_origin_recorded_when_the_job_finishes_is_the_dispatchers_fallback(tmp_path):
     cfg = NodeConfig(storage=tmp_path, known_aes={"CT01": KnownAE(host="10.0.0.5", port=104)})
     store, job_id = _store_with_job(tmp_path, "CT01")
-    job = store.claim_job("w")
+    job = _job(store.claim_job("w"))
     assert record_success(cfg, store, job, JobResult(output_dir=tmp_path / "results" / str(job_id))) == "done"
-    done = store.get_job(job_id)
+    done = _job(store.get_job(job_id))
     assert done.result.origin == OriginAddress(calling_ae="CT01", ae_title="CT01", host="10.0.0.5", port=104)
     assert [(d.destination, d.state) for d in store.list_dispatches(job_id=job_id)] == [("origin", "pending")]
 
@@ -52,9 +59,9 @@ def test_origin_recorded_when_the_job_finishes_is_the_dispatchers_fallback(tmp_p
 
 def test_origin_without_an_address_is_a_failed_dispatch_with_the_reason(tmp_path):
     store, job_id = _store_with_job(tmp_path, "CT01")
-    job = store.claim_job("w")
+    job = _job(store.claim_job("w"))
     assert record_success(NodeConfig(storage=tmp_path), store, job, JobResult(output_dir=tmp_path)) == "done"
     (d,) = store.list_dispatches(job_id=job_id)
-    assert d.state == "failed" and "calling AE 'CT01' has no address in known_aes" in d.last_error
-    assert store.get_job(job_id).result.origin is None
+    assert d.state == "failed" and "calling AE 'CT01' has no address in known_aes" in (d.last_error or "")
+    assert _job(store.get_job(job_id)).result.origin is None
     store.close()

@@ -221,6 +221,7 @@ def test_seg_first_writes_the_seg_before_any_mesh(series, tmp_path, monkeypatch)
     assert [p.name for p in res.mesh_paths] == [p.name for p in plain.mesh_paths]
     for p in plain.mesh_paths:
         assert (tmp_path / "first" / p.name).read_bytes() == p.read_bytes()
+    assert res.seg_path is not None and plain.seg_path is not None
     a = pydicom.dcmread(res.seg_path, stop_before_pixels=True)
     b = pydicom.dcmread(plain.seg_path, stop_before_pixels=True)
     assert a.SOPInstanceUID == b.SOPInstanceUID  # fixed by the SEG series UID

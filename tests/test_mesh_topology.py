@@ -31,7 +31,7 @@ def reference_topology(faces: np.ndarray, n_vertices: int | None = None) -> Topo
     nv = int(n_vertices) if n_vertices is not None else int(f.max()) + 1
     degenerate = int(np.count_nonzero((f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])))
     a = f.ravel()  # corner c = 3*face + slot, vertex a[c]
-    b = np.empty_like(f)  # directed half-edge a -> b belongs to corner c
+    b: np.ndarray = np.empty_like(f)  # directed half-edge a -> b belongs to corner c
     b[:, :2] = f[:, 1:]
     b[:, 2] = f[:, 0]
     b = b.ravel()
@@ -163,7 +163,7 @@ def _cases() -> dict[str, tuple[np.ndarray, int | None]]:
         "self_loop_pair": (np.array([[0, 0, 1], [1, 0, 0]]), 2),
         "all_same_vertex": (np.array([[4, 4, 4], [4, 4, 4]]), 5),
     }
-    for i, nvr in enumerate((3, 5, 9, 40)):  # random soups: lots of non-manifold structure
+    for nvr in (3, 5, 9, 40):  # random soups: lots of non-manifold structure
         cases[f"random_{nvr}"] = (rng.integers(0, nvr, size=(2 * nvr + 6, 3)), nvr)
     # random relabelling of a closed mesh keeps it closed; random face order too
     perm = rng.permutation(nv)

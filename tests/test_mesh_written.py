@@ -95,7 +95,7 @@ def test_write_ply_bytes_unchanged(name, meshes, tmp_path):
 
 def test_write_stl_bytes_unchanged_degenerate_and_empty(tmp_path):
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 0]], dtype=float)
-    flat = Mesh(v, [[0, 1, 2], [0, 1, 3], [1, 1, 2]])  # a collinear and a repeated-index face: zero normals
+    flat = Mesh(v, np.array([[0, 1, 2], [0, 1, 3], [1, 1, 2]]))  # a collinear and a repeated-index face: zero normals
     assert write_stl(flat, tmp_path / "flat.stl").read_bytes() == former_write_stl_bytes(flat)
     assert write_stl(Mesh(), tmp_path / "empty.stl").read_bytes() == former_write_stl_bytes(Mesh())
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -482,7 +481,7 @@ def test_router_generations_supersede_and_idempotence(tmp_path):
     router.route_pending()  # idempotent
     (j1,) = store.list_jobs(series_uid="1.1")
     assert (j1.rule, j1.generation, j1.state, j1.rules_version) == ("body-bones", 1, "queued", rules_version(rules))
-    assert store.get_series("1.4").state == "unrouted" and store.list_jobs(series_uid="1.4") == []
+    assert (s4 := store.get_series("1.4")) is not None and s4.state == "unrouted" and store.list_jobs(series_uid="1.4") == []
     assert len(store.list_jobs(series_uid="1.3")) == 1
 
     first = store.claim_job("w")
@@ -496,10 +495,10 @@ def test_router_generations_supersede_and_idempotence(tmp_path):
     router.route_pending()
     jobs = {(j.generation, j.state) for j in store.list_jobs(series_uid="1.1")}
     assert jobs == {(1, "superseded"), (2, "queued")}
-    assert store.get_series("1.1").state == "routed" and store.get_series("1.1").generation == 2
+    assert (s1 := store.get_series("1.1")) is not None and (s1.state, s1.generation) == ("routed", 2)
     # supersede: false -> the late instances of 1.3 are ignored: its done job stands
     assert [(j.generation, j.state) for j in store.list_jobs(series_uid="1.3")] == [(1, "done")]
-    assert store.get_series("1.3").state == "done" and store.get_series("1.3").generation == 2
+    assert (s3 := store.get_series("1.3")) is not None and (s3.state, s3.generation) == ("done", 2)
     store.close()
 
 

@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import read_preamble
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]  # made at import
 
 from node.config import NodeConfig
 from node.scp.receiver import Receiver
@@ -80,13 +80,15 @@ def pynet_ae(*syntaxes: str) -> AE:
 def part10(path: Path, sop_class: str, sop_instance: str, ts: str, data_set: bytes) -> Path:
     """Write a Part 10 file around an encoded data set, with the given file meta UIDs."""
     from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ts
-    buf = BytesIO()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(ts)
+    buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta)
     path.write_bytes(buf.getvalue() + data_set)

@@ -408,14 +408,14 @@ GOOD = "rules:\n  - name: a\n    match: {Modality: CT}\n    profile: bones\n"
 def test_hot_reload(tmp_path):
     p = tmp_path / "rules.yaml"
     p.write_text(GOOD)
-    seen = []
+    seen: list[object] = []
     h = RuleSetHolder(p, known_profiles=lambda: PROFILES, on_change=seen.append)
     v1 = h.ruleset.version
     assert h.reload_if_changed() == (False, None)
 
     p.write_text(GOOD.replace("Modality", "Modalty"))
     changed, err = h.reload_if_changed()
-    assert not changed and "Modalty" in err and "keeping version" in err and ":3:" in err
+    assert not changed and err is not None and "Modalty" in err and "keeping version" in err and ":3:" in err
     assert h.ruleset.version == v1 and h.route(facts()).matched[0].name == "a"
     assert h.reload_if_changed()[1] == err  # still reported, previous rules still active
 
@@ -424,7 +424,7 @@ def test_hot_reload(tmp_path):
 
     p.unlink()
     changed, err = h.reload_if_changed()
-    assert not changed and "cannot read" in err and h.ruleset.version == v1
+    assert not changed and err is not None and "cannot read" in err and h.ruleset.version == v1
 
     p.write_text(GOOD.replace("name: a", "name: b") + "    stop: false\n")
     assert h.reload_if_changed() == (True, None)
@@ -505,13 +505,13 @@ def test_cli_validate(tmp_path):
 def _write_series(folder: Path, uid: str, modality: str, desc: str, n: int = 3) -> None:
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(n):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = f"{uid}.{k + 1}"
+        meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
+        meta.MediaStorageSOPInstanceUID = UID(f"{uid}.{k + 1}")
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = pydicom.Dataset()
         ds.file_meta = meta

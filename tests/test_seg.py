@@ -302,7 +302,7 @@ def test_source_errors(volume: Volume, tmp_path: Path) -> None:
 
 
 def _tilted_volume(tilt_deg: float = 15.0) -> tuple[Volume, np.ndarray]:
-    """Gantry-tilted frames resampled to an axis-aligned grid; mask = a sphere."""
+    """Gantry-tilted frames resampled to an axis-aligned grid, and the centre of a sphere in it."""
     rows = cols = 48
     n = 14
     t = np.deg2rad(tilt_deg)
@@ -315,7 +315,7 @@ def _tilted_volume(tilt_deg: float = 15.0) -> tuple[Volume, np.ndarray]:
     frames, heads = [], []
     # uneven spacing too: one gap is doubled
     zs = [k * dz + (dz if k >= 9 else 0.0) for k in range(n)]
-    for k, z in enumerate(zs):
+    for z in zs:
         ipp = np.array([-48.0, -40.0, z])
         sop = hd.UID()
         frames.append(SourceFrame(None, None, sop, ipp, iop, spacing, rows, cols))
@@ -328,10 +328,7 @@ def _tilted_volume(tilt_deg: float = 15.0) -> tuple[Volume, np.ndarray]:
     affine = np.eye(4)
     affine[:3, :3] = np.diag([step, step, step])
     affine[:3, 3] = origin
-    kk, jj, ii = np.indices(shape)
-    pts = np.stack([ii, jj, kk], -1) * step + origin
-    centre, radius = np.array([0.0, 5.0, 20.0]), 14.0
-    mask = np.linalg.norm(pts - centre, axis=-1) <= radius
+    centre = np.array([0.0, 5.0, 20.0])
     info = SeriesInfo(series, study, for_uid, "CT", "synthetic tilted", 3,
                       source_datasets=heads)
     vol = Volume(np.zeros(shape, np.float32), affine, info, frames, resampled=True)

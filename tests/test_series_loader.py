@@ -32,8 +32,9 @@ needs_data = pytest.mark.skipif(not SMALL_CT.exists(), reason=f"test data not fo
 pytestmark = needs_data
 
 
-def _hu(path: Path) -> np.ndarray:
-    """Reference HU of a single-frame file, straight from pydicom."""
+def _hu(path: Path | None) -> np.ndarray:
+    """Reference HU of a single-frame file (a volume frame's path), straight from pydicom."""
+    assert path is not None
     ds = pydicom.dcmread(path)
     return ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
 
@@ -94,7 +95,7 @@ def test_parallel_decode_uses_pool_and_matches(tmp_path: Path, monkeypatch: pyte
     used = []
     real_pool = series_mod.ProcessPoolExecutor
 
-    class Spy(real_pool):  # type: ignore[misc, valid-type]
+    class Spy(real_pool):  # type: ignore[misc, valid-type]  # a base class held in a variable
         def __init__(self, *a, **kw):
             used.append(kw.get("max_workers"))
             super().__init__(*a, **kw)
@@ -332,12 +333,14 @@ def test_enhanced_ct_matches_single_frame(tmp_path: Path, ref_volume) -> None:
     np.testing.assert_array_equal(vol.array, ref_volume.array)
     np.testing.assert_allclose(vol.affine, ref_volume.affine, atol=1e-4)
     assert len(vol.frames) == 20 and len(vol.info.source_datasets) == 1
-    assert sorted(fr.frame_number for fr in vol.frames) == list(range(1, 21))
+    assert sorted(fr.frame_number or 0 for fr in vol.frames) == list(range(1, 21))
     assert {fr.sop_instance_uid for fr in vol.frames} == {ds.SOPInstanceUID}
     # frame k of the volume is frame frames[k].frame_number of the object
     full = pydicom.dcmread(files[0]).pixel_array
     k = 4
-    np.testing.assert_array_equal(vol.array[k], full[vol.frames[k].frame_number - 1].astype(int) - 1024)
+    fn = vol.frames[k].frame_number
+    assert fn is not None
+    np.testing.assert_array_equal(vol.array[k], full[fn - 1].astype(int) - 1024)
 
 
 def test_enhanced_ct_compressed_parallel(tmp_path: Path, ref_volume, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    UID,
     ImplicitVRLittleEndian,
     generate_uid,
 )
@@ -47,8 +48,8 @@ def _write(
     """A minimal CT image whose PixelData holds exactly ``pixels`` (uint16 bit patterns)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.TransferSyntaxUID = UID(ts)
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = "1.2.3"
@@ -138,7 +139,11 @@ def test_load_series_equals_pydicom(
     vol_slow = _load_via_pydicom(files, monkeypatch)
     calls: list[str] = []
     real = series_mod._read_raw_frame
-    monkeypatch.setattr(series_mod, "_read_raw_frame", lambda p, *a: calls.append(p) or real(p, *a))
+    def counting_read(p, *a):
+        calls.append(p)
+        return real(p, *a)
+
+    monkeypatch.setattr(series_mod, "_read_raw_frame", counting_read)
     vol = load_series(files)
     assert len(calls) == N
     assert vol.array.dtype == vol_slow.array.dtype
@@ -214,7 +219,11 @@ def test_header_cache_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     reference = load_series(files)
     reads: list[object] = []
     real = pydicom.dcmread
-    monkeypatch.setattr(series_mod.pydicom, "dcmread", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    def counting_dcmread(*a, **kw):
+        reads.append(a)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(series_mod.pydicom, "dcmread", counting_dcmread)
     vol = load_series(groups["1.2.3.4"], header_cache=cache)
     assert reads == [] and cache == {}  # nothing parsed again; the entries were handed over
     np.testing.assert_array_equal(vol.array, reference.array)
@@ -242,7 +251,7 @@ def test_rescale_into_matches_apply_rescale(dtype: type, slope: int, intercept: 
     """The in-place int16 rescale is _apply_rescale exactly, or declines (nothing written)."""
     info = np.iinfo(dtype)
     rng = np.random.default_rng(slope + intercept % 97)
-    raw = rng.integers(info.min, info.max, size=(ROWS, COLS), endpoint=True).astype(dtype)
+    raw: np.ndarray = rng.integers(info.min, info.max, size=(ROWS, COLS), endpoint=True).astype(dtype)
     raw[0, 0], raw[0, 1] = info.min, info.max
     for arr in (raw, raw // 4):
         out = np.full(arr.shape, 7, np.int16)

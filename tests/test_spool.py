@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from node.config import NodeConfig
 from node.service import NodeService
@@ -36,7 +36,7 @@ def instance_bytes(sop: str, *, series: str = SERIES, calling: str = "CT01", **a
         setattr(ds, k, v)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.SourceApplicationEntityTitle = calling
     buf = BytesIO()
@@ -125,7 +125,7 @@ def test_rescan_indexes_unknown_files_and_quarantines_unreadable_ones(spool: Spo
     assert inst.called_ae == "DICOMNODE" and inst.transfer_syntax == ExplicitVRLittleEndian
     assert inst.received_at == 1_700_000_000 and inst.size == lost.stat().st_size
     assert inst.tags["Modality"] == "CT" and inst.tags["ImageType"] == ["ORIGINAL", "PRIMARY"]
-    assert store.get_instance("1.1").size == 1  # already indexed: left alone
+    assert (indexed := store.get_instance("1.1")) is not None and indexed.size == 1  # already indexed: left alone
     assert not garbage.exists() and not no_uids.exists() and not leftover.exists() and other.exists()
     reasons = sorted(e.reason for e in spool.quarantined())
     assert len(reasons) == 2 and all(r.startswith("spool rescan: cannot index ") for r in reasons)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.contracts import JobParams, JobResult
+from node.contracts import JobParams, JobResult, JobState
 from node.store import SCHEMA_VERSION, InstanceRecord, Store
 
 
@@ -76,7 +76,7 @@ def test_quiet_period_uses_persisted_clock(tmp_path):
     assert s.complete_series("OLD", quiet_period_s=10)
     assert not s.complete_series("OLD", quiet_period_s=10)  # already complete
     assert not s.complete_series("NEW", quiet_period_s=10)  # not quiet yet
-    assert s.get_series("OLD").state == "complete"
+    assert (old := s.get_series("OLD")) is not None and old.state == "complete"
     assert s.quiet_series(10) == []
     assert [x.series_uid for x in s.quiet_series(1)] == ["NEW"]
     s.close()
@@ -157,10 +157,10 @@ def test_requeue_running_on_startup(tmp_path):
     s.claim_job("w1")
     s.close()  # crash
     s = Store(tmp_path / "node.db")
-    (running,) = s.list_jobs("running")
+    (running,) = s.list_jobs(JobState.RUNNING)
     assert s.requeue_job(running.id, "interrupted (node restarted)", counts_as_try=True)
     job = s.claim_job("w1")
-    assert job.id == jid and job.attempts == 2
+    assert job is not None and job.id == jid and job.attempts == 2
     s.close()
 
 
@@ -233,6 +233,7 @@ def test_dispatch_attempts_are_logged_in_the_store(tmp_path):
     job_id, _ = s.create_job("S1", "r", profile="bones", backend="hu_based", rules_version="v", generation=1)
     did, _ = s.add_dispatch(job_id, "pacs", "dicom")
     d = s.get_dispatch(did)
+    assert d is not None
     s.record_dispatch_attempt(d, started_at=1.0, outcome="retry", detail="peer down", location=None)
     s.record_dispatch_attempt(d, started_at=2.0, outcome="sent", detail="ok", location="PACS@h:104")
     log = s.dispatch_attempts(job_id=job_id)

@@ -25,7 +25,7 @@ import yaml
 from pydicom import dcmread
 
 from node.config import NodeConfig
-from node.contracts import JobParams
+from node.contracts import JobParams, Resource, SeriesState
 from node.pool import WorkerPool, job_resource
 from node.store import _MIGRATIONS, SCHEMA_VERSION, InstanceRecord, Store
 
@@ -64,7 +64,7 @@ def setup(tmp_path):
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID), size=f.stat().st_size, calling_ae="SCANNER"))
     series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     assert store.complete_series(series_uid, quiet_period_s=0)
-    store.set_series_state(series_uid, "routed", from_states=("complete",))
+    store.set_series_state(series_uid, SeriesState.ROUTED, from_states=(SeriesState.COMPLETE,))
 
     def config(**kw) -> NodeConfig:
         base = dict(storage=tmp_path / "var", profiles=profiles, workers=2, gpus=[0], job_timeout_s=300,
@@ -132,10 +132,10 @@ def test_schema_migration_adds_resource_and_legacy_rows_claim_by_backend(tmp_pat
     assert [(j.provisional, j.instances_digest) for j in store.list_jobs()] == [(False, None)] * 3
     assert store.unclassified_jobs() == []
     # legacy rows: model backends count as gpu, the rest as cpu
-    assert store.claim_job("w", kinds=("cpu",)).backend == "hu_based"
-    assert store.claim_job("w", kinds=("cpu",)) is None
-    assert store.claim_job("w", kinds=("gpu",)).backend == "nnunet"
-    assert store.claim_job("w").backend == "monai"  # kinds=None: any job (the old call)
+    assert (j := store.claim_job("w", kinds=(Resource.CPU,))) is not None and j.backend == "hu_based"
+    assert store.claim_job("w", kinds=(Resource.CPU,)) is None
+    assert (j := store.claim_job("w", kinds=(Resource.GPU,))) is not None and j.backend == "nnunet"
+    assert (j := store.claim_job("w")) is not None and j.backend == "monai"  # kinds=None: any job (the old call)
     store.close()
 
 
@@ -149,14 +149,14 @@ def test_claim_respects_resource_column(tmp_path):
     with pytest.raises(ValueError, match="resource"):
         mk("bad", "nnunet", "tpu")
     assert store.set_job_resource(b, "gpu") and not store.set_job_resource(b, "cpu")
-    assert store.claim_job("w", kinds=("gpu",)).id == b
-    assert store.claim_job("w", kinds=("gpu",)) is None
-    assert store.claim_job("w", kinds=("cpu",)).id == a
+    assert (j := store.claim_job("w", kinds=(Resource.GPU,))) is not None and j.id == b
+    assert store.claim_job("w", kinds=(Resource.GPU,)) is None
+    assert (j := store.claim_job("w", kinds=(Resource.CPU,))) is not None and j.id == a
     assert store.claim_job("w", kinds=()) is None
     store.close()
 
 
-def _claimer(db: str, kind: str, out) -> None:
+def _claimer(db: str, kind: Resource, out) -> None:
     s = Store(db, migrate=False)
     got = []
     while True:
@@ -174,10 +174,10 @@ def test_claim_by_kind_is_atomic_across_processes(tmp_path):
     store.record_instance(InstanceRecord("1.1", "1.2.840.10008.5.1.4.1.1.2", "9.9", "9", "/x", "1.2", 1))
     for n in range(60):
         store.create_job("9.9", f"r{n}", profile="p", backend="nnunet" if n % 3 else "hu_based",
-                         rules_version="v", generation=1, resource="gpu" if n % 3 else "cpu")
+                         rules_version="v", generation=1, resource=Resource.GPU if n % 3 else Resource.CPU)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_claimer, args=(str(db), k, q)) for k in ("gpu", "gpu", "cpu", "cpu")]
+    procs = [ctx.Process(target=_claimer, args=(str(db), k, q)) for k in (Resource.GPU, Resource.GPU, Resource.CPU, Resource.CPU)]
     for p in procs:
         p.start()
     claims = [c for _ in procs for c in q.get(timeout=60)]
@@ -185,7 +185,7 @@ def test_claim_by_kind_is_atomic_across_processes(tmp_path):
         p.join(30)
     assert sorted(i for i, _ in claims) == list(range(1, 61))  # each job exactly once
     by_id = {j.id: j for j in store.list_jobs()}
-    assert all(by_id[i].resource == r and by_id[i].worker.startswith(r) for i, r in claims)
+    assert all(by_id[i].resource == r and (by_id[i].worker or "").startswith(r) for i, r in claims)
     store.close()
 
 
@@ -338,6 +338,7 @@ def test_slot_process_dies_with_the_node(setup, tmp_path):
     cfg = config()
     proc = subprocess.Popen([sys.executable, "-c", _POOL_SCRIPT, str(cfg.storage), str(cfg.profiles), str(jid)],
                             stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
     try:
         line = ""
         while not line.startswith("SLOT "):  # libraries in the slot process print to stdout too

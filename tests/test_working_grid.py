@@ -98,6 +98,7 @@ def test_run_on_a_working_grid_keeps_every_frame(tmp_path):
     assert rep["input"]["working_grid"]["factors_kji"] == [1, 2, 2]
     assert rep["input"]["working_grid"]["shape_kji"] == [20, 256, 256]
     assert rep["tissues"]["tissue"]["watertight"] is True
+    assert coarse.seg_path is not None
     masks = read_seg_masks(coarse.seg_path)["liver tissue"]
     vol = load_series(next(iter(find_series([J2K]).values())))
     assert len(masks) == 20

@@ -65,7 +65,7 @@ def _facts_from_store(uid: str, db_path: str | None,
     keeps (``node.dicom_values.RULE_TAGS``, geometry included) are visible to the rules.
     """
     try:
-        from node.store import Store  # noqa: PLC0415 - written separately, optional here
+        from node.store import Store  # written separately, optional here
     except ImportError as exc:
         raise InputError(
             f"cannot look up series {uid}: the node's store module is not available ({exc}); "
@@ -73,7 +73,7 @@ def _facts_from_store(uid: str, db_path: str | None,
         ) from None
     if db_path is None:
         try:
-            from node.config import load_config  # noqa: PLC0415
+            from node.config import load_config
         except ImportError:
             raise InputError(f"cannot look up series {uid}: give the store database with --db") from None
         db_path = str(load_config(None).database_path)

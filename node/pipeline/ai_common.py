@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def _torchvision_shim() -> None:
         pass
     log.info("torchvision's compiled ops do not load with this torch (CUDA wheel next to a CPU torch); "
              "declaring their schemas so torchvision imports (its detection ops stay unavailable)")
-    lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 - kept alive below
+    lib = torch.library.Library("torchvision", "DEF")  # kept alive below
     for op in ("nms", "qnms"):
         lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _settings["_tv_lib"] = lib
@@ -152,7 +152,7 @@ def prepare_torch(threads: int | None = None) -> None:
 GPU_SLOT_ENV = "NODE_GPU_SLOT"
 
 
-def slot_device(requested: str, env: dict[str, str] | None = None) -> str:
+def slot_device(requested: str, env: Mapping[str, str] | None = None) -> str:
     """The device name to use for ``requested`` in this process.
 
     In a node GPU slot (``NODE_GPU_SLOT`` set, ``CUDA_VISIBLE_DEVICES=<that GPU>``) the
@@ -210,7 +210,7 @@ def _is_ip_socket_event(event: str, args: tuple) -> bool:
 
 
 def _audit(event: str, args: tuple) -> None:
-    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and getattr(_guard, "depth", 0) \
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and getattr(_guard, "depth", 0) > 0 \
             and _is_ip_socket_event(event, args):
         target = args[:2] if event == "socket.getaddrinfo" else (args[1] if len(args) > 1 else args)
         _guard.blocked.append(f"{event} {target!r}")
@@ -293,5 +293,5 @@ def rss_mb() -> float:
         import psutil
 
         return psutil.Process().memory_info().rss / 1e6
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - a figure for the log only  # pragma: no cover
         return 0.0

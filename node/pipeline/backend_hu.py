@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from node.errors import ProfileError
 from node.pipeline import morphology, refine
 from node.pipeline.body import body_mask_box
 from node.pipeline.volume import Volume
@@ -39,8 +40,16 @@ def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spaci
     return morphology.components_touching(allowed, mask)
 
 
+def _hu_range(tissue: Tissue, phase: str) -> tuple[float, float]:
+    """The tissue's HU range for ``phase``; a profile made for a model backend may have none."""
+    r = tissue.hu_range(phase)
+    if r is None:
+        raise ProfileError(f"tissue {tissue.name!r} has no 'hu' range: the profile is not one for the HU backend")
+    return r
+
+
 def apply_step(
-    step, mask: np.ndarray, src: np.ndarray, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None,
+    step, mask: np.ndarray, src: np.ndarray | None, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None,
     *, hu: np.ndarray | None = None,
 ) -> np.ndarray:
     """Apply one profile morphology step to ``mask`` (``masks``: earlier tissues, for ``connected_to``;
@@ -74,9 +83,11 @@ def apply_step(
         return morphology.keep_largest(mask, step.n)
     if op == "remove_small":
         return morphology.remove_small(mask, step.min_ml, spacing)
-    if op == "grow":
+    if op in ("grow", "edge_grow") and src is None:  # _croppable() keeps such tissues off the no-source path
+        raise ValueError(f"{op} reads the source values, which this tissue was segmented without")
+    if op == "grow" and src is not None:
         return _grow(mask, src, body, step, spacing)
-    if op == "edge_grow":
+    if op == "edge_grow" and src is not None:
         allowed = body
         for name in step.avoid:
             if masks is None or name not in masks:
@@ -181,7 +192,7 @@ class HUBackend:
         def head(tissue: Tissue, n_steps: int) -> np.ndarray:
             """A tissue's threshold and its first ``n_steps`` steps, which read no other tissue."""
             src = smoothed[tissue.smooth_mm].result() if tissue.smooth_mm else hu
-            lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
+            lo, hi = _hu_range(tissue, phase)
             m = (src >= lo) & (src <= hi) & inside_body
             for step in tissue.morphology[:n_steps]:
                 m = apply_step(step, m, src, inside_body, spacing, None, hu=hu)
@@ -202,7 +213,7 @@ class HUBackend:
                     heads[idx] = (pool.submit(head, tissue, n_head), n_head)
             for idx, tissue in enumerate(profile.tissues):
                 t0 = time.perf_counter()
-                lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
+                lo, hi = _hu_range(tissue, phase)
                 env = envelope(tissue.inside, idx) if tissue.inside else None
                 steps = tissue.morphology
                 if idx in heads:

@@ -96,7 +96,9 @@ def prepare_input(volume: Volume, settings: MonaiModel) -> tuple[np.ndarray, Any
         cur = np.linalg.norm(ras_aff[:3, :3], axis=0)
         zoom = cur / np.asarray(settings.spacing, float)
         ras = ndimage.zoom(ras, zoom, order=1)
-    lo, hi = settings.window  # type: ignore[misc]
+    if settings.window is None:  # the profile schema requires it with torchscript
+        raise ValueError("model: window is not set")
+    lo, hi = settings.window
     x = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(ras[None])
     return np.asarray(x, dtype=np.float32), back, shape
 
@@ -137,11 +139,20 @@ def _torchscript(path: Path, device) -> Any:
     return _cached(key, f"TorchScript {path}", lambda: torch.jit.load(str(path), map_location=device).eval())
 
 
+def _model_path(settings: MonaiModel) -> Path:
+    """The bundle folder, else the TorchScript file (the profile sets exactly one); it must exist."""
+    if settings.bundle:
+        return ai_common.require_path(ai_common.resolve_model_path(settings.bundle), "MONAI bundle folder")
+    if settings.torchscript is None:
+        raise ValueError("model: neither bundle nor torchscript is set")  # the profile schema prevents this
+    return ai_common.require_path(ai_common.resolve_model_path(settings.torchscript), "MONAI TorchScript model")
+
+
 def predict_torchscript(volume: Volume, settings: MonaiModel) -> np.ndarray:
     import torch
     from monai.inferers import sliding_window_inference
 
-    path = ai_common.require_path(ai_common.resolve_model_path(settings.torchscript), "MONAI TorchScript model")
+    path = _model_path(settings)
     device = ai_common.select_device(settings.device)
     model = _torchscript(path, device)
     x, back, ras_shape = prepare_input(volume, settings)
@@ -149,6 +160,8 @@ def predict_torchscript(volume: Volume, settings: MonaiModel) -> np.ndarray:
         t = torch.from_numpy(x)[None].to(device)
         logits = sliding_window_inference(t, roi_size=settings.roi_size, sw_batch_size=settings.sw_batch_size,
                                           predictor=model, overlap=settings.overlap, mode="gaussian")
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"TorchScript model {path} returned {type(logits).__name__}, not a tensor of logits")
         label = torch.argmax(logits, dim=1)[0].to(torch.uint8).cpu().numpy()
     return from_ras(_labels_to_grid(label, ras_shape), back)
 
@@ -207,7 +220,7 @@ def predict_bundle(volume: Volume, settings: MonaiModel) -> np.ndarray:
     import torch
     from monai.data import decollate_batch
 
-    root = ai_common.require_path(ai_common.resolve_model_path(settings.bundle), "MONAI bundle folder")
+    root = _model_path(settings)
     device = ai_common.select_device(settings.device)
     b = _bundle(root, device)
     img = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32),
@@ -239,10 +252,7 @@ class MonaiBackend:
 
     def check(self, profile: Profile) -> None:
         settings: MonaiModel = ai_common.model_section(profile, MonaiModel)
-        if settings.bundle:
-            ai_common.require_path(ai_common.resolve_model_path(settings.bundle), "MONAI bundle folder")
-        else:
-            ai_common.require_path(ai_common.resolve_model_path(settings.torchscript), "MONAI TorchScript model")
+        _model_path(settings)
         ai_common.profile_tissue_labels(profile)
 
     def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:

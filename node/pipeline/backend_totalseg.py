@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -193,11 +194,11 @@ def _cpu_count(n: int):
     import multiprocessing
 
     old = multiprocessing.cpu_count
-    multiprocessing.cpu_count = lambda: n  # type: ignore[assignment]
+    multiprocessing.cpu_count = lambda: n
     try:
         yield
     finally:
-        multiprocessing.cpu_count = old  # type: ignore[assignment]
+        multiprocessing.cpu_count = old
 
 
 def run_totalsegmentator(img, settings: TotalSegmentatorModel):

@@ -58,7 +58,7 @@ def body_mask_box(
     core = morphology.remove_small(core, spec.min_component_ml, sp)
     empty = (slice(0, 0),) * 3
     if not core.any():
-        return empty, np.zeros((0, 0, 0), dtype=bool)  # type: ignore[return-value]
+        return empty, np.zeros((0, 0, 0), dtype=bool)
     if spec.opening_mm:
         core = morphology.dilation(core, spec.opening_mm, sp) & small
     filled = morphology.fill_holes(core, "slice")
@@ -82,7 +82,7 @@ def body_mask_box(
         del up
         sub = bounding_box(inside, margin=0)
         if sub[0].stop == 0:
-            return empty, np.zeros((0, 0, 0), dtype=bool)  # type: ignore[return-value]
+            return empty, np.zeros((0, 0, 0), dtype=bool)
         tight = tuple(slice(f.start + s.start, f.start + s.stop) for f, s in zip(fbox, sub))
         box = tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(tight, hu.shape))
         out = np.zeros([b.stop - b.start for b in box], dtype=bool)
@@ -95,7 +95,7 @@ def body_mask_box(
 def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:
     """Slices of the smallest box (plus ``margin`` voxels) that holds every true voxel."""
     if not mask.any():
-        return (slice(0, 0),) * 3  # type: ignore[return-value]
+        return (slice(0, 0),) * 3
     out = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)

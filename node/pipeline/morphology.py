@@ -107,7 +107,7 @@ def _on_box(mask: np.ndarray, margin_kji: Sequence[int], fn) -> np.ndarray:
     the margin) holds no foreground, and whose result inside the box does not depend
     on voxels beyond the margin: the callers choose the margin accordingly.
     """
-    box = _bbox(mask)
+    box: tuple[slice, ...] | None = _bbox(mask)
     if box is None:
         return np.zeros(mask.shape, dtype=bool)
     box = _grow_box(box, margin_kji, mask.shape)
@@ -434,7 +434,7 @@ def upsample_nearest(small: np.ndarray, steps: Sequence[int], shape: Sequence[in
     ``(K, fk, J, fj, I*fi)`` broadcast view: long contiguous rows instead of a repeat
     of the big array per axis.
     """
-    K, J, I = small.shape
+    K, J, _ = small.shape
     fk, fj, fi = steps
     rows = np.repeat(small, fi, axis=2)[:, :, : shape[2]] if fi > 1 else small[:, :, : shape[2]]
     out = np.empty((K, fk, J, fj, rows.shape[2]), dtype=small.dtype)

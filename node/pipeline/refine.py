@@ -114,7 +114,7 @@ def edge_grow(
         # windows would leave the array: read them from a copy of the box padded by
         # replicating the array's faces
         h = np.pad(hu[outer], short, mode="edge")
-        grid = np.zeros(h.shape, dtype=bool)
+        grid: np.ndarray = np.zeros(h.shape, dtype=bool)  # (numpy 2.4 stubs infer a 0-d shape from h.shape)
         origin = list(win)
     else:
         # windows stay inside the array: read the arrays in place, no copy of the box

@@ -342,7 +342,7 @@ def run_pipeline(
             ds = write_seg(
                 volume,
                 _segment_specs(prof, masks),
-                seg_path,  # type: ignore[arg-type]
+                seg_path,  # type: ignore[arg-type]  # set whenever _seg runs
                 algorithm_name=backend_entry.display_name,
                 algorithm_version=__version__,
                 algorithm_family=ALGORITHM_FAMILY_AI if backend_entry.runs_model else ALGORITHM_FAMILY_THRESHOLD,
@@ -351,7 +351,7 @@ def run_pipeline(
             )
             seg_uid = str(ds.SeriesInstanceUID)
             if on_seg is not None:
-                on_seg(seg_path, seg_uid)  # type: ignore[arg-type]
+                on_seg(seg_path, seg_uid)  # type: ignore[arg-type]  # seg_path: set whenever _seg runs
 
         # Meshing is mostly VTK/numpy (releases the GIL), the SEG mostly Python (highdicom):
         # running them side by side uses both cores.  Each stage keeps its own timing.
@@ -372,7 +372,7 @@ def run_pipeline(
         if len(mesh_span) == 2:
             stages.timings["mesh_span"] = round(mesh_span[1] - mesh_span[0], 3)
 
-    report = {
+    report: dict[str, Any] = {
         "software": {"name": "dicom-node", "version": __version__},
         "input": {
             "series_instance_uid": volume.info.series_instance_uid,

@@ -198,7 +198,7 @@ def _label_map(masks: list[np.ndarray], dtype: type) -> np.ndarray | None:
     :func:`_overlap` followed by ``labels[mask] = s`` per mask.
     """
     shape = masks[0].shape
-    labels = np.zeros(shape, dtype=dtype)
+    labels: np.ndarray = np.zeros(shape, dtype=dtype)
     if labels.size == 0:
         return labels
     step = max(1, (1 << 20) // max(1, int(np.prod(shape[1:]))))
@@ -241,7 +241,7 @@ def _frame_arrays(volume: Volume, sources: list[Dataset], masks: list[np.ndarray
             raise InputError("volume frames do not belong to the source multi-frame instance",
                              tag="SOPInstanceUID")
         n_frames = int(src.get("NumberOfFrames", 0) or 0)
-        if n_frames < max(int(f.frame_number) for f in frames):  # type: ignore[arg-type]
+        if n_frames < max(int(f.frame_number) for f in frames):  # type: ignore[arg-type]  # set in a multi-frame source
             raise InputError(f"frame numbers exceed NumberOfFrames ({n_frames})",
                              tag="NumberOfFrames")
         ordered = [src]
@@ -288,7 +288,7 @@ class _Segmentation(hd.seg.Segmentation):
     """
 
     @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers,  # type: ignore[override]
+    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers,
                                     segmentation_type, dtype):
         if (isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_
                 and pixel_array.ndim == 4
@@ -316,7 +316,7 @@ def warm_up() -> bool:
         standard.get_iod_module_map()
         standard.get_module_attribute_map()
         return True
-    except Exception:  # noqa: BLE001 - an optimisation only; write_seg loads them itself
+    except Exception:  # an optimisation only; write_seg loads them itself
         log.debug("highdicom standard tables not preloaded", exc_info=True)
         return False
 

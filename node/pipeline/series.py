@@ -189,7 +189,7 @@ def _read_header(path: Path) -> _Header:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
         try:
             raw = _raw_pixels(fh, ds)
-        except Exception:  # malformed values: pydicom's decoder will report them
+        except Exception:  # noqa: BLE001 - malformed values: pydicom's decoder will report them
             raw = None
     return _Header(ds, raw, (st.st_ino, st.st_size, st.st_mtime_ns))
 
@@ -214,7 +214,7 @@ def find_series(
     for path in _iter_files(inputs):
         try:
             hdr = _read_header(path)
-        except Exception as exc:  # pydicom raises assorted errors on broken files
+        except Exception as exc:  # noqa: BLE001 - pydicom raises assorted errors on broken files
             log.warning("%s: not a readable DICOM file, skipped (%s)", path, exc)
             continue
         ds = hdr.ds
@@ -266,7 +266,7 @@ def _floats(value: Any, n: int, path: Path, tag: str) -> np.ndarray:
     return arr
 
 
-def _lookup(groups: list[Dataset], seq: str, tag: str) -> Any:
+def _lookup(groups: list[Dataset | None], seq: str, tag: str) -> Any:
     for g in groups:
         if g is None:
             continue
@@ -329,7 +329,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
                     path, i + 1, ds,
                     _floats(ipp, 3, path, "ImagePositionPatient"),
                     _floats(iop, 6, path, "ImageOrientationPatient"),
-                    tuple(_floats(ps, 2, path, "PixelSpacing")),  # type: ignore[arg-type]
+                    tuple(_floats(ps, 2, path, "PixelSpacing")),
                     rows, cols,
                     _rescale(slope if slope is not None else ds.get("RescaleSlope"), 1.0, path, "RescaleSlope"),
                     _rescale(inter if inter is not None else ds.get("RescaleIntercept"), 0.0, path, "RescaleIntercept"),
@@ -340,7 +340,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     if nframes != 1:
         raise SeriesError(f"{nframes} frames without per-frame geometry", path=path, tag="NumberOfFrames")
     localizer = _is_localizer(ds)
-    vals = {}
+    vals: dict[str, Any] = {}
     for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         v = ds.get(tag)
         if v is None or v == "" or (hasattr(v, "__len__") and len(v) == 0):
@@ -356,7 +356,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
             path, None, ds,
             _floats(vals["ImagePositionPatient"], 3, path, "ImagePositionPatient"),
             _floats(vals["ImageOrientationPatient"], 6, path, "ImageOrientationPatient"),
-            tuple(_floats(vals["PixelSpacing"], 2, path, "PixelSpacing")),  # type: ignore[arg-type]
+            tuple(_floats(vals["PixelSpacing"], 2, path, "PixelSpacing")),
             rows, cols,
             _rescale(ds.get("RescaleSlope"), 1.0, path, "RescaleSlope"),
             _rescale(ds.get("RescaleIntercept"), 0.0, path, "RescaleIntercept"),
@@ -371,7 +371,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
 def _ts_name(ts: str) -> str:
     try:
         name = UID(ts).name
-    except Exception:
+    except Exception:  # noqa: BLE001 - a name for a message only
         name = ""
     return f"{name} ({ts})" if name and name != ts else (ts or "unknown transfer syntax")
 
@@ -438,7 +438,7 @@ def _decode_raw_iter(items: list[_Item]) -> Iterable[np.ndarray]:
     for path, fn, rows, cols, _slope, _inter, _as_int, ts, loc in items:
         try:
             raw = _decode_frame(path, fn, rows, cols, cache, loc)
-        except Exception as exc:  # any codec failure becomes a SeriesError in the parent
+        except Exception as exc:  # noqa: BLE001 - any codec failure becomes a SeriesError in the parent
             where = path + (f" frame {fn}" if fn else "")
             raise _DecodeFailure(where, ts, f"{type(exc).__name__}: {exc}") from None
         yield raw
@@ -455,7 +455,7 @@ def _decode_chunk(items: list[_Item]) -> list[np.ndarray] | tuple[str, str, str]
     try:
         return list(_decode_iter(items))
     except _DecodeFailure as exc:
-        return exc.args  # type: ignore[return-value]
+        return exc.args
 
 
 def _apply_rescale(raw: np.ndarray, slope: float, inter: float, as_int: bool) -> np.ndarray:
@@ -534,7 +534,7 @@ def _decode_all(
         for chunk in chunks:
             try:
                 res = next(results)
-            except Exception as exc:  # a worker died (e.g. a codec crashed)
+            except Exception as exc:  # noqa: BLE001 - a worker died (e.g. a codec crashed)
                 first = frames[chunk[0]]
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise _decode_error(str(first.path), first.ts, f"decoder process failed: {exc}") from None
@@ -631,7 +631,7 @@ def _same_pixels(a: _Frame, b: _Frame) -> bool:
         if isinstance(r, tuple):
             raise _decode_error(*r)
     return (
-        a.slope == b.slope and a.intercept == b.intercept and np.array_equal(ra[0], rb[0])  # type: ignore[index]
+        a.slope == b.slope and a.intercept == b.intercept and np.array_equal(ra[0], rb[0])
     )
 
 
@@ -719,7 +719,7 @@ def load_series(
                 hdr = _read_header(path)
             except InvalidDicomError as exc:
                 raise SeriesError(f"not a DICOM file ({exc})", path=path) from None
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - pydicom raises assorted errors on broken files
                 raise SeriesError(f"unreadable DICOM header ({type(exc).__name__}: {exc})", path=path) from None
         ds = hdr.ds
         if "DirectoryRecordSequence" in ds:
@@ -761,7 +761,7 @@ def load_series(
             frames.extend(new)
         except SeriesError:
             raise
-        except Exception as exc:  # malformed values that pydicom only notices on access
+        except Exception as exc:  # noqa: BLE001 - malformed values that pydicom only notices on access
             raise SeriesError(f"malformed image header ({type(exc).__name__}: {exc})", path=path) from None
     kept = []
     for fr in frames:

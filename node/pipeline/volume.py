@@ -84,7 +84,7 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(slices, rows, columns)``."""
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     @property
     def spacing(self) -> tuple[float, float, float]:

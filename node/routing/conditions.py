@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
@@ -195,6 +195,7 @@ class OneOf(Operator):
 class Regex(Operator):
     pattern: str
     ignore_case: bool = False
+    _re: re.Pattern[str] = field(init=False, repr=False, compare=False)
     name = "regex"
 
     def __post_init__(self) -> None:
@@ -204,7 +205,7 @@ class Regex(Operator):
         return f"regex '{self.pattern}'" + (" (ignore case)" if self.ignore_case else "")
 
     def test(self, value: Any) -> bool:
-        return self._re.search(as_text(value)) is not None  # type: ignore[attr-defined]
+        return self._re.search(as_text(value)) is not None
 
 
 @dataclass(frozen=True)

@@ -479,7 +479,7 @@ class _Parser:
         if not isinstance(desc, str):
             self.err("'description' must be text", kl.get("description"))
 
-        if len(self.issues) != n_issues or match is None or not isinstance(name, str):
+        if len(self.issues) != n_issues or match is None or not isinstance(name, str) or not isinstance(profile, str):
             return None
         return Rule(
             name=name, match=match, profile=profile, backend=backend, destinations=tuple(dests),
@@ -628,9 +628,9 @@ class _Parser:
             return None
         return Range(None if lo is None else float(lo), None if hi is None else float(hi))
 
-    def check_enum(self, fld: str, op: Operator, line: int) -> Operator | None:
+    def check_enum(self, fld: str, op: Equals | OneOf, line: int) -> Operator | None:
         if fld == "orientation":
-            values = op.values if isinstance(op, OneOf) else (op.value,)  # type: ignore[attr-defined]
+            values = op.values if isinstance(op, OneOf) else (op.value,)
             for v in values:
                 if str(v).strip().lower() not in ORIENTATIONS:
                     self.err(f"orientation: {v!r} is not one of " + ", ".join(ORIENTATIONS), line)

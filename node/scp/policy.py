@@ -36,7 +36,7 @@ class Refusal:
 @functools.lru_cache(maxsize=256)
 def _addresses(host: str) -> frozenset[str]:
     try:
-        return frozenset(ai[4][0] for ai in socket.getaddrinfo(host, None))
+        return frozenset(str(ai[4][0]) for ai in socket.getaddrinfo(host, None))
     except OSError:
         return frozenset()
 

@@ -33,7 +33,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
 
 from node.config import NodeConfig
 from node.dicom_values import tags_from_dataset, uid_value
@@ -254,7 +254,7 @@ class Receiver:
                 tags=tags_from_dataset(ds),
             )
             outcome = self.store.record_instance(rec)
-        except Exception:  # noqa: BLE001 - the rescan at next start indexes the file
+        except Exception:  # the rescan at next start indexes the file
             self._count("index_errors")
             log.exception("C-STORE %s: stored %s but could not index it (will be indexed on rescan)", who, path)
             return STATUS_SUCCESS

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +35,7 @@ from pydicom.uid import (
     MRImageStorage,
     PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
+    UID,
     generate_uid,
 )
 
@@ -192,7 +193,7 @@ def _finish(ds: Dataset, ts_uid: str) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ts_uid
+    meta.TransferSyntaxUID = UID(ts_uid)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "NODE_SYNTH"
     ds.file_meta = meta
@@ -340,7 +341,7 @@ def write_series(
     out.mkdir(parents=True, exist_ok=True)
     data, aff = _load_input(volume_hu, affine)
     if size is not None:
-        data, aff = _resample(data, aff, tuple(int(s) for s in size))  # type: ignore[arg-type]
+        data, aff = _resample(data, aff, (int(size[0]), int(size[1]), int(size[2])))
     nx, ny, nz = data.shape
     flip = np.array([-1.0, -1.0, 1.0])
     # LPS-aligned stack L[k, r, c]: column c -> left (-i), row r -> posterior (-j)
@@ -374,8 +375,8 @@ def write_series(
     study_uid = study_instance_uid or generate_uid()
     series_uid = generate_uid()
     for_uid = generate_uid()
-    base_kw = dict(
-        modality=modality, study_uid=study_uid, series_uid=series_uid, for_uid=for_uid,
+    base = functools.partial(
+        _base_dataset, modality=modality, study_uid=study_uid, series_uid=series_uid, for_uid=for_uid,
         series_description=series_description, series_number=series_number,
         patient_name=patient_name, patient_id=patient_id, study_description=study_description,
         accession_number=accession_number, now=now,
@@ -403,7 +404,7 @@ def write_series(
         else:
             ipp = origin + k * step
             img = stack[k]
-        ds = _base_dataset(**base_kw)
+        ds = base()
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = numbers[m]
@@ -443,7 +444,7 @@ def write_series(
             _write(ds, path, transfer_syntax)
             written.append(path)
     if localizer:
-        ds = _base_dataset(**base_kw)
+        ds = base()
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         if "RescaleType" in ds:
             del ds.RescaleType  # dciodvfy: not HU for ORIGINAL LOCALIZER images
@@ -482,9 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = None
     if a.size:
         try:
-            size = tuple(int(v) for v in a.size.lower().split("x"))
-            if len(size) != 3:
-                raise ValueError
+            rows, cols, slices = (int(v) for v in a.size.lower().split("x"))  # ValueError unless three integers
+            size = (rows, cols, slices)
         except ValueError:
             p.error(f"--size must look like 512x512x400, got {a.size!r}")
     if a.enhanced and a.ts not in _ENHANCED_SYNTAXES:

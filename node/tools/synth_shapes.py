@@ -79,7 +79,7 @@ def make_case(seed: int, shape: tuple[int, int, int] = (40, 48, 48),
 
     hu += rng.normal(0, 10, shape).astype(np.float32)
     hu[~body] = -1000.0 + rng.normal(0, 5, int((~body).sum()))
-    return Case(np.round(hu).astype(np.int16), labels, tuple(float(s) for s in spacing), seed)  # type: ignore[arg-type]
+    return Case(np.round(hu).astype(np.int16), labels, (float(si), float(sj), float(sk)), seed)
 
 
 def case_affine(case: Case, origin: tuple[float, float, float] = (-70.0, -70.0, -60.0)) -> np.ndarray:

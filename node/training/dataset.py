@@ -173,12 +173,12 @@ def export_dataset(inputs: Sequence[str | Path], out_dir: str | Path, *, dataset
             if why:
                 raise InputError(f"geometry does not match: {why}")
             masks = seg_label_volumes(vol, seg_path)
-            lab = np.zeros(vol.shape, dtype=np.uint8)
+            label_map = np.zeros(vol.shape, dtype=np.uint8)
             present = []
             for lname, seg_labels in mapping.items():
                 hit = [s for s in seg_labels if s in masks]
                 for s in hit:
-                    lab[masks[s]] = label_ids[lname]
+                    label_map[masks[s]] = label_ids[lname]
                 if hit and any(masks[s].any() for s in hit):
                     present.append(lname)
             if not present:
@@ -186,7 +186,7 @@ def export_dataset(inputs: Sequence[str | Path], out_dir: str | Path, *, dataset
             d = vol.affine[:3, :3] / np.asarray(vol.spacing)[None, :]
             hu = np.clip(np.rint(vol.array), -32768, 32767).astype(np.int16)
             write_case_nifti(folder / "imagesTr" / f"{case}_0000.nii.gz", hu, vol.spacing, vol.affine[:3, 3], d)
-            write_case_nifti(folder / "labelsTr" / f"{case}.nii.gz", lab, vol.spacing, vol.affine[:3, 3], d)
+            write_case_nifti(folder / "labelsTr" / f"{case}.nii.gz", label_map, vol.spacing, vol.affine[:3, 3], d)
             row.update(status="exported", size_ijk="x".join(str(s) for s in vol.shape[::-1]),
                        spacing_mm_ijk="x".join(f"{s:.3f}" for s in vol.spacing), labels_present=";".join(present))
             result.exported.append(case)
