@@ -48,6 +48,7 @@ import numpy as np
 import pytest
 
 from node.pipeline import morphology as M
+from node.pipeline.box import bounding_box
 from node.pipeline import refine
 from node.pipeline.backend_hu import HUBackend
 from node.pipeline.series import load_series
@@ -460,7 +461,7 @@ def test_slice_valleys_at_the_scan_edge_small_parts_and_the_core():
 def _valleys_by_window_scan(mask, hu, spacing, window_mm, ratio, min_area_mm2, core_mm=0):
     """slice_valleys as first written: each part's window maxima read slice by slice from the
     medians map (the reference for the running maxima that replaced it)."""
-    box = M._bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return mask.copy()
     full, mask, hu = mask, mask[box], hu[box]

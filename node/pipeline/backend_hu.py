@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from node.pipeline import morphology, refine
+from node.pipeline.box import bounding_box, grow_box
 from node.pipeline.body import body_mask_box
 from node.pipeline.volume import Volume
 from node.profiles import Grow, Profile, Tissue
@@ -279,11 +280,11 @@ class HUBackend:
         voxel inside it gets exactly the value the whole-array filter would give it.
         """
         out = np.zeros(env.shape, dtype=bool)
-        inner = morphology._bbox(env)
+        inner = bounding_box(env)
         if inner is None:
             return out
         sigma = self._sigma(smooth_mm, spacing)
-        outer = morphology._grow_box(inner, [_gauss_radius(s) for s in sigma], env.shape)
+        outer = grow_box(inner, [_gauss_radius(s) for s in sigma], env.shape)
         g = _gaussian(hu[outer], sigma)
         sub = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
         g = g[sub]

@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 
 from node.errors import ProfileError
+from node.pipeline.box import bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -957,18 +958,6 @@ def _check_affine(affine: np.ndarray) -> np.ndarray:
     return a
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Bounding box of the True voxels of a ``[k, j, i]`` mask, or ``None`` when empty."""
-    out = []
-    for ax in range(3):
-        other = tuple(x for x in range(3) if x != ax)
-        nz = np.flatnonzero(np.any(mask, axis=other))
-        if nz.size == 0:
-            return None
-        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(out)  # type: ignore[return-value]
-
-
 def _mesh_crop(crop: np.ndarray, offset_kji: tuple[int, int, int], affine: np.ndarray, options: MeshOptions) -> Mesh:
     """Mesh a cropped boolean block whose voxel ``[0, 0, 0]`` is ``offset_kji`` in the full grid."""
     padded = np.zeros(tuple(s + 2 for s in crop.shape), dtype=np.uint8)
@@ -1038,7 +1027,7 @@ def mesh_from_mask(mask: np.ndarray, affine: np.ndarray, options: MeshOptions | 
         raise ValueError(f"mask must be 3-D [k, j, i], got shape {m.shape}")
     if m.dtype != bool:
         m = m != 0
-    box = _bbox(m)
+    box = bounding_box(m)
     if box is None:
         return Mesh()
     return _mesh_crop(m[box], (box[0].start, box[1].start, box[2].start), a, options)
@@ -1079,7 +1068,7 @@ def mesh_labels(
             boxes[x] = objs[x - 1]
     out: dict[int, Mesh] = {}
     for x in wanted:
-        box = boxes[x] if x in boxes else _bbox(lab == x)
+        box = boxes[x] if x in boxes else bounding_box(lab == x)
         opts = options_by_label[x] or MeshOptions()
         if box is None:
             out[x] = Mesh()

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from node.pipeline.morphology import _bbox, _grow_box
+from node.pipeline.box import bounding_box, grow_box
 
 Spacing = Sequence[float]
 
@@ -97,7 +97,7 @@ def edge_grow(
     # layers of voxels within ``max_mm``: in-plane, and across slices (3D mode only)
     steps = int(np.floor(max_mm / min(float(spacing[0]), float(spacing[1])) + 1e-6))
     k_steps = 0 if in_plane else int(np.floor(max_mm / float(spacing[2]) + 1e-6))
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None or max(steps, k_steps) < 1:
         return mask.copy()
     bg_half = _half_widths(background_mm, spacing, in_plane)
@@ -106,8 +106,8 @@ def edge_grow(
     grow = (k_steps, steps, steps)
     # the box holds every voxel the growth can reach; around it, ``win`` voxels of window,
     # taken from the array where it has them and replicated from its faces where it has not
-    inner = _grow_box(box, grow, mask.shape)
-    outer = _grow_box(inner, win, mask.shape)
+    inner = grow_box(box, grow, mask.shape)
+    outer = grow_box(inner, win, mask.shape)
     short = [(w - (i.start - o.start), w - (o.stop - i.stop)) for w, i, o in zip(win, inner, outer)]
     padded = any(p0 or p1 for p0, p1 in short) or not hu.flags.c_contiguous
     if padded:
