@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 import node.pipeline.run as run_mod
-from node.pipeline.mesh_io import check_stl, check_written_stl
+from node.pipeline.mesh.files import check_stl, check_written_stl
 
 from ai_helpers import synth_tissue, write_case_series  # tests/ is on sys.path
 
@@ -95,7 +95,7 @@ def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeyp
     import threading
     import time
 
-    from node.pipeline.mesh import mesh_from_mask
+    from node.pipeline.mesh.extract import mesh_from_mask
 
     prof = _profile(["organ", "nothing", "bone"])
     plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", write_segmentation=False)
@@ -128,7 +128,7 @@ def test_vtk_backend_switched_before_any_thread_goes_on(monkeypatch):
     import threading
     import time
 
-    import node.pipeline.mesh as mesh_mod
+    import node.pipeline.mesh.vtk_glue as vtk_glue
     from vtkmodules.vtkCommonCore import vtkSMPTools
 
     switched = threading.Event()
@@ -148,11 +148,11 @@ def test_vtk_backend_switched_before_any_thread_goes_on(monkeypatch):
     import vtkmodules.vtkCommonCore as core
 
     monkeypatch.setattr(core, "vtkSMPTools", SlowSMP)
-    monkeypatch.setattr(mesh_mod, "_SMP_READY", False)
+    monkeypatch.setattr(vtk_glue, "_SMP_READY", False)
     seen: list[bool] = []
 
     def first_use():
-        mesh_mod._vtk_smp()
+        vtk_glue.vtk_smp()
         seen.append(switched.is_set())
 
     threads = [threading.Thread(target=first_use) for _ in range(2)]
@@ -169,7 +169,7 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
     import threading
 
     from node.pipeline.backend_hu import HUBackend
-    from node.pipeline.mesh import mesh_from_mask
+    from node.pipeline.mesh.extract import mesh_from_mask
 
     prof = _profile(["organ", "bone"])
     plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", write_segmentation=False)
@@ -203,7 +203,7 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
 def test_seg_first_writes_the_seg_before_any_mesh(series, tmp_path, monkeypatch):
     """seg_first (the node): no mesh while segmenting, the SEG handed on (on_seg) before the first
     mesh starts; the outputs are those of the default (streaming) run."""
-    from node.pipeline.mesh import mesh_from_mask
+    from node.pipeline.mesh.extract import mesh_from_mask
 
     prof = _profile(["organ", "bone"])
     plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", seg_series_uid="1.2.826.0.1.3680043.8.498.7")

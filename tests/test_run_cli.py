@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.pipeline.mesh_io import check_stl
+from node.pipeline.mesh.files import check_stl
 from node.pipeline.seg import read_seg_masks
 from node.pipeline.series import find_series, load_series
 
@@ -85,7 +85,7 @@ def test_meshes_on_disk_are_printable_and_in_patient_space(liver_run):
     # the mesh lies inside the volume's LPS bounding box (not in voxel indices)
     corners = np.array([[i, j, k, 1] for i in (0, 511) for j in (0, 511) for k in (0, 19)], float)
     lps = (vol.affine @ corners.T).T[:, :3]
-    from node.pipeline.mesh_io import load_stl
+    from node.pipeline.mesh.files import load_stl
 
     mesh = load_stl(out / "liver_tissue.stl")
     assert (mesh.vertices.min(0) >= lps.min(0) - 2).all() and (mesh.vertices.max(0) <= lps.max(0) + 2).all()

@@ -30,8 +30,10 @@ from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
 from node.pipeline.heap import RetainFreed, fix_mmap_threshold, working_set_budget
-from node.pipeline.mesh import MeshOptions, Topology, mesh_from_mask, topology
-from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
+from node.pipeline.mesh.extract import mesh_from_mask
+from node.pipeline.mesh.files import check_written_stl, write_ply, write_stl
+from node.pipeline.mesh.model import MeshOptions
+from node.pipeline.mesh.topology import Topology, topology
 from node.pipeline.series import find_series, load_series
 from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, warm_up, write_seg
 from node.pipeline.volume import Volume

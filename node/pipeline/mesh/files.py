@@ -18,15 +18,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from node.durable import atomic_open
-from node.pipeline.mesh import (
-    Mesh,
-    Topology,
-    float32_groups,
-    float32_unique_count,
-    normalize_rows,
-    signed_volume,
-    topology,
-)
+from node.pipeline.mesh.coincident import float32_groups, float32_unique_count
+from node.pipeline.mesh.geometry import normalize_rows, signed_volume
+from node.pipeline.mesh.model import Mesh
+from node.pipeline.mesh.topology import Topology, topology
 
 DEFAULT_STL_HEADER = "SPACE=LPS; units=mm; dicom-seg-node"
 
