@@ -35,7 +35,7 @@ with ``pytest -s``):
   rib heads at the costovertebral joints that the reference leaves out;
 * about a third of the costal cartilage's partial-volume rim (cartilage at 115..140 HU
   in fat) is below the global floor; the profile's ``edge_grow`` step (local
-  half-maximum edge, :mod:`node.pipeline.refine`) recovers it (0.786 -> 0.791).
+  half-maximum edge, :mod:`node.pipeline.hu.refine`) recovers it (0.786 -> 0.791).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.pipeline import morphology as M
+from node.pipeline.hu import morphology as M
 from node.pipeline.box import bounding_box
-from node.pipeline import refine
-from node.pipeline.backend_hu import HUBackend
+from node.pipeline.hu import refine
+from node.pipeline.hu.backend import HUBackend
 from node.pipeline.series import load_series
 from node.pipeline.volume import SeriesInfo, Volume
 from node.errors import ProfileError

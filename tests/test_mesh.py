@@ -267,7 +267,7 @@ _SIMPLIFY_MEMORY = r"""
 import gc
 import numpy as np
 import node.pipeline.mesh.decimate as M
-from node.pipeline.heap import process_rss
+from node.pipeline.hu.heap import process_rss
 from node.pipeline.mesh.extract import mesh_from_mask
 from node.pipeline.mesh.model import MeshOptions
 

@@ -51,7 +51,7 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         assert (tissues[name]["watertight"], tissues[name]["manifold"]) == (full.watertight, full.manifold)
         assert tissues[name]["triangles"] == full.triangles
     assert tissues["nothing"]["watertight"] is None and tissues["nothing"]["stl"] is None
-    # the HU backend segments and meshes inside a heap window (node.pipeline.heap)
+    # the HU backend segments and meshes inside a heap window (node.pipeline.hu.heap)
     heap = res.report["heap"]
     assert heap["retained_below_mb"] > 0 and heap["trims"] >= 0
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -168,7 +168,7 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
     """A streaming backend's tissue is meshed before segmentation ends, results unchanged."""
     import threading
 
-    from node.pipeline.backend_hu import HUBackend
+    from node.pipeline.hu.backend import HUBackend
     from node.pipeline.mesh.extract import mesh_from_mask
 
     prof = _profile(["organ", "bone"])

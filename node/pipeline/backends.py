@@ -34,7 +34,7 @@ class Backend(Protocol):
 
 #: model_type -> (module, class, pip extra that installs its dependencies)
 _REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "hu_based": ("node.pipeline.backend_hu", "HUBackend", None),
+    "hu_based": ("node.pipeline.hu.backend", "HUBackend", None),
     "totalsegmentator": ("node.pipeline.backend_totalseg", "TotalSegmentatorBackend", "totalseg"),
     "nnunet": ("node.pipeline.backend_nnunet", "NnUNetBackend", "nnunet"),
     "monai": ("node.pipeline.backend_monai", "MonaiBackend", "monai"),

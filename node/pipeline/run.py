@@ -29,7 +29,7 @@ from node import __version__
 from node.durable import atomic_write
 from node.errors import InputError, SeriesError
 from node.pipeline.backends import get_backend
-from node.pipeline.heap import RetainFreed, fix_mmap_threshold, working_set_budget
+from node.pipeline.hu.heap import RetainFreed, fix_mmap_threshold, working_set_budget
 from node.pipeline.mesh.extract import mesh_from_mask
 from node.pipeline.mesh.files import check_written_stl, write_ply, write_stl
 from node.pipeline.mesh.model import MeshOptions
@@ -181,7 +181,7 @@ def run_pipeline(
     model_type = backend or prof.model_type
     if model_type == "hu_based":
         # the HU backend's many freed arrays of a few MB go back to the OS (measured there,
-        # see node.pipeline.heap); an AI backend's process keeps its library's defaults
+        # see node.pipeline.hu.heap); an AI backend's process keeps its library's defaults
         fix_mmap_threshold()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ def run_pipeline(
         if model_type == "hu_based":
             # from here on freed arrays are reused instead of faulted in and zeroed afresh by
             # the kernel, as long as the process stays below about what segmenting this grid
-            # needs at its peak anyway (see node.pipeline.heap)
+            # needs at its peak anyway (see node.pipeline.hu.heap)
             heap_window = scope.enter_context(RetainFreed(working_set_budget(int(np.prod(volume.shape)))))
         chosen_phase = prof.resolve_phase(volume.info.contrast_applied, phase)
         voxel_ml = volume.voxel_volume_ml

@@ -3,7 +3,7 @@
 The body's bounding box is cut out first and every tissue is computed on it,
 so morphology never runs over the empty field of view; masks are put back on
 the full grid at the end.  Sizes in the profile are millimetres and are turned
-into voxels with the volume's spacing by :mod:`node.pipeline.morphology`.
+into voxels with the volume's spacing by :mod:`node.pipeline.hu.morphology`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from node.pipeline import morphology, refine
+from node.pipeline.hu import morphology, refine
 from node.pipeline.box import bounding_box, grow_box
-from node.pipeline.body import body_mask_box
+from node.pipeline.hu.body import body_mask_box
 from node.pipeline.volume import Volume
 from node.profiles import Grow, Profile, Tissue
 

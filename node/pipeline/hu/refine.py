@@ -6,7 +6,7 @@ of its surroundings: a 130 HU cartilage bar in fat (-100 HU) ends near 15 HU, th
 same bar against muscle (50 HU) near 90 HU.  The operations here place the boundary
 by that local half-maximum rule instead.
 
-Conventions as in :mod:`node.pipeline.morphology`: masks and HU arrays are indexed
+Conventions as in :mod:`node.pipeline.hu.morphology`: masks and HU arrays are indexed
 ``[k, j, i]``, ``spacing`` is ``(si, sj, sk)`` in mm, sizes are millimetres, and the
 work is done on the bounding box of the mask grown by what the operation can reach.
 """

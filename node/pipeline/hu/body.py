@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from node.pipeline import morphology
+from node.pipeline.hu import morphology
 from node.pipeline.box import bounding_box, grow_box
 from node.profiles import BodyMaskSpec
 
