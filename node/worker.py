@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from node.pipeline.ai_common import GPU_SLOT_ENV
+from node.pipeline.ai.common import GPU_SLOT_ENV
 from node.store import MODEL_BACKENDS, Job, Store, instances_digest
 
 __all__ = [
@@ -175,7 +175,7 @@ def _stop_if_node_gone(what: str) -> None:
 
 def _configure_models(models: dict[str, Any]) -> None:
     """Apply node.yaml's ``models`` section in the job process (AI backends read it)."""
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
 
     ai_common.configure(models_root=models.get("root"), device=models.get("device"), threads=models.get("threads"))
     if models.get("totalseg_weights"):
@@ -210,7 +210,7 @@ def _backend_info(spec: dict[str, Any], model_type: str) -> dict[str, Any]:
         },
     }
     if model_type == "nnunet":
-        mod = sys.modules.get("node.pipeline.backend_nnunet")
+        mod = sys.modules.get("node.pipeline.ai.nnunet")
         if mod is not None and hasattr(mod, "last_run_info"):
             info.update(mod.last_run_info())
     return info
@@ -237,7 +237,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    nnunet = sys.modules.get("node.pipeline.backend_nnunet")
+    nnunet = sys.modules.get("node.pipeline.ai.nnunet")
     if nnunet is not None and hasattr(nnunet, "_last_run"):
         nnunet._last_run.clear()  # a long-lived process: no stale cache info from the last job
     early = early_seg_path(final)

@@ -104,7 +104,7 @@ def test_train_tiny_and_register_profile(exported, tmp_path):
     assert p.model_type == "nnunet" and p.model["folder"] == "Dataset991_Synth/TinyTrainer__nnUNetPlans__3d_fullres"
     assert [t.structures for t in p.tissues] == [["organ"], ["bone"]]
     # the registered model runs through the backend (2 epochs: no quality claim)
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
     from node.pipeline.backends import check_profile
     from node.tools.synth_shapes import case_volume
 

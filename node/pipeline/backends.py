@@ -35,9 +35,9 @@ class Backend(Protocol):
 #: model_type -> (module, class, pip extra that installs its dependencies)
 _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "hu_based": ("node.pipeline.hu.backend", "HUBackend", None),
-    "totalsegmentator": ("node.pipeline.backend_totalseg", "TotalSegmentatorBackend", "totalseg"),
-    "nnunet": ("node.pipeline.backend_nnunet", "NnUNetBackend", "nnunet"),
-    "monai": ("node.pipeline.backend_monai", "MonaiBackend", "monai"),
+    "totalsegmentator": ("node.pipeline.ai.totalseg", "TotalSegmentatorBackend", "totalseg"),
+    "nnunet": ("node.pipeline.ai.nnunet", "NnUNetBackend", "nnunet"),
+    "monai": ("node.pipeline.ai.monai", "MonaiBackend", "monai"),
 }
 
 

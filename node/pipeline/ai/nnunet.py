@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from node.errors import BackendUnavailable, InputError
-from node.pipeline import ai_common
+from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import NnUNetModel, Profile
 

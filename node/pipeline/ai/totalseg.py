@@ -18,7 +18,7 @@ a missing one fails the job with the folder that is expected and the offline imp
 command (``totalseg_import_weights``).  TotalSegmentator posts usage statistics after each
 prediction unless its ``config.json`` says ``send_usage_stats: false``: the node writes that
 into the config (in ``TOTALSEG_HOME_DIR``, default ``<models root>/totalsegmentator_home``)
-and runs the call inside :func:`~node.pipeline.ai_common.no_network`, so a patient-processing
+and runs the call inside :func:`~node.pipeline.ai.common.no_network`, so a patient-processing
 call cannot open a connection even if the config is changed behind our back.
 
 Geometry: the volume is handed over as a ``nibabel.Nifti1Image`` (array ``[i, j, k]``,
@@ -43,7 +43,7 @@ import numpy as np
 
 import totalsegmentator  # noqa: F401  - a missing package makes backends.get_backend say how to install it
 from node.errors import BackendUnavailable
-from node.pipeline import ai_common
+from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import Profile, TotalSegmentatorModel
 

@@ -56,7 +56,7 @@ def models_root() -> Path:
     env = os.environ.get("DICOM_NODE_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+    return Path(__file__).resolve().parents[3] / "models"
 
 
 def resolve_model_path(value: str | Path, what: str = "model") -> Path:

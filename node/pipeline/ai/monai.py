@@ -39,7 +39,7 @@ import numpy as np
 
 import monai  # noqa: F401  - a missing package makes backends.get_backend say how to install it
 from node.errors import BackendUnavailable, InputError
-from node.pipeline import ai_common
+from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import MonaiModel, Profile
 
