@@ -15,9 +15,9 @@ import pytest
 
 from ai_helpers import truth_on_loaded, write_case_series
 
-from node.pipeline.run import select_series
 from node.pipeline.seg import SegmentSpec, write_seg
-from node.pipeline.series import load_series
+from node.pipeline.series.find import select_series
+from node.pipeline.series.load import load_series
 from node.tools.synth_shapes import make_case
 
 CLI = [sys.executable, "-m", "node.cli"]

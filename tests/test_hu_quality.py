@@ -51,7 +51,7 @@ from node.pipeline.hu import morphology as M
 from node.pipeline.box import bounding_box
 from node.pipeline.hu import refine
 from node.pipeline.hu.backend import HUBackend
-from node.pipeline.series import load_series
+from node.pipeline.series.load import load_series
 from node.pipeline.volume import SeriesInfo, Volume
 from node.errors import ProfileError
 from node.profiles import load_profile, parse_profile

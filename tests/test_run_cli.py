@@ -15,7 +15,8 @@ import pytest
 
 from node.pipeline.mesh.files import check_stl
 from node.pipeline.seg import read_seg_masks
-from node.pipeline.series import find_series, load_series
+from node.pipeline.series.find import find_series
+from node.pipeline.series.load import load_series
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -168,19 +169,22 @@ def test_synth_command_writes_a_series_the_loader_reads(tmp_path):
 
 def test_run_pipeline_parses_each_header_once(tmp_path, monkeypatch):
     """Grouping and loading share the parsed headers: one header read per file."""
-    from node.pipeline import series as series_mod
+    from node.pipeline.series import find as find_mod
+    from node.pipeline.series import header as header_mod
+    from node.pipeline.series import load as load_mod
     from node.pipeline.run import run_pipeline
     from node.tools.synth_series import write_series
 
     write_series(np.full((6, 16, 16), 40, np.int16), tmp_path / "s", affine=np.diag([-2.0, -2.0, 2.0, 1.0]))
     reads: list[Path] = []
-    real = series_mod._read_header
+    real = header_mod.read_header
 
     def counting(path):
         reads.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(series_mod, "_read_header", counting)
+    monkeypatch.setattr(find_mod, "read_header", counting)  # grouping
+    monkeypatch.setattr(load_mod, "read_header", counting)  # loading
     res = run_pipeline([tmp_path / "s"], "liver", tmp_path / "o", write_meshes=False, write_segmentation=False)
     n = len(list((tmp_path / "s").iterdir()))
     assert res.report["input"]["files"] == n

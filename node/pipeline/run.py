@@ -27,14 +27,15 @@ import numpy as np
 
 from node import __version__
 from node.durable import atomic_write
-from node.errors import InputError, SeriesError
+from node.errors import InputError
 from node.pipeline.backends import get_backend
 from node.pipeline.hu.heap import RetainFreed, fix_mmap_threshold, working_set_budget
 from node.pipeline.mesh.extract import mesh_from_mask
 from node.pipeline.mesh.files import check_written_stl, write_ply, write_stl
 from node.pipeline.mesh.model import MeshOptions
 from node.pipeline.mesh.topology import Topology, topology
-from node.pipeline.series import find_series, load_series
+from node.pipeline.series.find import select_series
+from node.pipeline.series.load import load_series
 from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, warm_up, write_seg
 from node.pipeline.volume import Volume
 from node.profiles import Profile, load_profile
@@ -86,30 +87,6 @@ class _Stages:
         self.timings[stage] = round(time.perf_counter() - t0, 3)
         self.peak_rss_mb[stage] = round(_peak_rss_mb(), 1)
         return out
-
-
-def select_series(
-    inputs: Sequence[str | Path], series_uid: str | None = None, header_cache: dict[Path, Any] | None = None
-) -> list[Path]:
-    """The files of the one series to process among ``inputs``.
-
-    ``header_cache`` (optional) collects the headers parsed while grouping, for
-    :func:`load_series` to reuse instead of parsing every file again.
-
-    Raises :class:`SeriesError` when there is no DICOM file, when the wanted series is
-    absent, or when several series are present and none was chosen.
-    """
-    groups = find_series(inputs, header_cache=header_cache)
-    if not groups:
-        raise SeriesError("no DICOM files found", path=", ".join(str(p) for p in inputs))
-    if series_uid is not None:
-        if series_uid not in groups:
-            raise SeriesError(f"series {series_uid} not found; present: {', '.join(sorted(groups))}")
-        return groups[series_uid]
-    if len(groups) > 1:
-        listing = "; ".join(f"{uid or '<empty SeriesInstanceUID>'} ({len(f)} files)" for uid, f in sorted(groups.items()))
-        raise SeriesError(f"the input holds {len(groups)} series, choose one with --series: {listing}")
-    return next(iter(groups.values()))
 
 
 def _segment_specs(profile: Profile, masks: dict[str, np.ndarray]) -> list[SegmentSpec]:
