@@ -9,6 +9,7 @@ import pydicom
 import pytest
 
 import node.pipeline.run as run_mod
+import node.pipeline.stages.mesh as mesh_stage
 from node.pipeline.mesh.files import check_stl, check_written_stl
 
 from ai_helpers import synth_tissue, write_case_series  # tests/ is on sys.path
@@ -40,7 +41,7 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         checked.append(Path(path).name)
         return check_written_stl(path, mesh, **kw)
 
-    monkeypatch.setattr(run_mod, "check_written_stl", spy)
+    monkeypatch.setattr(mesh_stage, "check_written_stl", spy)
     res = run_mod.run_pipeline([series], _profile(["organ", "nothing", "bone"]), tmp_path / "out",
                                write_segmentation=False)
     assert sorted(checked) == ["synth_bone.stl", "synth_organ.stl"]  # tissues meshed concurrently
@@ -62,20 +63,20 @@ def test_report_gives_components_and_what_decimation_removed(series, tmp_path, c
     from node.profiles import parse_profile
 
     computed: list[int] = []  # topologies the mesh stage computes itself (a decimated mesh brings its own)
-    real = run_mod.topology
+    real = mesh_stage.topology
 
     def spy(faces, n):
         computed.append(len(faces))
         return real(faces, n)
 
-    monkeypatch.setattr(run_mod, "topology", spy)
+    monkeypatch.setattr(mesh_stage, "topology", spy)
 
     # "rim": the noisy edge between body and organ, hundreds of voxel-sized islands
     tissues = [synth_tissue("organ", hu=[100, 170], labels=[1]),
                synth_tissue("rim", hu=[40, 90], labels=[1], mesh={"decimate": 0.2})]
     prof = parse_profile({"name": "synth", "description": "synthetic shapes", "model_type": "hu_based",
                           "model": {}, "tissues": tissues}, "<test synth>")
-    with caplog.at_level("WARNING", logger="node.pipeline.run"):
+    with caplog.at_level("WARNING", logger="node.pipeline.stages.mesh"):
         res = run_mod.run_pipeline([series], prof, tmp_path / "out", write_segmentation=False)
     report = res.report["tissues"]
     for name in ("organ", "rim"):
@@ -112,7 +113,7 @@ def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeyp
             time.sleep(0.3)  # the profile's first tissue finishes last: the order must not follow
         return mesh
 
-    monkeypatch.setattr(run_mod, "mesh_from_mask", meeting)
+    monkeypatch.setattr(mesh_stage, "mesh_from_mask", meeting)
     res = run_mod.run_pipeline([series], prof, tmp_path / "pooled", write_segmentation=False)
     assert next(calls) == 3
     assert [p.name for p in res.mesh_paths] == [p.name for p in plain.mesh_paths] == [
@@ -191,7 +192,7 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
         return mesh_from_mask(mask, affine, opts)
 
     monkeypatch.setattr(run_mod, "get_backend", lambda name: WaitingBackend())
-    monkeypatch.setattr(run_mod, "mesh_from_mask", spy)
+    monkeypatch.setattr(mesh_stage, "mesh_from_mask", spy)
     res = run_mod.run_pipeline([series], prof, tmp_path / "streamed", write_segmentation=False)
     assert res.report["tissues"] == plain.report["tissues"]
     assert list(res.report["tissues"]) == ["organ", "bone"]
@@ -213,7 +214,7 @@ def test_seg_first_writes_the_seg_before_any_mesh(series, tmp_path, monkeypatch)
         events.append("mesh")
         return mesh_from_mask(mask, affine, opts)
 
-    monkeypatch.setattr(run_mod, "mesh_from_mask", spy)
+    monkeypatch.setattr(mesh_stage, "mesh_from_mask", spy)
     res = run_mod.run_pipeline([series], prof, tmp_path / "first", seg_series_uid="1.2.826.0.1.3680043.8.498.7",
                                seg_first=True, on_seg=lambda path, uid: events.append(f"seg {path.name} {uid}"))
     assert events == ["seg synth_seg.dcm 1.2.826.0.1.3680043.8.498.7", "mesh", "mesh"]
