@@ -1,15 +1,6 @@
-"""Shared plumbing of the AI backends (TotalSegmentator, nnU-Net, MONAI).
-
-* Where models live: :func:`models_root` (``$DICOM_NODE_MODELS``, or what the node
-  configured with :func:`configure`) and :func:`resolve_model_path`.
-* Threads and device: :func:`prepare_torch` sets ``torch.set_num_threads`` (1 by default:
-  two torch threads on two busy cores were measured 25x slower than one), the nnU-Net
-  worker counts (``nnUNet_def_n_proc``, ``nnUNet_n_proc_DA``) and works around the CUDA
-  torchvision wheel that pip resolves next to the CPU torch (see :func:`_torchvision_shim`).
-  :func:`select_device` turns ``auto``/``cpu``/``cuda[:N]`` into a ``torch.device``.
-* No network while a patient is processed: :func:`no_network` is a context manager backed
-  by a process-wide audit hook that refuses every ``socket.connect`` made inside it.
-* Label maps to tissues: :func:`tissue_masks` (a tissue is the union of model labels).
+"""Shared plumbing of the AI backends: where models live (:func:`models_root`), torch threads
+and device (:func:`prepare_torch`, :func:`select_device`), no network while a patient is processed
+(:func:`no_network`), and label maps to tissue masks (:func:`tissue_masks`).
 
 Nothing here imports torch at module import time.
 """

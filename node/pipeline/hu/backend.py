@@ -92,8 +92,8 @@ def _gaussian(hu: np.ndarray, sigma_kji) -> np.ndarray:
     """Gaussian of ``hu`` as float32: scipy's ``gaussian_filter`` kernel (``truncate=4``,
     reflecting edges), computed with OpenCV's separable filter in float32.
 
-    OpenCV's vectorised filter needs about a quarter of the CPU time of scipy's (which
-    computes in double, one line at a time); the values agree with scipy's to float32
+    OpenCV's vectorised filter needs far less CPU time than scipy's (which computes in
+    double, one line at a time); the values agree with scipy's to float32
     rounding (about 1e-3 HU on CT).  In-plane per slice, then along ``k`` on the volume seen
     as a (slices x pixels) image, in column blocks written back in place: one float32
     volume in memory.  Arrays smaller than the kernel use scipy (OpenCV's reflection is

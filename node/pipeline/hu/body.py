@@ -1,10 +1,6 @@
-"""Body outline: the patient, without the CT table, cushions, cables and air.
-
-Everything a tissue threshold sees is first restricted to this mask, so a bone
-threshold never picks up the table and a soft-tissue threshold never picks up
-a blanket.  The outline is found on a grid of about 2 mm (a few times fewer
-voxels than a 0.7 mm scan) and refined at full resolution only at the skin,
-which keeps it cheap on 512x512x400 series.
+"""Body outline: the patient without the CT table, cushions, cables and air; every tissue
+threshold is restricted to it.  Found on a grid of about 2 mm and refined at full resolution
+only at the skin.
 """
 
 from __future__ import annotations

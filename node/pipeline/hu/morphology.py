@@ -1,22 +1,10 @@
-"""Binary morphology on anisotropic CT grids, with sizes given in millimetres.
+"""Binary morphology on anisotropic CT grids with sizes in millimetres: boolean ``[k, j, i]`` masks,
+spacing ``(si, sj, sk)`` (as :attr:`Volume.spacing`), radii in mm turned into per-axis voxel radii.
 
-Every function takes a boolean numpy array indexed ``[k, j, i]`` and the voxel
-spacing ``(si, sj, sk)`` in mm (as :attr:`Volume.spacing`), converts millimetre
-radii to per-axis voxel radii (so a 3 mm closing is a 3 mm ball whether the slices
-are 0.7 mm or 5 mm apart), and returns a new boolean array of the same shape.
-
-Ball dilation, erosion and closing use ITK's ``sitkBall`` structuring element (the
-ellipsoid with semi-axes ``r + 0.5`` voxels per axis), applied as a stack of in-plane
-ellipses with OpenCV's vectorised 2-D filters, one per slice offset: exactly ITK's
-result at a fraction of its cost.  Connected components (hole filling, small-part
-removal, ``connected_to``) use SimpleITK's multi-threaded labelling.
-
-Every operation runs on the bounding box of its input mask, grown by what the
-operation can reach (its radius, plus one voxel where a boundary condition or a
-border-connected background is involved), and the result is put back on the full
-grid.  This is exact, not an approximation: outside that box the result is known
-(background), and inside it every voxel sees the same neighbourhood as on the full
-array.  Tissue masks are typically a small part of the body box (bones: ~40 %).
+Ball dilation, erosion and closing use ITK's ``sitkBall`` (the ellipsoid with semi-axes ``r + 0.5``
+voxels), applied exactly as a stack of in-plane OpenCV ellipse filters; components use SimpleITK's
+labelling.  Every operation runs on its input's bounding box grown by what it can reach, which
+is exact: outside it the result is background, inside it every voxel sees the same neighbourhood.
 """
 
 from __future__ import annotations

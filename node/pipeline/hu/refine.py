@@ -1,14 +1,9 @@
-"""Intensity-driven refinements of a tissue mask's boundary (profile steps).
+"""Intensity-driven refinement of a tissue mask's boundary (the profile's ``edge_grow`` step).
 
-Global HU thresholds put a tissue's boundary at the same HU everywhere, but the
-partial-volume edge of a structure lies half-way between its own density and that
-of its surroundings: a 130 HU cartilage bar in fat (-100 HU) ends near 15 HU, the
-same bar against muscle (50 HU) near 90 HU.  The operations here place the boundary
-by that local half-maximum rule instead.
-
-Conventions as in :mod:`node.pipeline.hu.morphology`: masks and HU arrays are indexed
-``[k, j, i]``, ``spacing`` is ``(si, sj, sk)`` in mm, sizes are millimetres, and the
-work is done on the bounding box of the mask grown by what the operation can reach.
+A global HU threshold puts a boundary at the same HU everywhere, but a structure's
+partial-volume edge lies half-way between its own density and its surroundings' (a 130 HU
+cartilage bar ends near 15 HU in fat, near 90 HU against muscle): the boundary is placed by
+that local half-maximum rule.  Conventions as in :mod:`node.pipeline.hu.morphology`.
 """
 
 from __future__ import annotations

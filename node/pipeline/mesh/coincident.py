@@ -1,5 +1,6 @@
 """Vertices that coincide once stored as float32 (as in STL and PLY files): counted, grouped as
-an STL reader merges them, and moved apart so that the written mesh stays manifold."""
+an STL reader merges them, and moved apart so that the written mesh stays manifold.
+"""
 
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ def separate_coincident(
     ``r * step_mm`` (doubling every round that still finds coincidences) along its own
     area-weighted normal (outward), or along +x when it has none.  Returns the new
     vertices and the number of vertices moved.  Costs one hash pass over the vertices per
-    round; normals are computed for the moved vertices only (a lungs surface of 3.3 M
-    vertices has a few dozen to move).
+    round; normals are computed for the moved vertices only (a large surface has a few dozen
+    to move).
     """
     v = np.array(vertices, dtype=np.float64, copy=True)
     moved = 0

@@ -1,5 +1,6 @@
 """Decimation that keeps the mesh watertight and manifold: fast_simplification in a forked
-child process, then a manifold3d round trip."""
+child process, then a manifold3d round trip.
+"""
 
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ def simplify_isolated(vertices: np.ndarray, faces: np.ndarray, target: int, agg:
     is called in this process while the child works (a core of its own, no shared GIL).
 
     fast_simplification keeps its working copy of the mesh in global C++ vectors that are
-    never freed (``clear()`` keeps their capacity): ~160 bytes per input triangle, 3.4 GB
-    after the lungs surface (13.4 M triangles), held for the life of the process, so the
-    manifold3d round trip and every later step of the job ran on top of it.  In a child the
-    memory goes back to the system when it exits.  The child sees the input copy-on-write
-    (nothing is pickled or copied).  Where ``os.fork`` is missing the call runs in process.
+    never freed (``clear()`` keeps their capacity): memory in proportion to the input
+    triangles, held for the life of the process (figures: bench/README.md, ``--profile
+    lungs``), so the manifold3d round trip and every later step of the job ran on top of it.
+    In a child the memory goes back to the system when it exits.  The child sees the input
+    copy-on-write (nothing is pickled or copied).  Where ``os.fork`` is missing the call runs
+    in process.
     """
     import mmap
 

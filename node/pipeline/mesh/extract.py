@@ -1,5 +1,6 @@
 """Surface meshes from masks (:func:`mesh_from_mask`, :func:`mesh_labels`): flying edges, smoothing,
-decimation and outward winding, in patient coordinates (LPS mm)."""
+decimation and outward winding, in patient coordinates (LPS mm).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _check_affine(affine: np.ndarray) -> np.ndarray:
 
 
 def _flying_edges(padded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Discrete flying edges on a uint8 ``[k, j, i]`` array; vertices in (i, j, k) index units."""
+    """Discrete flying edges on a uint8 ``[k, j, i]`` array (in index space, as 3D Slicer does);
+    vertices in (i, j, k) index units."""
     from vtkmodules.util import numpy_support as ns
     from vtkmodules.vtkCommonDataModel import vtkImageData
     from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
@@ -64,7 +66,9 @@ def _mesh_crop(crop: np.ndarray, offset_kji: tuple[int, int, int], affine: np.nd
     v_idx, faces = _flying_edges(padded)
     if len(faces) == 0:
         return Mesh()
-    # padded index (i, j, k) -> full-grid index: + offset - 1
+    # padded index (i, j, k) -> full-grid index: + offset - 1; then the full affine, direction
+    # matrix included, to LPS mm (a pipeline that applies only origin and spacing, as VTK's
+    # contour filter on a vtkImageData does, misplaces the meshes of non-axial series)
     k0, j0, i0 = offset_kji
     v_idx += np.array([i0 - 1, j0 - 1, k0 - 1], dtype=np.float64)
     # einsum, not ``@``: a BLAS matmul this size wakes OpenBLAS's threads, which then spin for
@@ -97,6 +101,8 @@ def _mesh_crop(crop: np.ndarray, offset_kji: tuple[int, int, int], affine: np.nd
             faces = faces[:, ::-1].copy()
             known = None  # the same counts, but recomputed rather than argued
 
+    # distinct vertices that coincide in float32 are pulled apart, so that the mesh as written
+    # to a float32 STL and re-read by any reader is still watertight and manifold
     verts, moved = separate_coincident(verts, faces)
     if moved:
         log.debug("separated %d float32-coincident vertices", moved)

@@ -1,10 +1,7 @@
-"""Mesh files: binary STL and PLY writers (numpy, atomic) and an on-disk mesh check.
-
-Coordinates are written as they are in :class:`~node.pipeline.mesh.Mesh`: patient LPS
-millimetres (the space of the DICOM SEG).  STL files carry ``SPACE=LPS`` at the start of
-their 80-byte header, as 3D Slicer writes it.  Both formats store float32 coordinates,
-so :func:`check_stl` re-reads a file and merges vertices by exact float32 coordinate, as
-any STL reader does, before testing watertightness and manifoldness.
+"""Mesh files: binary STL (``SPACE=LPS`` in its header, as 3D Slicer writes it) and colored PLY
+writers (atomic), their readers, and the on-disk check: a file re-read and its vertices merged
+by exact float32 coordinate, as any STL reader does, before testing watertightness and
+manifoldness.  Coordinates are patient LPS mm, the space of the DICOM SEG.
 """
 
 from __future__ import annotations

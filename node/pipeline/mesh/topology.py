@@ -48,8 +48,8 @@ def _sorted_edge_keys(ukey: np.ndarray, key_bound: int) -> tuple[np.ndarray, np.
     """``(order, ukey[order])`` for non-negative int64 keys below ``key_bound``; consumes ``ukey``.
 
     When key and position fit in 64 bits together, one in-place value sort of
-    ``key << s | pos`` replaces the argsort (about twice as fast: numpy's SIMD sort covers
-    plain sorts of 64-bit integers better than argsorts), and ``order`` is int32 where
+    ``key << s | pos`` replaces the argsort (faster: numpy's SIMD sort covers plain sorts of
+    64-bit integers better than argsorts), and ``order`` is int32 where
     positions fit.  Equal keys may come in any order, as with the argsort; no caller
     depends on that order.
     """
@@ -220,7 +220,7 @@ def surface_components(faces: np.ndarray, n_vertices: int) -> int:
     """Connected components of a triangle mesh by shared vertices (unused vertices not counted).
 
     Two edges per face join its three corners: a weak search over that directed graph (no
-    symmetric copy); ~1 s for 6.7 M faces.
+    symmetric copy).
     """
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components

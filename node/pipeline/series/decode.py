@@ -1,6 +1,7 @@
 """Pixel data -> HU slices, in every transfer syntax pydicom and pylibjpeg decode: native
 frames read straight from the file or by pydicom in process, compressed ones in a process
-pool when there are enough of them."""
+pool when there are enough of them.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ NATIVE_SYNTAXES = {
 }
 
 
-#: Fewer compressed frames than this are decoded in process (a pool costs ~0.5 s to start).
+#: Fewer compressed frames than this are decoded in process (starting a pool costs more).
 PARALLEL_MIN_FRAMES = 32
 
 

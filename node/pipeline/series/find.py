@@ -1,5 +1,6 @@
 """The series among input files and folders: :func:`find_series` groups DICOM files by
-SeriesInstanceUID from their headers, :func:`select_series` picks the one to process."""
+SeriesInstanceUID from their headers, :func:`select_series` picks the one to process.
+"""
 
 from __future__ import annotations
 

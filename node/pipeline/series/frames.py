@@ -1,5 +1,6 @@
 """The image frames of a series' headers (single-frame instances and Enhanced CT frames), the
-ones that form the volume (no localizers, one orientation), and their consistency."""
+ones that form the volume (no localizers, one orientation), and their consistency.
+"""
 
 from __future__ import annotations
 

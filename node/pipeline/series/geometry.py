@@ -1,6 +1,8 @@
-"""The volume's geometry from ImagePositionPatient / ImageOrientationPatient / PixelSpacing
-only: frames ordered along the slice normal, duplicates dropped, gantry tilt and uneven
-spacing resampled onto a regular grid (as dcm2niix does), and the affine."""
+"""The volume's geometry from ImagePositionPatient / ImageOrientationPatient / PixelSpacing only
+(never SliceThickness, InstanceNumber, SliceLocation or GantryDetectorTilt): frames ordered along
+the slice normal, duplicates dropped, gantry tilt and uneven spacing resampled onto a regular
+grid as dcm2niix does, and the affine.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """One file's DICOM header, parsed once up to the pixel data, with the location of its
-uncompressed pixels where they can be read straight from the file."""
+uncompressed 16-bit pixels where reading them straight from the file gives exactly pydicom's
+``pixel_array`` (see ``tests/test_series_native.py``).
+"""
 
 from __future__ import annotations
 

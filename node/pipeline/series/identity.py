@@ -1,5 +1,6 @@
 """The series' identity from its headers: the identifying UIDs present (or filled, offline
-only), one series of one study, and whether contrast was applied."""
+only), one series of one study, and whether contrast was applied.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The files of ONE series -> :class:`~node.pipeline.volume.Volume`: a HU volume on a regular
 grid with its LPS affine and the original frames; every problem with the input is a
-:class:`SeriesError` naming the file and, where there is one, the tag."""
+:class:`SeriesError` naming the file and, where there is one, the tag.
+"""
 
 from __future__ import annotations
 

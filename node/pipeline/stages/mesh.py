@@ -1,5 +1,6 @@
 """The mesh step: a tissue mask -> its STL and colored PLY files, checked as written; tissues
-are meshed two at a time, while later tissues are still being segmented."""
+are meshed two at a time, while later tissues are still being segmented.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The segment step: a backend's mask for every tissue of the profile, handed on one by one
-where the backend streams them."""
+where the backend streams them.
+"""
 
 from __future__ import annotations
 
