@@ -175,7 +175,7 @@ def _label_map(masks: list[np.ndarray], dtype: type) -> np.ndarray | None:
     :func:`_overlap` followed by ``labels[mask] = s`` per mask.
     """
     shape = masks[0].shape
-    labels = np.zeros(shape, dtype=dtype)
+    labels: np.ndarray = np.zeros(shape, dtype=dtype)
     if labels.size == 0:
         return labels
     step = max(1, (1 << 20) // max(1, int(np.prod(shape[1:]))))

@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -143,7 +143,7 @@ def prepare_torch(threads: int | None = None) -> None:
 GPU_SLOT_ENV = "NODE_GPU_SLOT"
 
 
-def slot_device(requested: str, env: dict[str, str] | None = None) -> str:
+def slot_device(requested: str, env: Mapping[str, str] | None = None) -> str:
     """The device name to use for ``requested`` in this process.
 
     In a node GPU slot (``NODE_GPU_SLOT`` set, ``CUDA_VISIBLE_DEVICES=<that GPU>``) the
@@ -151,8 +151,8 @@ def slot_device(requested: str, env: dict[str, str] | None = None) -> str:
     names: the scheduler, not the profile, decides which GPU runs a job.  Elsewhere the
     request is kept as is.
     """
-    env = os.environ if env is None else env
-    slot_gpu = env.get(GPU_SLOT_ENV)
+    environ: Mapping[str, str] = os.environ if env is None else env
+    slot_gpu = environ.get(GPU_SLOT_ENV)
     if slot_gpu is not None and requested.startswith("cuda:") and requested != "cuda:0":
         log.info("device %s requested; in this GPU slot (GPU %s) the device is cuda:0", requested, slot_gpu)
         return "cuda:0"
@@ -200,8 +200,13 @@ def _is_ip_socket_event(event: str, args: tuple) -> bool:
     return False
 
 
+def _guard_depth() -> int:
+    """How many :func:`no_network` blocks this thread is in."""
+    return getattr(_guard, "depth", 0)
+
+
 def _audit(event: str, args: tuple) -> None:
-    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and getattr(_guard, "depth", 0) \
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and _guard_depth() \
             and _is_ip_socket_event(event, args):
         target = args[:2] if event == "socket.getaddrinfo" else (args[1] if len(args) > 1 else args)
         _guard.blocked.append(f"{event} {target!r}")

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
@@ -124,14 +124,18 @@ def predict_torchscript(volume: Volume, settings: MonaiModel) -> np.ndarray:
     import torch
     from monai.inferers import sliding_window_inference
 
-    path = ai_common.require_path(ai_common.resolve_model_path(settings.torchscript), "MONAI TorchScript model")
+    # torchscript is None only with an empty bundle name: then the path ".../None" is reported missing
+    path = ai_common.require_path(ai_common.resolve_model_path(settings.torchscript),  # type: ignore[arg-type]
+                                  "MONAI TorchScript model")
     device = ai_common.select_device(settings.device)
     model = _torchscript(path, device)
     x, back, ras_shape = prepare_input(volume, settings)
     with torch.inference_mode(), ai_common.no_network():
         t = torch.from_numpy(x)[None].to(device)
-        logits = sliding_window_inference(t, roi_size=settings.roi_size, sw_batch_size=settings.sw_batch_size,
-                                          predictor=model, overlap=settings.overlap, mode="gaussian")
+        # one tensor out: the model is one network (no deep supervision heads)
+        logits = cast(torch.Tensor, sliding_window_inference(
+            t, roi_size=settings.roi_size, sw_batch_size=settings.sw_batch_size, predictor=model,
+            overlap=settings.overlap, mode="gaussian"))
         label = torch.argmax(logits, dim=1)[0].to(torch.uint8).cpu().numpy()
     return from_ras(_labels_to_grid(label, ras_shape), back)
 
@@ -193,6 +197,7 @@ def predict_bundle(volume: Volume, settings: MonaiModel) -> np.ndarray:
     import torch
     from monai.data import decollate_batch
 
+    assert settings.bundle is not None  # called for a profile with a bundle only
     root = ai_common.require_path(ai_common.resolve_model_path(settings.bundle), "MONAI bundle folder")
     device = ai_common.select_device(settings.device)
     b = _bundle(root, device)
@@ -229,8 +234,9 @@ class MonaiBackend:
         settings: MonaiModel = ai_common.model_section(profile, MonaiModel)
         if settings.bundle:
             ai_common.require_path(ai_common.resolve_model_path(settings.bundle), "MONAI bundle folder")
-        else:
-            ai_common.require_path(ai_common.resolve_model_path(settings.torchscript), "MONAI TorchScript model")
+        else:  # torchscript is None only with an empty bundle name: then ".../None" is reported missing
+            ai_common.require_path(ai_common.resolve_model_path(settings.torchscript),  # type: ignore[arg-type]
+                                   "MONAI TorchScript model")
         ai_common.profile_tissue_labels(profile)
 
     def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:

@@ -41,11 +41,12 @@ def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spaci
 
 
 def apply_step(
-    step, mask: np.ndarray, src: np.ndarray, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None,
-    *, hu: np.ndarray | None = None,
+    step, mask: np.ndarray, src: np.ndarray | None, body: np.ndarray, spacing,
+    masks: dict[str, np.ndarray] | None = None, *, hu: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Apply one profile morphology step to ``mask`` (``masks``: earlier tissues, for ``connected_to``;
-    ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
+    """Apply one profile morphology step to ``mask`` (``src``: the tissue's thresholded values, for
+    ``grow`` and ``edge_grow``, ``None`` for a tissue without them; ``masks``: earlier tissues, for
+    ``connected_to``; ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
     op = step.op
     if op == "slice_valleys":
         if hu is None:
@@ -76,8 +77,10 @@ def apply_step(
     if op == "remove_small":
         return morphology.remove_small(mask, step.min_ml, spacing)
     if op == "grow":
+        assert src is not None  # HUBackend passes None only to tissues without grow and edge_grow
         return _grow(mask, src, body, step, spacing)
     if op == "edge_grow":
+        assert src is not None  # as for grow
         allowed = body
         for name in step.avoid:
             if masks is None or name not in masks:

@@ -105,6 +105,7 @@ def edge_grow(
     outer = grow_box(inner, win, mask.shape)
     short = [(w - (i.start - o.start), w - (o.stop - i.stop)) for w, i, o in zip(win, inner, outer)]
     padded = any(p0 or p1 for p0, p1 in short) or not hu.flags.c_contiguous
+    grid: np.ndarray
     if padded:
         # windows would leave the array: read them from a copy of the box padded by
         # replicating the array's faces

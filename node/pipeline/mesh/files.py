@@ -76,7 +76,7 @@ def write_stl(mesh: Mesh, path: str | os.PathLike[str], *, header: str = DEFAULT
             r["v"] = tri
             t = tri.astype(np.float64)  # normals from the stored float32 corners, in float64
             r["normal"] = normalize_rows(np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]))
-            fh.write(memoryview(r).cast("B"))
+            fh.write(r.data.cast("B"))
     return path
 
 
@@ -333,8 +333,8 @@ def write_ply(
     path = Path(path)
     with atomic_open(path) as fh:
         fh.write(head)
-        fh.write(memoryview(vrec).cast("B"))  # the records' bytes, without a copy
-        fh.write(memoryview(frec).cast("B"))
+        fh.write(vrec.data.cast("B"))  # the records' bytes, without a copy
+        fh.write(frec.data.cast("B"))
     return path
 
 

@@ -115,7 +115,7 @@ def topology(faces: np.ndarray, n_vertices: int | None = None) -> Topology:
     nv = int(n_vertices) if n_vertices is not None else int(f.max()) + 1
     degenerate = int(np.count_nonzero((f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])))
     a = f.ravel()  # corner c = 3*face + slot, vertex a[c]
-    b = np.empty_like(f)  # directed half-edge a -> b belongs to corner c
+    b: np.ndarray = np.empty_like(f)  # directed half-edge a -> b belongs to corner c
     b[:, :2] = f[:, 1:]
     b[:, 2] = f[:, 0]
     b = b.ravel()
@@ -161,7 +161,7 @@ def topology(faces: np.ndarray, n_vertices: int | None = None) -> Topology:
         # every edge: two half-edges in opposite directions, adjacent in ``order``
         idx_t = np.int32 if n3 < 2**31 else np.int64
         pairs = order.reshape(-1, 2)
-        twin = np.empty(n3, dtype=idx_t)
+        twin: np.ndarray = np.empty(n3, dtype=idx_t)
         twin[pairs[:, 0]] = pairs[:, 1]
         twin[pairs[:, 1]] = pairs[:, 0]
         del pairs, order

@@ -61,7 +61,7 @@ def _floats(value: Any, n: int, path: Path, tag: str) -> np.ndarray:
     return arr
 
 
-def _lookup(groups: list[Dataset], seq: str, tag: str) -> Any:
+def _lookup(groups: list[Dataset | None], seq: str, tag: str) -> Any:
     for g in groups:
         if g is None:
             continue
@@ -135,7 +135,7 @@ def frames_of(path: Path, ds: Dataset) -> list[Frame]:
     if nframes != 1:
         raise SeriesError(f"{nframes} frames without per-frame geometry", path=path, tag="NumberOfFrames")
     localizer = _is_localizer(ds)
-    vals = {}
+    vals: dict[str, Any] = {}
     for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         v = ds.get(tag)
         if v is None or v == "" or (hasattr(v, "__len__") and len(v) == 0):

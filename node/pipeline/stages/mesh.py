@@ -79,7 +79,7 @@ def mesh_tissue(tissue: Tissue, mask: np.ndarray, affine: np.ndarray, out: Path,
         topo_of: Callable[[], Topology] = ((lambda: known) if known is not None else
                                            helper.submit(topology, mesh.faces, len(mesh.vertices)).result)
         stl = write_stl(mesh, out / f"{profile_name}_{tissue.name}.stl")
-        ply = write_ply(mesh, out / f"{profile_name}_{tissue.name}_colored.ply", tuple(tissue.color))
+        ply = write_ply(mesh, out / f"{profile_name}_{tissue.name}_colored.ply", tissue.color)
         # as any reader sees the file, not the in-memory mesh (re-read, compared with the mesh)
         check = check_written_stl(stl, mesh, mesh_topology=topo_of)
     decimation = None
