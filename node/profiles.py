@@ -204,7 +204,7 @@ class Inside(_Strict):
 
 
 class MeshSpec(_Strict):
-    """Surface mesh options (see :class:`node.pipeline.mesh.MeshOptions`)."""
+    """Surface mesh options (see :class:`node.pipeline.mesh.model.MeshOptions`)."""
 
     enabled: bool = True
     smoothing: Literal["windowed_sinc", "taubin", "laplacian", "none"] = "windowed_sinc"
