@@ -67,7 +67,7 @@ def _peak_mb() -> float:
 
 
 def run_one(name: str, size: tuple[int, int, int], repeat: int, work: Path) -> dict:
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
     from node.pipeline.backends import get_backend
     from node.tools.synth_shapes import case_volume, make_case
 
@@ -76,7 +76,7 @@ def run_one(name: str, size: tuple[int, int, int], repeat: int, work: Path) -> d
     res: dict = {"backend": name, "shape_kji": list(vol.shape)}
 
     if name == "nnunet":
-        from node.pipeline import backend_nnunet as bn
+        from node.pipeline.ai import nnunet as bn
 
         model = {"folder": str(TINY), "folds": [0], "device": "cpu"}
         prof = _profile("nnunet", model)
@@ -106,7 +106,7 @@ def run_one(name: str, size: tuple[int, int, int], repeat: int, work: Path) -> d
         shutil.copy2(TINY / "fold_0" / "checkpoint_final.pth", weights / "fold_0" / "checkpoint_final.pth")
         os.environ["TOTALSEG_WEIGHTS_PATH"] = str(work / "weights")
         os.environ["TOTALSEG_HOME_DIR"] = str(work / "home")
-        from node.pipeline import backend_totalseg as bt
+        from node.pipeline.ai import totalseg as bt
 
         bt.ensure_offline_config(work / "home")
         prof = _profile("totalsegmentator", {"task": "total", "fast": True, "device": "cpu"})
@@ -133,7 +133,7 @@ def run_one(name: str, size: tuple[int, int, int], repeat: int, work: Path) -> d
         from monai.inferers import sliding_window_inference
         from monai.networks.nets import UNet
 
-        from node.pipeline import backend_monai as bm
+        from node.pipeline.ai import monai as bm
 
         torch.manual_seed(0)
         net = UNet(spatial_dims=3, in_channels=1, out_channels=4, channels=(8, 16, 32), strides=(2, 2),

@@ -2,7 +2,7 @@
 schema, the rule validator, the pipeline's backend loader, the SEG's algorithm identification
 and the worker pool's slot choice all derive.
 
-Adding a backend means adding one entry here (and its module under ``node/pipeline/``).
+Adding a backend means adding one entry here (and its module under ``node/pipeline/ai/`` or ``hu/``).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ class BackendSpec:
 #: every backend, in the order the CLI and error messages list them
 BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("hu_based", "dicom-node HU threshold", runs_model=False, extra=None,
-                module="node.pipeline.backend_hu", class_name="HUBackend"),
+                module="node.pipeline.hu.backend", class_name="HUBackend"),
     BackendSpec("totalsegmentator", "TotalSegmentator", runs_model=True, extra="totalseg",
-                module="node.pipeline.backend_totalseg", class_name="TotalSegmentatorBackend"),
+                module="node.pipeline.ai.totalseg", class_name="TotalSegmentatorBackend"),
     BackendSpec("monai", "MONAI", runs_model=True, extra="monai",
-                module="node.pipeline.backend_monai", class_name="MonaiBackend"),
+                module="node.pipeline.ai.monai", class_name="MonaiBackend"),
     BackendSpec("nnunet", "nnU-Net", runs_model=True, extra="nnunet",
-                module="node.pipeline.backend_nnunet", class_name="NnUNetBackend"),
+                module="node.pipeline.ai.nnunet", class_name="NnUNetBackend"),
 )
 
 #: the backend of a profile that names none

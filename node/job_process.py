@@ -114,7 +114,7 @@ def _stop_if_node_gone(what: str) -> None:
 
 def _configure_models(models: ModelsConfig) -> None:
     """Apply node.yaml's ``models`` section in the job process (AI backends read it)."""
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
 
     ai_common.configure(models_root=models.root, device=models.device, threads=models.threads)
     if models.totalseg_weights:

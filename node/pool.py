@@ -25,7 +25,7 @@ from node.config import NodeConfig
 from node.contracts import FailureKind, JobSpec, JobState, ProcessInfo, Resource, SeriesState, SlotInfo
 from node.job_process import JobDone, JobFailed, SegReady, _job_process, _slot_process
 from node.jobs import job_output_dir, publish_early_seg, record_failure, record_success, seg_series_uid
-from node.pipeline.ai_common import GPU_SLOT_ENV
+from node.pipeline.ai.common import GPU_SLOT_ENV
 from node.store import Job, Store, instances_digest
 
 __all__ = ["WorkerPool", "job_backend", "job_resource"]

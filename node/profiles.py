@@ -131,7 +131,7 @@ class ConnectedTo(_Strict):
 
 
 class EdgeGrow(_Strict):
-    """Grow the mask to its local half-maximum edge (see :func:`node.pipeline.refine.edge_grow`).
+    """Grow the mask to its local half-maximum edge (see :func:`node.pipeline.hu.refine.edge_grow`).
 
     A neighbouring voxel joins when its HU reaches ``background + level * (tissue - background)``:
     ``tissue`` is the mask's mean HU within ``background_mm / 2``, ``background`` the lowest HU
@@ -151,7 +151,7 @@ class EdgeGrow(_Strict):
 
 class SliceValleys(_Strict):
     """Remove the dim layers between bright bodies stacked along the slice axis (intervertebral
-    discs between vertebral bodies; see :func:`node.pipeline.morphology.slice_valleys`).
+    discs between vertebral bodies; see :func:`node.pipeline.hu.morphology.slice_valleys`).
 
     In each slice, a connected part of at least ``min_area_mm2`` is removed when its median
     HU (unsmoothed, over its voxels at least ``core_mm`` from its edge) is below ``ratio``
@@ -197,7 +197,7 @@ class Inside(_Strict):
 
 
 class MeshSpec(_Strict):
-    """Surface mesh options (see :class:`node.pipeline.mesh.MeshOptions`)."""
+    """Surface mesh options (see :class:`node.pipeline.mesh.model.MeshOptions`)."""
 
     enabled: bool = True
     smoothing: Literal["windowed_sinc", "taubin", "laplacian", "none"] = "windowed_sinc"

@@ -42,7 +42,7 @@ def main() -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tiny-nnunet-"))
     dirs = set_nnunet_dirs(work)
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
 
     ai_common.prepare_torch(1)
     from node.tools.synth_shapes import LABELS, make_case

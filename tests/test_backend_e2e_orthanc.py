@@ -70,7 +70,7 @@ def test_rule_selects_nnunet_and_seg_reaches_orthanc(tmp_path, orthanc):
         store.close()
         # the masks in the SEG match the synthetic truth
         from node.pipeline.seg import read_seg_masks
-        from node.pipeline.series import load_series
+        from node.pipeline.series.load import load_series
 
         vol = load_series(files)
         truth = truth_on_loaded(case, vol)

@@ -14,7 +14,8 @@ pytest.importorskip("monai", reason="MONAI not installed: pip install '.[monai]'
 
 from ai_helpers import HELD_OUT_SEEDS, fail_on_connect, tissue_profile  # noqa: E402
 
-from node.pipeline import ai_common, backend_monai  # noqa: E402
+from node.pipeline.ai import common as ai_common  # noqa: E402
+from node.pipeline.ai import monai as backend_monai  # noqa: E402
 from node.pipeline.backends import get_backend  # noqa: E402
 from node.profiles import MonaiModel  # noqa: E402
 from node.tools.synth_shapes import case_volume, dice, make_case  # noqa: E402

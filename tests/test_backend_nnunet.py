@@ -15,7 +15,7 @@ pytest.importorskip("nnunetv2", reason="nnunetv2 not installed: pip install '.[n
 from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, tissue_profile, truth_on_loaded, write_case_series  # noqa: E402
 
 from node.errors import BackendUnavailable, InputError  # noqa: E402
-from node.pipeline import backend_nnunet  # noqa: E402
+from node.pipeline.ai import nnunet as backend_nnunet  # noqa: E402
 from node.pipeline.backends import get_backend  # noqa: E402
 from node.tools.synth_shapes import case_volume, dice, make_case  # noqa: E402
 

@@ -55,7 +55,7 @@ def test_profile_schema_accepts_exactly_the_registry(monkeypatch):
     assert set(MODEL_SECTIONS) == set(MODEL_BACKEND_NAMES)
     # a backend added to the registry is a valid model_type without touching the profile schema
     extra = backend_registry.BackendSpec("plain2", "Plain 2", runs_model=False, extra=None,
-                                         module="node.pipeline.backend_hu", class_name="HUBackend")
+                                         module="node.pipeline.hu.backend", class_name="HUBackend")
     monkeypatch.setattr(backend_registry, "BACKEND_NAMES", (*BACKEND_NAMES, "plain2"))
     monkeypatch.setattr(backend_registry, "_BY_NAME", {**backend_registry._BY_NAME, "plain2": extra})
     import node.profiles as profiles

@@ -23,7 +23,7 @@ from ai_helpers import (HELD_OUT_SEEDS, NNUNET_TINY, fail_on_connect, self_check
                         tissue_profile, truth_on_loaded, write_case_series)
 
 from node.errors import BackendUnavailable
-from node.pipeline import backend_totalseg as bt
+from node.pipeline.ai import totalseg as bt
 from node.pipeline.backends import get_backend
 from node.tools.synth_shapes import case_volume, dice, make_case
 
@@ -79,7 +79,7 @@ def test_stats_enabled_config_still_never_connects(ts_env):
     try:
         # sabotage the node's config fix so TotalSegmentator really tries to post statistics
         mp.setattr(bt, "ensure_offline_config", lambda h: h / "config.json")
-        from node.pipeline import ai_common
+        from node.pipeline.ai import common as ai_common
 
         refused: list = []
         real = ai_common.no_network

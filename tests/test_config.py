@@ -132,7 +132,7 @@ def test_models_section(tmp_path):
 
 
 def test_job_process_applies_models_section(monkeypatch, tmp_path):
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
     from node.config import ModelsConfig
     from node.job_process import _configure_models
 

@@ -15,9 +15,9 @@ import pytest
 
 from ai_helpers import truth_on_loaded, write_case_series
 
-from node.pipeline.run import select_series
 from node.pipeline.seg import SegmentSpec, write_seg
-from node.pipeline.series import load_series
+from node.pipeline.series.find import select_series
+from node.pipeline.series.load import load_series
 from node.tools.synth_shapes import make_case
 
 CLI = [sys.executable, "-m", "node.cli"]
@@ -104,7 +104,7 @@ def test_train_tiny_and_register_profile(exported, tmp_path):
     assert p.model_type == "nnunet" and p.model["folder"] == "Dataset991_Synth/TinyTrainer__nnUNetPlans__3d_fullres"
     assert [t.structures for t in p.tissues] == [["organ"], ["bone"]]
     # the registered model runs through the backend (2 epochs: no quality claim)
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
     from node.pipeline.backends import check_profile
     from node.tools.synth_shapes import case_volume
 

@@ -1,4 +1,4 @@
-"""The pipeline's heap policy (node.pipeline.heap), glibc only: the fixed mmap threshold
+"""The pipeline's heap policy (node.pipeline.hu.heap), glibc only: the fixed mmap threshold
 (freed arrays of a few MB go back to the OS instead of fragmenting the arenas) and the
 RetainFreed window (freed arrays are reused without page faults while the process RSS is
 below a budget, and handed back above it).  Each probe runs in a process of its own:
@@ -41,7 +41,7 @@ PROBE = WHERE + r"""
 import sys
 import numpy as np
 if sys.argv[1] == "fixed":
-    from node.pipeline.heap import fix_mmap_threshold
+    from node.pipeline.hu.heap import fix_mmap_threshold
     assert fix_mmap_threshold() and fix_mmap_threshold()  # once, then a no-op
 a = np.ones(8 << 20, dtype=np.uint8)
 del a
@@ -59,7 +59,7 @@ def _where(mode: str) -> str:
 REUSE = r"""
 import resource, sys
 import numpy as np
-from node.pipeline import heap
+from node.pipeline.hu import heap
 heap.fix_mmap_threshold()
 
 def second_faults():
@@ -96,7 +96,7 @@ def test_retain_window_reuses_freed_arrays_without_page_faults():
 BUDGET = WHERE + r"""
 import sys, time
 import numpy as np
-from node.pipeline import heap
+from node.pipeline.hu import heap
 heap.fix_mmap_threshold()
 MB = 1 << 20
 base = heap.process_rss()
@@ -137,10 +137,10 @@ def test_retain_window_hands_freed_memory_back_above_its_budget():
 
 
 def test_retain_windows_overlap_and_the_smallest_budget_applies():
-    from node.pipeline import heap
+    from node.pipeline.hu import heap
 
     code = r"""
-from node.pipeline import heap
+from node.pipeline.hu import heap
 with heap.RetainFreed(10 << 30) as a:
     with heap.RetainFreed(5 << 30) as b:
         assert heap._guard.budget() == 5 << 30 and a.active and b.active

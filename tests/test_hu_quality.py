@@ -35,7 +35,7 @@ with ``pytest -s``):
   rib heads at the costovertebral joints that the reference leaves out;
 * about a third of the costal cartilage's partial-volume rim (cartilage at 115..140 HU
   in fat) is below the global floor; the profile's ``edge_grow`` step (local
-  half-maximum edge, :mod:`node.pipeline.refine`) recovers it (0.786 -> 0.791).
+  half-maximum edge, :mod:`node.pipeline.hu.refine`) recovers it (0.786 -> 0.791).
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 
-from node.pipeline import morphology as M
-from node.pipeline import refine
-from node.pipeline.backend_hu import HUBackend
-from node.pipeline.series import load_series
+from node.pipeline.hu import morphology as M
+from node.pipeline.box import bounding_box
+from node.pipeline.hu import refine
+from node.pipeline.hu.backend import HUBackend
+from node.pipeline.series.load import load_series
 from node.pipeline.volume import SeriesInfo, Volume
 from node.errors import ProfileError
 from node.profiles import EdgeGrow, load_profile, parse_profile
@@ -454,7 +455,7 @@ def test_slice_valleys_at_the_scan_edge_small_parts_and_the_core():
 def _valleys_by_window_scan(mask, hu, spacing, window_mm, ratio, min_area_mm2, core_mm=0):
     """slice_valleys as first written: each part's window maxima read slice by slice from the
     medians map (the reference for the running maxima that replaced it)."""
-    box = M._bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return mask.copy()
     full, mask, hu = mask, mask[box], hu[box]

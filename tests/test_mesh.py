@@ -1,4 +1,4 @@
-"""Tests for node.pipeline.mesh and node.pipeline.mesh_io."""
+"""Tests for node.pipeline.mesh (the mesher and its STL/PLY files)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,13 @@ import pytest
 from scipy import ndimage
 
 from node.errors import ProfileError
-from node.pipeline.mesh import (
-    Mesh,
-    MeshOptions,
-    float32_groups,
-    mesh_from_mask,
-    mesh_labels,
-    separate_coincident,
-    simplify_isolated,
-    surface_components,
-    topology,
-    vertex_normals,
-    vertex_normals_of,
-)
-from node.pipeline.mesh_io import check_mesh, check_stl, load_stl, read_ply, read_stl, write_ply, write_stl
+from node.pipeline.mesh.coincident import float32_groups, separate_coincident
+from node.pipeline.mesh.decimate import simplify_isolated
+from node.pipeline.mesh.extract import mesh_from_mask, mesh_labels
+from node.pipeline.mesh.files import check_mesh, check_stl, load_stl, read_ply, read_stl, write_ply, write_stl
+from node.pipeline.mesh.geometry import vertex_normals, vertex_normals_of
+from node.pipeline.mesh.model import Mesh, MeshOptions
+from node.pipeline.mesh.topology import surface_components, topology
 
 # ---------------------------------------------------------------------- fixtures
 
@@ -239,14 +232,14 @@ def test_decimation_records_the_components_it_removed(tmp_path):
 
 
 def test_simplify_isolated_gives_what_fast_simplification_gives_in_process():
-    import node.pipeline.mesh as mesh_mod
+    import node.pipeline.mesh.decimate as decimate_mod
 
     mesh = mesh_from_mask(sphere_mask((30, 30, 30), (10, 11, 9)), np.eye(4), MeshOptions())
     target = len(mesh.faces) // 3
     here: list[int] = []
     v1, f1 = simplify_isolated(mesh.vertices, mesh.faces, target, 7.0, meanwhile=lambda: here.append(os.getpid()))
     assert here == [os.getpid()]  # the work given for meanwhile ran once, in this process
-    v0, f0 = mesh_mod._simplify_in_process(mesh.vertices, mesh.faces, target, 7.0)
+    v0, f0 = decimate_mod._simplify_in_process(mesh.vertices, mesh.faces, target, 7.0)
     assert len(f1) <= target and np.array_equal(v0, v1) and np.array_equal(f0, f1)
 
 
@@ -273,9 +266,10 @@ def test_simplify_isolated_reports_a_failed_child(capfd):
 _SIMPLIFY_MEMORY = r"""
 import gc
 import numpy as np
-import node.pipeline.mesh as M
-from node.pipeline.heap import process_rss
-from node.pipeline.mesh import MeshOptions, mesh_from_mask
+import node.pipeline.mesh.decimate as M
+from node.pipeline.hu.heap import process_rss
+from node.pipeline.mesh.extract import mesh_from_mask
+from node.pipeline.mesh.model import MeshOptions
 
 r = 110
 z, y, x = np.ogrid[:240, :240, :240]
@@ -571,12 +565,12 @@ def test_single_voxel(tmp_path):
 
 
 def test_decimation_falls_back_to_undecimated_when_not_manifold(monkeypatch, tmp_path, caplog):
-    import node.pipeline.mesh as mesh_mod
+    import node.pipeline.mesh.decimate as decimate_mod
 
-    monkeypatch.setattr(mesh_mod, "_manifold_roundtrip", lambda v, f: None)
+    monkeypatch.setattr(decimate_mod, "_manifold_roundtrip", lambda v, f: None)
     mask = sphere_mask((24, 24, 24), (8, 8, 8))
     full = mesh_from_mask(mask, np.eye(4), MeshOptions())
-    with caplog.at_level("WARNING", logger="node.pipeline.mesh"):
+    with caplog.at_level("WARNING", logger="node.pipeline.mesh.decimate"):
         mesh = mesh_from_mask(mask, np.eye(4), MeshOptions(decimate=0.3))
     assert mesh.triangles == full.triangles
     assert "could not keep the mesh manifold" in caplog.text

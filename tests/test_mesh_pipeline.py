@@ -9,7 +9,8 @@ import pydicom
 import pytest
 
 import node.pipeline.run as run_mod
-from node.pipeline.mesh_io import check_stl, check_written_stl
+import node.pipeline.stages.mesh as mesh_stage
+from node.pipeline.mesh.files import check_stl, check_written_stl
 
 from ai_helpers import synth_tissue, write_case_series  # tests/ is on sys.path
 
@@ -40,7 +41,7 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         checked.append(Path(path).name)
         return check_written_stl(path, mesh, **kw)
 
-    monkeypatch.setattr(run_mod, "check_written_stl", spy)
+    monkeypatch.setattr(mesh_stage, "check_written_stl", spy)
     res = run_mod.run_pipeline([series], _profile(["organ", "nothing", "bone"]), tmp_path / "out",
                                write_segmentation=False)
     assert sorted(checked) == ["synth_bone.stl", "synth_organ.stl"]  # tissues meshed concurrently
@@ -51,7 +52,7 @@ def test_mesh_stage_checks_the_written_files(series, tmp_path, monkeypatch):
         assert (tissues[name]["watertight"], tissues[name]["manifold"]) == (full.watertight, full.manifold)
         assert tissues[name]["triangles"] == full.triangles
     assert tissues["nothing"]["watertight"] is None and tissues["nothing"]["stl"] is None
-    # the HU backend segments and meshes inside a heap window (node.pipeline.heap)
+    # the HU backend segments and meshes inside a heap window (node.pipeline.hu.heap)
     heap = res.report["heap"]
     assert heap["retained_below_mb"] > 0 and heap["trims"] >= 0
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -62,20 +63,20 @@ def test_report_gives_components_and_what_decimation_removed(series, tmp_path, c
     from node.profiles import parse_profile
 
     computed: list[int] = []  # topologies the mesh stage computes itself (a decimated mesh brings its own)
-    real = run_mod.topology
+    real = mesh_stage.topology
 
     def spy(faces, n):
         computed.append(len(faces))
         return real(faces, n)
 
-    monkeypatch.setattr(run_mod, "topology", spy)
+    monkeypatch.setattr(mesh_stage, "topology", spy)
 
     # "rim": the noisy edge between body and organ, hundreds of voxel-sized islands
     tissues = [synth_tissue("organ", hu=[100, 170], labels=[1]),
                synth_tissue("rim", hu=[40, 90], labels=[1], mesh={"decimate": 0.2})]
     prof = parse_profile({"name": "synth", "description": "synthetic shapes", "model_type": "hu_based",
                           "model": {}, "tissues": tissues}, "<test synth>")
-    with caplog.at_level("WARNING", logger="node.pipeline.run"):
+    with caplog.at_level("WARNING", logger="node.pipeline.stages.mesh"):
         res = run_mod.run_pipeline([series], prof, tmp_path / "out", write_segmentation=False)
     report = res.report["tissues"]
     for name in ("organ", "rim"):
@@ -95,7 +96,7 @@ def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeyp
     import threading
     import time
 
-    from node.pipeline.mesh import mesh_from_mask
+    from node.pipeline.mesh.extract import mesh_from_mask
 
     prof = _profile(["organ", "nothing", "bone"])
     plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", write_segmentation=False)
@@ -112,7 +113,7 @@ def test_tissues_meshed_two_at_a_time_in_profile_order(series, tmp_path, monkeyp
             time.sleep(0.3)  # the profile's first tissue finishes last: the order must not follow
         return mesh
 
-    monkeypatch.setattr(run_mod, "mesh_from_mask", meeting)
+    monkeypatch.setattr(mesh_stage, "mesh_from_mask", meeting)
     res = run_mod.run_pipeline([series], prof, tmp_path / "pooled", write_segmentation=False)
     assert next(calls) == 3
     assert [p.name for p in res.mesh_paths] == [p.name for p in plain.mesh_paths] == [
@@ -128,7 +129,7 @@ def test_vtk_backend_switched_before_any_thread_goes_on(monkeypatch):
     import threading
     import time
 
-    import node.pipeline.mesh as mesh_mod
+    import node.pipeline.mesh.vtk_glue as vtk_glue
     from vtkmodules.vtkCommonCore import vtkSMPTools
 
     switched = threading.Event()
@@ -148,11 +149,11 @@ def test_vtk_backend_switched_before_any_thread_goes_on(monkeypatch):
     import vtkmodules.vtkCommonCore as core
 
     monkeypatch.setattr(core, "vtkSMPTools", SlowSMP)
-    monkeypatch.setattr(mesh_mod, "_SMP_READY", False)
+    monkeypatch.setattr(vtk_glue, "_SMP_READY", False)
     seen: list[bool] = []
 
     def first_use():
-        mesh_mod._vtk_smp()
+        vtk_glue.vtk_smp()
         seen.append(switched.is_set())
 
     threads = [threading.Thread(target=first_use) for _ in range(2)]
@@ -168,8 +169,8 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
     """A streaming backend's tissue is meshed before segmentation ends, results unchanged."""
     import threading
 
-    from node.pipeline.backend_hu import HUBackend
-    from node.pipeline.mesh import mesh_from_mask
+    from node.pipeline.hu.backend import HUBackend
+    from node.pipeline.mesh.extract import mesh_from_mask
 
     prof = _profile(["organ", "bone"])
     plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", write_segmentation=False)
@@ -191,7 +192,7 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
         return mesh_from_mask(mask, affine, opts)
 
     monkeypatch.setattr(run_mod, "get_backend", lambda name: WaitingBackend())
-    monkeypatch.setattr(run_mod, "mesh_from_mask", spy)
+    monkeypatch.setattr(mesh_stage, "mesh_from_mask", spy)
     res = run_mod.run_pipeline([series], prof, tmp_path / "streamed", write_segmentation=False)
     assert res.report["tissues"] == plain.report["tissues"]
     assert list(res.report["tissues"]) == ["organ", "bone"]
@@ -203,7 +204,7 @@ def test_first_tissue_is_meshed_while_the_next_is_segmented(series, tmp_path, mo
 def test_seg_first_writes_the_seg_before_any_mesh(series, tmp_path, monkeypatch):
     """seg_first (the node): no mesh while segmenting, the SEG handed on (on_seg) before the first
     mesh starts; the outputs are those of the default (streaming) run."""
-    from node.pipeline.mesh import mesh_from_mask
+    from node.pipeline.mesh.extract import mesh_from_mask
 
     prof = _profile(["organ", "bone"])
     plain = run_mod.run_pipeline([series], prof, tmp_path / "plain", seg_series_uid="1.2.826.0.1.3680043.8.498.7")
@@ -213,7 +214,7 @@ def test_seg_first_writes_the_seg_before_any_mesh(series, tmp_path, monkeypatch)
         events.append("mesh")
         return mesh_from_mask(mask, affine, opts)
 
-    monkeypatch.setattr(run_mod, "mesh_from_mask", spy)
+    monkeypatch.setattr(mesh_stage, "mesh_from_mask", spy)
     res = run_mod.run_pipeline([series], prof, tmp_path / "first", seg_series_uid="1.2.826.0.1.3680043.8.498.7",
                                seg_first=True, on_seg=lambda path, uid: events.append(f"seg {path.name} {uid}"))
     assert events == ["seg synth_seg.dcm 1.2.826.0.1.3680043.8.498.7", "mesh", "mesh"]

@@ -1,4 +1,4 @@
-"""Tests for the fast paths of node.pipeline.mesh.topology, against the former implementation."""
+"""Tests for the fast paths of node.pipeline.mesh.topology.topology, against the former implementation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-import node.pipeline.mesh as mesh_mod
-from node.pipeline.mesh import Mesh, MeshOptions, Topology, mesh_from_mask, separate_coincident, topology
+import node.pipeline.mesh.topology as topology_mod
+from node.pipeline.mesh.coincident import separate_coincident
+from node.pipeline.mesh.extract import mesh_from_mask
+from node.pipeline.mesh.model import Mesh, MeshOptions
+from node.pipeline.mesh.topology import Topology, topology
 from test_mesh import diagonal_cubes_mask, noisy_blob_mask, oblique_affine, sphere_mask, torus_mask
 
 
@@ -206,7 +209,7 @@ def test_sorted_edge_keys_packed_and_fallback():
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 1000, size=5000).astype(np.int64)
     for bound in (1000, 2**62):  # packs; too wide to pack
-        order, sk = mesh_mod._sorted_edge_keys(keys.copy(), bound)  # consumes its argument
+        order, sk = topology_mod._sorted_edge_keys(keys.copy(), bound)  # consumes its argument
         assert np.array_equal(np.sort(order), np.arange(len(keys)))
         assert np.array_equal(keys[order], np.sort(keys))
         assert np.array_equal(np.asarray(sk, dtype=np.int64), np.sort(keys))
@@ -215,8 +218,8 @@ def test_sorted_edge_keys_packed_and_fallback():
 @pytest.mark.parametrize("name", ["sphere", "glued_pinch", "open", "doubled", "random_9"])
 def test_topology_with_unpacked_keys_matches(name, monkeypatch):
     """Keys too wide to pack with their positions (huge meshes) take the argsort path."""
-    packed = mesh_mod._sorted_edge_keys
-    monkeypatch.setattr(mesh_mod, "_sorted_edge_keys", lambda ukey, bound: packed(ukey, 2**64))
+    packed = topology_mod._sorted_edge_keys
+    monkeypatch.setattr(topology_mod, "_sorted_edge_keys", lambda ukey, bound: packed(ukey, 2**64))
     faces, nv = CASES[name]
     assert dataclasses.astuple(topology(faces, nv)) == dataclasses.astuple(reference_topology(faces, nv))
 

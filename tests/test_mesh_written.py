@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import node.pipeline.mesh as mesh_mod
-import node.pipeline.mesh_io as mesh_io
-from node.pipeline.mesh import Mesh, MeshOptions, face_normals, mesh_from_mask, signed_volume
-from node.pipeline.mesh_io import DEFAULT_STL_HEADER, check_stl, check_written_stl, write_stl
+import node.pipeline.mesh.files as mesh_io
+import node.pipeline.mesh.geometry as geometry_mod
+import node.pipeline.mesh.topology as topology_mod
+from node.pipeline.mesh.extract import mesh_from_mask
+from node.pipeline.mesh.files import DEFAULT_STL_HEADER, check_stl, check_written_stl, write_stl
+from node.pipeline.mesh.geometry import face_normals, signed_volume
+from node.pipeline.mesh.model import Mesh, MeshOptions
 from test_mesh import noisy_blob_mask, oblique_affine, sphere_mask, torus_mask
 
 
@@ -105,7 +108,7 @@ def test_signed_volume_blocks_match_whole_array(meshes, monkeypatch):
         v, f = mesh.vertices, mesh.faces
         c = v.mean(axis=0)
         whole = float(np.einsum("ij,ij->", v[f[:, 0]] - c, np.cross(v[f[:, 1]] - c, v[f[:, 2]] - c)) / 6.0)
-        monkeypatch.setattr(mesh_mod, "_BLOCK", 5)
+        monkeypatch.setattr(geometry_mod, "_BLOCK", 5)
         assert signed_volume(v, f) == pytest.approx(whole, rel=1e-12, abs=1e-12)
         monkeypatch.undo()
         assert signed_volume(v, f) == pytest.approx(whole, rel=1e-12, abs=1e-12)
@@ -244,7 +247,7 @@ def test_check_written_uses_the_given_mesh_topology_only_where_it_is_the_files(m
     def given(mesh):
         def topo():
             calls.append("called")
-            return mesh_mod.topology(mesh.faces, len(mesh.vertices))
+            return topology_mod.topology(mesh.faces, len(mesh.vertices))
         return topo
 
     sphere = meshes["sphere"]

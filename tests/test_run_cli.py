@@ -13,9 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.pipeline.mesh_io import check_stl
+from node.pipeline.mesh.files import check_stl
 from node.pipeline.seg import read_seg_masks
-from node.pipeline.series import find_series, load_series
+from node.pipeline.series.find import find_series
+from node.pipeline.series.load import load_series
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -85,7 +86,7 @@ def test_meshes_on_disk_are_printable_and_in_patient_space(liver_run):
     # the mesh lies inside the volume's LPS bounding box (not in voxel indices)
     corners = np.array([[i, j, k, 1] for i in (0, 511) for j in (0, 511) for k in (0, 19)], float)
     lps = (vol.affine @ corners.T).T[:, :3]
-    from node.pipeline.mesh_io import load_stl
+    from node.pipeline.mesh.files import load_stl
 
     mesh = load_stl(out / "liver_tissue.stl")
     assert (mesh.vertices.min(0) >= lps.min(0) - 2).all() and (mesh.vertices.max(0) <= lps.max(0) + 2).all()
@@ -168,19 +169,22 @@ def test_synth_command_writes_a_series_the_loader_reads(tmp_path):
 
 def test_run_pipeline_parses_each_header_once(tmp_path, monkeypatch):
     """Grouping and loading share the parsed headers: one header read per file."""
-    from node.pipeline import series as series_mod
+    from node.pipeline.series import find as find_mod
+    from node.pipeline.series import header as header_mod
+    from node.pipeline.series import load as load_mod
     from node.pipeline.run import run_pipeline
     from node.tools.synth_series import write_series
 
     write_series(np.full((6, 16, 16), 40, np.int16), tmp_path / "s", affine=np.diag([-2.0, -2.0, 2.0, 1.0]))
     reads: list[Path] = []
-    real = series_mod._read_header
+    real = header_mod.read_header
 
     def counting(path):
         reads.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(series_mod, "_read_header", counting)
+    monkeypatch.setattr(find_mod, "read_header", counting)  # grouping
+    monkeypatch.setattr(load_mod, "read_header", counting)  # loading
     res = run_pipeline([tmp_path / "s"], "liver", tmp_path / "o", write_meshes=False, write_segmentation=False)
     n = len(list((tmp_path / "s").iterdir()))
     assert res.report["input"]["files"] == n

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from node.errors import InputError
 from node.pipeline import seg as S
-from node.pipeline.series import load_series
+from node.pipeline.series.load import load_series
 from node.pipeline.volume import SeriesInfo, SourceFrame, Volume
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,9 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
 from node.errors import SeriesError
-from node.pipeline import series as series_mod
-from node.pipeline.series import find_series, load_series
+from node.pipeline.series import decode as decode_mod
+from node.pipeline.series.find import find_series
+from node.pipeline.series.load import load_series
 from node.tools.synth_series import LOSSY, TRANSFER_SYNTAXES, main as synth_main, write_series
 
 DATA = Path(os.environ.get("NODE_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
@@ -93,15 +94,15 @@ def test_parallel_decode_uses_pool_and_matches(tmp_path: Path, monkeypatch: pyte
     files = write_series(SMALL_CT, tmp_path, size=SIZE, transfer_syntax="j2k")
     one = load_series(files, decode_workers=1)
     used = []
-    real_pool = series_mod.ProcessPoolExecutor
+    real_pool = decode_mod.ProcessPoolExecutor
 
     class Spy(real_pool):  # type: ignore[misc, valid-type]  # a base class held in a variable
         def __init__(self, *a, **kw):
             used.append(kw.get("max_workers"))
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(series_mod, "ProcessPoolExecutor", Spy)
-    monkeypatch.setattr(series_mod, "PARALLEL_MIN_FRAMES", 2)
+    monkeypatch.setattr(decode_mod, "ProcessPoolExecutor", Spy)
+    monkeypatch.setattr(decode_mod, "PARALLEL_MIN_FRAMES", 2)
     two = load_series(files, decode_workers=2)
     assert used == [2]
     np.testing.assert_array_equal(one.array, two.array)
@@ -346,7 +347,7 @@ def test_enhanced_ct_matches_single_frame(tmp_path: Path, ref_volume) -> None:
 def test_enhanced_ct_compressed_parallel(tmp_path: Path, ref_volume, monkeypatch: pytest.MonkeyPatch) -> None:
     files = write_series(SMALL_CT, tmp_path, size=SIZE, enhanced=True, transfer_syntax="j2k")
     assert pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
-    monkeypatch.setattr(series_mod, "PARALLEL_MIN_FRAMES", 2)
+    monkeypatch.setattr(decode_mod, "PARALLEL_MIN_FRAMES", 2)
     vol = load_series(files, decode_workers=2)
     np.testing.assert_array_equal(vol.array, ref_volume.array)
 
@@ -440,7 +441,7 @@ def test_corrupted_j2k_pixel_data(parallel: bool, tmp_path: Path, monkeypatch: p
     ds.PixelData = encapsulate([frame[: len(frame) // 5]])
     ds.save_as(bad)
     if parallel:
-        monkeypatch.setattr(series_mod, "PARALLEL_MIN_FRAMES", 2)
+        monkeypatch.setattr(decode_mod, "PARALLEL_MIN_FRAMES", 2)
     with pytest.raises(SeriesError) as exc:
         load_series(files, decode_workers=2 if parallel else 1)
     assert str(bad) in str(exc.value) and "JPEG 2000" in str(exc.value) and exc.value.tag == "PixelData"

@@ -25,8 +25,10 @@ from pydicom.uid import (
 )
 
 from node.errors import SeriesError
-from node.pipeline import series as series_mod
-from node.pipeline.series import find_series, load_series
+from node.pipeline.series import decode as decode_mod
+from node.pipeline.series import header as header_mod
+from node.pipeline.series.find import find_series
+from node.pipeline.series.load import load_series
 
 ROWS, COLS, N = 12, 10, 4
 
@@ -95,9 +97,9 @@ CASES = [
 @pytest.mark.parametrize("ts, signed, bits", CASES)
 def test_raw_frame_equals_pydicom_pixel_array(ts: str, signed: bool, bits: int, tmp_path: Path) -> None:
     path = _write(tmp_path / "a.dcm", _patterns(bits), ts=ts, signed=signed, bits_stored=bits)
-    hdr = series_mod._read_header(path)
+    hdr = header_mod.read_header(path)
     assert hdr.raw is not None, "the direct read must apply to this file"
-    got = series_mod._read_raw_frame(str(path), hdr.raw, 0, ROWS, COLS)
+    got = decode_mod._read_raw_frame(str(path), hdr.raw, 0, ROWS, COLS)
     want = pydicom.dcmread(path).pixel_array
     # same values and kind; pydicom keeps big-endian data in a big-endian dtype, we swap once
     assert got is not None and got.dtype == want.dtype.newbyteorder("=") and got.dtype.isnative
@@ -111,11 +113,11 @@ def test_raw_frame_equals_pydicom_pixel_array(ts: str, signed: bool, bits: int, 
 def test_raw_frame_monochrome1_and_ob(ts: str, photometric: str, vr: str, tmp_path: Path) -> None:
     path = _write(tmp_path / "a.dcm", _patterns(5), ts=ts, signed=True, bits_stored=12,
                   photometric=photometric, vr=vr)
-    hdr = series_mod._read_header(path)
+    hdr = header_mod.read_header(path)
     assert hdr.raw is not None
     ds = pydicom.dcmread(path)
     assert ds["PixelData"].VR == vr and ds.PhotometricInterpretation == photometric
-    np.testing.assert_array_equal(series_mod._read_raw_frame(str(path), hdr.raw, 0, ROWS, COLS), ds.pixel_array)
+    np.testing.assert_array_equal(decode_mod._read_raw_frame(str(path), hdr.raw, 0, ROWS, COLS), ds.pixel_array)
 
 
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
@@ -133,17 +135,17 @@ def test_load_series_equals_pydicom(
         for k in range(N)
     ]
     # HU exactly as the loader built them before the direct read: pydicom's pixel_array, rescaled
-    want = np.stack([series_mod._apply_rescale(pydicom.dcmread(f).pixel_array, float(slope), float(intercept),
+    want = np.stack([decode_mod._apply_rescale(pydicom.dcmread(f).pixel_array, float(slope), float(intercept),
                                                float(slope).is_integer() and float(intercept).is_integer())
                      for f in files])
     vol_slow = _load_via_pydicom(files, monkeypatch)
     calls: list[str] = []
-    real = series_mod._read_raw_frame
+    real = decode_mod._read_raw_frame
     def counting_read(p, *a):
         calls.append(p)
         return real(p, *a)
 
-    monkeypatch.setattr(series_mod, "_read_raw_frame", counting_read)
+    monkeypatch.setattr(decode_mod, "_read_raw_frame", counting_read)
     vol = load_series(files)
     assert len(calls) == N
     assert vol.array.dtype == vol_slow.array.dtype
@@ -156,7 +158,7 @@ def test_load_series_equals_pydicom(
 def _load_via_pydicom(files: list[Path], monkeypatch: pytest.MonkeyPatch):
     """load_series with the direct read switched off (every frame decoded by pydicom)."""
     with monkeypatch.context() as m:
-        m.setattr(series_mod, "_raw_pixels", lambda fh, ds: None)
+        m.setattr(header_mod, "_raw_pixels", lambda fh, ds: None)
         return load_series(files)
 
 
@@ -168,11 +170,11 @@ def test_multiframe_native_frames(tmp_path: Path) -> None:
     if not small.exists():
         pytest.skip("test data missing")
     files = write_series(small, tmp_path, size=(16, 16, 6), enhanced=True)
-    hdr = series_mod._read_header(files[0])
+    hdr = header_mod.read_header(files[0])
     assert hdr.raw is not None
     full = pydicom.dcmread(files[0]).pixel_array
     for i in range(full.shape[0]):
-        np.testing.assert_array_equal(series_mod._read_raw_frame(str(files[0]), hdr.raw, i, 16, 16), full[i])
+        np.testing.assert_array_equal(decode_mod._read_raw_frame(str(files[0]), hdr.raw, i, 16, 16), full[i])
 
 
 @pytest.mark.parametrize(
@@ -197,14 +199,14 @@ def test_unusual_files_go_through_pydicom(change: str, tmp_path: Path) -> None:
             del ds.PixelData
             ds.FloatPixelData = np.zeros((ROWS, COLS), np.float32).tobytes()
         ds.save_as(path, enforce_file_format=True)
-    assert series_mod._read_header(path).raw is None
+    assert header_mod.read_header(path).raw is None
 
 
 def test_truncated_pixel_data_still_reported_by_pydicom(tmp_path: Path) -> None:
     files = [_write(tmp_path / f"{k}.dcm", _patterns(k), z=2.0 * k) for k in range(3)]
     data = files[1].read_bytes()
     files[1].write_bytes(data[:-50])
-    assert series_mod._read_header(files[1]).raw is not None  # the header still announces full length
+    assert header_mod.read_header(files[1]).raw is not None  # the header still announces full length
     with pytest.raises(SeriesError) as exc:
         load_series(files)
     assert str(files[1]) in str(exc.value) and exc.value.tag == "PixelData"
@@ -223,7 +225,7 @@ def test_header_cache_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         reads.append(a)
         return real(*a, **kw)
 
-    monkeypatch.setattr(series_mod.pydicom, "dcmread", counting_dcmread)
+    monkeypatch.setattr(decode_mod.pydicom, "dcmread", counting_dcmread)
     vol = load_series(groups["1.2.3.4"], header_cache=cache)
     assert reads == [] and cache == {}  # nothing parsed again; the entries were handed over
     np.testing.assert_array_equal(vol.array, reference.array)
@@ -256,11 +258,11 @@ def test_rescale_into_matches_apply_rescale(dtype: type, slope: int, intercept: 
     for arr in (raw, raw // 4):
         out = np.full(arr.shape, 7, np.int16)
         try:
-            want = series_mod._apply_rescale(arr, float(slope), float(intercept), True)
+            want = decode_mod._apply_rescale(arr, float(slope), float(intercept), True)
         except OverflowError:  # an intercept beyond int32: not for the fast path either
-            assert not series_mod._rescale_into(out, arr, float(slope), float(intercept))
+            assert not decode_mod._rescale_into(out, arr, float(slope), float(intercept))
             continue
-        if series_mod._rescale_into(out, arr, float(slope), float(intercept)):
+        if decode_mod._rescale_into(out, arr, float(slope), float(intercept)):
             assert want.dtype == np.int16
             np.testing.assert_array_equal(out, want)
         else:

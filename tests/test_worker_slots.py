@@ -397,7 +397,7 @@ def test_dispatch_now_runs_the_dispatch_tick_at_once(tmp_path):
 
 def test_gpu_slot_maps_any_cuda_index_to_its_own_gpu():
     """In a GPU slot only the slot's GPU is visible (as cuda:0): a profile's cuda:N is mapped to it."""
-    from node.pipeline.ai_common import GPU_SLOT_ENV, slot_device
+    from node.pipeline.ai.common import GPU_SLOT_ENV, slot_device
 
     slot = {"CUDA_VISIBLE_DEVICES": "3", GPU_SLOT_ENV: "3"}
     assert slot_device("cuda:3", slot) == "cuda:0"
@@ -411,7 +411,7 @@ def test_gpu_slot_maps_any_cuda_index_to_its_own_gpu():
 def test_gpu_slots_mark_their_processes(setup):
     store, config, _job = setup
     pool = WorkerPool(config(gpus=[0, 2]), store, poll_s=0.1)
-    from node.pipeline.ai_common import GPU_SLOT_ENV
+    from node.pipeline.ai.common import GPU_SLOT_ENV
 
     gpu_envs = [s.env for s in pool.slots if s.kind == "gpu"]
     assert gpu_envs == [{"CUDA_VISIBLE_DEVICES": "0", GPU_SLOT_ENV: "0"}, {"CUDA_VISIBLE_DEVICES": "2", GPU_SLOT_ENV: "2"}]

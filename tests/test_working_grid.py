@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from node.pipeline.seg import read_seg_masks
-from node.pipeline.series import find_series, load_series
+from node.pipeline.series.find import find_series
+from node.pipeline.series.load import load_series
 from node.pipeline.volume import SeriesInfo, SourceFrame, Volume
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ def _nnunet(args: argparse.Namespace) -> int:
         shutil.rmtree(raw, ignore_errors=True)
         shutil.copytree(ds, raw)
 
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
     from node.training.nnunet import export_model, plan_and_preprocess, train
 
     ai_common.prepare_torch(args.threads)

@@ -1,30 +1,7 @@
-"""DICOM SEG output (and read-back) for tissue masks on a :class:`~node.pipeline.volume.Volume`.
-
-One BINARY Segmentation instance (SOP class 1.2.840.10008.5.1.4.1.1.66.4) is written per
-call, one segment per :class:`SegmentSpec` (segment numbers from 1, in list order).  The
-instance lives in the source study, in a new series, shares the source Frame of Reference
-and references every source instance (ReferencedSeriesSequence, and per frame
-DerivationImageSequence/SourceImageSequence with ReferencedFrameNumber for multi-frame
-sources).
-
-Geometry: masks live on the volume grid; they are mapped back onto the *original* frames
-with :meth:`Volume.mask_on_frames`, so SEG frames always sit on source slices, also for
-gantry-tilted or unevenly spaced series that were resampled to build the volume.
-
-Empty segments: kept.  A segment with no voxels still gets its SegmentSequence item (so
-segment numbers stay stable and a reader sees the tissue was looked for), it just has no
-frames.  Empty frames are omitted (``omit_empty_frames=True``); when *every* segment is
-empty highdicom falls back to encoding all (zero) frames, which is valid too.  An empty
-segment is logged as a warning.
-
-Performance (2-core dev box under load, CPU only): 400 slices of 512x512 with 2
-segments write in about 2.5-3.8 s (25 MB file; disjoint or overlapping segments alike):
-BINARY, native Explicit VR Little Endian (no compression), no worker processes.  About
-half of it is highdicom building the per-frame functional groups and half pydicom
-serialising them.  Disjoint segments are handed to highdicom as one label-map style
-array; overlapping ones as a stacked array with a fast overlap test (see
-:class:`_Segmentation`) because highdicom's own test costs ~5 s and ~1 GB at that size.
-See ``tests/test_seg.py::test_large_seg_timing``.
+"""DICOM SEG output (and read-back) for tissue masks on a :class:`~node.pipeline.volume.Volume`:
+one BINARY Segmentation instance per call, in the source study, in a new series, one segment
+per :class:`SegmentSpec`, its frames on the *original* source frames (also for series that
+were resampled to build the volume).  Write times: ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -282,9 +259,9 @@ def _frame_arrays(volume: Volume, sources: list[Dataset], masks: list[np.ndarray
 class _Segmentation(hd.seg.Segmentation):
     """highdicom Segmentation with a fast overlap test for stacked boolean arrays.
 
-    highdicom tests overlap with ``pixel_array.sum(axis=-1)``, which takes ~5 s and
-    ~1 GB for 400x512x512x2; a pairwise AND gives the same answer in ~0.1 s.  Anything
-    other than a stacked bool numpy array goes through highdicom's own check.
+    highdicom tests overlap with ``pixel_array.sum(axis=-1)``, a full-size integer temporary
+    (slow and large on a 400-slice series, figures in bench/README.md); a pairwise AND gives the
+    same answer.  Anything other than a stacked bool numpy array goes through highdicom's own check.
     """
 
     @classmethod
@@ -303,7 +280,7 @@ class _Segmentation(hd.seg.Segmentation):
 
 
 def warm_up() -> bool:
-    """Load highdicom's DICOM standard tables now (JSON, ~0.3-0.5 s CPU once per process).
+    """Load highdicom's DICOM standard tables now (JSON, once per process).
 
     highdicom loads them lazily when the first SEG is built; the pipeline calls this in a
     background thread while it segments, so that cost is off the SEG's own path.  Uses
@@ -347,6 +324,16 @@ def write_seg(
     content_label: str = "SEGMENTATION",
 ) -> Dataset:
     """Write one BINARY DICOM SEG for ``segments`` of ``volume`` to ``out_path``, atomically.
+
+    The instance (SOP class 1.2.840.10008.5.1.4.1.1.66.4) shares the source Frame of Reference
+    and references every source instance (ReferencedSeriesSequence, and per frame
+    DerivationImageSequence/SourceImageSequence with ReferencedFrameNumber for multi-frame
+    sources); the masks are mapped onto the source frames with :meth:`Volume.mask_on_frames`.
+    A segment with no voxels keeps its SegmentSequence item (segment numbers stay stable and a
+    reader sees the tissue was looked for) without frames; empty frames are omitted, and when
+    every segment is empty highdicom encodes all (zero) frames, which is valid too.  Disjoint
+    segments go to highdicom as one label-map style array, overlapping ones as a stacked array
+    with a fast overlap test (:class:`_Segmentation`).
 
     Args:
         volume: the volume the masks were computed on; its ``info.source_datasets`` and

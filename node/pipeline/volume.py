@@ -1,17 +1,13 @@
-"""The in-memory volume every backend works on, and its link back to the source frames.
+"""The in-memory volume every backend works on (:class:`Volume`) and its link back to the source
+frames.  Conventions used everywhere in ``node.pipeline``:
 
-Conventions (used everywhere in ``node.pipeline``):
-
-* ``Volume.array`` is indexed ``[k, j, i]`` = ``[slice, row, column]`` (C order, so it
-  maps without copying onto VTK/ITK images whose x axis is the DICOM column).
-* ``Volume.affine`` maps the index vector ``(i, j, k, 1)`` to patient coordinates in
-  DICOM LPS millimetres.  Column ``0`` is the direction of increasing column index
-  (DICOM row cosine, IOP[0:3]) times the column spacing, column ``1`` the direction of
-  increasing row index (IOP[3:6]) times the row spacing, column ``2`` the slice step.
-* ``Volume.frames`` lists the *original* image frames in acquisition geometry; when the
-  volume had to be resampled (gantry tilt, uneven spacing) the volume slices no longer
-  correspond 1:1 to frames, and :meth:`Volume.mask_on_frames` resamples a mask back
-  onto every original frame (nearest neighbour), which is what the DICOM SEG needs.
+* ``Volume.array`` is indexed ``[k, j, i]`` = ``[slice, row, column]`` (C order, so it maps
+  without copying onto VTK/ITK images whose x axis is the DICOM column);
+* ``Volume.affine`` maps ``(i, j, k, 1)`` to DICOM LPS mm: column 0 is the row cosine
+  (IOP[0:3]) times the column spacing, column 1 the column cosine (IOP[3:6]) times the row
+  spacing, column 2 the slice step;
+* ``Volume.frames`` are the *original* frames: :meth:`Volume.mask_on_frames` maps a mask back
+  onto them (nearest neighbour), also when the volume was resampled (tilt, uneven spacing).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import pydicom
 
 from node.errors import InputError, NodeError
 from node.pipeline.seg import SEGMENTATION_STORAGE, read_seg_masks, source_key
-from node.pipeline.series import find_series, load_series
+from node.pipeline.series.find import find_series
+from node.pipeline.series.load import load_series
 from node.pipeline.volume import Volume
 
 log = logging.getLogger(__name__)

@@ -164,7 +164,7 @@ def train(dataset_id: int, *, fold: int | str = 0, trainer: str = "TinyTrainer",
     """Train ``3d_fullres`` for ``dataset_id``; returns the trainer output folder (holding ``fold_N``)."""
     import torch
 
-    from node.pipeline import ai_common
+    from node.pipeline.ai import common as ai_common
 
     ai_common.prepare_torch(threads)
     torch.manual_seed(seed)

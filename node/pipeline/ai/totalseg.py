@@ -1,30 +1,8 @@
-"""TotalSegmentator backend: ``totalsegmentator.python_api.totalsegmentator`` called in-process.
+"""TotalSegmentator backend: ``totalsegmentator.python_api.totalsegmentator`` called in-process,
+offline (weights checked first, usage statistics off, :func:`~node.pipeline.ai.common.no_network`).
 
-Profile (``model_type: totalsegmentator``)::
-
-    model:
-      task: total          # TotalSegmentator task
-      fast: true           # the 3 mm model (Dataset297...)
-      roi_subset: [brain, skull]
-      device: auto         # auto | cpu | cuda | cuda:N
-      weights: null        # weights folder; default: TOTALSEG_WEIGHTS_PATH, else
-                           # TOTALSEG_HOME_DIR/nnunet/results, else <models root>/totalsegmentator
-    tissues:
-      - name: brain
-        structures: [brain]   # TotalSegmentator class names (class_map[task])
-
-The node never downloads.  Before the call every weights folder the task needs is checked;
-a missing one fails the job with the folder that is expected and the offline import
-command (``totalseg_import_weights``).  TotalSegmentator posts usage statistics after each
-prediction unless its ``config.json`` says ``send_usage_stats: false``: the node writes that
-into the config (in ``TOTALSEG_HOME_DIR``, default ``<models root>/totalsegmentator_home``)
-and runs the call inside :func:`~node.pipeline.ai_common.no_network`, so a patient-processing
-call cannot open a connection even if the config is changed behind our back.
-
-Geometry: the volume is handed over as a ``nibabel.Nifti1Image`` (array ``[i, j, k]``,
-affine in RAS = diag(-1, -1, 1) @ LPS affine); TotalSegmentator reorients to canonical and
-back itself, so the label map it returns is on the same grid and is transposed back to
-``[k, j, i]``.
+Profile section ``model:`` (task, fast, roi_subset, device, weights): see
+``profiles/ai/brain_totalseg.yaml`` and ``docs/ai-backends.md``.
 """
 
 from __future__ import annotations
@@ -44,7 +22,7 @@ import numpy as np
 
 import totalsegmentator  # noqa: F401  - a missing package makes backends.get_backend say how to install it
 from node.errors import BackendUnavailable
-from node.pipeline import ai_common
+from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import Profile, TotalSegmentatorModel
 
@@ -155,7 +133,10 @@ def class_names(task: str) -> dict[str, int]:
 
 
 def to_nifti(volume: Volume):
-    """The volume as a nibabel image (``[i, j, k]``, RAS affine)."""
+    """The volume as a nibabel image (``[i, j, k]``, RAS affine = diag(-1, -1, 1) @ LPS affine).
+
+    TotalSegmentator reorients to canonical and back itself, so its label map comes back on
+    this grid (transposed back to ``[k, j, i]`` by the caller)."""
     import nibabel as nib
 
     data = np.ascontiguousarray(volume.array.transpose(2, 1, 0))
@@ -189,8 +170,9 @@ def _env(**values: str):
 
 @contextlib.contextmanager
 def _cpu_count(n: int):
-    """TotalSegmentator sets ``torch.set_num_threads(multiprocessing.cpu_count())`` on CPU; two
-    torch threads on two busy cores were measured 25x slower than one, so it sees ``n`` cores."""
+    """TotalSegmentator sets ``torch.set_num_threads(multiprocessing.cpu_count())`` on CPU; more
+    torch threads than free cores are much slower (bench figures in docs/ai-backends.md), so it
+    sees ``n`` cores."""
     import multiprocessing
 
     old = multiprocessing.cpu_count

@@ -1,15 +1,6 @@
-"""Shared plumbing of the AI backends (TotalSegmentator, nnU-Net, MONAI).
-
-* Where models live: :func:`models_root` (``$DICOM_NODE_MODELS``, or what the node
-  configured with :func:`configure`) and :func:`resolve_model_path`.
-* Threads and device: :func:`prepare_torch` sets ``torch.set_num_threads`` (1 by default:
-  two torch threads on two busy cores were measured 25x slower than one), the nnU-Net
-  worker counts (``nnUNet_def_n_proc``, ``nnUNet_n_proc_DA``) and works around the CUDA
-  torchvision wheel that pip resolves next to the CPU torch (see :func:`_torchvision_shim`).
-  :func:`select_device` turns ``auto``/``cpu``/``cuda[:N]`` into a ``torch.device``.
-* No network while a patient is processed: :func:`no_network` is a context manager backed
-  by a process-wide audit hook that refuses every ``socket.connect`` made inside it.
-* Label maps to tissues: :func:`tissue_masks` (a tissue is the union of model labels).
+"""Shared plumbing of the AI backends: where models live (:func:`models_root`), torch threads
+and device (:func:`prepare_torch`, :func:`select_device`), no network while a patient is processed
+(:func:`no_network`), and label maps to tissue masks (:func:`tissue_masks`).
 
 Nothing here imports torch at module import time.
 """
@@ -56,7 +47,7 @@ def models_root() -> Path:
     env = os.environ.get("DICOM_NODE_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+    return Path(__file__).resolve().parents[3] / "models"
 
 
 def resolve_model_path(value: str | Path, what: str = "model") -> Path:
@@ -160,8 +151,8 @@ def slot_device(requested: str, env: Mapping[str, str] | None = None) -> str:
     names: the scheduler, not the profile, decides which GPU runs a job.  Elsewhere the
     request is kept as is.
     """
-    env = os.environ if env is None else env
-    slot_gpu = env.get(GPU_SLOT_ENV)
+    environ: Mapping[str, str] = os.environ if env is None else env
+    slot_gpu = environ.get(GPU_SLOT_ENV)
     if slot_gpu is not None and requested.startswith("cuda:") and requested != "cuda:0":
         log.info("device %s requested; in this GPU slot (GPU %s) the device is cuda:0", requested, slot_gpu)
         return "cuda:0"
@@ -209,8 +200,13 @@ def _is_ip_socket_event(event: str, args: tuple) -> bool:
     return False
 
 
+def _guard_depth() -> int:
+    """How many :func:`no_network` blocks this thread is in."""
+    return getattr(_guard, "depth", 0)
+
+
 def _audit(event: str, args: tuple) -> None:
-    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and getattr(_guard, "depth", 0) > 0 \
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto") and _guard_depth() \
             and _is_ip_socket_event(event, args):
         target = args[:2] if event == "socket.getaddrinfo" else (args[1] if len(args) > 1 else args)
         _guard.blocked.append(f"{event} {target!r}")

@@ -1,14 +1,9 @@
-"""Intensity-driven refinements of a tissue mask's boundary (profile steps).
+"""Intensity-driven refinement of a tissue mask's boundary (the profile's ``edge_grow`` step).
 
-Global HU thresholds put a tissue's boundary at the same HU everywhere, but the
-partial-volume edge of a structure lies half-way between its own density and that
-of its surroundings: a 130 HU cartilage bar in fat (-100 HU) ends near 15 HU, the
-same bar against muscle (50 HU) near 90 HU.  The operations here place the boundary
-by that local half-maximum rule instead.
-
-Conventions as in :mod:`node.pipeline.morphology`: masks and HU arrays are indexed
-``[k, j, i]``, ``spacing`` is ``(si, sj, sk)`` in mm, sizes are millimetres, and the
-work is done on the bounding box of the mask grown by what the operation can reach.
+A global HU threshold puts a boundary at the same HU everywhere, but a structure's
+partial-volume edge lies half-way between its own density and its surroundings' (a 130 HU
+cartilage bar ends near 15 HU in fat, near 90 HU against muscle): the boundary is placed by
+that local half-maximum rule.  Conventions as in :mod:`node.pipeline.hu.morphology`.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from node.pipeline.morphology import _bbox, _grow_box
+from node.pipeline.box import bounding_box, grow_box
 
 Spacing = Sequence[float]
 
@@ -97,7 +92,7 @@ def edge_grow(
     # layers of voxels within ``max_mm``: in-plane, and across slices (3D mode only)
     steps = int(np.floor(max_mm / min(float(spacing[0]), float(spacing[1])) + 1e-6))
     k_steps = 0 if in_plane else int(np.floor(max_mm / float(spacing[2]) + 1e-6))
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None or max(steps, k_steps) < 1:
         return mask.copy()
     bg_half = _half_widths(background_mm, spacing, in_plane)
@@ -106,15 +101,16 @@ def edge_grow(
     grow = (k_steps, steps, steps)
     # the box holds every voxel the growth can reach; around it, ``win`` voxels of window,
     # taken from the array where it has them and replicated from its faces where it has not
-    inner = _grow_box(box, grow, mask.shape)
-    outer = _grow_box(inner, win, mask.shape)
+    inner = grow_box(box, grow, mask.shape)
+    outer = grow_box(inner, win, mask.shape)
     short = [(w - (i.start - o.start), w - (o.stop - i.stop)) for w, i, o in zip(win, inner, outer)]
     padded = any(p0 or p1 for p0, p1 in short) or not hu.flags.c_contiguous
+    grid: np.ndarray
     if padded:
         # windows would leave the array: read them from a copy of the box padded by
         # replicating the array's faces
         h = np.pad(hu[outer], short, mode="edge")
-        grid: np.ndarray = np.zeros(h.shape, dtype=bool)  # (numpy 2.4 stubs infer a 0-d shape from h.shape)
+        grid = np.zeros(h.shape, dtype=bool)
         origin = list(win)
     else:
         # windows stay inside the array: read the arrays in place, no copy of the box

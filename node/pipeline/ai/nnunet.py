@@ -1,26 +1,9 @@
-"""nnU-Net v2 backend: a trained results folder run in-process with ``nnUNetPredictor``.
+"""nnU-Net v2 backend: a trained results folder run in-process with ``nnUNetPredictor``, the
+predictor kept in a small per-process LRU cache (:func:`get_predictor`) so that consecutive jobs
+with the same model skip the cold load.
 
-Profile (``model_type: nnunet``)::
-
-    model:
-      folder: Dataset501_Pancreas/nnUNetTrainer__nnUNetPlans__3d_fullres   # under the models root
-      configuration: 3d_fullres
-      folds: [0]
-      device: auto            # auto | cpu | cuda | cuda:N
-    tissues:
-      - name: pancreas
-        structures: [pancreas]   # names from the model's dataset.json, and/or
-        labels: [1, 2]           # label ids; the tissue is their union
-
-The predictor is built once per worker process and kept in a small LRU cache (at most
-``DICOM_NODE_MODEL_CACHE`` models, default 2, and at most ``DICOM_NODE_MODEL_CACHE_MB``
-MB of weights, default 4096), so consecutive jobs with the same model skip the cold load.
-
-Axis convention: nnU-Net's default reader is SimpleITK, whose array is ``[z, y, x]`` with
-spacing ``[sz, sy, sx]``; the node's ``Volume.array`` is ``[k, j, i]`` with spacing
-``(i, j, k)``, i.e. exactly what SimpleITK returns for a file written from the volume
-(``dicom-node dataset export`` writes training data that way), so the array is passed as is
-with the spacing reversed, and the segmentation comes back on the volume grid.
+Profile section ``model:`` (folder, configuration, folds, device): see
+``profiles/ai/pancreas_nnunet.yaml`` and ``docs/ai-backends.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from node.errors import BackendUnavailable, InputError
-from node.pipeline import ai_common
+from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import NnUNetModel, Profile
 
@@ -47,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def _cache_limits() -> tuple[int, float]:
+    """At most ``DICOM_NODE_MODEL_CACHE`` models (default 2) and ``DICOM_NODE_MODEL_CACHE_MB`` MB
+    of weights (default 4096) stay cached."""
     return (int(os.environ.get("DICOM_NODE_MODEL_CACHE", "2")),
             float(os.environ.get("DICOM_NODE_MODEL_CACHE_MB", "4096")))
 
@@ -163,6 +148,11 @@ def predict_label_map(volume: Volume, settings: NnUNetModel) -> np.ndarray:
     preprocessor ``run_case_npy``, ``predict_logits_from_preprocessed_data``,
     ``convert_predicted_logits_to_segmentation_with_correct_shape``) but in this process:
     nnU-Net's adapter starts a background process per call, which cost seconds per job.
+
+    Axes: nnU-Net's default reader is SimpleITK, whose array is ``[z, y, x]`` with spacing
+    ``[sz, sy, sx]``: exactly the volume's ``[k, j, i]`` with its ``(i, j, k)`` spacing reversed
+    (``dicom-node dataset export`` writes training data that way), so the array goes in as it
+    is and the segmentation comes back on the volume grid.
     """
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape

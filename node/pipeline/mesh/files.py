@@ -1,10 +1,7 @@
-"""Mesh files: binary STL and PLY writers (numpy, atomic) and an on-disk mesh check.
-
-Coordinates are written as they are in :class:`~node.pipeline.mesh.Mesh`: patient LPS
-millimetres (the space of the DICOM SEG).  STL files carry ``SPACE=LPS`` at the start of
-their 80-byte header, as 3D Slicer writes it.  Both formats store float32 coordinates,
-so :func:`check_stl` re-reads a file and merges vertices by exact float32 coordinate, as
-any STL reader does, before testing watertightness and manifoldness.
+"""Mesh files: binary STL (``SPACE=LPS`` in its header, as 3D Slicer writes it) and colored PLY
+writers (atomic), their readers, and the on-disk check: a file re-read and its vertices merged
+by exact float32 coordinate, as any STL reader does, before testing watertightness and
+manifoldness.  Coordinates are patient LPS mm, the space of the DICOM SEG.
 """
 
 from __future__ import annotations
@@ -18,15 +15,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from node.durable import atomic_open
-from node.pipeline.mesh import (
-    Mesh,
-    Topology,
-    float32_groups,
-    float32_unique_count,
-    normalize_rows,
-    signed_volume,
-    topology,
-)
+from node.pipeline.mesh.coincident import float32_groups, float32_unique_count
+from node.pipeline.mesh.geometry import normalize_rows, signed_volume
+from node.pipeline.mesh.model import Mesh
+from node.pipeline.mesh.topology import Topology, topology
 
 DEFAULT_STL_HEADER = "SPACE=LPS; units=mm; dicom-seg-node"
 

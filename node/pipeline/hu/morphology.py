@@ -1,22 +1,10 @@
-"""Binary morphology on anisotropic CT grids, with sizes given in millimetres.
+"""Binary morphology on anisotropic CT grids with sizes in millimetres: boolean ``[k, j, i]`` masks,
+spacing ``(si, sj, sk)`` (as :attr:`Volume.spacing`), radii in mm turned into per-axis voxel radii.
 
-Every function takes a boolean numpy array indexed ``[k, j, i]`` and the voxel
-spacing ``(si, sj, sk)`` in mm (as :attr:`Volume.spacing`), converts millimetre
-radii to per-axis voxel radii (so a 3 mm closing is a 3 mm ball whether the slices
-are 0.7 mm or 5 mm apart), and returns a new boolean array of the same shape.
-
-Ball dilation, erosion and closing use ITK's ``sitkBall`` structuring element (the
-ellipsoid with semi-axes ``r + 0.5`` voxels per axis), applied as a stack of in-plane
-ellipses with OpenCV's vectorised 2-D filters, one per slice offset: exactly ITK's
-result at a fraction of its cost.  Connected components (hole filling, small-part
-removal, ``connected_to``) use SimpleITK's multi-threaded labelling.
-
-Every operation runs on the bounding box of its input mask, grown by what the
-operation can reach (its radius, plus one voxel where a boundary condition or a
-border-connected background is involved), and the result is put back on the full
-grid.  This is exact, not an approximation: outside that box the result is known
-(background), and inside it every voxel sees the same neighbourhood as on the full
-array.  Tissue masks are typically a small part of the body box (bones: ~40 %).
+Ball dilation, erosion and closing use ITK's ``sitkBall`` (the ellipsoid with semi-axes ``r + 0.5``
+voxels), applied exactly as a stack of in-plane OpenCV ellipse filters; components use SimpleITK's
+labelling.  Every operation runs on its input's bounding box grown by what it can reach, which
+is exact: outside it the result is background, inside it every voxel sees the same neighbourhood.
 """
 
 from __future__ import annotations
@@ -30,6 +18,8 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from node.pipeline.box import bounding_box, grow_box
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +73,6 @@ def _from_sitk(img: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(img).view(bool)
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Smallest box ``(k, j, i)`` holding every true voxel, ``None`` for an empty mask."""
-    ks = np.flatnonzero(mask.any(axis=(1, 2)))
-    if ks.size == 0:
-        return None
-    sub = mask[ks[0] : ks[-1] + 1]
-    js = np.flatnonzero(sub.any(axis=(0, 2)))
-    ii = np.flatnonzero(sub.any(axis=(0, 1)))
-    return (slice(ks[0], ks[-1] + 1), slice(js[0], js[-1] + 1), slice(ii[0], ii[-1] + 1))
-
-
-def _grow_box(box: tuple[slice, ...], margin_kji: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(
-        slice(max(0, b.start - int(m)), min(int(n), b.stop + int(m))) for b, m, n in zip(box, margin_kji, shape)
-    )
-
-
 def _on_box(mask: np.ndarray, margin_kji: Sequence[int], fn) -> np.ndarray:
     """``fn`` applied to the bounding box of ``mask`` grown by ``margin_kji`` voxels, on the full grid.
 
@@ -107,10 +80,10 @@ def _on_box(mask: np.ndarray, margin_kji: Sequence[int], fn) -> np.ndarray:
     the margin) holds no foreground, and whose result inside the box does not depend
     on voxels beyond the margin: the callers choose the margin accordingly.
     """
-    box: tuple[slice, ...] | None = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return np.zeros(mask.shape, dtype=bool)
-    box = _grow_box(box, margin_kji, mask.shape)
+    box = grow_box(box, margin_kji, mask.shape)
     if all(b.stop - b.start == n for b, n in zip(box, mask.shape)):
         return fn(np.ascontiguousarray(mask, dtype=bool))
     out = np.zeros(mask.shape, dtype=bool)
@@ -365,7 +338,7 @@ def components_touching(region: np.ndarray, seed: np.ndarray) -> np.ndarray:
     default structure), about twice as fast as ``ndimage.label``; labels are only read
     at the region's own voxels, a small part of the box.
     """
-    box = _bbox(region)
+    box = bounding_box(region)
     if box is None:
         return np.zeros(region.shape, dtype=bool)
     r = np.ascontiguousarray(region[box])
@@ -483,17 +456,17 @@ def connected_to(mask: np.ndarray, other: np.ndarray, margin_mm: float, spacing:
     it overlaps the seed or touches it across a face.  Labelling the mask alone avoids
     labelling the (much larger) seed.
     """
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None or not other.any():
         return np.zeros_like(mask, dtype=bool)
     m = np.ascontiguousarray(mask[box])
     # the seed on the mask's box grown by one voxel, so that seed voxels just outside
     # the box still count for the mask voxels on its faces; the dilation there only
     # sees ``other`` within the radius of that box
-    outer = _grow_box(box, (1, 1, 1), mask.shape)
+    outer = grow_box(box, (1, 1, 1), mask.shape)
     if margin_mm:
         radius = radius_voxels(margin_mm, spacing)
-        reach = _grow_box(outer, radius[::-1], mask.shape)
+        reach = grow_box(outer, radius[::-1], mask.shape)
         inner_o = tuple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(outer, reach))
         s = dilation(np.ascontiguousarray(other[reach]), margin_mm, spacing)[inner_o]
     else:
@@ -544,7 +517,7 @@ def slice_valleys(mask: np.ndarray, hu: np.ndarray, spacing: Spacing, window_mm:
         spacing: ``(i, j, k)`` mm.
         core_mm: see above; 0 = the whole part.
     """
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return mask.copy()
     m = mask[box]

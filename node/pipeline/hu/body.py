@@ -1,17 +1,14 @@
-"""Body outline: the patient, without the CT table, cushions, cables and air.
-
-Everything a tissue threshold sees is first restricted to this mask, so a bone
-threshold never picks up the table and a soft-tissue threshold never picks up
-a blanket.  The outline is found on a grid of about 2 mm (a few times fewer
-voxels than a 0.7 mm scan) and refined at full resolution only at the skin,
-which keeps it cheap on 512x512x400 series.
+"""Body outline: the patient without the CT table, cushions, cables and air; every tissue
+threshold is restricted to it.  Found on a grid of about 2 mm and refined at full resolution
+only at the skin.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from node.pipeline import morphology
+from node.pipeline.hu import morphology
+from node.pipeline.box import bounding_box, grow_box
 from node.profiles import BodyMaskSpec
 
 WORK_GRID_MM = 2.0
@@ -70,7 +67,8 @@ def body_mask_box(
         outer = morphology.dilation(filled, max(sp), sp)
         state = outer.view(np.uint8) * np.uint8(2)
         state[morphology.erosion(filled, max(sp), sp)] = 1
-        cbox = bounding_box(outer, margin=0)
+        cbox = bounding_box(outer)
+        assert cbox is not None  # the outline holds the non-empty core
         # the full-resolution box of the coarse outline, cropped to the array
         fbox = tuple(
             slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(cbox, steps, hu.shape)
@@ -80,25 +78,16 @@ def body_mask_box(
         inside &= hu[fbox] > spec.threshold_hu
         inside |= up == 1
         del up
-        sub = bounding_box(inside, margin=0)
-        if sub[0].stop == 0:
+        sub = bounding_box(inside)
+        if sub is None:
             return empty, np.zeros((0, 0, 0), dtype=bool)
         tight = tuple(slice(f.start + s.start, f.start + s.stop) for f, s in zip(fbox, sub))
-        box = tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(tight, hu.shape))
+        box = grow_box(tight, (margin, margin, margin), hu.shape)
         out = np.zeros([b.stop - b.start for b in box], dtype=bool)
         out[tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tight, box))] = inside[sub]
-        return box, out  # type: ignore[return-value]
+        return box, out
     sub = bounding_box(inside, margin=margin)
+    if sub is None:
+        return empty, np.zeros((0, 0, 0), dtype=bool)
     return sub, np.ascontiguousarray(inside[sub])
 
-
-def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:
-    """Slices of the smallest box (plus ``margin`` voxels) that holds every true voxel."""
-    if not mask.any():
-        return (slice(0, 0),) * 3
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
-        out.append(slice(max(0, nz[0] - margin), min(mask.shape[axis], nz[-1] + 1 + margin)))
-    return tuple(out)  # type: ignore[return-value]

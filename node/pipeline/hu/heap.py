@@ -1,31 +1,7 @@
-"""Process heap policy for the pipeline's large, short-lived arrays (glibc only).
-
-Two settings, both for the HU backend's job process (``run_pipeline`` applies them; the
-AI backends' processes keep glibc's defaults, which their libraries (torch) are tuned
-and measured with):
-
-* :func:`fix_mmap_threshold`: glibc serves an allocation from its heap arenas below the
-  *mmap threshold* and maps it on its own above it.  By default that threshold is
-  dynamic: each time a mapped block is freed, it rises to that block's size (up to
-  32 MB), so the pipeline's many freed arrays of a few MB (slices, slabs, mesh blocks)
-  end up in the arenas, which keep and fragment them: on the 512x512x400 bench series
-  the peak RSS was 2.35-2.54 GB with the dynamic threshold and 2.21-2.23 GB with a fixed
-  4 MB one (a fixed 128 kB one was as small but made the SEG writer ~1.5x slower).
-
-* :class:`RetainFreed`: with that threshold every array of more than 4 MB is a mapping
-  of its own, returned to the kernel when freed, and the next one is fresh memory that
-  the kernel must fault in and zero page by page.  The HU pipeline allocates and frees
-  ~15 GB that way on the bench series (masks of 70-105 MB, float32 volumes of 280 MB,
-  ITK label images), and the kernel's page zeroing was ~22% of the run's CPU samples
-  (sys time ~30%) on our 2-core VM (``perf``: ``clear_page_erms``; worse on a VM whose
-  host takes freed guest pages back, where a fresh page costs a host fault too: free
-  page reporting).  While a ``RetainFreed`` window is open, every allocation comes from
-  the heap (no mappings of their own, no automatic trimming, one arena for the threads
-  made from then on), so freed memory is reused without faults.  A guard thread watches
-  the process RSS: above a budget it hands freed memory back (``malloc_trim``) and
-  suspends the retention until the RSS is back below 90% of it, so a job whose own data
-  outgrow the budget runs as it would without the window.  When the window closes,
-  everything free goes back and the fixed-threshold setting returns.
+"""glibc heap policy for the process that runs the HU backend (``run_pipeline`` applies it; an AI
+backend's process keeps glibc's defaults, which its library is tuned with): a fixed mmap
+threshold (:func:`fix_mmap_threshold`) and a window that keeps freed memory for reuse below a
+budget (:class:`RetainFreed`).  Measured effects: ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -60,7 +36,7 @@ TRIM_INTERVAL_S = 0.02
 #: retention resumes once the RSS is back below this fraction of the budget
 RESUME_FRACTION = 0.9
 #: the HU pipeline's working set per voxel of its grid, above what the process holds
-#: before segmenting (measured: bones profile, 512x512x400 series, ~17 bytes per voxel)
+#: before segmenting (bones profile on the bench series: bench/README.md)
 BYTES_PER_VOXEL = 16
 
 _lock = threading.Lock()
@@ -89,7 +65,11 @@ def _libc() -> ctypes.CDLL | None:
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes for this process (once).
 
-    Setting it also turns off glibc's dynamic adjustment.  Returns ``True`` when the
+    glibc serves an allocation below the threshold from its heap arenas and maps one above it
+    on its own.  By default the threshold rises to the size of each mapped block freed (up to
+    32 MB), so the pipeline's many freed arrays of a few MB end up in the arenas, which keep
+    and fragment them; a fixed threshold maps them and returns them when freed.  Setting it
+    also turns off glibc's dynamic adjustment.  Returns ``True`` when the
     setting is in effect (now or from an earlier call), ``False`` where the C library is
     not glibc or refuses it; the pipeline works either way, with a higher peak RSS.
     """
@@ -180,6 +160,12 @@ _guard = _Guard()
 
 class RetainFreed:
     """Keep freed memory in this process for reuse while its RSS is below ``budget`` bytes.
+
+    With the fixed threshold every large array is a mapping of its own, and the next one is
+    fresh memory that the kernel must fault in and zero page by page (worse on a VM whose host
+    takes freed guest pages back).  While a window is open every allocation comes from the heap
+    (no mappings of their own, no automatic trimming, one arena for the threads made from then
+    on), so freed memory is reused without faults.
 
     A context manager (glibc only; elsewhere it does nothing and :attr:`applied` stays
     ``False``).  Windows may nest or overlap (in threads): the heap settings hold while

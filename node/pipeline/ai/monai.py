@@ -1,28 +1,8 @@
-"""MONAI backend: a MONAI bundle folder, or a TorchScript model with MONAI transforms.
+"""MONAI backend: a MONAI bundle folder (model-zoo layout, its own pre- and postprocessing) or a
+TorchScript model with MONAI's sliding-window inference; models are cached per process.
 
-Profile (``model_type: monai``), TorchScript::
-
-    model:
-      torchscript: spleen_ct/model.ts     # under the models root
-      window: [-57, 164]                  # HU scaled to [0, 1] (ScaleIntensityRange, clipped)
-      spacing: [1.5, 1.5, 2.0]            # optional: resample (i, j, k) mm before the model
-      roi_size: [96, 96, 96]              # sliding_window_inference settings
-      sw_batch_size: 1
-      overlap: 0.25
-      device: auto
-
-or a bundle (the model-zoo layout: ``configs/inference.json`` with ``network_def``,
-``preprocessing``, ``inferer``, ``postprocessing``; weights in ``models/model.pt``)::
-
-    model:
-      bundle: spleen_ct_segmentation
-
-Both take the image in RAS orientation with array axes ``(x, y, z)``, which is what MONAI
-models trained with ``LoadImaged`` + ``Orientationd(axcodes="RAS")`` expect: the volume is
-reoriented to RAS (a permutation/flip, no interpolation) and the prediction mapped back.
-A bundle runs its own preprocessing on a temporary NIfTI of the volume and its own
-postprocessing (``SaveImaged`` removed); its output must come back on the input grid
-(``Invertd`` in the bundle when it resamples).  Models are cached per process like nnU-Net's.
+Profile section ``model:`` (bundle, or torchscript with window, spacing, roi_size, ...): see
+``profiles/ai/spleen_monai.yaml`` and ``docs/ai-backends.md``.
 """
 
 from __future__ import annotations
@@ -39,7 +19,7 @@ import numpy as np
 
 import monai  # noqa: F401  - a missing package makes backends.get_backend say how to install it
 from node.errors import BackendUnavailable, InputError
-from node.pipeline import ai_common
+from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import MonaiModel, Profile
 
@@ -59,7 +39,10 @@ def clear_cache() -> None:
 
 
 def to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray, Any]:
-    """``(data in RAS (x, y, z), RAS affine, orientation transform back to the volume)``."""
+    """``(data in RAS (x, y, z), RAS affine, orientation transform back to the volume)``.
+
+    What MONAI models trained with ``LoadImaged`` + ``Orientationd(axcodes="RAS")`` expect; a
+    permutation/flip of the axes, no interpolation, undone by :func:`from_ras`."""
     import nibabel as nib
     from nibabel import orientations as ornt
 
@@ -216,6 +199,9 @@ def _bundle(root: Path, device) -> _Bundle:
 
 
 def predict_bundle(volume: Volume, settings: MonaiModel) -> np.ndarray:
+    """The bundle's label map on the volume grid: its own preprocessing on a temporary NIfTI of the
+    volume and its own postprocessing (``SaveImaged`` removed); its output must come back on the
+    input grid (``Invertd`` in the bundle when it resamples)."""
     import nibabel as nib
     import torch
     from monai.data import decollate_batch

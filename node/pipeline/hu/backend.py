@@ -3,7 +3,7 @@
 The body's bounding box is cut out first and every tissue is computed on it,
 so morphology never runs over the empty field of view; masks are put back on
 the full grid at the end.  Sizes in the profile are millimetres and are turned
-into voxels with the volume's spacing by :mod:`node.pipeline.morphology`.
+into voxels with the volume's spacing by :mod:`node.pipeline.hu.morphology`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import numpy as np
 from scipy import ndimage
 
 from node.errors import ProfileError
-from node.pipeline import morphology, refine
-from node.pipeline.body import body_mask_box
+from node.pipeline.hu import morphology, refine
+from node.pipeline.box import bounding_box, grow_box
+from node.pipeline.hu.body import body_mask_box
 from node.pipeline.volume import Volume
 from node.profiles import Grow, Profile, Tissue
 
@@ -49,11 +50,12 @@ def _hu_range(tissue: Tissue, phase: str) -> tuple[float, float]:
 
 
 def apply_step(
-    step, mask: np.ndarray, src: np.ndarray | None, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None,
-    *, hu: np.ndarray | None = None,
+    step, mask: np.ndarray, src: np.ndarray | None, body: np.ndarray, spacing,
+    masks: dict[str, np.ndarray] | None = None, *, hu: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Apply one profile morphology step to ``mask`` (``masks``: earlier tissues, for ``connected_to``;
-    ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
+    """Apply one profile morphology step to ``mask`` (``src``: the tissue's thresholded values, for
+    ``grow`` and ``edge_grow``, ``None`` for a tissue without them; ``masks``: earlier tissues, for
+    ``connected_to``; ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
     op = step.op
     if op == "slice_valleys":
         if hu is None:
@@ -102,8 +104,8 @@ def _gaussian(hu: np.ndarray, sigma_kji) -> np.ndarray:
     """Gaussian of ``hu`` as float32: scipy's ``gaussian_filter`` kernel (``truncate=4``,
     reflecting edges), computed with OpenCV's separable filter in float32.
 
-    OpenCV's vectorised filter needs about a quarter of the CPU time of scipy's (which
-    computes in double, one line at a time); the values agree with scipy's to float32
+    OpenCV's vectorised filter needs far less CPU time than scipy's (which computes in
+    double, one line at a time); the values agree with scipy's to float32
     rounding (about 1e-3 HU on CT).  In-plane per slice, then along ``k`` on the volume seen
     as a (slices x pixels) image, in column blocks written back in place: one float32
     volume in memory.  Arrays smaller than the kernel use scipy (OpenCV's reflection is
@@ -288,11 +290,11 @@ class HUBackend:
         voxel inside it gets exactly the value the whole-array filter would give it.
         """
         out = np.zeros(env.shape, dtype=bool)
-        inner = morphology._bbox(env)
+        inner = bounding_box(env)
         if inner is None:
             return out
         sigma = self._sigma(smooth_mm, spacing)
-        outer = morphology._grow_box(inner, [_gauss_radius(s) for s in sigma], env.shape)
+        outer = grow_box(inner, [_gauss_radius(s) for s in sigma], env.shape)
         g = _gaussian(hu[outer], sigma)
         sub = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
         g = g[sub]
