@@ -33,6 +33,7 @@ from node.pipeline.backends import get_backend
 from node.pipeline.heap import RetainFreed, fix_mmap_threshold, working_set_budget
 from node.pipeline.mesh import MeshOptions, Topology, mesh_from_mask, topology
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
+from node.pipeline.outputs import OutputOptions, write_outputs  # issue 14 hook
 from node.pipeline.series import find_series, load_series
 from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, warm_up, write_seg
 from node.pipeline.volume import Volume
@@ -138,6 +139,7 @@ def run_pipeline(
     progress: Progress | None = None,
     on_seg: Callable[[Path, str], None] | None = None,
     seg_first: bool = False,
+    outputs: OutputOptions | None = None,
 ) -> RunResult:
     """Segment one series and write the SEG, the meshes and ``report.json``.
 
@@ -163,6 +165,8 @@ def run_pipeline(
             SEG written alone, then the meshes (two at a time).  The SEG is ready sooner
             (the node's choice: it goes to the PACS), the meshes later; off, meshes are
             made while later tissues are segmented (shortest run overall).
+        outputs: result objects beside the SEG (SR, overlay, Encapsulated STL), written once the
+            SEG and meshes are (:func:`node.pipeline.outputs.write_outputs`); default: none.
 
     Raises:
         InputError: bad input (series, profile); the message says which file/field.
@@ -199,6 +203,8 @@ def run_pipeline(
             "resampled": volume.resampled,
         }
         grid = prof.working_grid_mm if working_grid_mm is None else (working_grid_mm or None)
+        # issue 14 hook: the overlay shows the source pixels, not the working grid (kept only for it)
+        native_volume = volume if outputs is not None and "overlay" in outputs.kinds else None
         working: dict[str, Any] | None = None
         if grid:
             factors = volume.grid_factors(grid)
@@ -336,10 +342,11 @@ def run_pipeline(
 
         seg_path: Path | None = out / f"{prof.name}_seg.dcm" if write_segmentation else None
         seg_uid: str | None = None
+        seg_ds: Any = None
 
         def _seg() -> None:
-            nonlocal seg_uid
-            ds = write_seg(
+            nonlocal seg_uid, seg_ds
+            ds = seg_ds = write_seg(
                 volume,
                 _segment_specs(prof, masks),
                 seg_path,  # type: ignore[arg-type]
@@ -371,6 +378,14 @@ def run_pipeline(
                 f.result()
         if len(mesh_span) == 2:
             stages.timings["mesh_span"] = round(mesh_span[1] - mesh_span[0], 3)
+        # issue 14 hook: SR, overlay, Encapsulated STL (nothing unless the rule asks for them)
+        written = None
+        if outputs is not None and outputs.extra:
+            written = stages.run("outputs", f"writing {', '.join(outputs.extra)}", lambda: write_outputs(
+                volume, masks, prof, outputs, out, seg=seg_ds, report_tissues=tissues,
+                pixels=native_volume if native_volume is not volume else None, backend=model_type,
+                backend_display_name=backend_entry.display_name, software_version=__version__))
+        del native_volume
 
     report = {
         "software": {"name": "dicom-node", "version": __version__},
@@ -390,6 +405,7 @@ def run_pipeline(
             "seg": seg_path.name if seg_path else None,
             "seg_series_instance_uid": seg_uid,
             "meshes": [p.name for p in mesh_paths],
+            **(written.report_entry(out) if written is not None else {}),
         },
         "timings_s": stages.timings,
         "peak_rss_mb": stages.peak_rss_mb,
