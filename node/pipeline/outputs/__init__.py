@@ -151,7 +151,7 @@ def write_outputs(
         assert frame_masks is not None
         t0 = time.perf_counter()
         written.overlay = write_overlay_series(
-            volume, frame_masks, [OverlayTissue(f"{profile.name} {t.name}", tuple(t.color)) for t in profile.tissues],
+            volume, frame_masks, [OverlayTissue(t.name, tuple(t.color), f"{profile.name} {t.name}") for t in profile.tissues],
             out_dir / f"{profile.name}_overlay", pixels=pixels, style=options.overlay,
             series_instance_uid=derived_uid(base, "overlay series"),
             series_description=options.overlay_series_description, profile_name=profile.name,

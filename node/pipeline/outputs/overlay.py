@@ -65,8 +65,13 @@ class OverlayStyle:
 class OverlayTissue:
     """One tissue drawn on the overlay."""
 
-    name: str  #: as in the legend
+    name: str  #: the tissue (its mask in the :class:`FrameMasks`)
     color: tuple[int, int, int]  #: sRGB
+    label: str = ""  #: in the legend; default the name
+
+    @property
+    def legend(self) -> str:
+        return self.label or self.name
 
 
 # --------------------------------------------------------------------------- pixels
@@ -113,6 +118,7 @@ class _Painter:
         self.colors = [np.array(t.color, dtype=np.float32) for t in tissues]
         c, w = window
         self.lo, self.scale = c - w / 2.0, 255.0 / w
+        self._lut = self._window_lut()
         s = max(rows, cols) / 512.0  # text and lines scale with the matrix
         self.edge = max(1, int(round((2.0 if style.mode == "outline" else 1.0) * s)))
         font, fs, th = cv2.FONT_HERSHEY_SIMPLEX, 0.5 * s, max(1, int(round(s)))
@@ -130,7 +136,7 @@ class _Painter:
         # legend: bottom left, a swatch and the name per tissue on a dark translucent box
         line = int(round(18 * s))
         sw = int(round(12 * s))
-        names = [t.name for t in tissues]
+        names = [t.legend for t in tissues]
         width = max((cv2.getTextSize(n, font, fs, th)[0][0] for n in names), default=0) + sw + int(16 * s)
         height = line * len(names) + int(8 * s)
         self.legend = np.zeros((height, min(width, cols), 3), np.uint8)
@@ -144,24 +150,34 @@ class _Painter:
             self.legend_alpha[y0: y0 + line, int(4 * s): int(4 * s) + sw + 1] = 1.0
         self.legend_at = (rows - height - int(6 * s), int(6 * s))
         self.kernel = np.ones((3, 3), np.uint8)
+        self.layers = [np.full((rows, cols, 3), c.astype(np.uint8), np.uint8) for c in self.colors]  # colour images
 
     def gray(self, hu: np.ndarray) -> np.ndarray:
+        """The slice in the window, 0..255."""
+        if hu.dtype == np.int16:  # a lookup table over every int16 value: one gather per pixel
+            return self._lut[hu.view(np.uint16) ^ 0x8000]
         g = (hu.astype(np.float32) - self.lo) * self.scale
         return np.clip(g, 0, 255, out=g).astype(np.uint8)
+
+    def _window_lut(self) -> np.ndarray:
+        # index = int16 value + 32768 (the sign bit flipped)
+        values = np.arange(-32768, 32768, dtype=np.float32)
+        g = np.clip((values - self.lo) * self.scale, 0, 255)
+        return g.astype(np.uint8)
 
     def render(self, hu: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
         """RGB ``(rows, columns, 3)`` uint8 of one slice with ``masks`` (bool, one per tissue)."""
         rgb = cv2.cvtColor(self.gray(hu), cv2.COLOR_GRAY2RGB)
         a = float(self.style.opacity)
-        for mask, color in zip(masks, self.colors):
-            if not mask.any():
-                continue
+        # whole-image OpenCV operations with a mask: ~5x faster than numpy boolean indexing
+        for mask, layer in zip(masks, self.layers):
             m8 = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+            if not cv2.countNonZero(m8):
+                continue
             if self.style.mode == "fill":
-                px = rgb[mask].astype(np.float32)
-                rgb[mask] = (px + (color - px) * a + 0.5).astype(np.uint8)
-            edge = m8 - cv2.erode(m8, self.kernel, iterations=self.edge)
-            rgb[edge.astype(bool)] = color.astype(np.uint8)
+                cv2.copyTo(cv2.addWeighted(rgb, 1.0 - a, layer, a, 0.0), m8, rgb)
+            edge = cv2.subtract(m8, cv2.erode(m8, self.kernel, iterations=self.edge))
+            cv2.copyTo(layer, edge, rgb)
         bh = self.banner.shape[0]
         rgb[:bh] = self.banner
         y, x = self.legend_at
