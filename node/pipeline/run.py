@@ -33,7 +33,8 @@ from node.pipeline.backends import get_backend
 from node.pipeline.heap import RetainFreed, fix_mmap_threshold, working_set_budget
 from node.pipeline.mesh import MeshOptions, Topology, mesh_from_mask, topology
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
-from node.pipeline.outputs import OutputOptions, write_outputs  # issue 14 hook
+from node.pipeline.outputs import OutputOptions  # issue 14 hook
+from node.pipeline.outputs.write import write_outputs  # issue 14 hook
 from node.pipeline.series import find_series, load_series
 from node.pipeline.seg import ALGORITHM_FAMILY_AI, ALGORITHM_FAMILY_THRESHOLD, SegmentSpec, warm_up, write_seg
 from node.pipeline.volume import Volume

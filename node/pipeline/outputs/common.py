@@ -78,7 +78,7 @@ class FrameMasks:
     masks: tuple[np.ndarray, ...]
 
     @classmethod
-    def of(cls, volume: Volume, masks: dict[str, np.ndarray], names: list[str] | tuple[str, ...]) -> "FrameMasks":
+    def of(cls, volume: Volume, masks: dict[str, np.ndarray], names: list[str] | tuple[str, ...]) -> FrameMasks:
         return cls(tuple(names), tuple(volume.mask_on_frames(np.asarray(masks[n], dtype=bool)) for n in names))
 
     def get(self, name: str) -> np.ndarray:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
 
 import cv2
 import numpy as np
@@ -42,23 +42,13 @@ from node.pipeline.outputs.common import (
     now_da_tm,
     series_number,
 )
+from node.pipeline.outputs.options import OverlayStyle
 from node.pipeline.volume import Volume
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 BANNER_TEXT = "NOT FOR DIAGNOSIS"
+DEFAULT_STYLE = OverlayStyle()
 DEFAULT_WINDOW = (40.0, 400.0)  #: (centre, width) HU: soft tissue
-OverlayMode = Literal["fill", "outline"]
-
-
-@dataclass(frozen=True)
-class OverlayStyle:
-    """How the overlay looks and is stored (the rule's ``overlay:`` options)."""
-
-    mode: OverlayMode = "fill"
-    opacity: float = 0.4  #: of the fill
-    window: tuple[float, float] | None = None  #: (centre, width) HU; None: the source's, else soft tissue
-    jpeg: bool = True  #: JPEG baseline (lossy); False: uncompressed RGB
-    jpeg_quality: int = 90
 
 
 @dataclass(frozen=True)
@@ -120,10 +110,10 @@ class _Painter:
         self.lo, self.scale = c - w / 2.0, 255.0 / w
         self._lut = self._window_lut()
         s = max(rows, cols) / 512.0  # text and lines scale with the matrix
-        self.edge = max(1, int(round((2.0 if style.mode == "outline" else 1.0) * s)))
-        font, fs, th = cv2.FONT_HERSHEY_SIMPLEX, 0.5 * s, max(1, int(round(s)))
+        self.edge = max(1, round((2.0 if style.mode == "outline" else 1.0) * s))
+        font, fs, th = cv2.FONT_HERSHEY_SIMPLEX, 0.5 * s, max(1, round(s))
         # banner: full width, dark red, white bold text
-        bh = int(round(24 * s))
+        bh = round(24 * s)
         self.banner = np.zeros((bh, cols, 3), np.uint8)
         self.banner[:] = (150, 0, 0)
         text = f"{BANNER_TEXT} - {title}" if title else BANNER_TEXT
@@ -134,8 +124,8 @@ class _Painter:
         cv2.putText(self.banner, text, (max(4, (cols - tw) // 2), (bh + tht) // 2), font, fs * 1.1,
                     (255, 255, 255), th + 1, cv2.LINE_AA)
         # legend: bottom left, a swatch and the name per tissue on a dark translucent box
-        line = int(round(18 * s))
-        sw = int(round(12 * s))
+        line = round(18 * s)
+        sw = round(12 * s)
         names = [t.legend for t in tissues]
         width = max((cv2.getTextSize(n, font, fs, th)[0][0] for n in names), default=0) + sw + int(16 * s)
         height = line * len(names) + int(8 * s)
@@ -286,7 +276,7 @@ def write_overlay_series(
     out_dir: Path,
     *,
     pixels: Volume | None = None,
-    style: OverlayStyle = OverlayStyle(),
+    style: OverlayStyle = DEFAULT_STYLE,
     series_instance_uid: str | None = None,
     series_description: str = "OVERLAY {profile} {SeriesDescription}",
     profile_name: str = "",

@@ -23,7 +23,13 @@ from pydicom.sr.codedict import codes
 
 from node.durable import atomic_open
 from node.errors import InputError
-from node.pipeline.outputs.common import MANUFACTURER, FrameMasks, derived_uid, first_source, series_number
+from node.pipeline.outputs.common import (
+    MANUFACTURER,
+    FrameMasks,
+    derived_uid,
+    first_source,
+    series_number,
+)
 from node.pipeline.volume import Volume
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
