@@ -78,7 +78,7 @@ __all__ = [
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 log = logging.getLogger("node.store")
 
@@ -117,10 +117,12 @@ RULE_TAGS: tuple[str, ...] = (
 SeriesState = Literal["receiving", "complete", "routed", "unrouted", "processing", "done", "failed"]
 JobState = Literal["queued", "running", "done", "failed", "superseded"]
 DispatchState = Literal["pending", "sent", "failed"]
-DispatchKind = Literal["dicom", "share"]
+DispatchKind = Literal["dicom", "outputs", "share"]
 SERIES_STATES: tuple[str, ...] = ("receiving", "complete", "routed", "unrouted", "processing", "done", "failed")
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "superseded")
 DISPATCH_STATES: tuple[str, ...] = ("pending", "sent", "failed")
+#: dicom: the SEG (sent early); outputs: the other DICOM objects of a rule's outputs (issue 14); share
+DISPATCH_KINDS: tuple[str, ...] = ("dicom", "outputs", "share")
 
 
 def _in(values: Sequence[str]) -> str:
@@ -239,6 +241,30 @@ _MIGRATIONS: tuple[str, ...] = (
     # on a row without ``resource`` is one the pool has not classified yet.
     "UPDATE jobs SET resource = CASE WHEN backend IN ('totalsegmentator','nnunet','monai') THEN 'gpu' ELSE 'cpu' END"
     " WHERE resource IS NULL",
+    # 5 -> 6 (issue 14): dispatch kind 'outputs' (SR, overlay, Encapsulated STL of a rule's outputs,
+    # beside the SEG's 'dicom').  SQLite cannot change a CHECK constraint: the table is rebuilt.
+    f"""
+    CREATE TABLE dispatches_v6 (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id          INTEGER NOT NULL REFERENCES jobs(id),
+        destination     TEXT NOT NULL,
+        kind            TEXT NOT NULL CHECK (kind IN ('dicom','outputs','share')),
+        state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ({_in(DISPATCH_STATES)})),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_error      TEXT,
+        created_at      REAL NOT NULL,
+        sent_at         REAL,
+        UNIQUE (job_id, destination, kind)
+    );
+    INSERT INTO dispatches_v6 (id, job_id, destination, kind, state, attempts, next_attempt_at, last_error,
+                               created_at, sent_at)
+        SELECT id, job_id, destination, kind, state, attempts, next_attempt_at, last_error, created_at, sent_at
+        FROM dispatches;
+    DROP TABLE dispatches;
+    ALTER TABLE dispatches_v6 RENAME TO dispatches;
+    CREATE INDEX dispatches_state ON dispatches(state, next_attempt_at)
+    """,
 )
 
 
@@ -959,8 +985,8 @@ class Store:
     # -- dispatches ------------------------------------------------------
     def add_dispatch(self, job_id: int, destination: str, kind: str) -> tuple[int, bool]:
         """Create a pending dispatch; idempotent on (job_id, destination, kind).  Returns (id, created)."""
-        if kind not in ("dicom", "share"):
-            raise ValueError(f"dispatch kind must be 'dicom' or 'share' (got {kind!r})")
+        if kind not in DISPATCH_KINDS:
+            raise ValueError(f"dispatch kind must be one of {', '.join(DISPATCH_KINDS)} (got {kind!r})")
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO dispatches (job_id, destination, kind, created_at) VALUES (?,?,?,?)"
