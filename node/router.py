@@ -195,6 +195,8 @@ class Router:
                 "rule_line": rule.line,
                 "supersede": bool(rule.supersede),
             }
+            if rule.outputs.kinds != ("seg",):  # issue 14: only a rule that asks for more than the SEG
+                params.update(rule.outputs.to_params())
             job_id, created = store.create_job(
                 uid,
                 rule.name,

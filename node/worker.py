@@ -215,6 +215,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the pipeline for one job (in the job process, or in a long-lived slot process)."""
     from node.durable import atomic_write, fsync_dir
     from node.errors import InputError
+    from node.pipeline.outputs import OutputOptions  # issue 14 hook
     from node.pipeline.run import run_pipeline
     from node.profiles import load_profile
 
@@ -261,6 +262,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         decode_workers=spec.get("decode_workers"),
         on_seg=on_seg,
         seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
+        outputs=OutputOptions.from_params(spec.get("outputs")),  # issue 14 hook: the rule's outputs
     )
     backend_info = _backend_info(str(res.report.get("profile", {}).get("model_type") or spec.get("backend")),
                                  res.backend_run)
@@ -392,10 +394,13 @@ def settle_series(store: Store, series_uid: str, generation: int) -> str | None:
 
 def _dispatch_plan(config: Any, store: Store, job: Job) -> tuple[list[tuple[str, str, str | None]], dict | None]:
     """[(destination, kind, error-or-None)] for a job, and the resolved origin address."""
+    from node.config import StowDestination
+    from node.pipeline.outputs.options import OutputOptions, dispatch_kinds
     from node.routing.rules import ORIGIN
 
     plan: list[tuple[str, str, str | None]] = []
     origin: dict | None = None
+    outputs = OutputOptions.from_params(job.params)  # issue 14 hook: which objects go where
     for name in job.params.get("destinations", []) or []:
         if name == ORIGIN:
             calling = job.params.get("calling_ae")
@@ -407,9 +412,10 @@ def _dispatch_plan(config: Any, store: Store, job: Job) -> tuple[list[tuple[str,
                 plan.append((ORIGIN, "dicom", f"origin: calling AE {calling!r} has no address in known_aes"))
             else:
                 origin = {"calling_ae": calling, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
-                plan.append((ORIGIN, "dicom", None))
+                plan.extend((ORIGIN, kind, None) for kind in dispatch_kinds(outputs, stow=False))
         elif name in config.destinations:
-            plan.append((name, "dicom", None))
+            stow = isinstance(config.destinations[name], StowDestination)
+            plan.extend((name, kind, None) for kind in dispatch_kinds(outputs, stow=stow))
         else:
             plan.append((name, "dicom", f"unknown destination {name!r} (not in node.yaml)"))
     if job.params.get("share"):
@@ -417,7 +423,7 @@ def _dispatch_plan(config: Any, store: Store, job: Job) -> tuple[list[tuple[str,
     return plan, origin
 
 
-def _add_dispatches(config: Any, store: Store, job: Job, kinds: tuple[str, ...] = ("dicom", "share")) -> int:
+def _add_dispatches(config: Any, store: Store, job: Job, kinds: tuple[str, ...] = ("dicom", "outputs", "share")) -> int:
     plan, _ = _dispatch_plan(config, store, job)
     n = 0
     for name, kind, error in plan:
@@ -953,6 +959,7 @@ class WorkerPool:
                 "backend": job.params.get("backend_override") or None,
                 "output_dir": str(job_output_dir(self.config, job.id)),
                 "seg_series_uid": seg_series_uid(job),
+                "outputs": {k: job.params[k] for k in ("outputs", "overlay") if k in job.params},  # issue 14
                 "decode_workers": self.decode_workers,
                 "models": models,
                 **self._slot_info(slot),

@@ -69,3 +69,15 @@ def dicom_objects(report: dict[str, Any]) -> list[str]:
     """The DICOM files beside the SEG that a run wrote (relative to its folder), from report.json."""
     o = report.get("outputs") or {}
     return [*([o["sr"]] if o.get("sr") else []), *(o.get("encapsulated_stl") or []), *(o.get("overlay") or [])]
+
+
+def dispatch_kinds(outputs: OutputOptions, *, stow: bool) -> tuple[str, ...]:
+    """The dispatch kinds a job's outputs need at one destination.
+
+    C-STORE destinations: ``dicom`` for the SEG (sent as soon as it is written) and ``outputs`` for
+    the SR, overlay and STL (sent when the job is done).  STOW-RS destinations: ``outputs`` only,
+    which then carries the SEG too: every object of the job in one request.
+    """
+    if stow:
+        return ("outputs",)
+    return (*(("dicom",) if "seg" in outputs.kinds else ()), *(("outputs",) if outputs.extra else ()))
