@@ -330,8 +330,9 @@ class Dispatcher:
         everything in one request), C-STORE in one association or STOW-RS."""
         dest = self._destination(job, d)
         folder, seg, _, report = self._result_files(job)
-        files = [folder / p for p in dicom_objects(report)]
-        if isinstance(dest, StowDestination) and seg is not None and "seg" in OutputOptions.from_params(job.params).kinds:
+        kinds = OutputOptions.from_params(job.params).kinds
+        files = [folder / p for p in dicom_objects(report, kinds)]
+        if isinstance(dest, StowDestination) and seg is not None and "seg" in kinds:
             files.insert(0, seg)
         missing = [str(f) for f in files if not f.is_file()]
         if missing:

@@ -65,10 +65,13 @@ class OutputOptions:
         return cls(kinds, style, str(ov.get("series_description") or DEFAULT_OVERLAY_DESCRIPTION))
 
 
-def dicom_objects(report: dict[str, Any]) -> list[str]:
-    """The DICOM files beside the SEG that a run wrote (relative to its folder), from report.json."""
+def dicom_objects(report: dict[str, Any], kinds: tuple[str, ...] = OUTPUT_KINDS) -> list[str]:
+    """The DICOM files beside the SEG that a run wrote for ``kinds`` (relative to its folder),
+    from report.json: SR, Encapsulated STL, overlay slices."""
     o = report.get("outputs") or {}
-    return [*([o["sr"]] if o.get("sr") else []), *(o.get("encapsulated_stl") or []), *(o.get("overlay") or [])]
+    return [*([o["sr"]] if o.get("sr") and "sr" in kinds else []),
+            *(o.get("encapsulated_stl") or [] if "stl" in kinds else []),
+            *(o.get("overlay") or [] if "overlay" in kinds else [])]
 
 
 def dispatch_kinds(outputs: OutputOptions, *, stow: bool) -> tuple[str, ...]:
