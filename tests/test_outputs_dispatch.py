@@ -10,12 +10,20 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pydicom
 import pytest
 
-from node.config import BasicAuth, Destination, NodeConfig, RetryPolicy, ShareConfig, StowAuth, StowDestination
+from node.config import (
+    BasicAuth,
+    Destination,
+    NodeConfig,
+    RetryPolicy,
+    ShareConfig,
+    StowAuth,
+    StowDestination,
+)
 from node.dicomweb import stow
 from node.dispatcher import Dispatcher, dispatch_log
 from node.pipeline.outputs import OutputOptions, OverlayStyle
@@ -98,12 +106,12 @@ def test_worker_plans_dispatches_from_the_rule_outputs(tmp_path: Path) -> None:
 
     class J:
         series_uid = "1.2.3"
-        params: dict[str, Any] = {"destinations": ["pacs", "archive"], "share": True, **ALL.to_params()}
+        params: ClassVar[dict[str, Any]] = {"destinations": ["pacs", "archive"], "share": True, **ALL.to_params()}
 
     plan, _ = _dispatch_plan(cfg, store, J())  # type: ignore[arg-type]
     assert plan == [("pacs", "dicom", None), ("pacs", "outputs", None), ("archive", "outputs", None),
                     ("share", "share", None)]
-    J.params = {"destinations": ["pacs"], "share": False}  # a job routed before outputs existed
+    J.params = {"destinations": ["pacs"], "share": False}  # a job routed before outputs existed (ClassVar)
     assert _dispatch_plan(cfg, store, J())[0] == [("pacs", "dicom", None)]  # type: ignore[arg-type]
 
 
