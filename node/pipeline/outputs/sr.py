@@ -202,9 +202,11 @@ def write_measurement_sr(
             items.append(hd.sr.Measurement(name=codes.SCT.Volume, value=m.volume_ml_mesh, unit=UNIT_ML,
                                            method=METHOD_MESH, algorithm_id=algorithm))
         if m.hu_mean is not None and m.hu_std is not None:
-            for derivation, value in ((codes.SCT.Mean, m.hu_mean), (codes.SCT.StandardDeviation, m.hu_std)):
-                items.append(hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=round(value, 2),
-                                               unit=UNIT_HU, derivation=derivation, algorithm_id=algorithm))
+            # CID 7469 (generic intensity measurements) in HU, as 3D Slicer's reports say them: a viewer
+            # that shows the concept name (OHIF) then reads "Mean" and "Standard Deviation"
+            for name, value in ((codes.SCT.Mean, m.hu_mean), (codes.SCT.StandardDeviation, m.hu_std)):
+                items.append(hd.sr.Measurement(name=name, value=round(value, 2), unit=UNIT_HU,
+                                               algorithm_id=algorithm))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment(
@@ -274,9 +276,10 @@ def read_measurements(path_or_ds: str | Path | Dataset) -> dict[str, ReadMeasure
             if m.name == codes.SCT.Volume:
                 method = m.method
                 key = "volume_ml_mesh" if method is not None and method.value == METHOD_MESH.value else "volume_ml_voxels"
-            elif m.name == codes.DCM.AttenuationCoefficient:
-                d = m.derivation
-                key = "hu_std" if d is not None and d == codes.SCT.StandardDeviation else "hu_mean"
+            elif m.name == codes.SCT.Mean:
+                key = "hu_mean"
+            elif m.name == codes.SCT.StandardDeviation:
+                key = "hu_std"
             else:
                 continue
             values[key] = float(m.value)
