@@ -21,7 +21,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["OHIF_VERSION", "OhifServer", "chromium_path", "ohif_dist"]
 
@@ -153,7 +153,9 @@ class OhifServer:
     """OHIF's ``dist/`` and a DICOMweb forwarder on one local port (see the module docstring)."""
 
     def __init__(self, dist: Path, upstream: str, *, app_config: str = APP_CONFIG) -> None:
-        handler = lambda *a, **kw: _Handler(*a, directory=str(dist), **kw)  # noqa: E731
+        def handler(*a: Any, **kw: Any) -> _Handler:
+            return _Handler(*a, directory=str(dist), **kw)
+
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.httpd.root = str(dist)  # type: ignore[attr-defined]
@@ -171,7 +173,7 @@ class OhifServer:
         """(method, path, status) of every request forwarded to Orthanc."""
         return list(self.httpd.requests)  # type: ignore[attr-defined]
 
-    def __enter__(self) -> OhifServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
