@@ -116,17 +116,20 @@ def test_sr_reads_back_the_report_volumes_and_references_the_seg(run: Any) -> No
         assert m.values["hu_mean"] == pytest.approx(hu.mean(), abs=0.01)
         assert m.values["hu_std"] == pytest.approx(hu.std(), abs=0.01)
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out / "liver_sr.dcm"))
-    groups = sr.content.get_volumetric_roi_measurement_groups()
+    report_content = sr.content
+    assert isinstance(report_content, hd.sr.MeasurementReport)
+    groups = report_content.get_volumetric_roi_measurement_groups()
     for g in groups:
         ref = g.referenced_segment
-        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert ref.source_series_for_segmentation.value == run.volume.info.series_instance_uid
+        assert ref is not None and ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        source = ref.source_series_for_segmentation
+        assert source is not None and source.value == run.volume.info.series_instance_uid
     # the profile, backend and version are in the algorithm identification
     ds = pydicom.dcmread(out / "liver_sr.dcm")
     texts = {str(i.get("TextValue", "")) for i in _walk(ds)}
     assert {"profile=liver", "backend=hu_based"} <= texts
     # the planar companion (same tracking UID) outlines the tissue on an existing source slice
-    planar = sr.content.get_planar_roi_measurement_groups()
+    planar = report_content.get_planar_roi_measurement_groups()
     assert {str(p.tracking_identifier) for p in planar} == {"liver tissue", "liver vessels"}
     sops = {f.sop_instance_uid for f in run.volume.frames}
     for p in planar:
@@ -151,7 +154,7 @@ def test_overlay_slice_pixels_match_the_seg(run: Any, tmp_path: Path) -> None:
     prof = load_profile("liver")
     names = [t.name for t in prof.tissues]
     fm = FrameMasks.of(vol, run.masks, names)
-    tissues = [OverlayTissue(t.name, tuple(t.color), f"liver {t.name}") for t in prof.tissues]
+    tissues = [OverlayTissue(t.name, t.color, f"liver {t.name}") for t in prof.tissues]
     raw = write_overlay_series(vol, fm, tissues, tmp_path / "raw", style=OverlayStyle(jpeg=False),
                                profile_name="liver")
     n = int(np.argmax(fm.get("tissue").reshape(len(vol.frames), -1).sum(axis=1)))  # most liver

@@ -18,6 +18,7 @@ import pytest
 from node.config import (
     BasicAuth,
     Destination,
+    NetworkTimeouts,
     NodeConfig,
     RetryPolicy,
     ShareConfig,
@@ -29,7 +30,14 @@ from node.dispatcher import Dispatcher, dispatch_log
 from node.pipeline.outputs import OutputOptions, OverlayStyle
 from node.pipeline.outputs.options import dispatch_kinds
 from node.routing.rules import RulesError, parse_rules
-from node.store import SCHEMA_VERSION, InstanceRecord, Store, tags_from_dataset
+from node.store import (
+    SCHEMA_VERSION,
+    Dispatch,
+    InstanceRecord,
+    Job,
+    Store,
+    tags_from_dataset,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -178,7 +186,19 @@ def result_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _config(tmp_path: Path, **kw: Any) -> NodeConfig:
     kw.setdefault("dispatch_retry", RetryPolicy(max_attempts=5, backoff_base_s=30, backoff_max_s=600))
     return NodeConfig(storage=tmp_path / "var", port=0, share=ShareConfig(root=tmp_path / "share"),
-                      timeouts={"acse_s": 10, "dimse_s": 30, "network_s": 30, "connect_s": 3}, **kw)
+                      timeouts=NetworkTimeouts(acse_s=10, dimse_s=30, network_s=30, connect_s=3), **kw)
+
+
+def _claim(store: Store, now: float) -> Dispatch:
+    d = store.claim_dispatch(now=now)
+    assert d is not None
+    return d
+
+
+def _job(store: Store, job_id: int) -> Job:
+    j = store.get_job(job_id)
+    assert j is not None
+    return j
 
 
 def _done_job(store: Store, result_dir: Path, params: dict[str, Any]) -> int:
@@ -192,9 +212,12 @@ def _done_job(store: Store, result_dir: Path, params: dict[str, Any]) -> int:
             called_ae="DICOMNODE", peer_address="127.0.0.1", tags=tags_from_dataset(ds),
         ))
     series_uid = str(ds.SeriesInstanceUID)
+    series = store.get_series(series_uid)
+    assert series is not None
     job_id, _ = store.create_job(series_uid, "all", profile="bones", backend="hu_based", rules_version="t",
-                                 generation=store.get_series(series_uid).generation, params=params)
-    assert store.claim_job("test").id == job_id
+                                 generation=series.generation, params=params)
+    claimed = store.claim_job("test")
+    assert claimed is not None and claimed.id == job_id
     report = json.loads((result_dir / "report.json").read_text())
     store.complete_job(job_id, {"output_dir": str(result_dir), "report": str(result_dir / "report.json")},
                        seg_series_uid=report["outputs"]["seg_series_instance_uid"])
@@ -212,7 +235,7 @@ def _by_modality(pacs: Any) -> dict[str, int]:
 def _add_planned(cfg: NodeConfig, store: Store, job_id: int) -> None:
     from node.worker import _add_dispatches
 
-    assert _add_dispatches(cfg, store, store.get_job(job_id)) > 0
+    assert _add_dispatches(cfg, store, _job(store, job_id)) > 0
 
 
 @needs_data
@@ -295,7 +318,7 @@ def test_every_object_by_stow_rs_in_one_request(tmp_path: Path, result_dir: Path
         did, _ = store.add_dispatch(job_id, "archive2", "outputs")
         cfg.destinations["archive2"] = cfg.destinations.pop("archive")
         now = time.time()
-        out = Dispatcher(cfg, store).dispatch_one(store.claim_dispatch(now=now), now=now)
+        out = Dispatcher(cfg, store).dispatch_one(_claim(store, now), now=now)
         assert out.dispatch_id == did and out.state == "pending" and "HTTP 401" in out.detail
     finally:
         pacs.stop()
@@ -324,13 +347,13 @@ def test_stow_rs_records_failure_reasons_and_retries_until_the_archive_is_back(
                                        **OutputOptions(("seg", "sr")).to_params()})
     _add_planned(cfg, store, job_id)
     now = time.time()
-    out = Dispatcher(cfg, store).dispatch_one(store.claim_dispatch(now=now), now=now)
+    out = Dispatcher(cfg, store).dispatch_one(_claim(store, now), now=now)
     assert out.state == "pending" and out.retry_at == pytest.approx(now + 30)
     assert "Connection" in out.detail
     try:
         pacs.start()
         later = now + 31
-        out = Dispatcher(cfg, store).dispatch_one(store.claim_dispatch(now=later), now=later)
+        out = Dispatcher(cfg, store).dispatch_one(_claim(store, later), now=later)
         assert out.state == "pending" and out.retry_at == pytest.approx(later + 60)
         assert "1/2 instance(s) stored" in out.detail
         assert f"{ds.SOPInstanceUID}: FailureReason 0x0110 (processing failure)" in out.detail

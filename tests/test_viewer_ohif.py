@@ -108,7 +108,9 @@ def _tinted(png: bytes) -> int:
     """Pixels of a screenshot that are clearly coloured (R, G, B apart), not grey CT."""
     import cv2
 
-    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None
+    img = decoded.astype(int)
     b, g, r = img[..., 0], img[..., 1], img[..., 2]
     return int(((r - b > 40) & (r - g > 15)).sum())  # the liver's salmon, over grey
 
@@ -254,6 +256,8 @@ def _shown_volumes(texts: str) -> list[float]:
 def _banner_red(png: bytes) -> int:
     import cv2
 
-    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None
+    img = decoded.astype(int)
     b, g, r = img[..., 0], img[..., 1], img[..., 2]
     return int(((r > 110) & (g < 40) & (b < 40)).sum())

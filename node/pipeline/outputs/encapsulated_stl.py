@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from node.durable import atomic_open
 from node.pipeline.outputs.common import (
@@ -111,8 +111,8 @@ def write_encapsulated_stl(
         series_ref.ReferencedInstanceSequence = [_ref(d) for d in volume.info.source_datasets]
         ds.ReferencedSeriesSequence = [series_ref]
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ENCAPSULATED_STL
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.MediaStorageSOPClassUID = UID(ENCAPSULATED_STL)
+        meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in mesh.title)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from node.durable import fsync_dir
 from node.pipeline.outputs.common import (
@@ -231,8 +231,8 @@ def _slice_dataset(src_frame_ds: Dataset, template: Dataset, n: int, frame_index
     ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(SECONDARY_CAPTURE)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     if style.jpeg:
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [
             cv2.IMWRITE_JPEG_QUALITY, int(style.jpeg_quality),
@@ -258,7 +258,7 @@ def _slice_dataset(src_frame_ds: Dataset, template: Dataset, n: int, frame_index
     return ds
 
 
-def overlay_series_description(template: str, fields: dict[str, object]) -> str:
+def overlay_series_description(template: str, fields: Mapping[str, object]) -> str:
     """``template`` with ``{profile}``, ``{SeriesDescription}``, ``{SeriesNumber}``, ``{mode}`` filled
     (unknown fields left as they are), cut to 64 characters."""
 

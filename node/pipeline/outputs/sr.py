@@ -266,7 +266,9 @@ def read_measurements(path_or_ds: str | Path | Dataset) -> dict[str, ReadMeasure
     ds = path_or_ds if isinstance(path_or_ds, Dataset) else pydicom.dcmread(path_or_ds)
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     out: dict[str, ReadMeasurement] = {}
-    groups = sr.content.get_volumetric_roi_measurement_groups()
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)  # what Comprehensive3DSR.from_dataset gives for TID 1500
+    groups = content.get_volumetric_roi_measurement_groups()
     for g in groups:
         label = str(g.tracking_identifier)
         seg_ref = g.referenced_segment
