@@ -284,3 +284,26 @@ def test_overlay_of_400_slices_is_fast_and_small(tmp_path: Path) -> None:
     assert len(files) == 400
     assert dt < 60 and size < 40
     assert not dciodvfy_errors(files[200])
+
+
+@needs_data
+def test_overlay_on_a_working_grid_shows_the_source_pixels(tmp_path: Path) -> None:
+    """Segmented on a coarser grid, the overlay still shows each source slice's own pixels (not
+    the block-averaged working grid), with the masks mapped back onto the source frames."""
+    from node.pipeline.series import load_series
+
+    opts = OutputOptions(("seg", "overlay"), OverlayStyle(jpeg=False))
+    res = run_pipeline([J2K], "liver", tmp_path / "r", working_grid_mm=3.0, outputs=opts, write_meshes=False)
+    assert res.report["input"]["working_grid"] is not None
+    native = load_series(sorted(J2K.glob("*.dcm")), decode_workers=1)
+    files = sorted((tmp_path / "r" / "liver_overlay").glob("*.dcm"))
+    prof = load_profile("liver")
+    tissues = [OverlayTissue(t.name, t.color, f"liver {t.name}") for t in prof.tissues]
+    painter = _Painter(512, 512, tissues, OverlayStyle(), (40.0, 300.0), "liver")  # the run's legend
+    n = 10
+    rgb = read_overlay_rgb(files[n]).astype(int)
+    grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
+    grey &= ~painter.reserved(512, 512)
+    expect = painter.gray(native.array[n]).astype(int)
+    assert grey.sum() > 100_000
+    assert np.array_equal(rgb[..., 0][grey], expect[grey])
