@@ -10,10 +10,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from node.errors import InputError
@@ -89,6 +98,96 @@ class Destination(_Model):
 
     def as_tuple(self) -> tuple[str, str, int]:
         return (self.ae_title, self.host, self.port)
+
+
+# -- DICOMweb STOW-RS destinations -------------------------------------------------
+class _Secret(_Model):
+    """A secret given inline or, better, in a file (read when used: rotate it without a restart)."""
+
+    def _read(self, inline: str | None, file: Path | None, what: str) -> str:
+        if inline is not None:
+            return inline
+        assert file is not None
+        try:
+            return file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the {what} file {file}: {exc}", tag="auth") from None
+
+    def _exactly_one(self, a: Any, b: Any, names: str) -> None:
+        if (a is None) == (b is None):
+            raise ValueError(f"give exactly one of {names}")
+
+
+class BasicAuth(_Secret):
+    username: str
+    password: str | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BasicAuth:
+        self._exactly_one(self.password, self.password_file, "password, password_file")
+        return self
+
+    def secret(self) -> str:
+        return self._read(self.password, self.password_file, "password")
+
+
+class BearerAuth(_Secret):
+    token: str | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BearerAuth:
+        self._exactly_one(self.token, self.token_file, "token, token_file")
+        return self
+
+    def secret(self) -> str:
+        return self._read(self.token, self.token_file, "token")
+
+
+class StowAuth(_Model):
+    """``{basic: {username, password | password_file}}`` or ``{bearer: {token | token_file}}``."""
+
+    basic: BasicAuth | None = None
+    bearer: BearerAuth | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StowAuth:
+        if (self.basic is None) == (self.bearer is None):
+            raise ValueError("give exactly one of basic, bearer")
+        return self
+
+
+class StowDestination(_Model):
+    """A DICOMweb archive the node sends results to with STOW-RS (``POST <stow>/studies``)."""
+
+    stow: str
+    """The DICOMweb service root, e.g. ``https://archive.example.org/dicom-web``."""
+    auth: StowAuth | None = None
+    timeout_s: float = Field(120.0, gt=0)
+    verify_tls: bool | Path = True
+    """False, or a CA bundle file."""
+    max_request_mb: float | None = Field(None, gt=0)
+    """Split a job's objects into requests of at most about this size (default: one request;
+    a server answering 413 gets smaller ones anyway)."""
+
+    @field_validator("stow")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or len(v) < 10:
+            raise ValueError(f"must be an http:// or https:// URL (got {v!r})")
+        return v.rstrip("/")
+
+
+def _destination_kind(v: Any) -> str:
+    return "stow" if isinstance(v, StowDestination) or (isinstance(v, dict) and "stow" in v) else "dimse"
+
+
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[StowDestination, Tag("stow")],
+    Discriminator(_destination_kind),
+]
+# -- end of STOW-RS destinations ------------------------------------------------------------------------------
 
 
 class AllowedAE(_Model):
@@ -168,7 +267,7 @@ class NodeConfig(_Model):
     rules: Path = Path("routing_rules.yaml")
     profiles: Path = Path("profiles")
     share: ShareConfig = Field(default_factory=ShareConfig)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
     allowed_calling_aes: list[AllowedAE] = Field(default_factory=list)
     known_aes: dict[str, KnownAE] = Field(default_factory=dict)
     max_associations: int = Field(10, ge=1)
@@ -210,7 +309,7 @@ class NodeConfig(_Model):
 
     @field_validator("destinations")
     @classmethod
-    def _dest_names(cls, v: dict[str, Destination]) -> dict[str, Destination]:
+    def _dest_names(cls, v: dict[str, Any]) -> dict[str, Any]:
         if "origin" in v:
             raise ValueError("'origin' is reserved (it means: send back to the calling AE, see known_aes)")
         return v
@@ -231,7 +330,7 @@ class NodeConfig(_Model):
         """Refused instances with a ``.reason.txt`` next to each: ``<storage>/quarantine/``."""
         return self.storage / "quarantine"
 
-    def destination(self, name: str) -> Destination:
+    def destination(self, name: str) -> Destination | StowDestination:
         """The named destination; raises :class:`ConfigError` naming the unknown destination."""
         try:
             return self.destinations[name]
@@ -251,7 +350,10 @@ class NodeConfig(_Model):
 
 
 def _format_error(err: ErrorDetails) -> tuple[str, str]:
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    parts = list(err.get("loc", ()))
+    if len(parts) >= 3 and parts[0] == "destinations" and parts[2] in ("dimse", "stow"):
+        del parts[2]  # the destination union's tag is no key of the file
+    loc = ".".join(str(p) for p in parts)
     typ = err.get("type", "")
     if typ == "extra_forbidden":
         return loc, "unknown key"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from node.config import ModelsConfig
+from node.pipeline.outputs.options import DEFAULT_OUTPUTS, OutputOptions
 
 __all__ = [
     "SeriesState",
@@ -61,9 +62,11 @@ class DispatchState(StrEnum):
 
 
 class DispatchKind(StrEnum):
-    """``dispatches.kind``: C-STORE of the SEG, or the share drop."""
+    """``dispatches.kind``: C-STORE of the SEG (as soon as it is written), the rule's other result
+    objects (SR, overlay, STL; over STOW-RS also the SEG: everything in one request), or the share drop."""
 
     DICOM = "dicom"
+    OUTPUTS = "outputs"
     SHARE = "share"
 
 
@@ -130,11 +133,14 @@ class JobParams:
     rule_line: int | None = None
     supersede: bool = True  #: a newer generation's result supersedes this one
     slot: SlotInfo | None = None  #: set by the pool when a try starts
+    outputs: OutputOptions = OutputOptions()  #: the rule's ``outputs:`` and ``overlay:``
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"destinations": list(self.destinations), "share": self.share,
                              "backend_override": self.backend_override, "calling_ae": self.calling_ae,
                              "rule_line": self.rule_line, "supersede": self.supersede}
+        if self.outputs.kinds != DEFAULT_OUTPUTS:  # rows of jobs that return only the SEG stay as they were
+            d.update(self.outputs.to_params())
         if self.slot is not None:
             d["slot"] = self.slot.to_json()
         return d
@@ -148,7 +154,8 @@ class JobParams:
                    share=bool(d.get("share")), backend_override=_str(d.get("backend_override")),
                    calling_ae=_str(d.get("calling_ae")), rule_line=int(line) if line is not None else None,
                    supersede=bool(d.get("supersede", True)),
-                   slot=SlotInfo.from_json(slot) if isinstance(slot, Mapping) else None)
+                   slot=SlotInfo.from_json(slot) if isinstance(slot, Mapping) else None,
+                   outputs=OutputOptions.from_params(dict(d)))
 
 
 @dataclass(frozen=True)
@@ -250,3 +257,4 @@ class JobSpec:
     seg_series_uid: str
     decode_workers: int | None
     models: ModelsConfig  #: node.yaml's ``models`` (``device: cuda`` in a GPU slot)
+    outputs: OutputOptions = OutputOptions()  #: the result objects beside the SEG the rule asked for

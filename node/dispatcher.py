@@ -1,6 +1,7 @@
 """Dispatch: delivers finished jobs' results, one ``dispatches`` row at a time (C-STORE of the SEG
-to a DICOM destination, or the share drop), with leases and retries with backoff that survive a
-restart; every attempt is logged in ``dispatch_attempts``.  See docs/architecture.md.
+to a DICOM destination, the rule's other result objects by C-STORE or STOW-RS, or the share
+drop), with leases and retries with backoff that survive a restart; every attempt is logged in
+``dispatch_attempts``.  See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.config import ConfigError, Destination, NodeConfig
+from node.config import ConfigError, Destination, NodeConfig, StowDestination
 from node.contracts import DispatchKind, DispatchState, JobState
+from node.dicomweb import stow, stow_auth
 from node.errors import InputError, NodeError
 from node.jobs import resolve_origin
+from node.pipeline.outputs.options import dicom_objects
 from node.routing.rules import ORIGIN
 from node.scp.sender import DestinationUnavailable, send_datasets
 from node.share import ShareFile, Superseded, drop, validate_template
@@ -116,6 +119,8 @@ class Dispatcher:
                 raise PermanentDispatchError(f"job {d.job_id} does not exist")
             if d.kind == DispatchKind.DICOM:
                 detail, location = self._send_dicom(job, d)
+            elif d.kind == DispatchKind.OUTPUTS:
+                detail, location = self._send_outputs(job, d)
             elif d.kind == DispatchKind.SHARE:
                 detail, location = self._send_share(job, d)
             else:
@@ -219,7 +224,7 @@ class Dispatcher:
         return folder, seg, files, report
 
     # -- dicom -----------------------------------------------------------------
-    def _destination(self, job: Job, d: Dispatch) -> Destination:
+    def _destination(self, job: Job, d: Dispatch) -> Destination | StowDestination:
         if d.destination == ORIGIN:
             # known_aes, else the address resolved when the job finished (known_aes changed since)
             origin = resolve_origin(self.config, self.store, job, recorded=True)
@@ -251,12 +256,50 @@ class Dispatcher:
             _, seg, _, _ = self._result_files(job)
         if seg is None:
             raise PermanentDispatchError(f"job {job.id} produced no SEG to send")
+        if isinstance(dest, StowDestination):
+            return self._stow(job, dest, [seg])
         where = f"{dest.ae_title}@{dest.host}:{dest.port}"
         result = send_datasets([seg], dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts)
         if not result.ok:
             raise NodeError(f"{where}: {result.summary()}")  # peer's failure status: retried with backoff
         sops = ", ".join(i.sop_instance_uid for i in result.sent)
         return f"{result.summary()}; SOP Instance {sops}", where
+
+    # -- the rule's other outputs, and STOW-RS ------------------------------------
+    def _send_outputs(self, job: Job, d: Dispatch) -> tuple[str, str]:
+        """SR, overlay and Encapsulated STL of a done job (with the SEG for a STOW-RS destination:
+        everything in one request), C-STORE in one association or STOW-RS."""
+        dest = self._destination(job, d)
+        folder, seg, _, report = self._result_files(job)
+        kinds = job.params.outputs.kinds
+        files = [folder / p for p in dicom_objects(report, kinds)]
+        if isinstance(dest, StowDestination) and seg is not None and "seg" in kinds:
+            files.insert(0, seg)
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise PermanentDispatchError(f"output file(s) of job {job.id} missing: {', '.join(missing[:5])}")
+        if not files:
+            raise PermanentDispatchError(f"job {job.id} wrote none of the outputs its rule asks for")
+        if isinstance(dest, StowDestination):
+            return self._stow(job, dest, files)
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+        result = send_datasets(files, dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts)
+        if not result.ok:
+            raise NodeError(f"{where}: {result.summary()}")  # peer's failure status: retried with backoff
+        return result.summary(), where
+
+    def _stow(self, job: Job, dest: StowDestination, files: list[Path]) -> tuple[str, str]:
+        series = self.store.get_series(job.series_uid)
+        result = stow(
+            files, dest.stow, auth=stow_auth(dest), timeout_s=dest.timeout_s,
+            verify=str(dest.verify_tls) if isinstance(dest.verify_tls, Path) else dest.verify_tls,
+            max_request_bytes=int(dest.max_request_mb * 2**20) if dest.max_request_mb else None,
+            study_instance_uid=series.study_uid if series else None,
+        )
+        if not result.ok:
+            # the server's reasons per instance go into the attempt's detail; retried with backoff
+            raise NodeError(result.summary())
+        return result.summary(), dest.stow
 
     # -- share -------------------------------------------------------------------
     def _send_share(self, job: Job, d: Dispatch) -> tuple[str, str]:

@@ -194,6 +194,7 @@ def _run_spec(spec: JobSpec) -> JobResult:
         decode_workers=spec.decode_workers,
         on_seg=on_seg,
         seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
+        outputs=spec.outputs,
     )
     backend_info = _backend_info(str(res.report.get("profile", {}).get("model_type") or spec.backend),
                                  res.backend_run)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from node.config import Destination, NodeConfig
+from node.config import Destination, NodeConfig, StowDestination
 from node.contracts import DispatchKind, FailureKind, JobResult, JobState, OriginAddress, SeriesState
+from node.pipeline.outputs.options import dispatch_kinds
 from node.routing.rules import ORIGIN
 from node.store import Job, Series, Store
 
@@ -119,6 +120,11 @@ def _dispatch_plan(config: NodeConfig, store: Store, job: Job) -> tuple[list[_Pl
     """The dispatches of a job, and the address its ``origin`` destination resolved to."""
     plan: list[_PlannedDispatch] = []
     origin: OriginAddress | None = None
+
+    def kinds_at(stow: bool) -> list[DispatchKind]:
+        """C-STORE: the SEG at once, the other result objects when the job is done; STOW-RS: all at once."""
+        return [DispatchKind(k) for k in dispatch_kinds(job.params.outputs, stow=stow)]
+
     for name in job.params.destinations:
         if name == ORIGIN:
             o = resolve_origin(config, store, job)
@@ -128,9 +134,10 @@ def _dispatch_plan(config: NodeConfig, store: Store, job: Job) -> tuple[list[_Pl
             else:
                 d = o.destination
                 origin = OriginAddress(calling_ae=o.calling_ae, ae_title=d.ae_title, host=d.host, port=d.port)
-                plan.append(_PlannedDispatch(ORIGIN, DispatchKind.DICOM, None))
+                plan.extend(_PlannedDispatch(ORIGIN, k, None) for k in kinds_at(stow=False))
         elif name in config.destinations:
-            plan.append(_PlannedDispatch(name, DispatchKind.DICOM, None))
+            stow = isinstance(config.destinations[name], StowDestination)
+            plan.extend(_PlannedDispatch(name, k, None) for k in kinds_at(stow=stow))
         else:
             plan.append(_PlannedDispatch(name, DispatchKind.DICOM, f"unknown destination {name!r} (not in node.yaml)"))
     if job.params.share:
@@ -139,7 +146,7 @@ def _dispatch_plan(config: NodeConfig, store: Store, job: Job) -> tuple[list[_Pl
 
 
 def _add_dispatches(config: NodeConfig, store: Store, job: Job,
-                    kinds: tuple[DispatchKind, ...] = (DispatchKind.DICOM, DispatchKind.SHARE)) -> int:
+                    kinds: tuple[DispatchKind, ...] = tuple(DispatchKind)) -> int:
     plan, _ = _dispatch_plan(config, store, job)
     n = 0
     for p in plan:

@@ -398,6 +398,7 @@ class WorkerPool:
                 seg_series_uid=seg_series_uid(job),
                 decode_workers=self.decode_workers,
                 models=models,
+                outputs=job.params.outputs,
             )
             conn: Connection
             if persistent:

@@ -149,6 +149,7 @@ class Router:
                 calling_ae=series.calling_ae,
                 rule_line=rule.line,
                 supersede=bool(rule.supersede),
+                outputs=rule.outputs,
             )
             job_id, created = store.create_job(
                 uid,

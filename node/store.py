@@ -42,7 +42,7 @@ __all__ = [
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 log = logging.getLogger("node.store")
 
@@ -163,6 +163,30 @@ _MIGRATIONS: tuple[str, ...] = (
     # on a row without ``resource`` is one the pool has not classified yet.
     "UPDATE jobs SET resource = CASE WHEN backend IN ('totalsegmentator','nnunet','monai') THEN 'gpu' ELSE 'cpu' END"
     " WHERE resource IS NULL",
+    # 5 -> 6: dispatch kind 'outputs' (SR, overlay, Encapsulated STL of a rule's outputs,
+    # beside the SEG's 'dicom').  SQLite cannot change a CHECK constraint: the table is rebuilt.
+    f"""
+    CREATE TABLE dispatches_v6 (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id          INTEGER NOT NULL REFERENCES jobs(id),
+        destination     TEXT NOT NULL,
+        kind            TEXT NOT NULL CHECK (kind IN ('dicom','outputs','share')),
+        state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ({_in(DispatchState)})),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_error      TEXT,
+        created_at      REAL NOT NULL,
+        sent_at         REAL,
+        UNIQUE (job_id, destination, kind)
+    );
+    INSERT INTO dispatches_v6 (id, job_id, destination, kind, state, attempts, next_attempt_at, last_error,
+                               created_at, sent_at)
+        SELECT id, job_id, destination, kind, state, attempts, next_attempt_at, last_error, created_at, sent_at
+        FROM dispatches;
+    DROP TABLE dispatches;
+    ALTER TABLE dispatches_v6 RENAME TO dispatches;
+    CREATE INDEX dispatches_state ON dispatches(state, next_attempt_at)
+    """,
 )
 
 
@@ -905,7 +929,7 @@ class Store:
         try:
             kind = DispatchKind(kind)
         except ValueError:
-            raise ValueError(f"dispatch kind must be 'dicom' or 'share' (got {kind!r})") from None
+            raise ValueError(f"dispatch kind must be one of {', '.join(DispatchKind)} (got {kind!r})") from None
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO dispatches (job_id, destination, kind, created_at) VALUES (?,?,?,?)"

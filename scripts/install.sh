@@ -2,7 +2,8 @@
 # Install everything the node needs on a fresh Debian/Ubuntu machine (run as root).
 #
 #   bash scripts/install.sh          # runtime: Python venv in .venv with the AI backends, DCMTK
-#   bash scripts/install.sh --test   # + test peers (dicom3tools, Orthanc) and test tools
+#   bash scripts/install.sh --test   # + test peers (dicom3tools, Orthanc and its DICOMweb plugin,
+#                                    #   Chromium for the OHIF viewer test) and test tools
 #   bash scripts/install.sh --no-ai  # without TotalSegmentator/nnU-Net/MONAI (HU backend only)
 #
 # The AI extras are installed against constraints.txt, which pins torch==2.13.0
@@ -26,7 +27,7 @@ done
 
 pkgs=(python3 python3-venv python3-dev gcc dcmtk)
 if [ "$TEST" = 1 ]; then
-  pkgs+=(dicom3tools orthanc)
+  pkgs+=(dicom3tools orthanc orthanc-dicomweb chromium)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

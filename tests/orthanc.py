@@ -60,6 +60,7 @@ class Orthanc:
         modalities: name -> (AE title, host, port) of peers Orthanc knows.
         config: extra/overriding ``orthanc.json`` keys.
         start: start at once (default True).
+        auth: (user, password): HTTP basic authentication required (this helper's own requests use it).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Orthanc:
         modalities: Mapping[str, tuple[str, str, int]] | None = None,
         config: Mapping[str, Any] | None = None,
         start: bool = True,
+        auth: tuple[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,9 @@ class Orthanc:
             "DicomAssociationCloseDelay": 0,
             "OverwriteInstances": True,
         }
+        self.auth = auth
+        if auth is not None:
+            cfg.update({"AuthenticationEnabled": True, "RegisteredUsers": {auth[0]: auth[1]}})
         cfg.update(config or {})
         self.config = cfg
         self.config_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
@@ -198,6 +203,11 @@ class Orthanc:
     # -- REST -------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, timeout: float = 30.0) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.auth is not None:
+            import base64
+
+            token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback only
             return resp.read()
 

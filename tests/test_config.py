@@ -39,6 +39,7 @@ def test_issue_example_loads(tmp_path):
     assert cfg.share.root == tmp_path / "var" / "share"
     assert "{organ}" in cfg.share.path_template
     pacs = cfg.destinations["pacs"]
+    assert isinstance(pacs, Destination)
     assert (pacs.ae_title, pacs.host, pacs.port) == ("ORTHANC", "127.0.0.1", 4242)
     assert cfg.destination("pacs") is pacs
 
@@ -51,7 +52,8 @@ def test_defaults_without_file(tmp_path, monkeypatch):
     assert cfg.max_associations == 10 and cfg.workers >= 1
     assert cfg.allowed_calling_aes == []
     # the shipped rules send to `pacs`: the embedded defaults define it (Orthanc's defaults)
-    assert cfg.destinations["pacs"].as_tuple() == ("ORTHANC", "127.0.0.1", 4242)
+    pacs = cfg.destinations["pacs"]
+    assert isinstance(pacs, Destination) and pacs.as_tuple() == ("ORTHANC", "127.0.0.1", 4242)
     # no routing_rules.yaml in the CWD: falls back to the repository root
     assert cfg.rules == REPO_ROOT / "routing_rules.yaml" or cfg.rules == tmp_path / "routing_rules.yaml"
     (tmp_path / "routing_rules.yaml").write_text("rules: []\n")

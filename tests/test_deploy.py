@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from node.config import load_config
+from node.config import Destination, load_config
 from node.profiles import list_profiles
 from node.routing import load_rules
 
@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_example_node_yaml_is_valid(tmp_path):
     cfg = load_config(REPO / "deploy" / "node.example.yaml")
-    assert cfg.ae_title == "DICOMNODE" and cfg.destinations["pacs"].port == 104
+    pacs = cfg.destinations["pacs"]
+    assert isinstance(pacs, Destination)
+    assert cfg.ae_title == "DICOMNODE" and pacs.port == 104
     assert cfg.allowed_calling_aes[0].host == "10.1.2.30"
 
 

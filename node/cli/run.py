@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "0 = the series' own grid; default: the profile's working_grid_mm)")
     p.add_argument("--no-seg", action="store_true", help="do not write the DICOM SEG")
     p.add_argument("--no-meshes", action="store_true", help="do not write STL/PLY meshes")
+    p.add_argument("--outputs", default=None, metavar="KINDS",
+                   help="result objects, comma separated: seg,sr,overlay,stl (default: seg)")
+    p.add_argument("--overlay-style", choices=("fill", "outline"), default="fill", help="overlay: fill or outline")
     p.add_argument("--list-profiles", action="store_true", help="list the organ profiles and exit")
     p.set_defaults(func=_run)
 
@@ -45,6 +48,14 @@ def _run(args: argparse.Namespace) -> int:
         print("dicom-node run: error: --input and --organ are required (or --list-profiles)", file=sys.stderr)
         return 2
     from node.pipeline.run import run_pipeline  # heavy imports only when running
+    from node.pipeline.outputs import OutputOptions, OverlayStyle
+
+    try:
+        outputs = OutputOptions(tuple(k.strip() for k in args.outputs.split(",") if k.strip()),
+                                OverlayStyle(mode=args.overlay_style)) if args.outputs else None
+    except ValueError as exc:
+        print(f"dicom-node run: error: --outputs: {exc}", file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
 
@@ -63,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         write_meshes=not args.no_meshes,
         working_grid_mm=args.working_grid,
         progress=progress,
+        outputs=outputs,
     )
     rep = result.report
     for name, t in rep["tissues"].items():
@@ -73,4 +85,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     print(f"wrote {result.output_dir} (report.json, {len(result.mesh_paths)} mesh files"
           f"{', ' + result.seg_path.name if result.seg_path else ''}) in {rep['timings_s']['total']:.1f} s")
+    extra = rep["outputs"]
+    if extra.get("sr") or extra.get("overlay") or extra.get("encapsulated_stl"):
+        print(f"  outputs: SR {extra.get('sr') or '-'}, overlay {len(extra.get('overlay') or [])} slice(s), "
+              f"Encapsulated STL {len(extra.get('encapsulated_stl') or [])}")
     return 0

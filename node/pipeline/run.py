@@ -8,6 +8,7 @@ touches the network.  It chains the steps (``node.pipeline.series``, the backend
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import resource
 import threading
@@ -18,10 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from pydicom import Dataset
 
+from node import __version__
 from node.backend_registry import backend_spec
 from node.pipeline.backends import get_backend
 from node.pipeline.hu.heap import RetainFreed, fix_mmap_threshold, working_set_budget
+from node.pipeline.outputs import OutputOptions
+from node.pipeline.outputs.write import WrittenOutputs, write_outputs
 from node.pipeline.seg import warm_up
 from node.pipeline.series.find import select_series
 from node.pipeline.series.load import load_series
@@ -92,6 +97,7 @@ def run_pipeline(
     progress: Progress | None = None,
     on_seg: Callable[[Path, str], None] | None = None,
     seg_first: bool = False,
+    outputs: OutputOptions | None = None,
 ) -> RunResult:
     """Segment one series and write the SEG, the meshes and ``report.json``.
 
@@ -117,6 +123,8 @@ def run_pipeline(
             SEG written alone, then the meshes (two at a time).  The SEG is ready sooner
             (the node's choice: it goes to the PACS), the meshes later; off, meshes are
             made while later tissues are segmented (shortest run overall).
+        outputs: result objects beside the SEG (SR, overlay, Encapsulated STL), written once the
+            SEG and meshes are (:func:`node.pipeline.outputs.write_outputs`); default: none.
 
     Raises:
         InputError: bad input (series, profile); the message says which file/field.
@@ -152,6 +160,8 @@ def run_pipeline(
 
         # working grid
         grid = prof.working_grid_mm if working_grid_mm is None else (working_grid_mm or None)
+        # the overlay shows the source pixels, not the working grid (kept only for it)
+        native_volume = volume if outputs is not None and "overlay" in outputs.kinds else None
         working: dict[str, Any] | None = None
         if grid:
             factors = volume.grid_factors(grid)
@@ -217,12 +227,14 @@ def run_pipeline(
 
         seg_path: Path | None = out / f"{prof.name}_seg.dcm" if write_segmentation else None
         seg_uid: str | None = None
+        seg_ds: Dataset | None = None  # for the outputs that reference the SEG's segments
 
         def _seg() -> None:
-            nonlocal seg_uid
+            nonlocal seg_uid, seg_ds
             assert seg_path is not None
-            seg_uid = write_tissue_seg(volume, prof, masks, seg_path, model_type=model_type,
-                                       seg_series_uid=seg_series_uid)
+            seg_ds = write_tissue_seg(volume, prof, masks, seg_path, model_type=model_type,
+                                      seg_series_uid=seg_series_uid)
+            seg_uid = str(seg_ds.SeriesInstanceUID)
             if on_seg is not None:
                 on_seg(seg_path, seg_uid)
 
@@ -246,6 +258,15 @@ def run_pipeline(
         span = meshes.span_s if meshes is not None else None
         if span is not None:
             stages.timings["mesh_span"] = span
+        # the rule's other result objects (SR, overlay, Encapsulated STL): none unless it asks
+        written: WrittenOutputs | None = None
+        pixels = native_volume if native_volume is not volume else None  # the source grid, if not the working one
+        del native_volume
+        if outputs is not None and outputs.extra:
+            written = stages.run("outputs", f"writing {', '.join(outputs.extra)}", functools.partial(
+                write_outputs, volume, masks, prof, outputs, out, seg=seg_ds, report_tissues=tissues, pixels=pixels,
+                backend=model_type, backend_display_name=backend_entry.display_name, software_version=__version__))
+        del pixels  # the native volume is held only for the overlay
 
     # report
     report = build_report(
@@ -253,6 +274,8 @@ def run_pipeline(
         phase=chosen_phase, tissues=tissues, seg_path=seg_path, seg_uid=seg_uid, mesh_paths=mesh_paths,
         timings_s=stages.timings, peak_rss_mb=stages.peak_rss_mb, heap_window=heap_window,
     )
+    if written is not None:
+        report["outputs"].update(written.report_entry(out))
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     if progress:
         progress("report", "writing report.json")

@@ -22,6 +22,13 @@ import yaml
 from node.backend_registry import BACKEND_NAMES
 from node.dicom_values import rule_visible
 from node.errors import InputError
+from node.pipeline.outputs.options import (
+    DEFAULT_OUTPUTS,
+    OUTPUT_KINDS,
+    OVERLAY_MODES,
+    OutputOptions,
+    OverlayStyle,
+)
 from node.routing.conditions import (
     AllOf,
     AnyOf,
@@ -46,7 +53,9 @@ ORIGIN = "origin"
 RULE_KEYS = (
     "name", "match", "profile", "backend", "destinations",
     "share", "stop", "enabled", "supersede", "early_start", "description",
+    "outputs", "overlay",
 )
+OVERLAY_KEYS = ("style", "opacity", "window", "jpeg", "series_description")
 REQUIRED_KEYS = ("name", "match", "profile")
 OPERATORS = ("equals", "one_of", "regex", "glob", "range", "min", "max", "exists", "not_empty")
 OPTION_KEYS = ("ignore_case",)
@@ -171,6 +180,13 @@ class Rule:
             early_start: true       # optional (default true): may start before the quiet period ends
                                     #   (node.yaml early_start_s); false for senders that trickle
             description: "..."      # optional free text
+            outputs: [seg, sr, overlay, stl]   # optional (default [seg]): the result objects
+            overlay:                # optional, with ``overlay`` in outputs
+              style: fill           #   fill (translucent, default) | outline
+              opacity: 0.4          #   of the fill, 0.1..1
+              window: [40, 400]     #   [centre, width] HU (default: the source's, else 40/400)
+              jpeg: true            #   JPEG baseline where the destination takes it (default)
+              series_description: "OVERLAY {profile} {SeriesDescription}"   # template
     """
 
     name: str
@@ -184,6 +200,7 @@ class Rule:
     supersede: bool = True
     early_start: bool = True
     description: str = ""
+    outputs: OutputOptions = field(default_factory=OutputOptions)
     line: int | None = None
     index: int = 0
     """0-based position in the file."""
@@ -243,6 +260,7 @@ class RoutingDecision:
                     f"backend={r.backend or 'default'} "
                     f"destinations=[{', '.join(r.destinations)}] share={str(r.share).lower()} "
                     f"supersede={str(r.supersede).lower()} early_start={str(r.early_start).lower()}"
+                    + (f" outputs=[{', '.join(r.outputs.kinds)}]" if r.outputs != OutputOptions() else "")
                 )
         return lines
 
@@ -309,6 +327,13 @@ class RuleSet:
 
 
 # ------------------------------------------------------------------------- parser
+
+
+class _AnyField(dict[str, str]):
+    """format_map() argument that accepts every field (checks a template's syntax only)."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
 
 
 def _suggest(word: str, candidates: Iterable[str], n: int = 3) -> str:
@@ -479,12 +504,96 @@ class _Parser:
         if not isinstance(desc, str):
             self.err("'description' must be text", kl.get("description"))
 
-        if len(self.issues) != n_issues or match is None or not isinstance(name, str) or not isinstance(profile, str):
+        outputs = self.parse_outputs(item)
+
+        if len(self.issues) != n_issues or match is None or not isinstance(name, str) or not isinstance(profile, str) \
+                or outputs is None:
             return None
         return Rule(
             name=name, match=match, profile=profile, backend=backend, destinations=tuple(dests),
-            description=str(desc), line=item.line, index=idx, **flags,
+            description=str(desc), outputs=outputs, line=item.line, index=idx, **flags,
         )
+
+    # -- outputs ------------------------------------------------------
+
+    def parse_outputs(self, item: _LDict) -> OutputOptions | None:
+        """``outputs:`` and ``overlay:`` of a rule; None (with issues recorded) when invalid."""
+        kl = item.key_lines
+        ok = True
+        kinds: list[str] = list(DEFAULT_OUTPUTS)
+        if "outputs" in item:
+            v = item["outputs"]
+            line = kl["outputs"]
+            if isinstance(v, str):
+                v = [v]
+            if not isinstance(v, list) or not v:
+                self.err("'outputs' must be a list of: " + ", ".join(OUTPUT_KINDS), line)
+                return None
+            lines = getattr(v, "item_lines", [line] * len(v))
+            kinds = []
+            for x, xl in zip(v, lines):
+                if x not in OUTPUT_KINDS:
+                    self.err(f"unknown output {x!r}{_suggest(str(x), OUTPUT_KINDS)}; allowed: "
+                             + ", ".join(OUTPUT_KINDS), xl)
+                    ok = False
+                elif x not in kinds:
+                    kinds.append(x)
+            if "sr" in kinds and "seg" not in kinds:
+                self.err("output 'sr' references the SEG's segments: list 'seg' too", line)
+                ok = False
+        style = OverlayStyle()
+        description = OutputOptions().overlay_series_description
+        if "overlay" in item:
+            ov = item["overlay"]
+            line = kl["overlay"]
+            if "overlay" not in kinds:
+                self.err("'overlay' options without 'overlay' in outputs", line)
+                ok = False
+            if not isinstance(ov, _LDict):
+                self.err("'overlay' must be a mapping: " + ", ".join(OVERLAY_KEYS), line)
+                return None
+            ol = ov.key_lines
+            for k in ov:
+                if k not in OVERLAY_KEYS:
+                    self.err(f"overlay: unknown key {k!r}{_suggest(str(k), OVERLAY_KEYS)}; allowed: "
+                             + ", ".join(OVERLAY_KEYS), ol.get(k, line))
+                    ok = False
+            mode = ov.get("style", "fill")
+            if mode not in OVERLAY_MODES:
+                self.err(f"overlay.style must be one of {', '.join(OVERLAY_MODES)}, not {mode!r}", ol.get("style"))
+                ok = False
+            opacity = ov.get("opacity", 0.4)
+            if isinstance(opacity, bool) or not isinstance(opacity, (int, float)) or not 0.1 <= opacity <= 1:
+                self.err(f"overlay.opacity must be a number 0.1..1, not {opacity!r}", ol.get("opacity"))
+                ok = False
+            window = ov.get("window")
+            if window is not None and not (
+                    isinstance(window, list) and len(window) == 2
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in window)
+                    and window[1] > 1):
+                self.err(f"overlay.window must be [centre, width] in HU (width > 1), not {window!r}",
+                         ol.get("window"))
+                ok = False
+            jpeg = ov.get("jpeg", True)
+            if not isinstance(jpeg, bool):
+                self.err(f"overlay.jpeg must be true or false, not {jpeg!r}", ol.get("jpeg"))
+                ok = False
+            description = ov.get("series_description", description)
+            if not isinstance(description, str) or not description.strip():
+                self.err("overlay.series_description must be a text template", ol.get("series_description"))
+                ok = False
+            else:
+                try:
+                    description.format_map(_AnyField())
+                except (ValueError, IndexError) as exc:
+                    self.err(f"overlay.series_description: bad template ({exc})", ol.get("series_description"))
+                    ok = False
+            if ok:
+                style = OverlayStyle(mode=mode, opacity=float(opacity), jpeg=jpeg,
+                                     window=(float(window[0]), float(window[1])) if window else None)
+        if not ok:
+            return None
+        return OutputOptions(tuple(kinds), style, description)
 
     # -- conditions ---------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydicom import Dataset
 
 from node import __version__
 from node.backend_registry import backend_spec
@@ -38,9 +39,9 @@ def write_tissue_seg(
     *,
     model_type: str,
     seg_series_uid: str | None,
-) -> str:
-    """Write the SEG of ``masks`` to ``path``; returns its SeriesInstanceUID (``seg_series_uid``
-    when given, else a new one)."""
+) -> Dataset:
+    """Write the SEG of ``masks`` to ``path``; returns it (its SeriesInstanceUID is
+    ``seg_series_uid`` when given, else a new one)."""
     backend = backend_spec(model_type)
     ds = write_seg(
         volume,
@@ -52,4 +53,4 @@ def write_tissue_seg(
         series_instance_uid=seg_series_uid,
         series_description=f"SEG {profile.name} {volume.info.series_description}".strip()[:64],
     )
-    return str(ds.SeriesInstanceUID)
+    return ds
