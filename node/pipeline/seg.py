@@ -265,8 +265,13 @@ class _Segmentation(hd.seg.Segmentation):
     """
 
     @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers,
-                                    segmentation_type, dtype):
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: np.ndarray | hd.Volume,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
         if (isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_
                 and pixel_array.ndim == 4
                 and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
