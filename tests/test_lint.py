@@ -72,6 +72,13 @@ def untyped():
     return count
 '''
 
+_UNTYPED = '''"""A helper without annotations."""
+
+
+def helper(x):
+    return x
+'''
+
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
@@ -106,6 +113,20 @@ def test_mypy_config_catches_type_errors(tmp_path: Path) -> None:
         ("mypy_bad.py", 9, "assignment"),  # inside an unannotated function: check_untyped_defs
         ("mypy_bad.py", 13, "unused-ignore"),  # warn_unused_ignores
     }, r.stdout
+
+
+def test_mypy_requires_annotations_in_the_package_only(tmp_path: Path) -> None:
+    """The node package annotates every function; a test or benchmark helper may go without."""
+    src = tmp_path / "src"
+    _write(src, {"helper": _UNTYPED})
+    (src / "node").mkdir()
+    (src / "node" / "__init__.py").write_text("")
+    (src / "node" / "probe.py").write_text(_UNTYPED)
+    r = _run(["mypy", "--config-file", str(PYPROJECT), "--cache-dir", str(tmp_path / "cache"),
+              str(src / "helper.py"), str(src / "node" / "probe.py")], tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    found = {(Path(m[0]).name, int(m[1]), m[2]) for m in re.findall(r"^(\S+\.py):(\d+): error: .*\[([\w-]+)\]$", r.stdout, re.M)}
+    assert found == {("probe.py", 4, "no-untyped-def")}, r.stdout
 
 
 def test_tools_check_the_project_trees() -> None:
