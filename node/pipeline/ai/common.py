@@ -110,7 +110,7 @@ def _torchvision_shim() -> None:
         except (OSError, RuntimeError):
             pass
     try:
-        torch.ops.torchvision.nms  # noqa: B018 - already defined by someone
+        torch.ops.torchvision.nms  # noqa: B018 - looked up for its error: it raises unless some library defined the op
         return
     except (AttributeError, RuntimeError):
         pass
