@@ -40,11 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/orthanc.py: the Orthanc helper
+from orthanc import Orthanc, free_port
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # tests/orthanc.py: the Orthanc helper
-
-from orthanc import Orthanc, free_port  # noqa: E402
-
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
 NIFTI = DATA / "ct-body-3mm" / "ct.nii.gz"
 SIZE = (512, 512, 300)

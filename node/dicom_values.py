@@ -169,6 +169,6 @@ def uid_value(ds: Any, keyword: str) -> str:
     """The UID in ``ds``'s ``keyword`` as a plain string (padding removed), ``""`` if absent or unreadable."""
     try:
         v = ds.get(keyword)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - unreadable reads as absent: pydicom raises assorted errors on a malformed value
         return ""
     return str(v).strip().rstrip("\x00") if v is not None else ""

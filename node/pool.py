@@ -69,12 +69,12 @@ def _kill_tree(proc: BaseProcess) -> None:
     pid = proc.pid
     if pid is None:  # never started
         return
+    import psutil
+
     victims = []
     try:
-        import psutil
-
         victims = psutil.Process(pid).children(recursive=True)
-    except Exception:  # noqa: BLE001
+    except psutil.Error:  # it has ended or is not ours to list: the group kill below still runs
         pass
     try:
         if os.getpgid(pid) == pid:
@@ -84,11 +84,11 @@ def _kill_tree(proc: BaseProcess) -> None:
     for v in victims:
         try:
             v.kill()
-        except Exception:  # noqa: BLE001
+        except psutil.Error:  # it has ended meanwhile
             pass
     try:
         proc.kill()
-    except Exception:  # noqa: BLE001
+    except OSError:  # it has ended meanwhile
         pass
     proc.join(10)
 
@@ -241,7 +241,7 @@ class WorkerPool:
                 try:
                     if slot.conn is not None:
                         slot.conn.send(None)
-                except Exception:  # noqa: BLE001
+                except OSError:  # the process has ended: the join and kill below see to it
                     pass
                 slot.proc.join(5)
                 if slot.proc.is_alive():
@@ -301,7 +301,7 @@ class WorkerPool:
         else:
             try:
                 r.conn.close()
-            except Exception:  # noqa: BLE001
+            except OSError:  # a broken pipe: nothing is left to release
                 pass
         self._running.pop(idx, None)
 
@@ -352,7 +352,7 @@ class WorkerPool:
         if slot.conn is not None:
             try:
                 slot.conn.close()
-            except Exception:  # noqa: BLE001
+            except OSError:  # a broken pipe: nothing is left to release
                 pass
         if slot.proc is not None and not slot.proc.is_alive():
             slot.proc.join(1)

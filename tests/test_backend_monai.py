@@ -9,16 +9,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="AI extras not installed (see docs/ai-backends.md)")
+pytest.importorskip("torch", reason="AI extras not installed (see docs/ai-backends.md)")
 pytest.importorskip("monai", reason="MONAI not installed: pip install '.[monai]' -c constraints.txt")
 
-from ai_helpers import HELD_OUT_SEEDS, fail_on_connect, tissue_profile  # noqa: E402
+import torch
+from ai_helpers import HELD_OUT_SEEDS, fail_on_connect, tissue_profile
 
-from node.pipeline.ai import common as ai_common  # noqa: E402
-from node.pipeline.ai import monai as backend_monai  # noqa: E402
-from node.pipeline.backends import get_backend  # noqa: E402
-from node.profiles import MonaiModel  # noqa: E402
-from node.tools.synth_shapes import case_volume, dice, make_case  # noqa: E402
+from node.pipeline.ai import common as ai_common
+from node.pipeline.ai import monai as backend_monai
+from node.pipeline.backends import get_backend
+from node.profiles import MonaiModel
+from node.tools.synth_shapes import case_volume, dice, make_case
 
 WINDOW = [-200.0, 400.0]
 # batch norm, not MONAI's default instance norm: the absolute intensity is the cue here and
@@ -63,7 +64,7 @@ def trained(tmp_path_factory):
         for _ in range(BATCH):  # random 24^3 crops with random flips
             n = rng.integers(len(data))
             o = [rng.integers(0, xs.shape[2 + d] - PATCH + 1) for d in range(3)]
-            sl = (n, slice(None), *(slice(o[d], o[d] + PATCH) for d in range(3)))
+            sl = (n, slice(None), slice(o[0], o[0] + PATCH), slice(o[1], o[1] + PATCH), slice(o[2], o[2] + PATCH))
             xx, yy = xs[sl], ys[sl]
             for d in range(3):
                 if rng.random() < 0.5:

@@ -9,15 +9,16 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="AI extras not installed (see docs/ai-backends.md)")
+pytest.importorskip("torch", reason="AI extras not installed (see docs/ai-backends.md)")
 pytest.importorskip("nnunetv2", reason="nnunetv2 not installed: pip install '.[nnunet]' -c constraints.txt")
 
-from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, tissue_profile, truth_on_loaded, write_case_series  # noqa: E402
+import torch
+from ai_helpers import HELD_OUT_SEEDS, NNUNET_TINY, tissue_profile, truth_on_loaded, write_case_series
 
-from node.errors import BackendUnavailable, InputError  # noqa: E402
-from node.pipeline.ai import nnunet as backend_nnunet  # noqa: E402
-from node.pipeline.backends import get_backend  # noqa: E402
-from node.tools.synth_shapes import case_volume, dice, make_case  # noqa: E402
+from node.errors import BackendUnavailable, InputError
+from node.pipeline.ai import nnunet as backend_nnunet
+from node.pipeline.backends import get_backend
+from node.tools.synth_shapes import case_volume, dice, make_case
 
 MODEL = {"folder": str(NNUNET_TINY), "folds": [0], "device": "cpu", "configuration": "3d_fullres"}
 

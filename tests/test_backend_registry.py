@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
+from typing import Any
 
+import numpy as np
 import pytest
 
 from node import backend_registry
 from node.backend_registry import BACKEND_NAMES, BACKENDS, DEFAULT_BACKEND, MODEL_BACKEND_NAMES, backend_spec
 from node.contracts import Resource
 from node.errors import BackendUnavailable, ProfileError
-from node.pipeline.backends import get_backend
+from node.pipeline.backends import StreamingBackend, get_backend, is_streaming
+from node.pipeline.hu.backend import HUBackend
+from node.pipeline.volume import Volume
+from node.profiles import Profile
 from node.profiles import MODEL_SECTIONS, parse_profile
 from node.routing.rules import parse_rules
 from node.store import InstanceRecord, Store
@@ -36,6 +41,22 @@ def test_every_backend_loads_its_class_or_says_how_to_install_it():
         assert type(backend).__name__ == spec.class_name
         assert type(backend).__module__ == spec.module
         assert isinstance(backend.run_info(), dict)
+
+
+class _AllAtOnce:
+    """A backend that returns its masks together (as the model backends do)."""
+
+    def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:
+        return {}
+
+    def run_info(self) -> dict[str, Any]:
+        return {}
+
+
+def test_only_a_streaming_backend_is_handed_each_mask() -> None:
+    hu: StreamingBackend = HUBackend()  # mypy checks the class against the protocol
+    assert is_streaming(hu)
+    assert not is_streaming(_AllAtOnce())
 
 
 def test_unknown_backend_is_refused_with_the_registry_names():

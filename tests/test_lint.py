@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tokenize
 import tomllib
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def untyped():
     return count
 '''
 
+_UNTYPED = '''"""A helper without annotations."""
+
+
+def helper(x):
+    return x
+'''
+
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
@@ -106,6 +114,41 @@ def test_mypy_config_catches_type_errors(tmp_path: Path) -> None:
         ("mypy_bad.py", 9, "assignment"),  # inside an unannotated function: check_untyped_defs
         ("mypy_bad.py", 13, "unused-ignore"),  # warn_unused_ignores
     }, r.stdout
+
+
+def test_mypy_requires_annotations_in_the_package_only(tmp_path: Path) -> None:
+    """The node package annotates every function; a test or benchmark helper may go without."""
+    src = tmp_path / "src"
+    _write(src, {"helper": _UNTYPED})
+    (src / "node").mkdir()
+    (src / "node" / "__init__.py").write_text("")
+    (src / "node" / "probe.py").write_text(_UNTYPED)
+    r = _run(["mypy", "--config-file", str(PYPROJECT), "--cache-dir", str(tmp_path / "cache"),
+              str(src / "helper.py"), str(src / "node" / "probe.py")], tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    found = {(Path(m[0]).name, int(m[1]), m[2]) for m in re.findall(r"^(\S+\.py):(\d+): error: .*\[([\w-]+)\]$", r.stdout, re.M)}
+    assert found == {("probe.py", 4, "no-untyped-def")}, r.stdout
+
+
+#: a suppression comment: ``type: ignore[codes]`` or ``noqa: CODES``, then what follows it on the line
+_SUPPRESSION = re.compile(r"#\s*(?:type:\s*ignore\[[^\]]*\]|noqa:\s*[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)*)(?P<rest>.*)$")
+
+
+def test_every_type_ignore_and_noqa_says_why() -> None:
+    """A suppression names its codes (ruff's PGH rules) and gives its reason on the same line:
+    ``# type: ignore[code]  # why`` or ``# noqa: CODE - why``."""
+    bare = []
+    for tree in ("node", "tests", "bench", "scripts"):
+        for path in sorted((REPO / tree).rglob("*.py")):
+            if any(part.startswith(".") for part in path.relative_to(REPO).parts):
+                continue
+            with tokenize.open(path) as f:
+                comments = [(t.start[0], t.string) for t in tokenize.generate_tokens(f.readline) if t.type == tokenize.COMMENT]
+            for line, text in comments:  # comments only: a suppression quoted in a string is test data
+                m = _SUPPRESSION.search(text)
+                if m and not re.match(r"\s*(?:-|#)\s*\w", m.group("rest")):
+                    bare.append(f"{path.relative_to(REPO)}:{line}: {text}")
+    assert bare == [], "\n".join(bare)
 
 
 def test_tools_check_the_project_trees() -> None:

@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import read_preamble
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]  # made at import
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
 
 from node.config import NodeConfig
 from node.scp.receiver import Receiver

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -94,10 +96,10 @@ def test_parallel_decode_uses_pool_and_matches(tmp_path: Path, monkeypatch: pyte
     files = write_series(SMALL_CT, tmp_path, size=SIZE, transfer_syntax="j2k")
     one = load_series(files, decode_workers=1)
     used = []
-    real_pool = decode_mod.ProcessPoolExecutor
+    assert decode_mod.ProcessPoolExecutor is ProcessPoolExecutor
 
-    class Spy(real_pool):  # type: ignore[misc, valid-type]  # a base class held in a variable
-        def __init__(self, *a, **kw):
+    class Spy(ProcessPoolExecutor):
+        def __init__(self, *a: Any, **kw: Any) -> None:
             used.append(kw.get("max_workers"))
             super().__init__(*a, **kw)
 

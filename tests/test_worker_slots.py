@@ -18,6 +18,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -142,8 +143,11 @@ def test_schema_migration_adds_resource_and_legacy_rows_claim_by_backend(tmp_pat
 def test_claim_respects_resource_column(tmp_path):
     store = Store(tmp_path / "node.db")
     store.record_instance(InstanceRecord("1.1", "1.2.840.10008.5.1.4.1.1.2", "9.9", "9", "/x", "1.2", 1))
-    mk = lambda rule, backend, res=None: store.create_job("9.9", rule, profile="p", backend=backend,  # noqa: E731
-                                                          rules_version="v", generation=1, resource=res)[0]
+
+    def mk(rule: str, backend: str, res: Any = None) -> int:  # res: a plain string too, "tpu" to be refused
+        return store.create_job("9.9", rule, profile="p", backend=backend, rules_version="v", generation=1,
+                                resource=res)[0]
+
     a = mk("ai-on-cpu", "nnunet", "cpu")
     b = mk("ai", "nnunet", None)
     with pytest.raises(ValueError, match="resource"):

@@ -1,18 +1,6 @@
-"""``dicom-node jobs``: look at and act on the node's jobs (the operator's view).
-
-* ``dicom-node jobs list [--state S]`` - one line per job: id, state, attempts,
-  rule/profile, series, age, error.
-* ``dicom-node jobs show ID`` - every field of a job, its result paths and dispatches.
-* ``dicom-node jobs retry ID`` - a failed job is re-queued with fresh attempts; for a
-  done job, its failed dispatches are re-queued.
-* ``dicom-node jobs series [--state S]`` - the series the node knows, with their
-  state (``unrouted`` series are kept and listed here, with the reason).
-* ``dicom-node jobs quarantine`` - the instances the receiver refused (corrupt data,
-  missing UIDs, ...), kept byte for byte in ``<storage>/quarantine/``, with the reason,
-  the sender and the file.
-
-``--config node.yaml`` (default: embedded defaults, i.e. ``./var/node.db``) or
-``--db PATH`` says which database to read.
+"""``dicom-node jobs``: the operator's view of the store: list, show and retry jobs; list the series
+(unrouted ones with their reason) and the instances the receiver quarantined.  The database is
+``--db PATH`` or the one ``--config node.yaml`` names (no config: ``./var/node.db``).
 """
 
 from __future__ import annotations

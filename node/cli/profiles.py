@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from node.errors import NodeError
-from node.profiles import default_profiles_dir, list_profiles, load_profile, load_profile_file
+from node.profiles import Profile, default_profiles_dir, list_profiles, load_profile, load_profile_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_problem(profile) -> str | None:
+def _backend_problem(profile: Profile) -> str | None:
     """Why ``profile`` cannot run here (missing package, model folder or weights), or None."""
     from node.pipeline.backends import check_profile
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from node.errors import InputError
 from node.routing.facts import SeriesFacts, facts_from_paths
-from node.routing.rules import RulesError, load_rules
+from node.routing.rules import RuleSet, RulesError, load_rules
 
 DEFAULT_RULES = "routing_rules.yaml"
 
@@ -30,7 +30,7 @@ def _profiles_from_dir(folder: str | None) -> set[str] | None:
     return {f.stem for f in p.iterdir() if f.suffix in (".yaml", ".yml")}
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> RuleSet:
     return load_rules(
         args.rules_file,
         known_profiles=_names(getattr(args, "profiles", None)) or _profiles_from_dir(

@@ -71,7 +71,7 @@ def _nnunet(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register(profile_path: Path, rel: Path, fold, model_dir: Path) -> None:
+def _register(profile_path: Path, rel: Path, fold: int | str, model_dir: Path) -> None:
     import json
 
     import yaml

@@ -10,7 +10,7 @@ any AI package.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, TypeGuard
 
 import numpy as np
 
@@ -24,16 +24,33 @@ class Backend(Protocol):
     """What every backend implements (registered in :mod:`node.backend_registry`)."""
 
     def segment(self, volume: Volume, profile: Profile, *, phase: str) -> dict[str, np.ndarray]:
-        """Return ``{tissue name: bool mask shaped like volume.array}`` for every tissue.
-
-        A backend that computes tissues one after another sets ``streams_masks = True``
-        and accepts ``on_mask=callable(name, mask)``, called as each mask is final, so the
-        pipeline can mesh a tissue while the next one is segmented.
-        """
+        """Return ``{tissue name: bool mask shaped like volume.array}`` for every tissue."""
 
     def run_info(self) -> dict[str, Any]:
         """What the last :meth:`segment` in this process used (e.g. model cache hit or miss,
         load time, device), for the job report; ``{}`` when there is nothing to say."""
+
+
+class StreamingBackend(Backend, Protocol):
+    """A backend that computes tissues one after another and says so with ``streams_masks = True``."""
+
+    streams_masks: bool
+
+    def segment(
+        self,
+        volume: Volume,
+        profile: Profile,
+        *,
+        phase: str,
+        on_mask: Callable[[str, np.ndarray], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """As :meth:`Backend.segment`, calling ``on_mask(name, mask)`` as each mask is final, so
+        the pipeline can mesh a tissue while the next one is segmented."""
+
+
+def is_streaming(backend: Backend) -> TypeGuard[StreamingBackend]:
+    """Whether ``backend`` hands each mask on as it is final (a :class:`StreamingBackend`)."""
+    return bool(getattr(backend, "streams_masks", False))
 
 
 def get_backend(model_type: str) -> Backend:

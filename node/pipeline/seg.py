@@ -218,12 +218,12 @@ def _frame_arrays(volume: Volume, sources: list[Dataset], masks: list[np.ndarray
             raise InputError("volume frames do not belong to the source multi-frame instance",
                              tag="SOPInstanceUID")
         n_frames = int(src.get("NumberOfFrames", 0) or 0)
-        if n_frames < max(int(f.frame_number) for f in frames):  # type: ignore[arg-type]  # set in a multi-frame source
+        numbers = [f.frame_number for f in frames if f.frame_number is not None]  # every frame's: all(multi)
+        if n_frames < max(numbers):
             raise InputError(f"frame numbers exceed NumberOfFrames ({n_frames})",
                              tag="NumberOfFrames")
         ordered = [src]
-        index: np.ndarray | slice = np.array([int(f.frame_number) - 1  # type: ignore[arg-type]
-                                              for f in frames])
+        index: np.ndarray | slice = np.array([n - 1 for n in numbers])
     elif any(multi):
         raise InputError("series mixes single-frame and multi-frame instances; "
                          "not supported for DICOM SEG output", tag="NumberOfFrames")
@@ -265,8 +265,13 @@ class _Segmentation(hd.seg.Segmentation):
     """
 
     @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers,
-                                    segmentation_type, dtype):
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: np.ndarray | hd.Volume,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
         if (isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_
                 and pixel_array.ndim == 4
                 and segmentation_type == hd.seg.SegmentationTypeValues.BINARY

@@ -97,7 +97,7 @@ class Volume:
         """Integer block factors ``(fk, fj, fi)`` that bring the voxel size closest to ``grid_mm``
         (never below the native size: an axis already coarser keeps factor 1)."""
         si, sj, sk = self.spacing
-        return tuple(max(1, int(round(grid_mm / s))) for s in (sk, sj, si))  # type: ignore[return-value]
+        return max(1, int(round(grid_mm / sk))), max(1, int(round(grid_mm / sj))), max(1, int(round(grid_mm / si)))
 
     def downsampled(self, factors: tuple[int, int, int]) -> "Volume":
         """A coarser volume: HU averaged over ``fk x fj x fi`` blocks (partial edge blocks
@@ -149,12 +149,13 @@ class Volume:
         inv = np.linalg.inv(self.affine)
         nk, nj, ni = mask.shape
         maps = [_separable_map(inv @ fr.pixel_to_patient(), fr.rows, fr.columns) for fr in self.frames]
-        if all(m is not None for m in maps):
-            first = maps[0]
-            if all(np.array_equal(m[1], first[1]) and np.array_equal(m[2], first[2]) for m in maps):  # type: ignore[index]
+        seps = [m for m in maps if m is not None]
+        if len(seps) == len(maps):
+            first = seps[0]
+            if all(np.array_equal(m[1], first[1]) and np.array_equal(m[2], first[2]) for m in seps):
                 # frame axes along the grid axes with one row/column map for every frame
                 # (block-downsampled or evenly resampled stacks): three gathers for the lot
-                return _gather(mask, np.array([m[0] for m in maps]), first[1], first[2])  # type: ignore[index]
+                return _gather(mask, np.array([m[0] for m in seps]), first[1], first[2])
         out = np.zeros((len(self.frames), self.frames[0].rows, self.frames[0].columns), dtype=bool)
         for n, fr in enumerate(self.frames):
             sep = maps[n]

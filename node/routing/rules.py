@@ -774,7 +774,7 @@ def parse_rules(
     except UnicodeDecodeError as exc:
         raise RulesError([RuleIssue(f"not UTF-8 text: {exc}", None, None, spath)], spath) from None
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None

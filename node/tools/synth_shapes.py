@@ -9,8 +9,12 @@ can be rebuilt bit for bit.  Arrays follow the node's ``[k, j, i]`` convention (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where used: the pipeline is not needed to make a case
+    from node.pipeline.volume import Volume
 
 #: label ids of the synthetic truth
 LABELS = {"background": 0, "organ": 1, "bone": 2, "air": 3}
@@ -89,7 +93,7 @@ def case_affine(case: Case, origin: tuple[float, float, float] = (-70.0, -70.0, 
     return a
 
 
-def case_volume(case: Case):
+def case_volume(case: Case) -> Volume:
     """A :class:`~node.pipeline.volume.Volume` (in memory, no source frames) for ``case``."""
     from node.pipeline.volume import SeriesInfo, Volume
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -34,8 +35,8 @@ def dataset_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 
 
-def write_case_nifti(path: Path, array_kji: np.ndarray, spacing_ijk, origin=(0.0, 0.0, 0.0),
-                     direction: np.ndarray | None = None) -> None:
+def write_case_nifti(path: Path, array_kji: np.ndarray, spacing_ijk: Iterable[float],
+                     origin: Iterable[float] = (0.0, 0.0, 0.0), direction: np.ndarray | None = None) -> None:
     """Write ``[k, j, i]`` data as NIfTI through SimpleITK (the reader nnU-Net plans use)."""
     import SimpleITK as sitk
 
@@ -109,7 +110,7 @@ def plan_and_preprocess(dataset_id: int, *, tiny: bool = False, processes: int =
     return plans
 
 
-def _trainer_classes():
+def _trainer_classes() -> dict[str, type[Any]]:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -130,7 +131,7 @@ def _trainer_classes():
             self.initial_lr = 3e-3
             self.save_every = 10 ** 6  # only the final checkpoint
 
-        def configure_optimizers(self):
+        def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
             # nnU-Net's SGD (momentum 0.99) needs far more than 500 iterations; with a tiny network
             # and a short schedule it stayed at "all background".  Adam + poly decay converges.
             from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -138,7 +139,9 @@ def _trainer_classes():
             opt = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
             return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
 
-        def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        def configure_rotation_dummyDA_mirroring_and_inital_patch_size(
+            self,
+        ) -> tuple[tuple[float, float], bool, np.ndarray, None]:
             rot, dummy2d, initial, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
             self.inference_allowed_mirroring_axes = None
             return rot, dummy2d, initial, None
@@ -205,7 +208,7 @@ def train(dataset_id: int, *, fold: int | str = 0, trainer: str = "TinyTrainer",
     return Path(t.output_folder_base)
 
 
-def export_model(trainer_folder: Path, dest: Path, folds=(0,)) -> Path:
+def export_model(trainer_folder: Path, dest: Path, folds: Iterable[int | str] = (0,)) -> Path:
     """Copy what inference needs (dataset.json, plans.json, fold_N/checkpoint_final.pth) to ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("dataset.json", "plans.json"):

@@ -15,11 +15,18 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, TypeVar
 
 import numpy as np
+from pydantic import BaseModel
 
 from node.errors import BackendUnavailable, InputError
+from node.profiles import Profile
+
+if TYPE_CHECKING:  # imported where used: importing this module must not load torch
+    import torch
+
+_Section = TypeVar("_Section", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +110,7 @@ def _torchvision_shim() -> None:
         except (OSError, RuntimeError):
             pass
     try:
-        torch.ops.torchvision.nms  # noqa: B018 - already defined by someone
+        torch.ops.torchvision.nms  # noqa: B018 - looked up for its error: it raises unless some library defined the op
         return
     except (AttributeError, RuntimeError):
         pass
@@ -159,7 +166,7 @@ def slot_device(requested: str, env: Mapping[str, str] | None = None) -> str:
     return requested
 
 
-def select_device(requested: str | None = None):
+def select_device(requested: str | None = None) -> torch.device:
     """``torch.device`` for ``requested`` (``auto``/``cpu``/``cuda``/``cuda:N``; default: node config, auto)."""
     import torch
 
@@ -251,7 +258,7 @@ def tissue_masks(label_map: np.ndarray, tissue_labels: dict[str, list[int]]) -> 
     return out
 
 
-def profile_tissue_labels(profile, name_to_id: dict[str, int] | None = None) -> dict[str, list[int]]:
+def profile_tissue_labels(profile: Profile, name_to_id: dict[str, int] | None = None) -> dict[str, list[int]]:
     """Model label ids per tissue: ``labels`` plus ``structures`` looked up in ``name_to_id``."""
     out: dict[str, list[int]] = {}
     for t in profile.tissues:
@@ -270,7 +277,7 @@ def profile_tissue_labels(profile, name_to_id: dict[str, int] | None = None) -> 
     return out
 
 
-def model_section(profile, cls):
+def model_section(profile: Profile, cls: type[_Section]) -> _Section:
     """The profile's ``model:`` section validated as ``cls`` (also when a rule overrides the backend)."""
     from pydantic import ValidationError
 

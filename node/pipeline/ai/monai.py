@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from node.errors import BackendUnavailable, InputError
 from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import MonaiModel, Profile
+
+if TYPE_CHECKING:  # for annotations only: torch is imported where it is used
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def clear_cache() -> None:
 # -- orientation ------------------------------------------------------------------------------
 
 
-def to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray, Any]:
+def to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(data in RAS (x, y, z), RAS affine, orientation transform back to the volume)``.
 
     What MONAI models trained with ``LoadImaged`` + ``Orientationd(axcodes="RAS")`` expect; a
@@ -57,14 +60,14 @@ def to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray, Any]:
     return np.ascontiguousarray(ras, dtype=np.float32), ras_aff, back
 
 
-def from_ras(label_ras: np.ndarray, back) -> np.ndarray:
+def from_ras(label_ras: np.ndarray, back: np.ndarray) -> np.ndarray:
     """A RAS ``(x, y, z)`` label map back on the volume grid ``[k, j, i]``."""
     from nibabel import orientations as ornt
 
     return np.ascontiguousarray(ornt.apply_orientation(label_ras, back).transpose(2, 1, 0))
 
 
-def prepare_input(volume: Volume, settings: MonaiModel) -> tuple[np.ndarray, Any, tuple[int, ...]]:
+def prepare_input(volume: Volume, settings: MonaiModel) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """Model input ``(1, x, y, z)`` float32 in [0, 1] (window, optional resampling) and how to go back.
 
     Public so that a model can be trained on exactly what the backend will feed it.
@@ -115,7 +118,7 @@ def _cached(key: tuple, what: str, load: Callable[[], Any]) -> Any:
     return model
 
 
-def _torchscript(path: Path, device) -> Any:
+def _torchscript(path: Path, device: torch.device) -> Any:
     import torch
 
     key = ("ts", str(path.resolve()), path.stat().st_mtime, str(device))
@@ -153,7 +156,7 @@ def predict_torchscript(volume: Volume, settings: MonaiModel) -> np.ndarray:
 
 
 class _Bundle:
-    def __init__(self, root: Path, device) -> None:
+    def __init__(self, root: Path, device: torch.device) -> None:
         import torch
         from monai.bundle import ConfigParser
 
@@ -194,7 +197,7 @@ class _Bundle:
         self.lock = threading.Lock()
 
 
-def _bundle(root: Path, device) -> _Bundle:
+def _bundle(root: Path, device: torch.device) -> _Bundle:
     return _cached(("bundle", str(root.resolve()), str(device)), f"bundle {root}", lambda: _Bundle(root, device))
 
 

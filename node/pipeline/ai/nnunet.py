@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from node.pipeline.volume import Volume
 from node.profiles import NnUNetModel, Profile
 
 import nnunetv2  # noqa: F401  - a missing package makes backends.get_backend say how to install it
+
+if TYPE_CHECKING:  # for annotations only: torch is imported where it is used
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ def check_model(settings: NnUNetModel) -> Path:
     return folder
 
 
-def _build_predictor(folder: Path, settings: NnUNetModel, device) -> Any:
+def _build_predictor(folder: Path, settings: NnUNetModel, device: torch.device) -> Any:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(
@@ -113,7 +116,7 @@ def _build_predictor(folder: Path, settings: NnUNetModel, device) -> Any:
     return predictor
 
 
-def get_predictor(settings: NnUNetModel, device=None) -> tuple[Any, _Entry, bool]:
+def get_predictor(settings: NnUNetModel, device: torch.device | None = None) -> tuple[Any, _Entry, bool]:
     """The cached predictor for ``settings`` (built on first use); returns (predictor, entry, was_cached)."""
     ai_common.prepare_torch(settings.threads)
     device = device or ai_common.select_device(settings.device)

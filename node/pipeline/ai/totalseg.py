@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from node.errors import BackendUnavailable
 from node.pipeline.ai import common as ai_common
 from node.pipeline.volume import Volume
 from node.profiles import Profile, TotalSegmentatorModel
+
+if TYPE_CHECKING:  # nibabel (one of TotalSegmentator's packages) is imported where it is used
+    import nibabel as nib
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def class_names(task: str) -> dict[str, int]:
     return {name: int(i) for i, name in class_map[task].items()}
 
 
-def to_nifti(volume: Volume):
+def to_nifti(volume: Volume) -> nib.Nifti1Image:
     """The volume as a nibabel image (``[i, j, k]``, RAS affine = diag(-1, -1, 1) @ LPS affine).
 
     TotalSegmentator reorients to canonical and back itself, so its label map comes back on
@@ -155,7 +158,7 @@ def _device_arg(settings: TotalSegmentatorModel) -> str:
 
 
 @contextlib.contextmanager
-def _env(**values: str):
+def _env(**values: str) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -169,7 +172,7 @@ def _env(**values: str):
 
 
 @contextlib.contextmanager
-def _cpu_count(n: int):
+def _cpu_count(n: int) -> Iterator[None]:
     """TotalSegmentator sets ``torch.set_num_threads(multiprocessing.cpu_count())`` on CPU; more
     torch threads than free cores are much slower (bench figures in docs/ai-backends.md), so it
     sees ``n`` cores."""
@@ -183,7 +186,7 @@ def _cpu_count(n: int):
         multiprocessing.cpu_count = old
 
 
-def run_totalsegmentator(img, settings: TotalSegmentatorModel):
+def run_totalsegmentator(img: nib.Nifti1Image, settings: TotalSegmentatorModel) -> nib.Nifti1Image:
     """Call TotalSegmentator on a nibabel image offline; returns its multilabel image."""
     ai_common.prepare_torch(settings.threads)
     check_weights(settings)

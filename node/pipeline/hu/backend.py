@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -21,13 +21,14 @@ from node.errors import ProfileError
 from node.pipeline.hu import morphology, refine
 from node.pipeline.box import bounding_box, grow_box
 from node.pipeline.hu.body import body_mask_box
+from node.pipeline.hu.morphology import Spacing
 from node.pipeline.volume import Volume
-from node.profiles import Grow, Profile, Tissue
+from node.profiles import Grow, Inside, MorphologyStep, Profile, Tissue
 
 log = logging.getLogger(__name__)
 
 
-def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spacing) -> np.ndarray:
+def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spacing: Spacing) -> np.ndarray:
     """Hysteresis: add ``step.hu`` voxels connected to ``mask`` (within ``max_mm`` of it)."""
     lo, hi = step.hu
     allowed = src >= lo
@@ -50,14 +51,13 @@ def _hu_range(tissue: Tissue, phase: str) -> tuple[float, float]:
 
 
 def apply_step(
-    step, mask: np.ndarray, src: np.ndarray | None, body: np.ndarray, spacing,
+    step: MorphologyStep, mask: np.ndarray, src: np.ndarray | None, body: np.ndarray, spacing: Spacing,
     masks: dict[str, np.ndarray] | None = None, *, hu: np.ndarray | None = None,
 ) -> np.ndarray:
     """Apply one profile morphology step to ``mask`` (``src``: the tissue's thresholded values, for
     ``grow`` and ``edge_grow``, ``None`` for a tissue without them; ``masks``: earlier tissues, for
     ``connected_to``; ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
-    op = step.op
-    if op == "slice_valleys":
+    if step.op == "slice_valleys":
         if hu is None:
             raise ValueError("slice_valleys needs the CT values")
         basis = mask
@@ -68,28 +68,28 @@ def apply_step(
         kept = morphology.slice_valleys(basis, hu, spacing, step.window_mm, step.ratio, step.min_area_mm2,
                                         core_mm=step.core_mm)
         return mask & ~(basis & ~kept)
-    if op in ("closing", "opening", "dilation", "erosion", "median"):
-        out = getattr(morphology, op)(mask, step.radius_mm, spacing)
-        return out & body if op in ("closing", "dilation") else out
-    if op == "fill_holes":
-        if getattr(step, "max_area_mm2", None):
+    if step.op in ("closing", "opening", "dilation", "erosion", "median"):
+        out = getattr(morphology, step.op)(mask, step.radius_mm, spacing)
+        return out & body if step.op in ("closing", "dilation") else out
+    if step.op == "fill_holes":
+        if step.max_area_mm2:
             return morphology.fill_holes(mask, step.mode, step.max_area_mm2, spacing) & body
         return morphology.fill_holes(mask, step.mode)
-    if op == "remove_thick":
+    if step.op == "remove_thick":
         return morphology.remove_thick(mask, step.radius_mm, spacing)
-    if op == "connected_to":
+    if step.op == "connected_to":
         if masks is None or step.tissue not in masks:
             raise ValueError(f"connected_to: tissue {step.tissue!r} has not been segmented yet")
         return morphology.connected_to(mask, masks[step.tissue], step.margin_mm, spacing)
-    if op == "keep_largest":
+    if step.op == "keep_largest":
         return morphology.keep_largest(mask, step.n)
-    if op == "remove_small":
+    if step.op == "remove_small":
         return morphology.remove_small(mask, step.min_ml, spacing)
-    if op in ("grow", "edge_grow") and src is None:  # _croppable() keeps such tissues off the no-source path
-        raise ValueError(f"{op} reads the source values, which this tissue was segmented without")
-    if op == "grow" and src is not None:
+    if step.op in ("grow", "edge_grow") and src is None:  # _croppable() keeps such tissues off the no-source path
+        raise ValueError(f"{step.op} reads the source values, which this tissue was segmented without")
+    if step.op == "grow" and src is not None:
         return _grow(mask, src, body, step, spacing)
-    if op == "edge_grow" and src is not None:
+    if step.op == "edge_grow" and src is not None:
         allowed = body
         for name in step.avoid:
             if masks is None or name not in masks:
@@ -97,10 +97,10 @@ def apply_step(
             allowed = allowed & ~masks[name]
         return refine.edge_grow(mask, src, spacing, max_mm=step.max_mm, background_mm=step.background_mm,
                                 level=step.level, floor_hu=step.floor_hu, mode=step.mode, allowed=allowed)
-    raise ValueError(f"unknown morphology op {op!r}")  # the profile schema prevents this
+    raise ValueError(f"unknown morphology op {step.op!r}")  # the profile schema prevents this
 
 
-def _gaussian(hu: np.ndarray, sigma_kji) -> np.ndarray:
+def _gaussian(hu: np.ndarray, sigma_kji: Sequence[float]) -> np.ndarray:
     """Gaussian of ``hu`` as float32: scipy's ``gaussian_filter`` kernel (``truncate=4``,
     reflecting edges), computed with OpenCV's separable filter in float32.
 
@@ -175,10 +175,10 @@ class HUBackend:
         last_use = {t.smooth_mm: i for i, t in enumerate(profile.tissues) if t.smooth_mm}
         # an envelope (its closing is the costliest step) is made once for all the tissues
         # inside or outside it, and kept bit-packed (1/8 of a mask) until the last of them
-        envelopes: dict[tuple, tuple[np.ndarray, tuple[int, ...]]] = {}
+        envelopes: dict[tuple[str, float, str], tuple[np.ndarray, tuple[int, ...]]] = {}
         env_last = {self._env_key(e): i for i, t in enumerate(profile.tissues) for e in (t.inside, t.outside) if e}
 
-        def envelope(spec, idx: int) -> np.ndarray:
+        def envelope(spec: Inside, idx: int) -> np.ndarray:
             key = self._env_key(spec)
             if key in envelopes:
                 packed, shape = envelopes[key]
@@ -258,7 +258,7 @@ class HUBackend:
         return out
 
     @staticmethod
-    def _env_key(spec) -> tuple:
+    def _env_key(spec: Inside) -> tuple[str, float, str]:
         return (spec.tissue, float(spec.closing_mm), spec.fill)
 
     #: morphology ops that read other tissues' masks
@@ -280,10 +280,12 @@ class HUBackend:
         return bool(tissue.inside) and not any(step.op in ("grow", "edge_grow") for step in tissue.morphology)
 
     @staticmethod
-    def _sigma(smooth_mm: float, spacing) -> list[float]:
+    def _sigma(smooth_mm: float, spacing: Spacing) -> list[float]:
         return [smooth_mm / s for s in (spacing[2], spacing[1], spacing[0])]
 
-    def _threshold_on(self, env: np.ndarray, hu: np.ndarray, smooth_mm: float, spacing, lo, hi) -> np.ndarray:
+    def _threshold_on(
+        self, env: np.ndarray, hu: np.ndarray, smooth_mm: float, spacing: Spacing, lo: float, hi: float
+    ) -> np.ndarray:
         """``lo <= gaussian(hu) <= hi`` and ``env``, smoothing only the envelope's box.
 
         The box is grown by the kernel's half-width (where the array allows), so every

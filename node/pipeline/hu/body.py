@@ -17,7 +17,7 @@ WORK_GRID_MM = 2.0
 def _steps(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
     """Integer subsampling factors (k, j, i) giving a ~2 mm working grid."""
     si, sj, sk = spacing
-    return tuple(max(1, int(WORK_GRID_MM // s)) for s in (sk, sj, si))  # type: ignore[return-value]
+    return max(1, int(WORK_GRID_MM // sk)), max(1, int(WORK_GRID_MM // sj)), max(1, int(WORK_GRID_MM // si))
 
 
 def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None) -> np.ndarray:
@@ -45,9 +45,9 @@ def body_mask_box(
     full-size mask never has to be allocated, upsampled or searched for its extent.
     """
     spec = spec or BodyMaskSpec()
-    full_box = tuple(slice(0, n) for n in hu.shape)
     if not spec.enabled:
-        return full_box, np.ones(hu.shape, dtype=bool)  # type: ignore[return-value]
+        nk, nj, ni = hu.shape
+        return (slice(0, nk), slice(0, nj), slice(0, ni)), np.ones(hu.shape, dtype=bool)
     steps = _steps(spacing)
     small = hu[:: steps[0], :: steps[1], :: steps[2]] > spec.threshold_hu
     sp = (spacing[0] * steps[2], spacing[1] * steps[1], spacing[2] * steps[0])

@@ -73,7 +73,7 @@ def _from_sitk(img: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(img).view(bool)
 
 
-def _on_box(mask: np.ndarray, margin_kji: Sequence[int], fn) -> np.ndarray:
+def _on_box(mask: np.ndarray, margin_kji: Sequence[int], fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """``fn`` applied to the bounding box of ``mask`` grown by ``margin_kji`` voxels, on the full grid.
 
     Only valid for operations whose result is background wherever the box (grown by
@@ -257,7 +257,10 @@ def _box_sum(a: np.ndarray, axis: int, r: int) -> np.ndarray:
     if r == 0:
         return a
     n = a.shape[axis] - 2 * r
-    take = lambda s: a[(slice(None),) * axis + (slice(s, s + n),)]  # noqa: E731
+
+    def take(s: int) -> np.ndarray:
+        return a[(slice(None),) * axis + (slice(s, s + n),)]
+
     out = take(0).copy()
     for s in range(1, 2 * r + 1):
         out += take(s)

@@ -22,7 +22,7 @@ def segment_specs(profile: Profile, masks: dict[str, np.ndarray]) -> list[Segmen
                 label=f"{profile.name} {t.name}",
                 tissue=t.name,
                 description=t.description,
-                color=tuple(t.color),  # type: ignore[arg-type]
+                color=t.color,
                 category=(t.category.value, t.category.scheme, t.category.meaning),
                 type=(t.type.value, t.type.scheme, t.type.meaning),
                 mask=masks[t.name],

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from node.errors import InputError
-from node.pipeline.backends import Backend
+from node.pipeline.backends import Backend, is_streaming
 from node.pipeline.volume import Volume
 from node.profiles import Profile
 
@@ -23,8 +23,8 @@ def segment(
 ) -> dict[str, np.ndarray]:
     """``{tissue: mask}`` from ``backend``.  A streaming backend calls ``on_mask(name, mask)`` as
     each mask is final; for the others the caller hands the masks on once they are all there."""
-    if getattr(backend, "streams_masks", False):
-        return backend.segment(volume, profile, phase=phase, on_mask=on_mask)  # type: ignore[call-arg]
+    if is_streaming(backend):
+        return backend.segment(volume, profile, phase=phase, on_mask=on_mask)
     return backend.segment(volume, profile, phase=phase)
 
 
