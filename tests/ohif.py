@@ -149,6 +149,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self._proxy()
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """The local web server with what its handlers read: the dist folder, Orthanc's DICOMweb
+    root, the app config, and the log of forwarded requests."""
+
+    root: str
+    upstream: str
+    app_config: str
+    requests: list[tuple[str, str, int]]
+
+
 class OhifServer:
     """OHIF's ``dist/`` and a DICOMweb forwarder on one local port (see the module docstring)."""
 
@@ -156,12 +166,12 @@ class OhifServer:
         def handler(*a: Any, **kw: Any) -> _Handler:
             return _Handler(*a, directory=str(dist), **kw)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = _Server(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
-        self.httpd.root = str(dist)  # type: ignore[attr-defined]
-        self.httpd.upstream = upstream.rstrip("/")  # type: ignore[attr-defined]
-        self.httpd.app_config = app_config  # type: ignore[attr-defined]
-        self.httpd.requests = []  # type: ignore[attr-defined]
+        self.httpd.root = str(dist)
+        self.httpd.upstream = upstream.rstrip("/")
+        self.httpd.app_config = app_config
+        self.httpd.requests = []
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="ohif-http", daemon=True)
 
     @property
@@ -171,7 +181,7 @@ class OhifServer:
     @property
     def requests(self) -> list[tuple[str, str, int]]:
         """(method, path, status) of every request forwarded to Orthanc."""
-        return list(self.httpd.requests)  # type: ignore[attr-defined]
+        return list(self.httpd.requests)
 
     def __enter__(self) -> Self:
         self.thread.start()

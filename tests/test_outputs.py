@@ -133,7 +133,8 @@ def test_sr_reads_back_the_report_volumes_and_references_the_seg(run: Any) -> No
     assert {str(p.tracking_identifier) for p in planar} == {"liver tissue", "liver vessels"}
     sops = {f.sop_instance_uid for f in run.volume.frames}
     for p in planar:
-        assert p.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sops  # type: ignore[union-attr]
+        assert p.roi is not None
+        assert p.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sops
 
 
 def _walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:

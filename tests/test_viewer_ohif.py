@@ -218,7 +218,9 @@ def _image_uids(page: Any) -> list[str]:
     """SOP Instance UIDs of the default viewport's images, in display order (from the wadors image ids)."""
     ids = page.evaluate("() => window.services.cornerstoneViewportService.getCornerstoneViewport('default')"
                         ".getImageIds()")
-    return [re.search(r"/instances/([0-9.]+)/frames", i).group(1) for i in ids]  # type: ignore[union-attr]
+    matches = [re.search(r"/instances/([0-9.]+)/frames", i) for i in ids]
+    assert all(m is not None for m in matches), ids
+    return [m.group(1) for m in matches if m is not None]
 
 
 def _go_to_slice(page: Any, index: int) -> None:
