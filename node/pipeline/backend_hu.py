@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from node.pipeline import morphology, refine
+from node.pipeline import anatomy, morphology, refine
 from node.pipeline.body import body_mask_box
 from node.pipeline.volume import Volume
 from node.profiles import Grow, Profile, Tissue
@@ -41,11 +41,15 @@ def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spaci
 
 def apply_step(
     step, mask: np.ndarray, src: np.ndarray, body: np.ndarray, spacing, masks: dict[str, np.ndarray] | None = None,
-    *, hu: np.ndarray | None = None,
+    *, hu: np.ndarray | None = None, ctx: anatomy.Context | None = None,
 ) -> np.ndarray:
     """Apply one profile morphology step to ``mask`` (``masks``: earlier tissues, for ``connected_to``;
-    ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
+    ``hu``: the unsmoothed CT values, for ``slice_valleys``; ``ctx``: for the anatomy steps)."""
     op = step.op
+    if op in anatomy.OPS:
+        if ctx is None:
+            raise ValueError(f"{op} needs the anatomy context")
+        return anatomy.apply_step(step, mask, src, ctx, masks)
     if op == "slice_valleys":
         if hu is None:
             raise ValueError("slice_valleys needs the CT values")
@@ -157,6 +161,9 @@ class HUBackend:
         box, inside_body = body_mask_box(volume.array, spacing, profile.body_mask, margin=2)
         hu = volume.array[box]
         masks: dict[str, np.ndarray] = {}
+        shift = np.eye(4)
+        shift[:3, 3] = [box[2].start or 0, box[1].start or 0, box[0].start or 0]
+        ctx = anatomy.Context(hu, inside_body, spacing, volume.affine @ shift)
         # Smoothed sources that the whole box needs are computed in a background thread
         # while the other tissues' morphology (SimpleITK, which releases the GIL) runs.
         # A tissue inside another one only needs its source on the envelope's box.
@@ -186,7 +193,7 @@ class HUBackend:
             lo, hi = tissue.hu_range(phase)  # type: ignore[misc]
             m = (src >= lo) & (src <= hi) & inside_body
             for step in tissue.morphology[:n_steps]:
-                m = apply_step(step, m, src, inside_body, spacing, None, hu=hu)
+                m = apply_step(step, m, src, inside_body, spacing, None, hu=hu, ctx=ctx)
             return m
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hu-smooth") as pool:
@@ -225,7 +232,7 @@ class HUBackend:
                         m &= env
                 del env
                 for step in steps:
-                    m = apply_step(step, m, src, inside_body, spacing, masks, hu=hu)
+                    m = apply_step(step, m, src, inside_body, spacing, masks, hu=hu, ctx=ctx)
                 for other in tissue.exclude:
                     m &= ~masks[other]
                 if tissue.outside:
@@ -251,7 +258,7 @@ class HUBackend:
         return (spec.tissue, float(spec.closing_mm), spec.fill)
 
     #: morphology ops that read other tissues' masks
-    _DEPENDENT_OPS = frozenset({"connected_to", "edge_grow", "slice_valleys"})
+    _DEPENDENT_OPS = frozenset({"connected_to", "edge_grow", "slice_valleys"}) | anatomy.DEPENDENT_OPS
 
     @classmethod
     def _independent_steps(cls, tissue: Tissue) -> int:
