@@ -289,6 +289,8 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "timings_s": res.report.get("timings_s", {}),
         "backend": backend_info,
         **({"seg_early": str(early)} if early.is_file() else {}),
+        # a result that fails a sanity check (node.pipeline.quality) is delivered, with warnings
+        **({"warnings": res.report["quality"]["warnings"]} if res.report.get("quality", {}).get("warnings") else {}),
     }
 
 

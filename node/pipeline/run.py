@@ -27,8 +27,9 @@ import numpy as np
 
 from node import __version__
 from node.durable import atomic_write
-from node.errors import InputError, SeriesError
-from node.pipeline.backends import get_backend
+from node.errors import BackendUnavailable, InputError, SeriesError
+from node.pipeline import quality
+from node.pipeline.backends import check_profile, get_backend
 from node.pipeline.heap import RetainFreed, fix_mmap_threshold, working_set_budget
 from node.pipeline.mesh import MeshOptions, Topology, mesh_from_mask, topology
 from node.pipeline.mesh_io import check_written_stl, write_ply, write_stl
@@ -112,7 +113,7 @@ def select_series(
 
 def _segment_specs(profile: Profile, masks: dict[str, np.ndarray]) -> list[SegmentSpec]:
     specs = []
-    for t in profile.tissues:
+    for t in profile.outputs:
         specs.append(
             SegmentSpec(
                 label=f"{profile.name} {t.name}",
@@ -177,6 +178,12 @@ def run_pipeline(
     t_start = time.perf_counter()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     model_type = backend or prof.model_type
+    if prof.refuse_without_backend:
+        # no HU fallback for this organ (the profile says why): refuse before reading the series
+        problem = check_profile(prof, model_type)
+        if problem:
+            raise BackendUnavailable(f"profile {prof.name} is refused here: {prof.refuse_without_backend.strip()} "
+                                     f"It needs {model_type}: {problem}")
     if model_type == "hu_based":
         # the HU backend's many freed arrays of a few MB go back to the OS (measured there,
         # see node.pipeline.heap); an AI backend's process keeps its library's defaults
@@ -227,7 +234,8 @@ def run_pipeline(
             heap_window = scope.enter_context(RetainFreed(working_set_budget(int(np.prod(volume.shape)))))
         chosen_phase = prof.resolve_phase(volume.info.contrast_applied, phase)
         voxel_ml = volume.voxel_volume_ml
-        by_name = {t.name: t for t in prof.tissues}
+        outputs = prof.outputs  # landmark tissues (output: false) stay out of the SEG, meshes and report
+        by_name = {t.name: t for t in outputs}
         tissues: dict[str, dict[str, Any]] = {}
         mesh_paths: list[Path] = []
 
@@ -286,6 +294,8 @@ def run_pipeline(
                 return _mesh_one(t, mask)
 
         def _tissue_done(name: str, mask: np.ndarray) -> None:
+            if name not in by_name:
+                return  # a landmark for later tissues, not a result
             n = int(np.count_nonzero(mask))
             tissues[name] = {"voxels": n, "volume_ml_voxels": round(n * voxel_ml, 3)}
             if not seg_first or not write_segmentation:
@@ -312,14 +322,17 @@ def run_pipeline(
                 masks: dict[str, np.ndarray] = stages.run(
                     "segment", f"{model_type} segmentation, profile {prof.name}, {chosen_phase} phase", _segment
                 )
-            missing = [t.name for t in prof.tissues if t.name not in masks]
+            missing = [t.name for t in outputs if t.name not in masks]
             if missing:
                 raise InputError(f"backend {model_type} returned no mask for tissue(s) {', '.join(missing)}")
-            for t in prof.tissues:
+            for t in outputs:
                 if t.name not in tissues:  # a backend that hands over all masks at the end
                     _tissue_done(t.name, masks[t.name])
-            tissues = {t.name: tissues[t.name] for t in prof.tissues}  # profile order in the report
-            for t in prof.tissues:
+            tissues = {t.name: tissues[t.name] for t in outputs}  # profile order in the report
+            checks = quality.assess(prof, masks, volume.affine, voxel_ml)
+            for w in checks["warnings"]:
+                log.warning("quality check: %s", w)
+            for t in outputs:
                 if tissues[t.name]["voxels"] == 0:
                     log.warning("tissue %s of profile %s is empty", t.name, prof.name)
         except BaseException:
@@ -330,7 +343,7 @@ def run_pipeline(
         def _meshes() -> None:
             assert mesh_pool is not None
             try:
-                for t in prof.tissues:
+                for t in outputs:
                     if t.name in mesh_jobs:
                         mesh_paths.extend(mesh_jobs[t.name].result())
             finally:
@@ -361,14 +374,14 @@ def run_pipeline(
         # running them side by side uses both cores.  Each stage keeps its own timing.
         if seg_first and write_segmentation:
             stages.run("seg", "writing DICOM SEG", _seg)
-            for t in prof.tissues:  # now the meshes
+            for t in outputs:  # now the meshes
                 _submit_mesh(t.name, masks[t.name])
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="outputs") as pool:
             futures = []
             if write_meshes:
                 # "mesh" is what meshing still takes once segmentation is over; "mesh_span"
                 # (below) runs from the first mesh started to the last one finished
-                futures.append(pool.submit(stages.run, "mesh", f"meshing {len(prof.tissues)} tissues", _meshes))
+                futures.append(pool.submit(stages.run, "mesh", f"meshing {len(outputs)} tissues", _meshes))
             if write_segmentation and not seg_first:
                 futures.append(pool.submit(stages.run, "seg", "writing DICOM SEG", _seg))
             for f in futures:
@@ -390,6 +403,7 @@ def run_pipeline(
         },
         "profile": {"name": prof.name, "source": prof.source, "model_type": model_type, "phase": chosen_phase},
         "tissues": tissues,
+        "quality": checks,
         "outputs": {
             "seg": seg_path.name if seg_path else None,
             "seg_series_instance_uid": seg_uid,

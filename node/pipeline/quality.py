@@ -1,0 +1,133 @@
+"""Sanity checks of a result against anatomy: ``report.json``'s ``quality`` block.
+
+Each output tissue whose profile entry has ``expect`` is checked: its volume against the
+range of a whole organ, and for paired organs each side's volume and the balance between
+the sides (split at the midline: the emptiest column between the two organs).  A failed
+check is a warning (in the report, the log and the job), never a failure: the result is
+still delivered, and the operator sees why it deserves a look.
+
+A volume only says something when the organ is wholly in the series.  A mask that touches
+the first or last slice, or the edge of the image, is *cut by the scan*: its volume is a
+lower bound, so only the upper limit is checked (and the side balance is not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from node.profiles import Profile, Tissue
+
+
+@dataclass(frozen=True)
+class TissueQuality:
+    """The checks of one tissue (as written to ``report.json``)."""
+
+    volume_ml: float
+    status: str  # ok | warning | partial (cut by the scan, upper limit checked) | unchecked (no expect)
+    expected_ml: tuple[float, float] | None = None
+    cut_by_scan: tuple[str, ...] = ()
+    sides_ml: dict[str, float] | None = None
+    side_ratio: float | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def cut_by_scan(mask: np.ndarray) -> tuple[str, ...]:
+    """Which edges of the series the mask touches: ``first slice``, ``last slice``, ``image edge``."""
+    out = []
+    if mask[0].any():
+        out.append("first slice")
+    if mask[-1].any():
+        out.append("last slice")
+    if mask[:, 0].any() or mask[:, -1].any() or mask[:, :, 0].any() or mask[:, :, -1].any():
+        out.append("image edge")
+    return tuple(out)
+
+
+def split_sides(mask: np.ndarray, affine: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """Volume (mL) of the mask left and right of the patient's midline.
+
+    The midline is where the mask is thinnest between its two organs: the column (``i``)
+    with the fewest voxels in the middle half of the mask's extent (the spine between the
+    kidneys, the mediastinum between the lungs).  Patient left is +x in LPS.
+    """
+    counts = mask.sum(axis=(0, 1), dtype=np.int64)
+    cols = np.flatnonzero(counts)
+    if cols.size == 0:
+        return {"left": 0.0, "right": 0.0}
+    lo, hi = cols[0], cols[-1]
+    quarter = (hi - lo) // 4
+    middle = counts[lo + quarter: hi - quarter + 1]
+    if middle.size:
+        low = np.flatnonzero(middle == middle.min())
+        # the middle of the emptiest run nearest the centre
+        runs = np.split(low, np.flatnonzero(np.diff(low) > 1) + 1)
+        centre = (middle.size - 1) / 2
+        best = min(runs, key=lambda r: abs((r[0] + r[-1]) / 2 - centre))
+        cut = lo + quarter + int(round((best[0] + best[-1]) / 2))
+    else:
+        cut = (lo + hi) // 2
+    below = float(counts[:cut].sum()) * voxel_ml
+    above = float(counts[cut + 1:].sum()) * voxel_ml
+    middle_col = float(counts[cut]) * voxel_ml / 2
+    below, above = below + middle_col, above + middle_col
+    # which side is the patient's left: x (LPS) grows with i when the affine says so
+    left_is_high_i = affine[0, 0] > 0
+    return {"left": round(above if left_is_high_i else below, 3), "right": round(below if left_is_high_i else above, 3)}
+
+
+def check_tissue(tissue: Tissue, mask: np.ndarray, affine: np.ndarray, voxel_ml: float) -> TissueQuality:
+    """The sanity checks of one tissue's mask (see the module docstring)."""
+    volume = round(float(np.count_nonzero(mask)) * voxel_ml, 3)
+    expect = tissue.expect
+    if expect is None or expect.volume_ml is None and not expect.paired:
+        return TissueQuality(volume, "unchecked")
+    cut = cut_by_scan(mask) if volume else ()
+    name = tissue.name
+    warnings: list[str] = []
+    rng = expect.volume_ml
+    sides = split_sides(mask, affine, voxel_ml) if expect.paired and volume else None
+    ratio: float | None = None
+    each = " each side" if expect.paired else ""
+    if volume == 0:
+        want = f" (a whole one is {rng[0]:g}-{rng[1]:g} mL{each})" if rng else ""
+        warnings.append(f"{name}: nothing found{want}")
+    elif sides is not None:
+        small, large = sorted(sides.values())
+        ratio = round(large / small, 2) if small > 0 else None
+        for side, ml in sides.items():
+            if rng and ml > rng[1]:
+                warnings.append(f"{name}: {side} side {ml:.0f} mL, more than {rng[1]:g} mL")
+            elif rng and not cut and ml < rng[0]:
+                warnings.append(f"{name}: {side} side {ml:.0f} mL, less than {rng[0]:g} mL"
+                                + (" (nothing found on that side)" if ml == 0 else ""))
+        if not cut and small > 0 and ratio is not None and ratio > expect.max_side_ratio:
+            warnings.append(f"{name}: sides unbalanced, left {sides['left']:.0f} mL vs right {sides['right']:.0f} mL "
+                            f"(ratio {ratio:.2f} > {expect.max_side_ratio:g})")
+    elif rng:
+        if volume > rng[1]:
+            warnings.append(f"{name}: {volume:.0f} mL, more than {rng[1]:g} mL")
+        elif not cut and volume < rng[0]:
+            warnings.append(f"{name}: {volume:.0f} mL, less than {rng[0]:g} mL")
+    status = "warning" if warnings else ("partial" if cut else "ok")
+    return TissueQuality(volume, status, rng, cut, sides, ratio, tuple(warnings))
+
+
+def assess(profile: Profile, masks: Mapping[str, np.ndarray], affine: np.ndarray, voxel_ml: float) -> dict[str, Any]:
+    """``report["quality"]``: per output tissue its :class:`TissueQuality`, and all warnings."""
+    tissues: dict[str, Any] = {}
+    warnings: list[str] = []
+    for t in profile.outputs:
+        if t.name not in masks:
+            continue
+        q = check_tissue(t, masks[t.name], affine, voxel_ml)
+        entry = {k: v for k, v in asdict(q).items() if v not in (None, (), [])}
+        entry["cut_by_scan"] = list(q.cut_by_scan)
+        entry.pop("warnings", None)
+        if q.expected_ml is not None:
+            entry["expected_ml"] = list(q.expected_ml)
+        tissues[t.name] = entry
+        warnings.extend(q.warnings)
+    return {"tissues": tissues, "warnings": warnings}
