@@ -251,9 +251,10 @@ MorphologyStep = Annotated[
     Field(discriminator="op"),
 ]
 STEP_OPS = (
-    "adapt_hu", "closing", "connected_to", "dilation", "drop_gas", "edge_grow", "erosion", "fill_holes", "grow",
-    "keep_largest", "median", "opening", "remove_small", "remove_thick", "select", "slice_valleys", "subtract",
-    "trachea",
+    "closing", "connected_to", "dilation", "edge_grow", "erosion", "fill_holes", "grow", "keep_largest", "median",
+    "opening", "remove_small", "remove_thick", "slice_valleys",
+    # the anatomy steps (node.pipeline.anatomy)
+    "adapt_hu", "drop_gas", "select", "subtract", "trachea",
 )
 
 

@@ -46,29 +46,50 @@ def cut_by_scan(mask: np.ndarray) -> tuple[str, ...]:
     return tuple(out)
 
 
-def split_sides(mask: np.ndarray, affine: np.ndarray, voxel_ml: float) -> dict[str, float]:
+#: the midline is searched this far either side of the body's centre, mm
+MIDLINE_SEARCH_MM = 40.0
+
+
+def body_centre_column(hu: np.ndarray) -> float:
+    """The column (``i``) at the centre of the patient: the mean column of everything denser
+    than -400 HU (body and table; both are about symmetric), on every 4th voxel."""
+    counts = (hu[::4, ::4, ::4] > -400).sum(axis=(0, 1), dtype=np.int64)
+    if not counts.any():
+        return (hu.shape[2] - 1) / 2
+    return float((np.arange(counts.size) * 4 * counts).sum() / counts.sum())
+
+
+def split_sides(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, centre: float | None = None) -> dict[str, float]:
     """Volume (mL) of the mask left and right of the patient's midline.
 
     The midline is where the mask is thinnest between its two organs: the column (``i``)
-    with the fewest voxels in the middle half of the mask's extent (the spine between the
-    kidneys, the mediastinum between the lungs).  Patient left is +x in LPS.
+    with the fewest voxels within ``MIDLINE_SEARCH_MM`` of the body's ``centre`` column (the
+    spine between the kidneys, the mediastinum between the lungs), so that a single organ is
+    not cut in two.  Without ``centre``: in the middle half of the mask's extent.  Patient
+    left is +x in LPS.
     """
     counts = mask.sum(axis=(0, 1), dtype=np.int64)
     cols = np.flatnonzero(counts)
     if cols.size == 0:
         return {"left": 0.0, "right": 0.0}
-    lo, hi = cols[0], cols[-1]
-    quarter = (hi - lo) // 4
-    middle = counts[lo + quarter: hi - quarter + 1]
+    if centre is not None:
+        reach = int(round(MIDLINE_SEARCH_MM / max(float(np.linalg.norm(affine[:3, 0])), 1e-6)))
+        lo = int(np.clip(round(centre) - reach, 0, counts.size - 1))
+        hi = int(np.clip(round(centre) + reach, 0, counts.size - 1))
+        mid_at = centre - lo
+    else:
+        quarter = (cols[-1] - cols[0]) // 4
+        lo, hi = int(cols[0] + quarter), int(cols[-1] - quarter)
+        mid_at = (hi - lo) / 2
+    middle = counts[lo: hi + 1]
     if middle.size:
         low = np.flatnonzero(middle == middle.min())
         # the middle of the emptiest run nearest the centre
         runs = np.split(low, np.flatnonzero(np.diff(low) > 1) + 1)
-        centre = (middle.size - 1) / 2
-        best = min(runs, key=lambda r: abs((r[0] + r[-1]) / 2 - centre))
-        cut = lo + quarter + int(round((best[0] + best[-1]) / 2))
+        best = min(runs, key=lambda r: abs((r[0] + r[-1]) / 2 - mid_at))
+        cut = lo + int(round((best[0] + best[-1]) / 2))
     else:
-        cut = (lo + hi) // 2
+        cut = (cols[0] + cols[-1]) // 2
     below = float(counts[:cut].sum()) * voxel_ml
     above = float(counts[cut + 1:].sum()) * voxel_ml
     middle_col = float(counts[cut]) * voxel_ml / 2
@@ -78,8 +99,10 @@ def split_sides(mask: np.ndarray, affine: np.ndarray, voxel_ml: float) -> dict[s
     return {"left": round(above if left_is_high_i else below, 3), "right": round(below if left_is_high_i else above, 3)}
 
 
-def check_tissue(tissue: Tissue, mask: np.ndarray, affine: np.ndarray, voxel_ml: float) -> TissueQuality:
-    """The sanity checks of one tissue's mask (see the module docstring)."""
+def check_tissue(tissue: Tissue, mask: np.ndarray, affine: np.ndarray, voxel_ml: float,
+                 centre: float | None = None) -> TissueQuality:
+    """The sanity checks of one tissue's mask (see the module docstring); ``centre``: the
+    body's centre column, near which the midline of paired organs is sought."""
     volume = round(float(np.count_nonzero(mask)) * voxel_ml, 3)
     expect = tissue.expect
     if expect is None or expect.volume_ml is None and not expect.paired:
@@ -88,7 +111,7 @@ def check_tissue(tissue: Tissue, mask: np.ndarray, affine: np.ndarray, voxel_ml:
     name = tissue.name
     warnings: list[str] = []
     rng = expect.volume_ml
-    sides = split_sides(mask, affine, voxel_ml) if expect.paired and volume else None
+    sides = split_sides(mask, affine, voxel_ml, centre) if expect.paired and volume else None
     ratio: float | None = None
     each = " each side" if expect.paired else ""
     if volume == 0:
@@ -115,14 +138,18 @@ def check_tissue(tissue: Tissue, mask: np.ndarray, affine: np.ndarray, voxel_ml:
     return TissueQuality(volume, status, rng, cut, sides, ratio, tuple(warnings))
 
 
-def assess(profile: Profile, masks: Mapping[str, np.ndarray], affine: np.ndarray, voxel_ml: float) -> dict[str, Any]:
-    """``report["quality"]``: per output tissue its :class:`TissueQuality`, and all warnings."""
+def assess(profile: Profile, masks: Mapping[str, np.ndarray], affine: np.ndarray, voxel_ml: float,
+           hu: np.ndarray | None = None) -> dict[str, Any]:
+    """``report["quality"]``: per output tissue its :class:`TissueQuality`, and all warnings
+    (``hu``: the series, whose body centre guides the midline of paired organs)."""
     tissues: dict[str, Any] = {}
     warnings: list[str] = []
+    paired = any(t.expect is not None and t.expect.paired for t in profile.outputs)
+    centre = body_centre_column(hu) if hu is not None and paired else None
     for t in profile.outputs:
         if t.name not in masks:
             continue
-        q = check_tissue(t, masks[t.name], affine, voxel_ml)
+        q = check_tissue(t, masks[t.name], affine, voxel_ml, centre)
         entry = {k: v for k, v in asdict(q).items() if v not in (None, (), [])}
         entry["cut_by_scan"] = list(q.cut_by_scan)
         entry.pop("warnings", None)

@@ -329,7 +329,7 @@ def run_pipeline(
                 if t.name not in tissues:  # a backend that hands over all masks at the end
                     _tissue_done(t.name, masks[t.name])
             tissues = {t.name: tissues[t.name] for t in outputs}  # profile order in the report
-            checks = quality.assess(prof, masks, volume.affine, voxel_ml)
+            checks = quality.assess(prof, masks, volume.affine, voxel_ml, volume.array)
             for w in checks["warnings"]:
                 log.warning("quality check: %s", w)
             for t in outputs:
