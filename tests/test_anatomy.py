@@ -210,3 +210,16 @@ def test_body_mask_keeps_the_inside_of_the_first_and_last_slice():
     lungs = truth["lung_left"] | truth["lung_right"]
     for k in (0, -1):
         assert body[k][lungs[k]].all()
+
+
+def test_anatomy_steps_on_an_empty_mask():
+    hu = np.zeros((0, 0, 0), dtype=np.int16)
+    ctx = _ctx(hu)
+    empty = np.zeros(hu.shape, dtype=bool)
+    assert not anatomy.select(empty, ctx, split_mm=6, side="both").any()
+    assert not anatomy.drop_gas(empty, ctx).any()
+    assert not anatomy.adapt_hu(empty, hu, ctx, core_mm=10, sd=2).any()
+    assert not anatomy.trachea(empty, ctx).any()
+    hu = np.zeros((4, 10, 10), dtype=np.int16)
+    ctx = _ctx(hu)
+    assert not anatomy.select(np.zeros(hu.shape, dtype=bool), ctx, split_mm=6, side="both").any()

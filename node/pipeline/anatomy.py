@@ -161,6 +161,8 @@ def split_parts(mask: np.ndarray, spacing: Spacing, split_mm: float) -> tuple[np
     ``split_mm / 2`` (the neck's scale; a block is in the mask when half of it is), so the
     cost does not grow with the series' resolution.
     """
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=np.int32), 0
     if split_mm <= 0:
         lab, n = ndimage.label(mask)
         return lab, int(n)
@@ -323,9 +325,9 @@ def drop_gas(mask: np.ndarray, ctx: Context, *, core_mm: float = 3, air_hu: floa
     """Remove the connected parts whose core is gas: at least ``fraction`` of their voxels
     ``core_mm`` or more inside the part (beyond the wall's partial volume) are below
     ``air_hu``.  A part too thin to have such a core is judged on all its voxels."""
-    lab, n = ndimage.label(mask)
-    if n == 0:
+    if not mask.any():
         return mask
+    lab, n = ndimage.label(mask)
     core = morphology.erosion(mask, core_mm, ctx.spacing) if core_mm > 0 else mask
     gas = ctx.hu < air_hu
     all_n = np.bincount(lab.ravel(), minlength=n + 1)
