@@ -99,13 +99,17 @@ def patient_frame(hu: np.ndarray, body: np.ndarray, spacing: Spacing, affine: np
     body_x = np.full(nk, np.nan)
     body_y = np.full(nk, np.nan)
     px_mm2 = spacing[0] * spacing[1]
+    rows, cols = np.arange(body.shape[1], dtype=np.float64), np.arange(body.shape[2], dtype=np.float64)
     for k in range(nk):
         b = body[k]
-        if not b.any():
+        area = int(np.count_nonzero(b))
+        if area == 0:
             continue
-        jj, ii = np.nonzero(b)
-        pts = _lps(affine, np.stack([np.full(jj.size, k), jj, ii]))
-        body_x[k], body_y[k] = float(pts[0].mean()), float(pts[1].mean())
+        # the centroid's position is the position of the mean index (the affine is linear)
+        cj = float(b.sum(axis=1, dtype=np.int64) @ rows) / area
+        ci = float(b.sum(axis=0, dtype=np.int64) @ cols) / area
+        centre = _lps(affine, np.array([[k], [cj], [ci]]))[:, 0]
+        body_x[k], body_y[k] = float(centre[0]), float(centre[1])
         bone = b & (hu[k] >= BONE_HU)
         bj, bi = np.nonzero(bone)
         if bj.size == 0:
@@ -330,11 +334,14 @@ def drop_gas(mask: np.ndarray, ctx: Context, *, core_mm: float = 3, air_hu: floa
     lab, n = ndimage.label(mask)
     core = morphology.erosion(mask, core_mm, ctx.spacing) if core_mm > 0 else mask
     gas = ctx.hu < air_hu
-    all_n = np.bincount(lab.ravel(), minlength=n + 1)
-    all_gas = np.bincount(lab.ravel(), weights=gas.ravel(), minlength=n + 1)
-    core_lab = np.where(core, lab, 0)
-    core_n = np.bincount(core_lab.ravel(), minlength=n + 1)
-    core_gas = np.bincount(core_lab.ravel(), weights=gas.ravel(), minlength=n + 1)
+    gas &= mask
+    # counts per part from the labels of the selected voxels only (no float copy of the volume)
+    all_n = np.bincount(lab[mask], minlength=n + 1)
+    all_gas = np.bincount(lab[gas], minlength=n + 1)
+    core_n = np.bincount(lab[core], minlength=n + 1)
+    gas &= core
+    core_gas = np.bincount(lab[gas], minlength=n + 1)
+    del gas, core
     use_core = core_n > 0
     frac = np.where(use_core, core_gas / np.maximum(core_n, 1), all_gas / np.maximum(all_n, 1))
     keep = frac < fraction
