@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from thorax_phantom import thorax
 
 from node.errors import ProfileError
 from node.pipeline import anatomy, morphology
@@ -12,7 +13,6 @@ from node.pipeline.backend_hu import HUBackend
 from node.pipeline.quality import split_sides
 from node.pipeline.volume import SeriesInfo, Volume
 from node.profiles import load_profile, parse_profile
-from thorax_phantom import thorax
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,18 +42,18 @@ def test_split_parts_cuts_narrow_necks_only():
     b = ((x - 60) ** 2 + y ** 2 + (z - 60) ** 2) <= 25 ** 2
     bridge = (np.abs(y) <= 4) & (np.abs(z - 60) <= 4) & (np.abs(x) <= 60)  # 8 mm thick
     mask = np.broadcast_to(a | b | bridge, hu.shape).copy()
-    lab, n = anatomy.split_parts(mask, (1.5, 1.5, 3.0), 6)  # necks under 12 mm are cut
+    lab, _ = anatomy.split_parts(mask, (1.5, 1.5, 3.0), 6)  # necks under 12 mm are cut
     parts = [p for p in np.unique(lab) if p]
     assert len(parts) == 2
     assert len(np.unique(lab[a & mask])) == 1 and len(np.unique(lab[b & mask])) == 1
     assert not lab[bridge & (np.abs(x) < 20)].any()  # the bridge's middle belongs to no part
-    lab, n = anatomy.split_parts(mask, (1.5, 1.5, 3.0), 3)  # necks under 6 mm: the 8 mm bridge holds
+    lab, _ = anatomy.split_parts(mask, (1.5, 1.5, 3.0), 3)  # necks under 6 mm: the 8 mm bridge holds
     assert len([p for p in np.unique(lab) if p]) == 1
 
 
 def test_split_parts_keeps_an_organ_thicker_than_the_series():
     """A 24 mm slab (8 slices of 3 mm) through a big organ: the scan's edges do not open it away."""
-    hu, x, y, z = _scene(shape=(8, 173, 240))
+    hu, x, y, _ = _scene(shape=(8, 173, 240))
     organ = np.broadcast_to(((x - 60) ** 2 + y ** 2) <= 70 ** 2, hu.shape).copy()
     lab, n = anatomy.split_parts(organ, (1.5, 1.5, 3.0), 20)
     assert n == 1 and (lab[organ] > 0).mean() > 0.99

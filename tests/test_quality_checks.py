@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from thorax_phantom import thorax
 
 from node.errors import BackendUnavailable
 from node.pipeline import quality
 from node.profiles import Expect, load_profile, parse_profile
-from thorax_phantom import thorax
 
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])  # i -> +x: patient left
 
@@ -92,9 +93,9 @@ def test_run_writes_quality_and_logs_warnings_landmarks_stay_out(tmp_path, caplo
     from node.pipeline.run import run_pipeline
     from node.pipeline.seg import read_seg_masks
 
-    volume, truth = thorax()
+    volume, _ = thorax()
     folder = _series(tmp_path, volume)
-    doc = yaml.safe_load(load_profile("lungs").source and open(load_profile("lungs").source).read())
+    doc = yaml.safe_load(Path(str(load_profile("lungs").source)).read_text())
     doc["tissues"][0]["output"] = False  # the airways as a landmark only
     doc["tissues"][1]["expect"] = {"volume_ml": [100, 1000], "paired": True}  # smaller than these lungs
     prof = parse_profile(doc, "lungs.yaml")

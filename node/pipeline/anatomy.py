@@ -22,8 +22,9 @@ array orientation; sizes are millimetres.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -57,11 +58,11 @@ class Context:
     body: np.ndarray
     spacing: tuple[float, float, float]
     affine: np.ndarray
-    _frame: "Frame | None" = field(default=None, repr=False)
+    _frame: Frame | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
-    def frame(self) -> "Frame":
+    def frame(self) -> Frame:
         with self._lock:
             if self._frame is None:
                 self._frame = patient_frame(self.hu, self.body, self.spacing, self.affine)
@@ -129,7 +130,7 @@ def patient_frame(hu: np.ndarray, body: np.ndarray, spacing: Spacing, affine: np
     if found:
         # a vertebra's centroid moves with its posterior elements from slice to slice: the
         # median over about a vertebra's height (25 mm) follows the column instead
-        half = max(1, int(round(12.5 / spacing[2])))
+        half = max(1, round(12.5 / spacing[2]))
         mid = ndimage.median_filter(mid, size=2 * half + 1, mode="nearest")
         ap = ndimage.median_filter(ap, size=2 * half + 1, mode="nearest")
     return Frame(mid, ap, found)
@@ -391,7 +392,7 @@ def trachea(mask: np.ndarray, ctx: Context, limits: AirwayLimits = AirwayLimits(
     if nk == 0 or not mask.any():
         return out
     px = ctx.spacing[0] * ctx.spacing[1]
-    wall = (max(1, int(round(limits.wall_mm / ctx.spacing[0]))), max(1, int(round(limits.wall_mm / ctx.spacing[1]))))
+    wall = (max(1, round(limits.wall_mm / ctx.spacing[0])), max(1, round(limits.wall_mm / ctx.spacing[1])))
     order = [k for k in _superior_first(ctx.affine, nk) if ctx.body[k].any()]
     if not order:
         return out

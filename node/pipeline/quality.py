@@ -13,8 +13,9 @@ lower bound, so only the upper limit is checked (and the side balance is not).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def split_sides(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, centre: f
     if cols.size == 0:
         return {"left": 0.0, "right": 0.0}
     if centre is not None:
-        reach = int(round(MIDLINE_SEARCH_MM / max(float(np.linalg.norm(affine[:3, 0])), 1e-6)))
+        reach = round(MIDLINE_SEARCH_MM / max(float(np.linalg.norm(affine[:3, 0])), 1e-6))
         lo = int(np.clip(round(centre) - reach, 0, counts.size - 1))
         hi = int(np.clip(round(centre) + reach, 0, counts.size - 1))
         mid_at = centre - lo
@@ -87,7 +88,7 @@ def split_sides(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, centre: f
         # the middle of the emptiest run nearest the centre
         runs = np.split(low, np.flatnonzero(np.diff(low) > 1) + 1)
         best = min(runs, key=lambda r: abs((r[0] + r[-1]) / 2 - mid_at))
-        cut = lo + int(round((best[0] + best[-1]) / 2))
+        cut = lo + round((best[0] + best[-1]) / 2)
     else:
         cut = (cols[0] + cols[-1]) // 2
     below = float(counts[:cut].sum()) * voxel_ml

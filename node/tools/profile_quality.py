@@ -17,9 +17,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -113,7 +114,7 @@ def nifti_volume(path: Path, contrast: bool) -> Volume:
     """A NIfTI CT as a Volume ([k, j, i] array, LPS affine), for scans that have no DICOM."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img: Any = nib.load(str(path))  # a NIfTI image (nibabel's load is typed as any image)
     arr = np.rint(np.asarray(img.dataobj, dtype=np.float32)).astype(np.int16).transpose(2, 1, 0)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # RAS -> LPS
     info = SeriesInfo("2.25.1", "2.25.2", None, "CT", contrast_applied=contrast)
@@ -125,7 +126,7 @@ def reference_on_grid(volume: Volume, nifti_path: Path) -> np.ndarray:
     Volume voxel -> LPS (``Volume.affine``) -> RAS -> NIfTI voxel, never an assumed axis order."""
     import nibabel as nib
 
-    img = nib.load(str(nifti_path))
+    img: Any = nib.load(str(nifti_path))
     ref = np.asarray(img.dataobj)
     vox = np.linalg.inv(img.affine) @ np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
     k, j, i = np.indices(volume.shape)
