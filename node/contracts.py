@@ -196,6 +196,8 @@ class JobResult:
     backend: Mapping[str, Any] = field(default_factory=dict)  #: the report's ``backend`` section
     seg_early: Path | None = None  #: ``results/<job id>-seg.dcm``, the SEG handed on before the meshes
     origin: OriginAddress | None = None
+    #: the report's quality warnings: the result failed a sanity check (still delivered)
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -208,6 +210,7 @@ class JobResult:
             "backend": dict(self.backend) or None,
             "seg_early": str(self.seg_early) if self.seg_early is not None else None,
             "origin": self.origin.to_json() if self.origin is not None else None,
+            "warnings": list(self.warnings) or None,
         }
         return {k: v for k, v in d.items() if v is not None}
 
@@ -229,7 +232,8 @@ class JobResult:
                    seg_series_uid=_str(d.get("seg_series_uid")),
                    timings_s=dict(timings) if isinstance(timings, Mapping) else {},
                    backend=dict(backend) if isinstance(backend, Mapping) else {},
-                   seg_early=_path(d.get("seg_early")), origin=OriginAddress.from_json(d.get("origin")))
+                   seg_early=_path(d.get("seg_early")), origin=OriginAddress.from_json(d.get("origin")),
+                   warnings=tuple(str(w) for w in d.get("warnings") or ()))
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,8 @@ def _run_spec(spec: JobSpec) -> JobResult:
         timings_s=res.report.get("timings_s", {}),
         backend=backend_info,
         seg_early=early if early.is_file() else None,
+        # a result that fails a sanity check (node.pipeline.stages.quality) is delivered, with warnings
+        warnings=tuple((res.report.get("quality") or {}).get("warnings") or ()),
     )
 
 

@@ -170,16 +170,84 @@ class SliceValleys(_Strict):
                                description="earlier tissues whose voxels are left out of the parts (and kept)")
 
 
+class Select(_Strict):
+    """Keep the parts of the mask that lie where the organ lies (see
+    :func:`node.pipeline.hu.anatomy.select`): the mask is cut at necks narrower than
+    ``2 * split_mm`` (every voxel goes back to its nearest part), and the ``n`` largest parts
+    whose centroid is on ``side`` of the midline, ``lateral_mm`` from it and ``anterior_mm``
+    in front of the spine's centre (negative: behind), of ``min_ml`` .. ``max_ml``, are kept
+    (``side: both``: ``n`` on each side, for paired organs)."""
+
+    op: Literal["select"]
+    split_mm: float = Field(default=0, ge=0, le=30)
+    side: Literal["any", "left", "right", "both"] = "any"
+    n: int = Field(default=1, ge=1, le=20)
+    lateral_mm: tuple[float, float] | None = None
+    anterior_mm: tuple[float, float] | None = None
+    min_ml: float = Field(default=0, ge=0)
+    max_ml: float | None = Field(default=None, gt=0)
+    max_split_mm: float = Field(default=0, ge=0, le=30,
+                                description="parts above max_ml are cut again at wider necks, up to this radius")
+
+
+class AdaptHU(_Strict):
+    """Re-threshold at the organ's own density: the median +- ``sd`` robust standard deviations
+    of the HU in its core (the mask eroded by ``core_mm``), within ``limits`` (see
+    :func:`node.pipeline.hu.anatomy.adapt_hu`); what is connected to the core is kept."""
+
+    op: Literal["adapt_hu"]
+    core_mm: float = Field(default=10, ge=0, le=50)
+    sd: float = Field(default=2, gt=0, le=5)
+    limits: HURange | None = None
+    grow_mm: float | None = Field(default=None, ge=0, le=50,
+                                  description="only within this distance of the mask (None: anywhere)")
+
+
+class DropGas(_Strict):
+    """Drop the connected parts whose core is gas (see :func:`node.pipeline.hu.anatomy.drop_gas`):
+    at least ``fraction`` of their voxels ``core_mm`` or more inside are below ``air_hu``."""
+
+    op: Literal["drop_gas"]
+    core_mm: float = Field(default=3, ge=0, le=20)
+    air_hu: float = Field(default=-950, ge=-1024, le=-500)
+    fraction: float = Field(default=0.5, gt=0, le=1)
+
+
+class Subtract(_Strict):
+    """Remove earlier ``tissues`` (grown by ``margin_mm``) from the mask before the next steps
+    (``exclude`` removes them after all the steps)."""
+
+    op: Literal["subtract"]
+    tissues: list[str] = Field(min_length=1)
+    margin_mm: float = Field(default=0, ge=0, le=20)
+
+
+class Trachea(_Strict):
+    """Keep the trachea and main bronchi of an air mask (see :func:`node.pipeline.hu.anatomy.trachea`):
+    a lumen of ``min_area_mm2`` .. ``max_area_mm2`` within ``midline_mm`` of the midline in the
+    top slice, ringed by soft tissue, followed down to where its branches meet the lungs, and
+    ``bronchi_mm`` at most below the carina; shorter than ``min_length_mm``: none."""
+
+    op: Literal["trachea"]
+    min_area_mm2: float = Field(default=40, gt=0)
+    max_area_mm2: float = Field(default=700, gt=0)
+    midline_mm: float = Field(default=30, gt=0)
+    min_length_mm: float = Field(default=30, ge=0)
+    bronchi_mm: float = Field(default=40, ge=0)
+
+
 MorphologyStep = Annotated[
     Union[
         Closing, Opening, Dilation, Erosion, Median, FillHoles, KeepLargest, RemoveSmall, Grow, RemoveThick,
-        ConnectedTo, EdgeGrow, SliceValleys,
+        ConnectedTo, EdgeGrow, SliceValleys, Select, AdaptHU, DropGas, Subtract, Trachea,
     ],
     Field(discriminator="op"),
 ]
 STEP_OPS = (
     "closing", "connected_to", "dilation", "edge_grow", "erosion", "fill_holes", "grow", "keep_largest", "median",
     "opening", "remove_small", "remove_thick", "slice_valleys",
+    # the anatomy steps (node.pipeline.hu.anatomy)
+    "adapt_hu", "drop_gas", "select", "subtract", "trachea",
 )
 
 
@@ -207,6 +275,24 @@ class MeshSpec(_Strict):
     max_triangles: int | None = Field(default=None, ge=100)
 
 
+class Expect(_Strict):
+    """What a plausible result of a tissue looks like; every result is checked against it
+    (:mod:`node.pipeline.stages.quality`) and a failed check is a warning on the job, not a failure."""
+
+    volume_ml: tuple[float, float] | None = Field(
+        default=None, description="[low, high] mL of a whole organ (of each side when paired)")
+    paired: bool = Field(default=False, description="left and right organs (split at the midline)")
+    max_side_ratio: float = Field(default=1.5, gt=1, le=10,
+                                  description="paired: the larger side at most this many times the smaller")
+
+    @field_validator("volume_ml")
+    @classmethod
+    def _ordered_ml(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"volume range [{v[0]}, {v[1]}] must have 0 <= low < high")
+        return v
+
+
 class Tissue(_Strict):
     """One output structure of a profile: a SEG segment and a mesh."""
 
@@ -220,6 +306,9 @@ class Tissue(_Strict):
     exclude: list[str] = Field(default_factory=list, description="earlier tissues removed from this one")
     morphology: list[MorphologyStep] = Field(default_factory=list)
     mesh: MeshSpec = MeshSpec()
+    output: bool = Field(default=True, description="false: a landmark for later tissues only "
+                         "(exclude, inside, ...), not in the SEG, the meshes or the report")
+    expect: Expect | None = None
     category: Code
     type: Code
     labels: list[int] = Field(default_factory=list, description="model label ids (AI backends)")
@@ -339,6 +428,9 @@ class Profile(_Strict):
     )
     tissues: list[Tissue] = Field(min_length=1)
     model: dict[str, Any] = Field(default_factory=dict, description="backend-specific settings")
+    refuse_without_backend: str | None = Field(
+        default=None, description="why there is no HU fallback: a job is refused with this reason when the "
+        "profile's backend (package or weights) is not installed")
     source: str | None = Field(default=None, exclude=True)
 
     @field_validator("model_type")
@@ -360,6 +452,7 @@ class Profile(_Strict):
             refs += [s.tissue for s in t.morphology if isinstance(s, ConnectedTo)]
             refs += [a for s in t.morphology if isinstance(s, EdgeGrow) for a in s.avoid]
             refs += [w for s in t.morphology if isinstance(s, SliceValleys) for w in s.without]
+            refs += [w for s in t.morphology if isinstance(s, Subtract) for w in s.tissues]
             for r in refs:
                 if r not in seen:
                     raise ValueError(
@@ -373,6 +466,8 @@ class Profile(_Strict):
                 raise ValueError(f"tissues[{n}] ({t.name}): model_type {self.model_type} needs labels "
                                  "(model label ids) or structures (model structure names)")
             seen.append(t.name)
+        if not any(t.output for t in self.tissues):
+            raise ValueError("tissues: at least one tissue must be an output (output: true)")
         section = MODEL_SECTIONS.get(self.model_type)
         if section is not None:
             try:
@@ -387,6 +482,11 @@ class Profile(_Strict):
                     lines.append(f"{loc}: {msg}")
                 raise ValueError("; ".join(lines)) from None
         return self
+
+    @property
+    def result_tissues(self) -> list[Tissue]:
+        """The tissues that are results (SEG segments, meshes, report); the others are landmarks."""
+        return [t for t in self.tissues if t.output]
 
     def model_settings(self) -> Any:
         """The typed ``model:`` section for this profile's backend (``None`` for hu_based)."""

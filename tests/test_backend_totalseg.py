@@ -179,3 +179,17 @@ def test_profile_codes_match_totalsegmentator_mapping():
         ref = codes[t.structures[0]]
         assert (t.type.value, t.type.meaning) == (ref["type"][0], ref["type"][2])
         assert (t.category.value, t.category.meaning) == (ref["category"][0], ref["category"][2])
+
+
+@pytest.mark.parametrize("organ", ["pancreas", "heart"])
+def test_model_only_organ_profiles_carry_totalsegmentator_codes(organ):
+    """profiles/pancreas.yaml and heart.yaml (TotalSegmentator or a refused job) use its names and codes."""
+    from node.profiles import load_profile
+
+    prof = load_profile(organ)
+    codes = bt.snomed_mapping()
+    for t in prof.tissues:
+        assert t.structures == [organ] and organ in bt.class_names("total")
+        ref = codes[organ]
+        assert (t.type.value, t.type.meaning) == (ref["type"][0], ref["type"][2])
+        assert (t.category.value, t.category.meaning) == (ref["category"][0], ref["category"][2])

@@ -40,9 +40,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"{'ID':>5}  {'STATE':<10} {'TRIES':>5}  {'RULE':<20} {'PROFILE':<9} {'GEN':>3}  {'SERIES':<26} "
-          f"{'CREATED':<19}  ERROR")
+          f"{'CREATED':<19}  ERROR / WARNING")
     for j in jobs:
         err = (j.error or "").replace("\n", " ")
+        warnings = j.result.warnings
+        if warnings and not err:  # delivered, but a sanity check failed (see jobs show)
+            err = f"WARNING ({len(warnings)}): " + "; ".join(warnings)
         state = f"{j.state}/early" if j.provisional else j.state  # early start, not confirmed yet
         print(f"{j.id:>5}  {state:<10} {j.attempts:>2}/{j.max_attempts:<2}  {j.rule[:20]:<20} {j.profile[:9]:<9} "
               f"{j.generation:>3}  {_short(j.series_uid, 26):<26} {_ts(j.created_at):<19}  {err[:100]}")

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", type=Path, default=None, help="profiles folder (default: the repository's profiles/)")
     ps = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ps.add_parser("list", help="list profiles with their tissues").set_defaults(func=_list)
-    show = ps.add_parser("show", help="print a profile as loaded (defaults filled in)")
+    show = ps.add_parser("show", help="say what a profile does, step by step (--yaml: as loaded, defaults filled in)")
     show.add_argument("name")
+    show.add_argument("--yaml", action="store_true", help="print the profile as loaded, defaults filled in")
     show.set_defaults(func=_show)
     val = ps.add_parser("validate", help="validate profile files (default: all in the folder)")
     val.add_argument("files", nargs="*", type=Path)
@@ -29,7 +30,7 @@ def _list(args: argparse.Namespace) -> int:
     for name in list_profiles(args.dir):
         try:
             p = load_profile(name, args.dir)
-            print(f"{name:12s} {p.model_type:16s} {', '.join(t.name for t in p.tissues):30s} {p.description}")
+            print(f"{name:12s} {p.model_type:16s} {', '.join(t.name for t in p.result_tissues):30s} {p.description}")
         except NodeError as exc:
             print(f"{name:12s} INVALID: {exc}")
     return 0
@@ -37,7 +38,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     p = load_profile(args.name, args.dir)
-    print(yaml.safe_dump(p.model_dump(mode="json", exclude={"source"}), sort_keys=False), end="")
+    if args.yaml:
+        print(yaml.safe_dump(p.model_dump(mode="json", exclude={"source"}), sort_keys=False), end="")
+    else:
+        from node.profile_text import describe
+
+        print(describe(p), end="")
     return 0
 
 
@@ -59,7 +65,11 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"ERROR {exc}")
             continue
         problem = _backend_problem(p)
-        if problem:
+        if problem and p.refuse_without_backend:
+            # a deployment without the model: its jobs are refused with the profile's reason
+            print(f"OK    {f} ({p.model_type}, {len(p.tissues)} tissues; not available here, its jobs are refused: "
+                  f"{problem})")
+        elif problem:
             bad += 1
             print(f"ERROR {f}: model_type: {problem}")
         else:

@@ -23,13 +23,15 @@ from pydicom import Dataset
 
 from node import __version__
 from node.backend_registry import backend_spec
-from node.pipeline.backends import get_backend
+from node.errors import BackendUnavailable
+from node.pipeline.backends import check_profile, get_backend
 from node.pipeline.hu.heap import RetainFreed, fix_mmap_threshold, working_set_budget
 from node.pipeline.outputs import OutputOptions
 from node.pipeline.outputs.write import WrittenOutputs, write_outputs
 from node.pipeline.seg import warm_up
 from node.pipeline.series.find import select_series
 from node.pipeline.series.load import load_series
+from node.pipeline.stages import quality
 from node.pipeline.stages.mesh import MeshQueue
 from node.pipeline.stages.report import build_report, grid_report, working_grid_report, write_report
 from node.pipeline.stages.seg import write_tissue_seg
@@ -133,6 +135,12 @@ def run_pipeline(
     t_start = time.perf_counter()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     model_type = backend or prof.model_type
+    if prof.refuse_without_backend:
+        # no HU fallback for this organ (the profile says why): refuse before reading the series
+        problem = check_profile(prof, model_type)
+        if problem:
+            raise BackendUnavailable(f"profile {prof.name} is refused here: {prof.refuse_without_backend.strip()} "
+                                     f"It needs {model_type}: {problem}")
     backend_entry = backend_spec(model_type)
     if not backend_entry.runs_model:
         # the HU backend's many freed arrays of a few MB go back to the OS (measured there,
@@ -182,6 +190,9 @@ def run_pipeline(
             heap_window = scope.enter_context(RetainFreed(working_set_budget(int(np.prod(volume.shape)))))
         chosen_phase = prof.resolve_phase(volume.info.contrast_applied, phase)
         voxel_ml = volume.voxel_volume_ml
+        # landmark tissues (output: false) guide later ones and stay out of the SEG, meshes and report
+        result_tissues = prof.result_tissues
+        result_names = {t.name for t in result_tissues}
         tissues: dict[str, dict[str, Any]] = {}
         mesh_paths: list[Path] = []
 
@@ -190,6 +201,8 @@ def run_pipeline(
         meshes = MeshQueue(prof, volume.affine, out) if write_meshes else None
 
         def _tissue_done(name: str, mask: np.ndarray) -> None:
+            if name not in result_names:
+                return  # a landmark for later tissues, not a result
             tissues[name] = voxel_report(mask, voxel_ml)
             if meshes is not None and (not seg_first or not write_segmentation):
                 meshes.submit(name, mask)
@@ -206,11 +219,16 @@ def run_pipeline(
                 )
             backend_run = seg_backend.run_info()
             check_masks(masks, prof, model_type)
-            for t in prof.tissues:
+            for t in result_tissues:
                 if t.name not in tissues:  # a backend that hands over all masks at the end
                     _tissue_done(t.name, masks[t.name])
-            tissues = {t.name: tissues[t.name] for t in prof.tissues}  # profile order in the report
-            for t in prof.tissues:
+            tissues = {t.name: tissues[t.name] for t in result_tissues}  # profile order in the report
+            # sanity checks (volumes against anatomy, left/right balance): a failed one is a
+            # warning on the result, which is still delivered
+            checks = quality.assess(prof, masks, volume.affine, voxel_ml, volume.array)
+            for w in checks["warnings"]:
+                log.warning("quality check: %s", w)
+            for t in result_tissues:
                 if tissues[t.name]["voxels"] == 0:
                     log.warning("tissue %s of profile %s is empty", t.name, prof.name)
         except BaseException:
@@ -243,14 +261,14 @@ def run_pipeline(
         if seg_first and write_segmentation:
             stages.run("seg", "writing DICOM SEG", _seg)
             if meshes is not None:
-                for t in prof.tissues:  # now the meshes
+                for t in result_tissues:  # now the meshes
                     meshes.submit(t.name, masks[t.name])
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="outputs") as pool:
             futures = []
             if write_meshes:
                 # "mesh" is what meshing still takes once segmentation is over; "mesh_span"
                 # (below) runs from the first mesh started to the last one finished
-                futures.append(pool.submit(stages.run, "mesh", f"meshing {len(prof.tissues)} tissues", _meshes))
+                futures.append(pool.submit(stages.run, "mesh", f"meshing {len(result_tissues)} tissues", _meshes))
             if write_segmentation and not seg_first:
                 futures.append(pool.submit(stages.run, "seg", "writing DICOM SEG", _seg))
             for f in futures:
@@ -274,6 +292,7 @@ def run_pipeline(
         phase=chosen_phase, tissues=tissues, seg_path=seg_path, seg_uid=seg_uid, mesh_paths=mesh_paths,
         timings_s=stages.timings, peak_rss_mb=stages.peak_rss_mb, heap_window=heap_window,
     )
+    report["quality"] = checks
     if written is not None:
         report["outputs"].update(written.report_entry(out))
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)

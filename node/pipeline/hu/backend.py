@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from node.errors import ProfileError
-from node.pipeline.hu import morphology, refine
+from node.pipeline.hu import anatomy, morphology, refine
 from node.pipeline.box import bounding_box, grow_box
 from node.pipeline.hu.body import body_mask_box
 from node.pipeline.hu.morphology import Spacing
@@ -27,6 +27,9 @@ from node.profiles import Grow, Inside, MorphologyStep, Profile, Tissue
 
 log = logging.getLogger(__name__)
 
+
+#: the profile steps that read the tissue's thresholded source values (the others read only masks)
+_SOURCE_OPS = frozenset({"grow", "edge_grow"}) | anatomy.SOURCE_OPS
 
 def _grow(mask: np.ndarray, src: np.ndarray, body: np.ndarray, step: Grow, spacing: Spacing) -> np.ndarray:
     """Hysteresis: add ``step.hu`` voxels connected to ``mask`` (within ``max_mm`` of it)."""
@@ -52,11 +55,16 @@ def _hu_range(tissue: Tissue, phase: str) -> tuple[float, float]:
 
 def apply_step(
     step: MorphologyStep, mask: np.ndarray, src: np.ndarray | None, body: np.ndarray, spacing: Spacing,
-    masks: dict[str, np.ndarray] | None = None, *, hu: np.ndarray | None = None,
+    masks: dict[str, np.ndarray] | None = None, *, hu: np.ndarray | None = None, ctx: anatomy.Context | None = None,
 ) -> np.ndarray:
     """Apply one profile morphology step to ``mask`` (``src``: the tissue's thresholded values, for
     ``grow`` and ``edge_grow``, ``None`` for a tissue without them; ``masks``: earlier tissues, for
-    ``connected_to``; ``hu``: the unsmoothed CT values, for ``slice_valleys``)."""
+    ``connected_to``; ``hu``: the unsmoothed CT values, for ``slice_valleys``; ``ctx``: the body box's
+    geometry, for the anatomy steps)."""
+    if step.op in anatomy.OPS:
+        if ctx is None:
+            raise ValueError(f"{step.op} needs the anatomy context")
+        return anatomy.apply_step(step, mask, src, ctx, masks)
     if step.op == "slice_valleys":
         if hu is None:
             raise ValueError("slice_valleys needs the CT values")
@@ -85,7 +93,7 @@ def apply_step(
         return morphology.keep_largest(mask, step.n)
     if step.op == "remove_small":
         return morphology.remove_small(mask, step.min_ml, spacing)
-    if step.op in ("grow", "edge_grow") and src is None:  # _croppable() keeps such tissues off the no-source path
+    if step.op in _SOURCE_OPS and src is None:  # _croppable() keeps such tissues off the no-source path
         raise ValueError(f"{step.op} reads the source values, which this tissue was segmented without")
     if step.op == "grow" and src is not None:
         return _grow(mask, src, body, step, spacing)
@@ -168,6 +176,9 @@ class HUBackend:
         box, inside_body = body_mask_box(volume.array, spacing, profile.body_mask, margin=2)
         hu = volume.array[box]
         masks: dict[str, np.ndarray] = {}
+        shift = np.eye(4)
+        shift[:3, 3] = [box[2].start or 0, box[1].start or 0, box[0].start or 0]
+        ctx = anatomy.Context(hu, inside_body, spacing, volume.affine @ shift)
         # Smoothed sources that the whole box needs are computed in a background thread
         # while the other tissues' morphology (SimpleITK, which releases the GIL) runs.
         # A tissue inside another one only needs its source on the envelope's box.
@@ -197,7 +208,7 @@ class HUBackend:
             lo, hi = _hu_range(tissue, phase)
             m = (src >= lo) & (src <= hi) & inside_body
             for step in tissue.morphology[:n_steps]:
-                m = apply_step(step, m, src, inside_body, spacing, None, hu=hu)
+                m = apply_step(step, m, src, inside_body, spacing, None, hu=hu, ctx=ctx)
             return m
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hu-smooth") as pool:
@@ -224,7 +235,7 @@ class HUBackend:
                     steps = steps[n_head:]
                     src = smoothed[tissue.smooth_mm].result() if tissue.smooth_mm else hu
                 elif env is not None and tissue.smooth_mm and self._croppable(tissue):
-                    src = None  # only the grow and edge_grow steps read the source, and this tissue has none
+                    src = None  # only the _SOURCE_OPS steps read the source, and this tissue has none
                     m = self._threshold_on(env, hu, tissue.smooth_mm, spacing, lo, hi) & inside_body
                 else:
                     if tissue.smooth_mm:
@@ -236,7 +247,7 @@ class HUBackend:
                         m &= env
                 del env
                 for step in steps:
-                    m = apply_step(step, m, src, inside_body, spacing, masks, hu=hu)
+                    m = apply_step(step, m, src, inside_body, spacing, masks, hu=hu, ctx=ctx)
                 for other in tissue.exclude:
                     m &= ~masks[other]
                 if tissue.outside:
@@ -262,7 +273,7 @@ class HUBackend:
         return (spec.tissue, float(spec.closing_mm), spec.fill)
 
     #: morphology ops that read other tissues' masks
-    _DEPENDENT_OPS = frozenset({"connected_to", "edge_grow", "slice_valleys"})
+    _DEPENDENT_OPS = frozenset({"connected_to", "edge_grow", "slice_valleys"}) | anatomy.DEPENDENT_OPS
 
     @classmethod
     def _independent_steps(cls, tissue: Tissue) -> int:
@@ -277,7 +288,7 @@ class HUBackend:
     @staticmethod
     def _croppable(tissue: Tissue) -> bool:
         """A tissue inside an envelope whose source no morphology step reads."""
-        return bool(tissue.inside) and not any(step.op in ("grow", "edge_grow") for step in tissue.morphology)
+        return bool(tissue.inside) and not any(step.op in _SOURCE_OPS for step in tissue.morphology)
 
     @staticmethod
     def _sigma(smooth_mm: float, spacing: Spacing) -> list[float]:

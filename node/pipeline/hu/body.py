@@ -66,7 +66,10 @@ def body_mask_box(
         # resolution: coarse voxels are 0 (outside), 1 (inside) or 2 (on the outline)
         outer = morphology.dilation(filled, max(sp), sp)
         state = outer.view(np.uint8) * np.uint8(2)
-        state[morphology.erosion(filled, max(sp), sp)] = 1
+        # the body goes on beyond the first and last slice: eroded there, their inside (lungs,
+        # bowel gas) would be decided by the threshold and drop out of the body
+        pad = int(np.ceil(max(sp) / sp[2])) + 1
+        state[morphology.erosion(np.pad(filled, ((pad, pad), (0, 0), (0, 0)), mode="edge"), max(sp), sp)[pad:-pad]] = 1
         cbox = bounding_box(outer)
         assert cbox is not None  # the outline holds the non-empty core
         # the full-resolution box of the coarse outline, cropped to the array

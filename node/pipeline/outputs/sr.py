@@ -79,7 +79,7 @@ def tissue_measurements(volume: Volume, masks: dict[str, np.ndarray], profile: A
     """
     numbers = {str(s.SegmentLabel): int(s.SegmentNumber) for s in seg.SegmentSequence}
     out = []
-    for t in profile.tissues:
+    for t in profile.result_tissues:
         label = f"{profile.name} {t.name}"
         if label not in numbers:
             raise InputError(f"the SEG has no segment {label!r} (has {sorted(numbers)})", tag="SegmentLabel")

@@ -69,7 +69,7 @@ def write_outputs(
     if not options.extra:
         return written
     base = str(seg.SeriesInstanceUID) if seg is not None else derived_uid()
-    names = [t.name for t in profile.tissues]
+    names = [t.name for t in profile.result_tissues]
     frame_masks: FrameMasks | None = None
     if "sr" in options.kinds or "overlay" in options.kinds:
         t0 = time.perf_counter()
@@ -91,7 +91,7 @@ def write_outputs(
         assert frame_masks is not None
         t0 = time.perf_counter()
         written.overlay = write_overlay_series(
-            volume, frame_masks, [OverlayTissue(t.name, tuple(t.color), f"{profile.name} {t.name}") for t in profile.tissues],
+            volume, frame_masks, [OverlayTissue(t.name, tuple(t.color), f"{profile.name} {t.name}") for t in profile.result_tissues],
             out_dir / f"{profile.name}_overlay", pixels=pixels, style=options.overlay,
             series_instance_uid=derived_uid(base, "overlay series"),
             series_description=options.overlay_series_description, profile_name=profile.name,
@@ -101,7 +101,7 @@ def write_outputs(
     if "stl" in options.kinds:
         t0 = time.perf_counter()
         meshes = [MeshObject(out_dir / str(report_tissues[t.name]["stl"]), f"{profile.name} {t.name}")
-                  for t in profile.tissues if (report_tissues.get(t.name) or {}).get("stl")]
+                  for t in profile.result_tissues if (report_tissues.get(t.name) or {}).get("stl")]
         if not meshes:
             log.warning("stl output: no mesh was written (meshes off or every tissue empty)")
         else:

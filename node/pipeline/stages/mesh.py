@@ -110,7 +110,7 @@ class MeshQueue:
         self._profile = profile
         self._affine = affine
         self._out = out
-        self._by_name = {t.name: t for t in profile.tissues}
+        self._by_name = {t.name: t for t in profile.result_tissues}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh")
         self._jobs: dict[str, Future[TissueMesh]] = {}
         self._span: list[float] = []  # start of the first and end of the last mesh
@@ -132,7 +132,7 @@ class MeshQueue:
         """Wait for every mesh: ``{tissue: TissueMesh}`` in profile order."""
         done: dict[str, TissueMesh] = {}
         try:
-            for t in self._profile.tissues:
+            for t in self._profile.result_tissues:
                 if t.name in self._jobs:
                     done[t.name] = self._jobs[t.name].result()
         finally:

@@ -16,7 +16,7 @@ from node.profiles import Profile
 def segment_specs(profile: Profile, masks: dict[str, np.ndarray]) -> list[SegmentSpec]:
     """One SEG segment per tissue of ``profile``, in profile order."""
     specs = []
-    for t in profile.tissues:
+    for t in profile.result_tissues:
         specs.append(
             SegmentSpec(
                 label=f"{profile.name} {t.name}",

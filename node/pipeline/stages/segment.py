@@ -30,7 +30,7 @@ def segment(
 
 def check_masks(masks: dict[str, np.ndarray], profile: Profile, model_type: str) -> None:
     """Raise :class:`InputError` when the backend returned no mask for one of the profile's tissues."""
-    missing = [t.name for t in profile.tissues if t.name not in masks]
+    missing = [t.name for t in profile.result_tissues if t.name not in masks]
     if missing:
         raise InputError(f"backend {model_type} returned no mask for tissue(s) {', '.join(missing)}")
 
