@@ -56,6 +56,7 @@ from node.pipeline.series.load import load_series
 from node.pipeline.volume import SeriesInfo, Volume
 from node.errors import ProfileError
 from node.profiles import EdgeGrow, load_profile, parse_profile
+from node.tools.profile_quality import reference_on_grid
 
 import nibabel as nib
 
@@ -76,21 +77,6 @@ BODY_BONES_FLOOR = 0.82
 #: reference structures that make up "bones" (names as in reference_labels.json)
 BONE_PREFIXES = ("vertebrae_", "rib_", "humerus_", "scapula_", "clavicula_")
 BONE_NAMES = ("sacrum", "sternum", "costal_cartilages")
-
-
-def reference_on_grid(volume: Volume, nifti_path: Path) -> np.ndarray:
-    """The reference label map resampled (nearest neighbour) onto the Volume's [k, j, i] grid."""
-    img = nib.Nifti1Image.from_filename(str(nifti_path))
-    ref = np.asarray(img.dataobj)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    vox = np.linalg.inv(img.affine) @ lps_to_ras @ volume.affine  # Volume (i, j, k) -> NIfTI voxel
-    k, j, i = np.indices(volume.shape)
-    ijk1 = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
-    idx = np.rint(vox @ ijk1)[:3].astype(np.int64)
-    inside = np.all((idx >= 0) & (idx < np.array(ref.shape[:3])[:, None]), axis=0)
-    out = np.zeros(i.size, dtype=np.int32)
-    out[inside] = ref[idx[0, inside], idx[1, inside], idx[2, inside]]
-    return out.reshape(volume.shape)
 
 
 def label_ids(names: dict[str, str], wanted) -> list[int]:
