@@ -26,6 +26,7 @@ __all__ = [
     "KnownAE",
     "ShareConfig",
     "NetworkTimeouts",
+    "ConnectionLimitsConfig",
     "ModelsConfig",
     "NodeConfig",
     "load_config",
@@ -140,6 +141,19 @@ class NetworkTimeouts(_Model):
     connect_s: float = Field(10.0, gt=0)
 
 
+class ConnectionLimitsConfig(_Model):
+    """What one connection may hold before it associates (see node/scp/guard.py)."""
+
+    max_request_pdu_kib: int = Field(64, ge=4, le=1024)
+    """Largest A-ASSOCIATE-RQ accepted (KiB)."""
+    max_pdu_kib: int = Field(4096, ge=16, le=65536)
+    """The maximum PDU length the receiver advertises (KiB); longer P-DATA PDUs abort the association."""
+    max_pending_connections: int = Field(32, ge=1)
+    """Connections that have not associated yet; the oldest is dropped to admit a new one."""
+    max_connections_per_peer: int = Field(24, ge=1)
+    """Connections open at a time from one address (associated or not)."""
+
+
 def _default_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
@@ -173,6 +187,7 @@ class NodeConfig(_Model):
     known_aes: dict[str, KnownAE] = Field(default_factory=dict)
     max_associations: int = Field(10, ge=1)
     timeouts: NetworkTimeouts = Field(default_factory=NetworkTimeouts)
+    limits: ConnectionLimitsConfig = Field(default_factory=ConnectionLimitsConfig)
     spool_retention_days: float = Field(7.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     models: ModelsConfig = Field(default_factory=ModelsConfig)

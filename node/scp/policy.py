@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -60,7 +61,10 @@ class AssociationPolicy:
 
     An empty allow-list allows every calling AE.  An allow-list entry with a ``host`` only
     matches when the peer address equals that host (an IP address, or a name resolving to it).
-    pynetdicom's own ``maximum_associations`` is set to the same limit as a backstop.
+    The limit counts associations this policy admitted and whose thread still runs, so
+    connections that never sent an association request hold no slot (node/scp/guard.py limits
+    those); pynetdicom's own ``maximum_associations``, which counts every open connection, is
+    only a backstop set above both (``backstop``).
 
     Args:
         ae_title: our AE title; the called AE must equal it (trailing spaces ignored).
@@ -80,6 +84,8 @@ class AssociationPolicy:
                 allowed.append((str(entry.ae_title).strip(), getattr(entry, "host", None)))
         self.allowed = allowed
         self.max_associations = max_associations
+        self._lock = threading.Lock()
+        self._admitted: list[Any] = []
 
     def check(self, called_ae: str, calling_ae: str, address: str, active: int) -> Refusal | None:
         """Decide on one request; ``active`` counts inbound associations including this one."""
@@ -100,9 +106,9 @@ class AssociationPolicy:
         return None
 
     # -- pynetdicom glue ---------------------------------------------------
-    def apply(self, ae: Any) -> None:
+    def apply(self, ae: Any, backstop: int | None = None) -> None:
         """Configure a pynetdicom ``AE`` (limit backstop; AE title checks are ours)."""
-        ae.maximum_associations = self.max_associations
+        ae.maximum_associations = max(self.max_associations, backstop or 0)
         ae.require_called_aet = False
         ae.require_calling_aet = []
 
@@ -117,8 +123,12 @@ class AssociationPolicy:
         calling = _ae_str(prim.calling_ae_title)
         address = assoc.requestor.address
         port = assoc.requestor.port
-        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
-        refusal = self.check(called, calling, address, active)
+        with self._lock:
+            self._admitted = [a for a in self._admitted if a.is_alive() and not (a.is_released or a.is_aborted)]
+            active = len(self._admitted) + 1
+            refusal = self.check(called, calling, address, active)
+            if refusal is None:
+                self._admitted.append(assoc)
         if refusal is None:
             log.debug("association requested by %s at %s:%s (called %s): accepted", calling, address, port, called)
             return

@@ -37,6 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # s
 
 from node.config import NodeConfig
 from node.dicom_values import tags_from_dataset, uid_value
+from node.scp.guard import ConnectionLimits, GuardedServer
 from node.scp.policy import AssociationPolicy
 from node.spool import Spool, missing_uids
 from node.store import InstanceRecord, Store
@@ -109,14 +110,15 @@ class Receiver:
     # -- lifecycle -------------------------------------------------------
     def build_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
-        # Accept PDUs of any size: with pynetdicom's 16 KB default a 512x512 CT image
-        # arrives in ~32 P-DATA PDUs, each parsed in Python (figures: bench/README.md).
-        ae.maximum_pdu_size = 0
+        # Large PDUs: with pynetdicom's 16 KB default a 512x512 CT image arrives in ~32
+        # P-DATA PDUs, each parsed in Python (figures: bench/README.md); but a bounded
+        # size, which the guard enforces on what arrives.
+        ae.maximum_pdu_size = self.config.limits.max_pdu_kib * 1024
         t = self.config.timeouts
         ae.acse_timeout = t.acse_s
         ae.dimse_timeout = t.dimse_s
         ae.network_timeout = t.network_s
-        self.policy.apply(ae)
+        self.policy.apply(ae, backstop=self.config.max_associations + self.config.limits.max_pending_connections + 1)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:  # always set in pynetdicom's list (typed optional)
@@ -134,13 +136,31 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server(
-            (self.config.bind_address, self.config.port), block=False, evt_handlers=handlers
-        )
+        self._server = self._serve(ae, self.config.port, handlers, None)
         log.info(
             "receiver %s listening on %s:%s (spool %s)", self.config.ae_title, self.config.bind_address, self.port,
             self.spool.spool_dir,
         )
+
+    def connection_limits(self) -> ConnectionLimits:
+        lim, t = self.config.limits, self.config.timeouts
+        return ConnectionLimits(
+            acse_s=t.acse_s, network_s=t.network_s, max_request_pdu=lim.max_request_pdu_kib * 1024,
+            max_data_pdu=lim.max_pdu_kib * 1024 + 6, max_pending=lim.max_pending_connections,
+            max_per_peer=lim.max_connections_per_peer,
+        )
+
+    def _serve(self, ae: AE, port: int, handlers: list[Any], ssl_context: Any) -> GuardedServer:
+        # AE.start_server(block=False) with the guarded server class (AE.make_server's documented
+        # server_class parameter); started the way pynetdicom starts its own
+        server = ae.make_server(
+            (self.config.bind_address, port), evt_handlers=handlers, ssl_context=ssl_context,
+            server_class=GuardedServer, limits=self.connection_limits(),
+        )
+        assert isinstance(server, GuardedServer)
+        ae._servers.append(server)  # so that server.shutdown() (which removes it there) works
+        threading.Thread(target=server.serve_forever, name=f"receiver:{port}", daemon=True).start()
+        return server
 
     def stop(self) -> None:
         if self._server is not None:
