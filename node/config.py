@@ -27,6 +27,7 @@ __all__ = [
     "ShareConfig",
     "NetworkTimeouts",
     "ConnectionLimitsConfig",
+    "DiskConfig",
     "ModelsConfig",
     "NodeConfig",
     "load_config",
@@ -154,6 +155,27 @@ class ConnectionLimitsConfig(_Model):
     """Connections open at a time from one address (associated or not)."""
 
 
+class DiskConfig(_Model):
+    """Free space on the storage volume (see docs/architecture.md, "Disk full")."""
+
+    warn_free_mib: int = Field(2048, ge=0)
+    """Below this much free space the node logs a warning (once per crossing, and every hour)."""
+    reserve_free_mib: int = Field(512, ge=0)
+    """Below this the receiver refuses new associations (out of resources) and C-STOREs (0xA700):
+    the rest is kept for results."""
+    check_interval_s: float = Field(5.0, gt=0)
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+        value = int(value.replace("o", ""), 8)
+    if not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError(f"must be a permission mode like '0640' (got {value!r})")
+    if value & 0o002:
+        raise ValueError(f"must not be writable by everyone (got {value:04o})")
+    return value
+
+
 def _default_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
@@ -189,6 +211,20 @@ class NodeConfig(_Model):
     timeouts: NetworkTimeouts = Field(default_factory=NetworkTimeouts)
     limits: ConnectionLimitsConfig = Field(default_factory=ConnectionLimitsConfig)
     spool_retention_days: float = Field(7.0, ge=0)
+    duplicates: Literal["keep_first", "keep_last", "quarantine"] = "keep_first"
+    """A SOP instance re-sent with *different* content: keep the first copy, replace it by the new
+    one (the series is processed again), or keep the first and quarantine the second.  Either way
+    it is logged as a warning naming what differs and counted on the series."""
+    file_mode: int = 0o640
+    """Mode of every file the node writes (spool, quarantine, results, share): patient data."""
+    dir_mode: int = 0o750
+    """Mode of the folders it creates."""
+    log_phi: bool = False
+    """Log patient names, IDs, dates and share paths made of them (default: UIDs and job ids only)."""
+    disk: DiskConfig = Field(default_factory=DiskConfig)
+    incomplete_series_wait_s: float = Field(3600.0, ge=0)
+    """A series with instances refused for want of resources waits this long for them to be sent
+    again before it is completed anyway, marked incomplete."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
@@ -208,6 +244,11 @@ class NodeConfig(_Model):
         if not 0 <= v <= 65535:
             raise ValueError(f"must be 1..65535, or 0 for any free port (got {v})")
         return v
+
+    @field_validator("file_mode", "dir_mode", mode="before")
+    @classmethod
+    def _modes(cls, v: Any) -> int:
+        return _mode(v)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -42,7 +42,7 @@ __all__ = [
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 log = logging.getLogger("node.store")
 
@@ -163,6 +163,14 @@ _MIGRATIONS: tuple[str, ...] = (
     # on a row without ``resource`` is one the pool has not classified yet.
     "UPDATE jobs SET resource = CASE WHEN backend IN ('totalsegmentator','nnunet','monai') THEN 'gpu' ELSE 'cpu' END"
     " WHERE resource IS NULL",
+    # 5 -> 6: hardening (issue 17).  series.conflicts counts SOP instances re-sent with other
+    # content; series.refused_count / refused_at: instances of the series the receiver refused for
+    # want of resources (disk full), which hold its completion; series.incomplete = 1 once it was
+    # completed anyway (after ``incomplete_series_wait_s``).
+    "@add_column series conflicts INTEGER NOT NULL DEFAULT 0;"
+    " @add_column series refused_count INTEGER NOT NULL DEFAULT 0;"
+    " @add_column series refused_at REAL;"
+    " @add_column series incomplete INTEGER NOT NULL DEFAULT 0",
 )
 
 
@@ -265,12 +273,17 @@ class Series:
     peer_address: str | None
     error: str | None
     tags: dict[str, Any]  #: rule tags of the first instance received
+    conflicts: int = 0  #: SOP instances re-sent with different content (see ``duplicates`` in node.yaml)
+    refused_count: int = 0  #: instances the receiver refused for want of resources (disk full)
+    refused_at: float | None = None  #: when it last did
+    incomplete: bool = False  #: completed although instances were refused (after the wait)
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Series":
         d = dict(r)
         d["tags"] = _loads(d["tags"])
         d["state"] = SeriesState(d["state"])
+        d["incomplete"] = bool(d.get("incomplete"))
         return cls(**d)
 
 
@@ -524,6 +537,38 @@ class Store:
                     (now, rec.series_uid),
                 )
         return "new"
+
+    def record_conflict(self, series_uid: str, replacement: InstanceRecord | None = None) -> None:
+        """Count a SOP instance re-sent with different content on its series; with ``replacement``
+        (policy ``keep_last``: the file was already overwritten) the instance row takes the new
+        copy's facts and the series counts it as a new arrival (its clock restarts; a series that
+        had left ``receiving`` is received again with ``generation + 1``, as for a new instance)."""
+        with self.transaction() as c:
+            c.execute("UPDATE series SET conflicts = conflicts + 1 WHERE series_uid = ?", (series_uid,))
+            if replacement is None:
+                return
+            rec = replacement
+            now = rec.received_at if rec.received_at is not None else time.time()
+            c.execute(
+                "UPDATE instances SET received_count = received_count + 1, last_received_at = ?, size = ?,"
+                " sha256 = ?, transfer_syntax = ?, tags = ?, calling_ae = ?, peer_address = ?"
+                " WHERE sop_instance_uid = ?",
+                (now, rec.size, rec.sha256, rec.transfer_syntax, json.dumps(dict(rec.tags), sort_keys=True),
+                 rec.calling_ae, rec.peer_address, rec.sop_instance_uid),
+            )
+            c.execute(
+                "UPDATE series SET last_received_at = MAX(last_received_at, ?),"
+                " generation = generation + (state != 'receiving'),"
+                " state_changed_at = CASE WHEN state != 'receiving' THEN ? ELSE state_changed_at END,"
+                " error = CASE WHEN state != 'receiving' THEN NULL ELSE error END, state = 'receiving'"
+                " WHERE series_uid = ?",
+                (now, now, series_uid),
+            )
+            c.execute(
+                "UPDATE jobs SET state = 'superseded', finished_at = ?,"
+                " error = 'an instance of the series was replaced' WHERE series_uid = ? AND state = 'queued'",
+                (now, series_uid),
+            )
 
     def get_instance(self, sop_instance_uid: str) -> Instance | None:
         r = self.conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()

@@ -194,18 +194,21 @@ def test_unknown_or_out_of_order_first_pdu_is_aborted_and_closed(node, caplog, f
     assert good_echo(rx.port) == 0x0000
 
 
-def test_per_peer_connection_limit(node, caplog):
-    rx, _ = node
+def test_per_peer_connection_limit(tmp_path, caplog):
+    rx, store = make_receiver(tmp_path, limits={"max_pending_connections": 20, "max_connections_per_peer": 5})
     caplog.set_level(logging.WARNING, logger="node.scp.guard")
-    conns = [connect(rx.port) for _ in range(10)]
-    time.sleep(0.3)
-    extra = connect(rx.port)
-    ok, _ = closed_within(extra, 1.0)
-    assert ok
-    assert "10 connection(s) from that address already open (limit 10)" in caplog.text
-    assert good_echo(rx.port) == 0x0000
-    for c in conns + [extra]:
-        c.close()
+    try:
+        conns = [connect(rx.port) for _ in range(5)]
+        extra = connect(rx.port)
+        ok, _ = closed_within(extra, 1.0)
+        assert ok
+        assert "5 connection(s) from that address already open (limit 5)" in caplog.text
+        assert good_echo(rx.port) == 0x0000  # another address is not affected
+        for c in conns + [extra]:
+            c.close()
+    finally:
+        rx.stop()
+        store.close()
 
 
 def _raw_socket(assoc: Any) -> socket.socket:
@@ -254,3 +257,212 @@ def test_dcmtk_echo_while_hostile_connections_are_open(node):
     assert out.returncode == 0, out.stderr
     for h in hostile:
         h.close()
+
+
+# ---------------------------------------------------------------------------
+# integrity (items 4-8): what we acknowledge is what we keep, readable
+
+STUDY = "1.2.826.0.1.3680043.8.498.17.1"
+SERIES = "1.2.826.0.1.3680043.8.498.17.1.1"
+EXPLICIT = "1.2.840.10008.1.2.1"
+IMPLICIT = "1.2.840.10008.1.2"
+
+
+def ct_dataset(sop_uid: str, *, name: str = "TEST^PATIENT", fill: int = 7) -> Any:
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = SERIES
+    ds.Modality = "CT"
+    ds.PatientName = name
+    ds.PatientID = "ID17"
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [0, 0, 0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [1, 1]
+    ds.SliceThickness = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.PixelData = np.full((16, 16), fill, dtype=np.int16).tobytes()
+    return ds
+
+
+def encode(ds: Any, ts: str = EXPLICIT) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_little_endian = True
+    buf.is_implicit_VR = ts == IMPLICIT
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def part10(path: Path, sop_uid: str, ts: str, data_set: bytes) -> Path:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(CTImageStorage)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = UID(ts)
+    buf = DicomBytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=False)
+    path.write_bytes(buf.getvalue() + data_set)
+    return path
+
+
+@pytest.fixture
+def raw_send(monkeypatch):
+    """pynetdicom's send_c_store(path) sends the file's bytes as they are (UIDs from the file meta)."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def send_files(port: int, files: list[Path], ts: str = EXPLICIT) -> list[int]:
+    ae = AE(ae_title="HOSTILE")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(CTImageStorage, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(f).Status) for f in files]
+    finally:
+        assoc.release()
+
+
+def reasons(rx: Receiver) -> list[str]:
+    return [e.reason for e in rx.spool.quarantined()]
+
+
+def offset_of(data: bytes, tag: tuple[int, int]) -> int:
+    return data.index(struct.pack("<HH", *tag))
+
+
+def test_truncated_and_overlong_data_sets_are_refused_with_what_is_wrong(node, tmp_path, raw_send):
+    rx, store = node
+    uid = "1.2.826.0.1.3680043.8.498.17.2"
+    whole = encode(ct_dataset(uid))
+    sop_at = offset_of(whole, (0x0008, 0x0018))
+    cases = {
+        "cut inside a UID": (whole[: sop_at + 8 + 5], 0xC000, "claims"),
+        "cut before the image module": (whole[: offset_of(whole, (0x0028, 0x0002))], 0xA900,
+                                        "without its Image Pixel module"),
+        "cut inside PixelData": (whole[:-100], 0xC000, "(7FE0,0010) PixelData at offset"),
+        "64 KB of trailing garbage": (whole + bytes(range(256)) * 256, 0xC000, "offset"),
+        "random bytes": (bytes((i * 7919 + 13) % 251 for i in range(5000)), 0xC000, "has no valid VR"),
+        "an empty data set": (b"", 0xC000, "empty data set (0 bytes)"),
+    }
+    files = [part10(tmp_path / f"{i}.dcm", uid, EXPLICIT, data) for i, (data, _, _) in enumerate(cases.values())]
+    statuses = send_files(rx.port, files)
+    assert statuses == [status for _, status, _ in cases.values()]
+    assert store.count_instances() == 0 and not list(rx.spool.spool_dir.rglob("*.dcm"))
+    got = reasons(rx)
+    assert len(got) == len(cases)
+    for (what, (_, _, needle)) in cases.items():
+        assert any(needle in r for r in got), (what, got)
+    assert not any("missing or empty" in r for r in got), got  # item 8: the reason names the real problem
+    # the whole one is stored, and DCMTK reads what we stored
+    assert send_files(rx.port, [part10(tmp_path / "ok.dcm", uid, EXPLICIT, whole)]) == [0]
+    (stored,) = rx.spool.spool_dir.rglob("*.dcm")
+    if shutil.which("dcmdump"):
+        out = subprocess.run(["dcmdump", "-q", str(stored)], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "E:" not in out.stderr, out.stderr
+    assert good_echo(rx.port) == 0x0000
+
+
+def test_explicit_vr_on_an_implicit_context_is_refused(node, tmp_path, raw_send):
+    rx, store = node
+    uid = "1.2.826.0.1.3680043.8.498.17.3"
+    f = part10(tmp_path / "x.dcm", uid, IMPLICIT, encode(ct_dataset(uid), EXPLICIT))
+    assert send_files(rx.port, [f], ts=IMPLICIT) == [0xC000]
+    (reason,) = reasons(rx)
+    assert "encoded in explicit VR, but the presentation context negotiated implicit VR" in reason
+    assert store.count_instances() == 0
+    # the same data set encoded as negotiated is stored, and readable
+    ok = part10(tmp_path / "i.dcm", uid, IMPLICIT, encode(ct_dataset(uid), IMPLICIT))
+    assert send_files(rx.port, [ok], ts=IMPLICIT) == [0]
+    assert store.count_instances() == 1
+
+
+def test_uids_that_are_not_dicom_uids_are_refused(node, tmp_path, raw_send):
+    rx, store = node
+    # both would have been spooled as "1.2.3.4_.dcm" by a file name that replaces characters
+    files = [part10(tmp_path / f"{c}.dcm", f"1.2.826.0.1.3680043.8.498.17.4{c}", EXPLICIT,
+                    encode(ct_dataset(f"1.2.826.0.1.3680043.8.498.17.4{c}"))) for c in ("/", "*")]
+    assert send_files(rx.port, files) == [0xA900, 0xA900]
+    assert all("is not a DICOM UID" in r for r in reasons(rx))
+    assert store.count_instances() == 0
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "keep_last", "quarantine"])
+def test_resent_instance_with_other_content(tmp_path, raw_send, caplog, policy):
+    rx, store = make_receiver(tmp_path, duplicates=policy)
+    caplog.set_level(logging.INFO, logger="node.scp.receiver")
+    try:
+        uid = "1.2.826.0.1.3680043.8.498.17.5"
+        first = part10(tmp_path / "a.dcm", uid, EXPLICIT, encode(ct_dataset(uid)))
+        same = part10(tmp_path / "b.dcm", uid, EXPLICIT, encode(ct_dataset(uid)))
+        other = part10(tmp_path / "c.dcm", uid, EXPLICIT, encode(ct_dataset(uid, name="OTHER^NAME", fill=9)))
+        assert send_files(rx.port, [first, same]) == [0, 0]
+        assert "re-sent with different content" not in caplog.text  # an identical copy is no conflict
+        assert send_files(rx.port, [other]) == [0]
+        warn = [r for r in caplog.records if "re-sent with different content" in r.getMessage()]
+        assert len(warn) == 1 and warn[0].levelno == logging.WARNING
+        assert "PatientName, PixelData differ" in warn[0].getMessage() and "OTHER" not in warn[0].getMessage()
+        assert f"policy {policy}" in warn[0].getMessage()
+        series = store.get_series(SERIES)
+        assert series is not None and series.conflicts == 1 and rx.stats["conflicts"] == 1
+        (stored,) = rx.spool.spool_dir.rglob("*.dcm")
+        from pydicom import dcmread
+
+        kept = str(dcmread(stored).PatientName)
+        assert kept == ("OTHER^NAME" if policy == "keep_last" else "TEST^PATIENT")
+        quarantined = reasons(rx)
+        assert (len(quarantined) == 1 and "different content" in quarantined[0]) if policy == "quarantine" \
+            else not quarantined
+        assert store.count_instances() == 1
+        assert good_echo(rx.port) == 0x0000
+    finally:
+        rx.stop()
+        store.close()
+
+
+def test_rescan_quarantine_reasons_say_what_was_wrong(tmp_path):
+    """Item 8: files in the spool that cannot be indexed get a reason naming the real problem."""
+    config = NodeConfig(port=0, bind_address="127.0.0.1", storage=tmp_path / "var")
+    folder = config.spool_dir / STUDY / SERIES
+    folder.mkdir(parents=True)
+    uid = "1.2.826.0.1.3680043.8.498.17.6"
+    whole = encode(ct_dataset(uid))
+    part10(folder / "cut.dcm", uid, EXPLICIT, whole[:-100])
+    (folder / "random.dcm").write_bytes(bytes((i * 7919 + 13) % 251 for i in range(5000)))
+    part10(folder / "empty.dcm", uid, EXPLICIT, b"")
+    store = Store(config.database_path)
+    rx = Receiver(config, store)
+    rx.start()
+    try:
+        got = sorted(reasons(rx))
+        assert len(got) == 3 and store.count_instances() == 0
+        assert any("(7FE0,0010) PixelData at offset" in r and "truncated" in r for r in got), got
+        assert any("not a DICOM file" in r for r in got), got
+        assert any("empty data set" in r for r in got), got
+        assert not any("missing or empty" in r for r in got), got
+        assert good_echo(rx.port) == 0x0000
+    finally:
+        rx.stop()
+        store.close()

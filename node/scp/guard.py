@@ -118,14 +118,6 @@ class GuardedAssociationSocket(AssociationSocket):
             self._associated = True
         return not self._associated and not self._dropped and self.socket is not None
 
-    @property
-    def connected_at(self) -> float:
-        return self._connected_at
-
-    @property
-    def peer(self) -> str:
-        return self._peer
-
     def drop(self, reason: str, abort_reason: int | None = None) -> None:
         """Close the connection (after an A-ABORT when ``abort_reason`` is given); the DUL then
         sees the connection closed and ends the association."""
@@ -210,6 +202,42 @@ class GuardedAssociationSocket(AssociationSocket):
         super().close()
 
 
+@dataclass(eq=False)
+class _Conn:
+    """One accepted connection, registered by the accept loop (so limits count it at once)."""
+
+    peer: str
+    request: Any
+    connected_at: float
+    sock: GuardedAssociationSocket | None = None
+    closed: bool = False
+
+    @property
+    def live(self) -> bool:
+        if self.closed:
+            return False
+        s = self.sock
+        if s is None:
+            return True
+        # an association thread can end without closing its socket wrapper: count those as gone
+        return s.socket is not None and not s._dropped and (s.assoc.ident is None or s.assoc.is_alive())
+
+    @property
+    def pending(self) -> bool:
+        return self.sock is None or self.sock.pending
+
+    def drop(self, reason: str) -> None:
+        if self.sock is not None:
+            self.sock.drop(reason)
+            return
+        log.warning("connection from %s dropped: %s", self.peer, safe(reason))
+        self.closed = True
+        try:
+            self.request.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's handler, run in the connection's own thread: finishes the TLS handshake
     (with the ACSE deadline) and guards the association's socket."""
@@ -225,6 +253,7 @@ class GuardedRequestHandler(RequestHandler):
                 raw.do_handshake()
             except (ssl.SSLError, OSError) as exc:
                 log.warning("TLS handshake with %s failed: %s", peer, safe(str(exc)))
+                self.server.forget_request(raw)
                 self.server.shutdown_request(raw)
                 return
         super().handle()
@@ -234,7 +263,7 @@ class GuardedRequestHandler(RequestHandler):
         plain = assoc.dul.socket
         assert plain is not None  # set by the handler just before
         sock = GuardedAssociationSocket.adopt(plain, self.server, str(self.client_address[0]))
-        self.server.register(sock)
+        self.server.attach(self.request, sock)
         return assoc
 
 
@@ -244,24 +273,28 @@ class GuardedServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         self.limits = limits
         self._lock = threading.Lock()
-        self._conns: list[GuardedAssociationSocket] = []
+        self._conns: list[_Conn] = []
         kwargs.setdefault("request_handler", GuardedRequestHandler)
         super().__init__(*args, **kwargs)
 
-    def register(self, sock: GuardedAssociationSocket) -> None:
+    def attach(self, request: Any, sock: GuardedAssociationSocket) -> None:
         with self._lock:
-            self._conns.append(sock)
+            for c in self._conns:
+                if c.request is request:
+                    c.sock = sock
+                    return
 
     def forget(self, sock: GuardedAssociationSocket) -> None:
         with self._lock:
-            if sock in self._conns:
-                self._conns.remove(sock)
+            for c in self._conns:
+                if c.sock is sock:
+                    c.closed = True
 
-    def _live(self) -> list[GuardedAssociationSocket]:
-        # an association thread can end without closing its socket wrapper: prune those too
-        self._conns = [c for c in self._conns if c.socket is not None and not c._dropped
-                       and (c.assoc.ident is None or c.assoc.is_alive())]
-        return self._conns
+    def forget_request(self, request: Any) -> None:
+        with self._lock:
+            for c in self._conns:
+                if c.request is request:
+                    c.closed = True
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept; a TLS connection is wrapped without handshaking (the handler does it, so a peer
@@ -276,14 +309,15 @@ class GuardedServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         peer = str(client_address[0])
         with self._lock:
-            live = self._live()
-            from_peer = sum(1 for c in live if c.peer == peer)
+            self._conns = [c for c in self._conns if c.live]
+            from_peer = sum(1 for c in self._conns if c.peer == peer)
             if from_peer >= self.limits.max_per_peer:
                 log.warning("connection from %s refused: %d connection(s) from that address already open "
                             "(limit %d)", peer, from_peer, self.limits.max_per_peer)
                 return False
-            pending = sorted((c for c in live if c.pending), key=lambda c: c.connected_at)
+            pending = sorted((c for c in self._conns if c.pending), key=lambda c: c.connected_at)
             victims = pending[: max(0, len(pending) - self.limits.max_pending + 1)]
+            self._conns.append(_Conn(peer, request, time.monotonic()))
         for v in victims:
             v.drop(f"{len(pending)} connection(s) waiting to associate (limit {self.limits.max_pending}): "
                    "the oldest makes room for a new one")

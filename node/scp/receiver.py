@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -36,6 +37,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
 
 from node.config import NodeConfig
+from node.dataset_check import image_problem, structure_problem, uid_problem
 from node.dicom_values import tags_from_dataset, uid_value
 from node.scp.guard import ConnectionLimits, GuardedServer
 from node.scp.policy import AssociationPolicy
@@ -82,6 +84,22 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
+def differing_elements(path: Path, ds: Any) -> list[str]:
+    """The top-level elements (keywords, or tags) in which the stored file at ``path`` and ``ds``
+    differ; ``[]`` when they hold the same data set."""
+    try:
+        old = dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable first copy differs in everything
+        return [f"(the stored copy cannot be read: {type(exc).__name__})"]
+    out = []
+    for tag in sorted(set(old.keys()) | set(ds.keys())):
+        a, b = old.get(tag), ds.get(tag)
+        if a is None or b is None or a.VR != b.VR or a.value != b.value:
+            out.append(str(a.keyword if a is not None and a.keyword else b.keyword if b is not None and b.keyword
+                           else tag))
+    return out
+
+
 class Receiver:
     """The node's Storage SCP.
 
@@ -105,7 +123,7 @@ class Receiver:
         self._server: Any = None
         self._stats_lock = threading.Lock()
         #: counters since start: stored, duplicates, refused, index_errors
-        self.stats = {"stored": 0, "duplicates": 0, "refused": 0, "index_errors": 0}
+        self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0, "index_errors": 0}
 
     # -- lifecycle -------------------------------------------------------
     def build_ae(self) -> AE:
@@ -217,6 +235,11 @@ class Receiver:
                         reason, qpath)
             return status
 
+        # the encoding first: pydicom would read a truncated, over-long or differently encoded
+        # data set leniently, and the file stored would be unreadable to stricter tools
+        problem = structure_problem(raw, ts)
+        if problem:
+            return refuse(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set as {ts}: {problem}")
         # parse (fully: every element converted) -- a corrupt data set is refused
         try:
             ds = dcmread(BytesIO(data))
@@ -228,8 +251,10 @@ class Receiver:
         missing = missing_uids(ds)
         if missing:
             return refuse(STATUS_DATASET_MISMATCH, f"missing or empty {', '.join(missing)}")
-        if "Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            return refuse(STATUS_DATASET_MISMATCH, "image (Rows present) without pixel data: truncated or corrupt")
+        for kw in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            bad_uid = uid_problem(kw, uid_value(ds, kw))
+            if bad_uid:
+                return refuse(STATUS_DATASET_MISMATCH, bad_uid)
         sop_uid = uid_value(ds, "SOPInstanceUID")
         if sop_uid != cmd_inst:
             return refuse(
@@ -244,12 +269,38 @@ class Receiver:
                 f"SOPClassUID in the data set ({sop_class}) differs from the command's AffectedSOPClassUID "
                 f"({cmd_class})",
             )
+        bad_image = image_problem(ds, sop_class, ts)
+        if bad_image:
+            return refuse(STATUS_DATASET_MISMATCH, bad_image)
         study_uid = uid_value(ds, "StudyInstanceUID")
         series_uid = uid_value(ds, "SeriesInstanceUID")
 
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         duplicate_file = path.exists()
-        if not duplicate_file:
+        replacing = False
+        differs: list[str] = []
+        if duplicate_file:
+            differs = differing_elements(path, ds)
+            if differs:
+                policy = self.config.duplicates
+                what = ", ".join(differs[:8]) + (f" and {len(differs) - 8} more" if len(differs) > 8 else "")
+                log.warning("C-STORE %s: SOP instance %s re-sent with different content (%s differ%s); "
+                            "policy %s: %s", who, sop_uid, what, "s" if len(differs) == 1 else "", policy,
+                            {"keep_first": "kept the first copy", "keep_last": "replaced the first copy",
+                             "quarantine": "kept the first copy, quarantined this one"}[policy])
+                self._count("conflicts")
+                replacing = policy == "keep_last"
+                if not replacing:  # a replacement is counted with the new copy's index row below
+                    try:
+                        self.store.record_conflict(series_uid)
+                    except Exception:  # counting must not turn the answer into a failure
+                        log.exception("C-STORE %s: cannot count the conflict on series %s", who, series_uid)
+                if policy == "quarantine":
+                    self.spool.quarantine(data, f"re-sent SOP instance with different content ({what} differ); "
+                                          "the first copy is kept", calling=calling, called=called, peer=peer,
+                                          sop=cmd_inst, sop_class=cmd_class, ts=ts)
+                    return STATUS_SUCCESS
+        if not duplicate_file or replacing:
             try:
                 self.spool.write(path, data)
             except OSError as exc:
@@ -266,13 +317,16 @@ class Receiver:
                 path=str(path),
                 transfer_syntax=ts,
                 size=len(data),
-                sha256=None if duplicate_file else hashlib.sha256(data).hexdigest(),
+                sha256=None if duplicate_file and not replacing else hashlib.sha256(data).hexdigest(),
                 calling_ae=calling,
                 called_ae=called,
                 peer_address=peer,
                 received_at=received_at,
                 tags=tags_from_dataset(ds),
             )
+            if replacing:
+                self.store.record_conflict(series_uid, replacement=rec)
+                return STATUS_SUCCESS
             outcome = self.store.record_instance(rec)
         except Exception:  # the rescan at next start indexes the file
             self._count("index_errors")
@@ -280,7 +334,8 @@ class Receiver:
             return STATUS_SUCCESS
         if outcome == "duplicate":
             self._count("duplicates")
-            log.info("C-STORE %s: duplicate SOP instance %s (kept the first copy)", who, sop_uid)
+            if not differs:
+                log.info("C-STORE %s: duplicate SOP instance %s (same content, kept once)", who, sop_uid)
         else:
             self._count("stored")
             log.debug("C-STORE %s: stored %s", who, path)
