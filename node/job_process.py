@@ -184,21 +184,26 @@ def _run_spec(spec: JobSpec) -> JobResult:
         except Exception as exc:  # noqa: BLE001 - then it goes with the rest of the results
             log.warning("cannot hand the SEG on before the meshes (%s); it is sent when the job is done", exc)
 
-    res = run_pipeline(
-        [str(p) for p in paths],
-        profile,
-        tmp,
-        backend=spec.backend,
-        series_uid=spec.series_uid,
-        seg_series_uid=spec.seg_series_uid,
-        decode_workers=spec.decode_workers,
-        on_seg=on_seg,
-        seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
-    )
-    backend_info = _backend_info(str(res.report.get("profile", {}).get("model_type") or spec.backend),
-                                 res.backend_run)
-    res.report["backend"] = backend_info
-    atomic_write(tmp / "report.json", (json.dumps(res.report, indent=2) + "\n").encode("utf-8"))
+    try:
+        res = run_pipeline(
+            [str(p) for p in paths],
+            profile,
+            tmp,
+            backend=spec.backend,
+            series_uid=spec.series_uid,
+            seg_series_uid=spec.seg_series_uid,
+            decode_workers=spec.decode_workers,
+            on_seg=on_seg,
+            seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
+        )
+        backend_info = _backend_info(str(res.report.get("profile", {}).get("model_type") or spec.backend),
+                                     res.backend_run)
+        res.report["backend"] = backend_info
+        atomic_write(tmp / "report.json", (json.dumps(res.report, indent=2) + "\n").encode("utf-8"))
+    except BaseException:
+        # a failed try leaves nothing behind (a killed one cannot clean up: the next try does)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # publish the folder whole: results/<id>/ only ever holds a finished run
     _stop_if_node_gone(f"the result folder {final}")
     if final.exists():
