@@ -250,3 +250,5 @@ class JobSpec:
     seg_series_uid: str
     decode_workers: int | None
     models: ModelsConfig  #: node.yaml's ``models`` (``device: cuda`` in a GPU slot)
+    file_mode: int = 0o640  #: node.yaml's ``file_mode`` / ``dir_mode`` for what the try writes
+    dir_mode: int = 0o750

@@ -146,7 +146,7 @@ def _backend_info(model_type: str, run: dict[str, Any]) -> dict[str, Any]:
 
 def _run_spec(spec: JobSpec) -> JobResult:
     """Run the pipeline for one job (in the job process, or in a long-lived slot process)."""
-    from node.durable import atomic_write, fsync_dir
+    from node.durable import atomic_write, fsync_dir, makedirs_durable, set_modes
     from node.errors import InputError
     from node.pipeline.run import run_pipeline
     from node.profiles import load_profile
@@ -158,8 +158,9 @@ def _run_spec(spec: JobSpec) -> JobResult:
                          path=missing[0])
     profile = load_profile(spec.profile, spec.profiles_dir)
     _configure_models(spec.models)
+    set_modes(spec.file_mode, spec.dir_mode)
     final = Path(spec.output_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(final.parent)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"

@@ -398,6 +398,8 @@ class WorkerPool:
                 seg_series_uid=seg_series_uid(job),
                 decode_workers=self.decode_workers,
                 models=models,
+                file_mode=self.config.file_mode,
+                dir_mode=self.config.dir_mode,
             )
             conn: Connection
             if persistent:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import threading
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from apscheduler.jobstores.base import JobLookupError
@@ -18,6 +18,7 @@ from apscheduler.jobstores.base import JobLookupError
 from node.completion import sweep
 from node.config import NodeConfig
 from node.contracts import JobState
+from node.durable import makedirs_durable, set_modes
 from node.jobs import ensure_dispatches
 from node.pool import WorkerPool
 from node.profiles import list_profiles
@@ -120,7 +121,11 @@ class NodeService:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         cfg = self.config
-        Path(cfg.storage).mkdir(parents=True, exist_ok=True)
+        # patient data: the configured modes for what the node writes itself (node/durable.py), and
+        # a umask to match for everything else (the SQLite files, job processes' libraries)
+        set_modes(cfg.file_mode, cfg.dir_mode)
+        os.umask(0o777 & ~(cfg.file_mode | cfg.dir_mode))
+        makedirs_durable(cfg.storage)
         self.store = store = Store(cfg.database_path)
         self.rules = RuleSetHolder(
             cfg.rules,

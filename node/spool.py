@@ -21,7 +21,7 @@ from pydicom import dcmread
 from node.contracts import SeriesState
 from node.dataset_check import part10_problem
 from node.dicom_values import tags_from_dataset, uid_value
-from node.durable import atomic_write
+from node.durable import atomic_write, makedirs_durable
 from node.store import InstanceRecord, Store
 
 __all__ = [
@@ -76,8 +76,8 @@ class Spool:
 
     def create(self) -> None:
         """Create both folders (if missing)."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(self.spool_dir)
+        makedirs_durable(self.quarantine_dir)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Where an instance lives in the spool."""

@@ -379,6 +379,13 @@ def test_truncated_and_overlong_data_sets_are_refused_with_what_is_wrong(node, t
     # the whole one is stored, and DCMTK reads what we stored
     assert send_files(rx.port, [part10(tmp_path / "ok.dcm", uid, EXPLICIT, whole)]) == [0]
     (stored,) = rx.spool.spool_dir.rglob("*.dcm")
+    # item 11: patient data is not readable by every local user
+    import stat
+
+    for f in [stored, *rx.spool.quarantine_dir.iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+    for d in (stored.parent, stored.parent.parent, rx.spool.spool_dir, rx.spool.quarantine_dir):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o750, d
     if shutil.which("dcmdump"):
         out = subprocess.run(["dcmdump", "-q", str(stored)], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and "E:" not in out.stderr, out.stderr

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from node.durable import makedirs_durable
 from node.backend_registry import backend_spec
 from node.pipeline.backends import get_backend
 from node.pipeline.hu.heap import RetainFreed, fix_mmap_threshold, working_set_budget
@@ -131,7 +132,7 @@ def run_pipeline(
         # see node.pipeline.hu.heap); an AI backend's process keeps its library's defaults
         fix_mmap_threshold()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(out)  # with the node's folder mode (patient data)
     stages = _Stages(progress)
 
     # the heap window (see below) is closed on every way out, errors included
