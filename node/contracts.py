@@ -234,6 +234,7 @@ class ProcessInfo:
     log_level: str
     node_pid: int  #: the node process, watched by the job process (with its start time)
     node_started: float
+    log_phi: bool = False  #: node.yaml's ``log_phi``
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from node.config import ConfigError, Destination, NodeConfig
 from node.contracts import DispatchKind, DispatchState, JobState
 from node.errors import InputError, NodeError
 from node.jobs import resolve_origin
+from node.logsafe import log_phi_enabled
 from node.routing.rules import ORIGIN
 from node.scp.sender import DestinationUnavailable, send_datasets
 from node.share import ShareFile, Superseded, drop, validate_template
@@ -144,16 +146,18 @@ class Dispatcher:
     ) -> DispatchOutcome:
         detail = _one_line(detail)
         what = f"dispatch {d.id} (job {d.job_id}, {d.kind} -> {d.destination}, attempt {d.attempts})"
+        # share folders are made of patient IDs, names and dates: the log shows them only with log_phi
+        shown, shown_at = self._hide_share_paths(detail), self._hide_share_paths(location or "")
         if state == DispatchState.SENT:
             ok = self.store.mark_dispatch_sent(d.id)
-            log.info("%s sent%s: %s", what, f" -> {location}" if location and location not in detail else "", detail)
+            log.info("%s sent%s: %s", what, f" -> {shown_at}" if location and location not in detail else "", shown)
         else:
             new = self.store.mark_dispatch_failed(d.id, detail, retry_at=retry_at)
             ok = new is not None
             if state == DispatchState.PENDING:
-                log.warning("%s failed, retry in %.0f s: %s", what, (retry_at or 0) - time.time(), detail)
+                log.warning("%s failed, retry in %.0f s: %s", what, (retry_at or 0) - time.time(), shown)
             else:
-                log.error("%s failed for good: %s", what, detail)
+                log.error("%s failed for good: %s", what, shown)
         if not ok:  # someone else finished it (lease expired and another dispatcher took over)
             log.warning("%s: no longer pending when recording %s", what, state)
         try:
@@ -164,6 +168,12 @@ class Dispatcher:
         except Exception:  # the log is informative; the state change above is what counts
             log.exception("cannot record the attempt of %s", what)
         return DispatchOutcome(d.id, d.job_id, d.kind, d.destination, d.attempts, state, detail, location, retry_at)
+
+    def _hide_share_paths(self, text: str) -> str:
+        if log_phi_enabled() or not text:
+            return text
+        root = str(self.config.share.root).rstrip("/")
+        return re.sub(re.escape(root) + r"/[^\s'\"]*", root + "/<phi>", text)
 
     # -- result files -------------------------------------------------------
     @staticmethod

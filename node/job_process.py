@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
+from node import logsafe
 from node.config import ModelsConfig
 from node.contracts import FailureKind, JobResult, JobSpec, ProcessInfo
 from node.jobs import early_seg_path
@@ -252,8 +253,9 @@ def _setup_process(info: ProcessInfo, slot_label: str) -> None:
         pass
     _apply_env(dict(info.env))
     _watch_node(info.node_pid, info.node_started)
-    logging.basicConfig(level=info.log_level,
-                        format=f"%(asctime)s %(levelname)s %(name)s [{slot_label}job %(job)s]: %(message)s")
+    fmt = f"%(asctime)s %(levelname)s %(name)s [{slot_label}job %(job)s]: %(message)s"
+    logging.basicConfig(level=info.log_level, format=fmt)
+    logsafe.install(log_phi=info.log_phi, fmt=fmt)  # one line per record, no PHI unless log_phi
     for h in logging.getLogger().handlers:
         h.addFilter(_JobIdFilter())
     logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
-__all__ = ["safe", "phi", "set_log_phi", "log_phi_enabled", "SafeFormatter", "install", "MAX_FIELD"]
+__all__ = ["safe", "phi", "set_log_phi", "log_phi_enabled", "log_context", "SafeFormatter", "install", "MAX_FIELD"]
 
 #: longest value logged whole (longer ones are cut, with the length said)
 MAX_FIELD = 200
@@ -54,25 +56,65 @@ def phi(value: Any) -> str:
     return safe(value) if _log_phi else "<phi>"
 
 
+#: longest message of a library's log record (pydicom quotes whole values)
+MAX_LIBRARY = 500
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_context = threading.local()
+
+
+@contextmanager
+def log_context(where: str) -> Iterator[None]:
+    """Name what this thread works on (a file, an instance) in the library log lines it causes:
+    pydicom's validation warnings, for one, name no file."""
+    previous = getattr(_context, "where", None)
+    _context.where = where
+    try:
+        yield
+    finally:
+        _context.where = previous
+
+
 class SafeFormatter(logging.Formatter):
-    """A formatter whose output is one line: newlines of messages and tracebacks become `` | ``,
-    other control characters are escaped, and the record is capped at :data:`MAX_RECORD`."""
+    """A formatter whose output is one line: control characters in the message are escaped, a
+    traceback's lines are joined with `` | ``; a message is cut at :data:`MAX_RECORD` characters,
+    a library's (any logger outside ``node``) at :data:`MAX_LIBRARY`, with what this thread works
+    on (:func:`log_context`) added, and values it quotes hidden unless ``log_phi``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        text = text.replace("\r\n", "\n").replace("\n", " | ")
-        return safe(text, MAX_RECORD)
+        msg = record.getMessage()
+        if not record.name.startswith("node"):
+            if not _log_phi:
+                msg = _QUOTED.sub("'<value>'", msg)
+            where = getattr(_context, "where", None)
+            msg = safe(msg, MAX_LIBRARY) + (f" [{safe(where)}]" if where else "")
+        else:
+            msg = safe(msg, MAX_RECORD)
+        record.message = msg
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        for extra in (self.formatException(record.exc_info) if record.exc_info else "",
+                      self.formatStack(record.stack_info) if record.stack_info else ""):
+            if extra:
+                text += " | " + " | ".join(safe(line, 1000) for line in extra.splitlines())
+        return safe(text, 3 * MAX_RECORD) if len(text) > 3 * MAX_RECORD else text
 
 
 def _showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: Any = None, line: str | None = None) -> None:
-    # library warnings (pydicom's validation, ...) quote data values: log them like everything else,
-    # cut to MAX_FIELD, under the module that warned
-    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, safe(message), filename, lineno)
+    # Python warnings of libraries go to the log like everything else (a logger outside "node":
+    # capped, quoted values hidden, the thread's context added), not to stderr
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
 
 
-def install(handler: logging.Handler, *, log_phi: bool = False) -> None:
-    """Give ``handler`` a :class:`SafeFormatter`, route Python warnings to logging, set ``log_phi``."""
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def install(handlers: Iterable[logging.Handler] | None = None, *, log_phi: bool | None = None,
+            fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    """Give ``handlers`` (default: the root logger's) a :class:`SafeFormatter`, route Python
+    warnings to logging (pydicom's are dropped there: it logs each one itself), set ``log_phi``."""
+    formatter = SafeFormatter(fmt)
+    for h in handlers if handlers is not None else logging.getLogger().handlers:
+        h.setFormatter(formatter)
     warnings.showwarning = _showwarning
-    set_log_phi(log_phi)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    if log_phi is not None:
+        set_log_phi(log_phi)

@@ -7,6 +7,7 @@ Every test also checks that the node still answers a well-behaved peer.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import socket
 import struct
@@ -472,4 +473,80 @@ def test_rescan_quarantine_reasons_say_what_was_wrong(tmp_path):
         assert good_echo(rx.port) == 0x0000
     finally:
         rx.stop()
+        store.close()
+
+
+# ---------------------------------------------------------------------------
+# logs (item 12): one line per record, capped, no PHI by default
+
+
+@pytest.fixture
+def safe_log():
+    """The root logger writing through node.logsafe's formatter into a buffer (as `serve` does)."""
+    import io
+    import warnings
+
+    from node import logsafe
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    root = logging.getLogger()
+    old_level = root.level
+    with warnings.catch_warnings():
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logsafe.install([handler], log_phi=False)
+        try:
+            yield buf
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+            logsafe.set_log_phi(False)
+
+
+def test_hostile_values_cannot_forge_or_flood_log_lines_and_phi_stays_out(node, tmp_path, raw_send, safe_log):
+    rx, store = node
+    uid = "1.2.826.0.1.3680043.8.498.17.7"
+    ds = ct_dataset(uid, name="A" * 9000 + "\r\n2026-01-01 00:00:00,000 INFO node: FORGED")
+    ds.PatientID = "PID4711\r\nFORGED2"
+    ds.StudyDate = "19700101x"  # an invalid DA: pydicom warns, quoting it
+    f = part10(tmp_path / "p.dcm", uid, EXPLICIT, encode(ds))
+    send_files(rx.port, [f])
+    # a calling AE title with CR/LF, in a raw A-ASSOCIATE-RQ (calling AE: bytes 26..42)
+    rq = bytearray(associate_rq_bytes())
+    rq[10:26] = b"WRONGAE\r\nFORGED3"
+    rq[26:42] = b"EVIL\r\nFORGED4   "
+    s = connect(rx.port)
+    s.sendall(bytes(rq))
+    closed_within(s, 2)
+    s.close()
+    assert good_echo(rx.port) == 0x0000
+    text = safe_log.getvalue()
+    lines = text.splitlines()
+    assert lines, "nothing logged"
+    stamp = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} [A-Z]+ ")
+    assert all(stamp.match(ln) for ln in lines), [ln[:120] for ln in lines if not stamp.match(ln)]
+    assert "FORGED" not in "".join(ln[:40] for ln in lines)
+    assert "A" * 600 not in text  # the 9000-character name is not logged whole
+    assert max(len(ln) for ln in lines) < 10000
+    assert "PID4711" not in text and "19700101x" not in text  # log_phi: false
+    assert any("pydicom" in ln and f"[SOP instance {uid}]" in ln for ln in lines), text  # names the instance
+    # pynetdicom refuses to decode those AE titles and logs the value, with a traceback: one line each
+    assert "Unable to decode the received PDU data" in text
+
+
+def test_share_paths_are_hidden_from_the_log_unless_log_phi(tmp_path):
+    from node import logsafe
+    from node.dispatcher import Dispatcher
+
+    config = NodeConfig(storage=tmp_path / "var", share={"root": tmp_path / "share"})
+    store = Store(config.database_path)
+    try:
+        d = Dispatcher(config, store)
+        text = f"dropped 3 file(s) in {tmp_path / 'share'}/PID4711/20240101_ACC/1_CT_bones/ (manifest.json)"
+        assert "PID4711" not in d._hide_share_paths(text) and "<phi>" in d._hide_share_paths(text)
+        logsafe.set_log_phi(True)
+        assert d._hide_share_paths(text) == text
+    finally:
+        logsafe.set_log_phi(False)
         store.close()

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # s
 from node.config import NodeConfig
 from node.dataset_check import image_problem, structure_problem, uid_problem
 from node.dicom_values import tags_from_dataset, uid_value
+from node.logsafe import log_context
 from node.scp.guard import ConnectionLimits, GuardedServer
 from node.scp.policy import AssociationPolicy
 from node.spool import Spool, missing_uids
@@ -208,6 +209,11 @@ class Receiver:
         return STATUS_SUCCESS
 
     def _on_store(self, event: Any) -> int:
+        # library log lines caused by this instance (pydicom's value warnings) name it
+        with log_context(f"SOP instance {str(event.request.AffectedSOPInstanceUID or '')[:64]}"):
+            return self._store(event)
+
+    def _store(self, event: Any) -> int:
         req = event.request
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title or "").strip()
