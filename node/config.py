@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from node.errors import InputError
@@ -28,6 +28,7 @@ __all__ = [
     "NetworkTimeouts",
     "ConnectionLimitsConfig",
     "DiskConfig",
+    "TLSConfig",
     "ModelsConfig",
     "NodeConfig",
     "load_config",
@@ -85,6 +86,10 @@ class Destination(_Model):
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    """Send over TLS (its certificate checked against ``tls.ca_certificates``, ours presented)."""
+    server_name: str | None = None
+    """The name its certificate must carry (default: ``host``)."""
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
     _port = field_validator("port")(lambda cls, v: _check_port(v))
@@ -155,6 +160,37 @@ class ConnectionLimitsConfig(_Model):
     """Connections open at a time from one address (associated or not)."""
 
 
+class TLSConfig(_Model):
+    """DICOM TLS (node/scp/tls.py): the receiver's TLS port and what the sender presents."""
+
+    certificate: Path
+    """Our certificate (PEM; the chain after it)."""
+    key: Path
+    """Its private key (PEM, unencrypted; readable by the node only)."""
+    ca_certificates: Path | None = None
+    """The CAs whose certificates we trust (PEM): peers sending to us, and TLS destinations."""
+    require_client_certificate: bool = True
+    """A peer must present a certificate signed by one of ``ca_certificates``."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    max_version: Literal["1.2", "1.3"] | None = None
+    port: int = 2762
+    """The TLS port (2762: DICOM over TLS)."""
+    plain_port: bool = True
+    """Keep listening on ``port`` (the node's plain port) beside the TLS port; false: TLS only."""
+    expiry_warning_days: int = Field(30, ge=0)
+    """Warn (at start and daily) when our certificate expires within this many days."""
+
+    _port = field_validator("port")(lambda cls, v: _check_port(v))
+
+    @model_validator(mode="after")
+    def _client_cert_needs_ca(self) -> "TLSConfig":
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate: true needs ca_certificates (the CAs to check them with)")
+        if self.max_version and float(self.max_version) < float(self.min_version):
+            raise ValueError(f"max_version {self.max_version} is below min_version {self.min_version}")
+        return self
+
+
 class DiskConfig(_Model):
     """Free space on the storage volume (see docs/architecture.md, "Disk full")."""
 
@@ -220,6 +256,8 @@ class NodeConfig(_Model):
     dir_mode: int = 0o750
     """Mode of the folders it creates."""
     log_phi: bool = False
+    tls: TLSConfig | None = None
+    """DICOM TLS (none: plain DICOM only)."""
     """Log patient names, IDs, dates and share paths made of them (default: UIDs and job ids only)."""
     disk: DiskConfig = Field(default_factory=DiskConfig)
     incomplete_series_wait_s: float = Field(3600.0, ge=0)
@@ -384,6 +422,15 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
         value = getattr(cfg.models, attr)
         if value is not None:
             setattr(cfg.models, attr, _resolve(value, base))
+    if cfg.tls is not None:
+        for attr in ("certificate", "key", "ca_certificates"):
+            value = getattr(cfg.tls, attr)
+            if value is None:
+                continue
+            resolved = _resolve(value, base)
+            if not resolved.is_file():
+                raise ConfigError(f"no such file: {resolved}", path=where, tag=f"tls.{attr}")
+            setattr(cfg.tls, attr, resolved)
     for key in ("rules", "profiles"):
         value = getattr(cfg, key)
         if key in explicit:

@@ -21,6 +21,7 @@ from node.jobs import resolve_origin
 from node.logsafe import log_phi_enabled
 from node.routing.rules import ORIGIN
 from node.scp.sender import DestinationUnavailable, send_datasets
+from node.scp.tls import client_context
 from node.share import ShareFile, Superseded, drop, validate_template
 from node.store import Dispatch, Job, Store
 
@@ -261,8 +262,9 @@ class Dispatcher:
             _, seg, _, _ = self._result_files(job)
         if seg is None:
             raise PermanentDispatchError(f"job {job.id} produced no SEG to send")
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-        result = send_datasets([seg], dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts)
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if dest.tls else "")
+        tls = client_context(self.config.tls) if dest.tls else None
+        result = send_datasets([seg], dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts, tls=tls)
         if not result.ok:
             raise NodeError(f"{where}: {result.summary()}")  # peer's failure status: retried with backoff
         sops = ", ".join(i.sop_instance_uid for i in result.sent)

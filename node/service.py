@@ -25,6 +25,7 @@ from node.profiles import list_profiles
 from node.router import Router
 from node.routing.rules import RuleSetHolder
 from node.scp.receiver import Receiver
+from node.scp.tls import expiry_warning
 from node.spool import Spool
 from node.store import Store
 
@@ -116,6 +117,13 @@ class NodeService:
         assert self.store is not None
         Spool(self.config.spool_dir, self.config.quarantine_dir).clean(self.store, self.config.spool_retention_days)
 
+    def check_certificate(self) -> None:
+        """Warn when the TLS certificate expires soon (``tls.expiry_warning_days``)."""
+        if self.config.tls is not None:
+            warning = expiry_warning(self.config.tls)
+            if warning:
+                log.warning("%s", warning)
+
     # -- lifecycle
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -154,8 +162,11 @@ class NodeService:
         sched.add_job(self.reload_rules, "interval", seconds=2, id="rules-reload")
         sched.add_job(self.run_dispatch, "interval", seconds=2, id="dispatch")
         sched.add_job(self.clean_spool, "interval", hours=1, id="spool-retention")
+        if cfg.tls is not None:
+            sched.add_job(self.check_certificate, "interval", hours=24, id="tls-certificate")
         sched.start()
         self.clean_spool()
+        self.check_certificate()
 
     def stop(self) -> None:
         """Stop everything (idempotent)."""

@@ -42,6 +42,7 @@ from node.dicom_values import tags_from_dataset, uid_value
 from node.logsafe import log_context
 from node.scp.guard import ConnectionLimits, GuardedServer
 from node.scp.policy import AssociationPolicy
+from node.scp.tls import server_context
 from node.spool import Spool, missing_uids
 from node.store import InstanceRecord, Store
 
@@ -121,7 +122,9 @@ class Receiver:
         self.store = store
         self.spool = Spool(config.spool_dir, config.quarantine_dir)
         self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations)
-        self._server: Any = None
+        self._server: GuardedServer | None = None
+        self._tls_server: GuardedServer | None = None
+        self._servers: list[GuardedServer] = []
         self._stats_lock = threading.Lock()
         #: counters since start: stored, duplicates, refused, index_errors
         self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0, "index_errors": 0}
@@ -145,7 +148,7 @@ class Receiver:
         return ae
 
     def start(self, *, rescan: bool = True) -> None:
-        if self._server is not None:
+        if self._servers:
             return
         self.spool.create()
         if rescan:
@@ -155,10 +158,17 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._serve(ae, self.config.port, handlers, None)
+        tls = self.config.tls
+        if tls is None or tls.plain_port:
+            self._server = self._serve(ae, self.config.port, handlers, None)
+            self._servers.append(self._server)
+        if tls is not None:
+            self._tls_server = self._serve(ae, tls.port, handlers, server_context(tls))
+            self._servers.append(self._tls_server)
         log.info(
-            "receiver %s listening on %s:%s (spool %s)", self.config.ae_title, self.config.bind_address, self.port,
-            self.spool.spool_dir,
+            "receiver %s listening on %s:%s%s (spool %s)", self.config.ae_title, self.config.bind_address,
+            self.port if self._server is not None else "-",
+            f", TLS on port {self.tls_port}" if self._tls_server is not None else "", self.spool.spool_dir,
         )
 
     def connection_limits(self) -> ConnectionLimits:
@@ -182,9 +192,10 @@ class Receiver:
         return server
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
+        self._server = self._tls_server = None
 
     def __enter__(self) -> "Receiver":
         self.start()
@@ -195,10 +206,17 @@ class Receiver:
 
     @property
     def port(self) -> int:
-        """The port actually listened on (useful with ``port: 0``)."""
+        """The plain port actually listened on (useful with ``port: 0``)."""
         if self._server is None:
             return int(self.config.port)
         return int(self._server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS port actually listened on (None: no TLS)."""
+        if self._tls_server is None:
+            return self.config.tls.port if self.config.tls is not None else None
+        return int(self._tls_server.server_address[1])
 
     def _count(self, key: str) -> None:
         with self._stats_lock:
