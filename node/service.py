@@ -72,7 +72,7 @@ class NodeService:
         """Completion sweep, then route every complete series; wakes the pool when jobs were created."""
         assert self.store is not None and self.router is not None
         with self._route_lock:
-            sweep(self.store, self.config.quiet_period_s)
+            sweep(self.store, self.config.quiet_period_s, refused_wait_s=self.config.incomplete_series_wait_s)
             outcomes = self.router.route_pending()
             if self.config.early_start_enabled:
                 outcomes += self.router.route_early(self.config.early_start_s)

@@ -164,13 +164,14 @@ _MIGRATIONS: tuple[str, ...] = (
     "UPDATE jobs SET resource = CASE WHEN backend IN ('totalsegmentator','nnunet','monai') THEN 'gpu' ELSE 'cpu' END"
     " WHERE resource IS NULL",
     # 5 -> 6: hardening (issue 17).  series.conflicts counts SOP instances re-sent with other
-    # content; series.refused_count / refused_at: instances of the series the receiver refused for
-    # want of resources (disk full), which hold its completion; series.incomplete = 1 once it was
-    # completed anyway (after ``incomplete_series_wait_s``).
+    # content; refused_instances: instances the receiver refused for want of resources (disk
+    # full), until they are received after all: they hold the completion of their series;
+    # series.incomplete = 1 once it was completed without them (after ``incomplete_series_wait_s``).
     "@add_column series conflicts INTEGER NOT NULL DEFAULT 0;"
-    " @add_column series refused_count INTEGER NOT NULL DEFAULT 0;"
-    " @add_column series refused_at REAL;"
-    " @add_column series incomplete INTEGER NOT NULL DEFAULT 0",
+    " @add_column series incomplete INTEGER NOT NULL DEFAULT 0;"
+    " CREATE TABLE IF NOT EXISTS refused_instances (sop_instance_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL,"
+    " study_uid TEXT, refused_at REAL NOT NULL, reason TEXT);"
+    " CREATE INDEX IF NOT EXISTS refused_instances_series ON refused_instances(series_uid)",
 )
 
 
@@ -274,9 +275,7 @@ class Series:
     error: str | None
     tags: dict[str, Any]  #: rule tags of the first instance received
     conflicts: int = 0  #: SOP instances re-sent with different content (see ``duplicates`` in node.yaml)
-    refused_count: int = 0  #: instances the receiver refused for want of resources (disk full)
-    refused_at: float | None = None  #: when it last did
-    incomplete: bool = False  #: completed although instances were refused (after the wait)
+    incomplete: bool = False  #: completed although instances refused for want of space never came again
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Series":
@@ -462,6 +461,7 @@ class Store:
         now = rec.received_at if rec.received_at is not None else time.time()
         tags = json.dumps(dict(rec.tags), sort_keys=True)
         with self.transaction() as c:
+            c.execute("DELETE FROM refused_instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
             cur = c.execute(
                 "UPDATE instances SET received_count = received_count + 1, last_received_at = ?"
                 " WHERE sop_instance_uid = ?",
@@ -570,6 +570,37 @@ class Store:
                 (now, series_uid),
             )
 
+    def record_refusal(self, sop_instance_uid: str, series_uid: str, study_uid: str, reason: str,
+                       *, now: float | None = None) -> None:
+        """An instance refused for want of resources (disk full): its series is not completed until
+        it is received after all (see :meth:`refused_instances`).  A series not seen before gets
+        its row (``receiving``, no instances), so the instances that do arrive later wait for it."""
+        t = now if now is not None else time.time()
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO refused_instances (sop_instance_uid, series_uid, study_uid, refused_at, reason)"
+                " VALUES (?,?,?,?,?) ON CONFLICT(sop_instance_uid) DO UPDATE SET refused_at = excluded.refused_at,"
+                " reason = excluded.reason",
+                (sop_instance_uid, series_uid, study_uid, t, reason),
+            )
+            c.execute(
+                "INSERT OR IGNORE INTO series (series_uid, study_uid, first_received_at, last_received_at,"
+                " instance_count, state, state_changed_at, tags) VALUES (?,?,?,?,0,'receiving',?,'{}')",
+                (series_uid, study_uid, t, t, t),
+            )
+
+    def refused_instances(self, series_uid: str) -> list[tuple[str, float, str]]:
+        """``(SOP Instance UID, refused at, reason)`` of the series' instances refused for want of
+        resources and not received since."""
+        rows = self.conn.execute(
+            "SELECT sop_instance_uid, refused_at, reason FROM refused_instances WHERE series_uid = ?"
+            " ORDER BY refused_at", (series_uid,)).fetchall()
+        return [(str(r[0]), float(r[1]), str(r[2] or "")) for r in rows]
+
+    def mark_incomplete(self, series_uid: str) -> None:
+        """The series was completed without instances refused for want of resources."""
+        self.conn.execute("UPDATE series SET incomplete = 1 WHERE series_uid = ?", (series_uid,))
+
     def get_instance(self, sop_instance_uid: str) -> Instance | None:
         r = self.conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
         return Instance._from(r) if r else None
@@ -606,10 +637,12 @@ class Store:
         return [Series._from(r) for r in rows]
 
     def quiet_series(self, quiet_period_s: float, now: float | None = None) -> list[Series]:
-        """Series still ``receiving`` whose last (persisted) receive is at least ``quiet_period_s`` old."""
+        """Series still ``receiving`` whose last (persisted) receive is at least ``quiet_period_s`` old
+        (and that hold an instance: a series of refused instances only has none)."""
         cutoff = (now if now is not None else time.time()) - quiet_period_s
         rows = self.conn.execute(
-            "SELECT * FROM series WHERE state = 'receiving' AND last_received_at <= ? ORDER BY last_received_at",
+            "SELECT * FROM series WHERE state = 'receiving' AND last_received_at <= ? AND instance_count > 0"
+            " ORDER BY last_received_at",
             (cutoff,),
         ).fetchall()
         return [Series._from(r) for r in rows]

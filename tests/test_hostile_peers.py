@@ -12,6 +12,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -549,4 +550,98 @@ def test_share_paths_are_hidden_from_the_log_unless_log_phi(tmp_path):
         assert d._hide_share_paths(text) == text
     finally:
         logsafe.set_log_phi(False)
+        store.close()
+
+
+# ---------------------------------------------------------------------------
+# faults (item 14): the disk fills up during a send
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path):
+    """A 6 MiB tmpfs mounted for the test (root only)."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(vol)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield vol
+    finally:
+        subprocess.run(["umount", "-l", str(vol)], capture_output=True)
+
+
+def big_ct(tmp_path: Path, n: int) -> list[Path]:
+    import numpy as np
+
+    files = []
+    for i in range(n):
+        uid = f"1.2.826.0.1.3680043.8.498.17.14.{i + 1}"
+        ds = ct_dataset(uid)
+        ds.Rows = ds.Columns = 362  # ~256 KiB of pixels
+        ds.PixelData = np.full((362, 362), i, dtype=np.int16).tobytes()
+        files.append(part10(tmp_path / f"big{i}.dcm", uid, EXPLICIT, encode(ds)))
+    return files
+
+
+def test_disk_full_refuses_instances_and_associations_and_holds_the_series(small_volume, tmp_path, raw_send,
+                                                                          caplog):
+    from node.completion import sweep
+
+    caplog.set_level(logging.INFO)
+    rx, store = make_receiver(small_volume, disk={"warn_free_mib": 4, "reserve_free_mib": 2,
+                                                  "check_interval_s": 0.01})
+    try:
+        files = big_ct(tmp_path, 24)
+        statuses = send_files(rx.port, files)
+        stored = statuses.count(0)
+        assert 0 < stored < len(files) and statuses == [0] * stored + [0xA700] * (len(files) - stored), statuses
+        assert "only" in caplog.text and "MiB free (warning below 4 MiB" in caplog.text  # warned before
+        assert "below the reserve of 2 MiB" in caplog.text
+        refused = store.refused_instances(SERIES)
+        assert len(refused) == len(files) - stored
+        # a new association is refused: out of resources (transient, temporary congestion)
+        assoc = scu().associate("127.0.0.1", rx.port, ae_title="DICOMNODE", bind_address=(GOOD_PEER, 0))
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert rj is not None and (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x01)
+        # the partial series is not completed while it waits for the refused instances ...
+        assert sweep(store, 0.0, refused_wait_s=3600) == []
+        # ... space comes back (the operator cleans up), the sender sends the refused ones again
+        for p in rx.spool.spool_dir.rglob("*.dcm"):
+            p.unlink()  # stands in for retention / another volume's cleanup
+        store.conn.execute("DELETE FROM instances")
+        store.conn.execute("UPDATE series SET instance_count = 0")
+        time.sleep(0.05)
+        assert good_echo(rx.port) == 0x0000  # available again
+        assert send_files(rx.port, files[stored:]) == [0] * (len(files) - stored)
+        assert store.refused_instances(SERIES) == []
+        assert sweep(store, 0.0, refused_wait_s=3600) == [SERIES]
+        series = store.get_series(SERIES)
+        assert series is not None and not series.incomplete
+    finally:
+        rx.stop()
+        store.close()
+
+
+def test_series_with_refused_instances_is_routed_incomplete_after_the_wait(tmp_path):
+    from node.completion import sweep
+    from node.store import InstanceRecord
+
+    store = Store(tmp_path / "node.db")
+    try:
+        now = time.time()
+        store.record_instance(InstanceRecord(sop_instance_uid="1.2.3.1", sop_class_uid=CTImageStorage,
+                                             series_uid="1.2.3", study_uid="1.2", path="/x/1.dcm",
+                                             transfer_syntax=EXPLICIT, size=1, received_at=now - 100))
+        store.record_refusal("1.2.3.2", "1.2.3", "1.2", "disk full", now=now - 100)
+        store.record_refusal("9.9.9.1", "9.9.9", "9.9", "disk full", now=now - 100)  # a series with none received
+        assert sweep(store, 10.0, now=now, refused_wait_s=1000) == []
+        assert sweep(store, 10.0, now=now, refused_wait_s=50) == ["1.2.3"]  # the one with nothing stays
+        s = store.get_series("1.2.3")
+        assert s is not None and s.incomplete
+        out = subprocess.run([sys.executable, "-m", "node.cli", "jobs", "series", "--db", str(store.path)],
+                             capture_output=True, text=True, timeout=60)
+        assert "INCOMPLETE" in out.stdout and "1 instance(s) refused for want of space" in out.stdout, out.stdout
+    finally:
         store.close()

@@ -12,11 +12,12 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pynetdicom import evt
 
-__all__ = ["AssociationPolicy", "Refusal", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "REJECT_LIMIT"]
+__all__ = ["AssociationPolicy", "Refusal", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "REJECT_LIMIT",
+           "REJECT_CONGESTION"]
 
 log = logging.getLogger("node.scp.policy")
 
@@ -24,6 +25,7 @@ log = logging.getLogger("node.scp.policy")
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_LIMIT = (0x02, 0x03, 0x02)
+REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class AssociationPolicy:
     called AE is not ours          0x01    0x01    0x07  rejected-permanent, service-user, called AE not recognised
     calling AE not on allow-list   0x01    0x01    0x03  rejected-permanent, service-user, calling AE not recognised
     too many associations          0x02    0x03    0x02  rejected-transient, service-provider (presentation), local limit exceeded
+    out of resources (disk)        0x02    0x03    0x01  rejected-transient, service-provider (presentation), temporary congestion
     =============================  ======  ======  ======
 
     An empty allow-list allows every calling AE.  An allow-list entry with a ``host`` only
@@ -72,9 +75,12 @@ class AssociationPolicy:
             (e.g. :class:`node.config.AllowedAE`) or ``(ae_title, host)``
             tuples; empty allows everyone.
         max_associations: most concurrent inbound associations.
+        out_of_resources: says why nothing can be received now (e.g. the disk below its
+            reserve, :meth:`node.disk.DiskWatch.out_of_space`), or None.
     """
 
-    def __init__(self, ae_title: str, allowed_calling_aes: Iterable[Any] = (), max_associations: int = 10) -> None:
+    def __init__(self, ae_title: str, allowed_calling_aes: Iterable[Any] = (), max_associations: int = 10,
+                 out_of_resources: Callable[[], str | None] | None = None) -> None:
         self.ae_title = ae_title.strip()
         allowed: list[tuple[str, str | None]] = []
         for entry in allowed_calling_aes:
@@ -86,6 +92,7 @@ class AssociationPolicy:
         self.max_associations = max_associations
         self._lock = threading.Lock()
         self._admitted: list[Any] = []
+        self.out_of_resources = out_of_resources
 
     def check(self, called_ae: str, calling_ae: str, address: str, active: int) -> Refusal | None:
         """Decide on one request; ``active`` counts inbound associations including this one."""
@@ -103,6 +110,9 @@ class AssociationPolicy:
                 )
         if active > self.max_associations:
             return Refusal(REJECT_LIMIT, f"too many associations ({active - 1} open, limit {self.max_associations})")
+        full = self.out_of_resources() if self.out_of_resources is not None else None
+        if full:
+            return Refusal(REJECT_CONGESTION, f"out of resources: {full}")
         return None
 
     # -- pynetdicom glue ---------------------------------------------------

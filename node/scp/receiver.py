@@ -37,6 +37,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
 
 from node.config import NodeConfig
+from node.disk import DiskWatch
 from node.dataset_check import image_problem, structure_problem, uid_problem
 from node.dicom_values import tags_from_dataset, uid_value
 from node.logsafe import log_context
@@ -121,7 +122,9 @@ class Receiver:
         self.config = config
         self.store = store
         self.spool = Spool(config.spool_dir, config.quarantine_dir)
-        self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations)
+        self.disk = DiskWatch(config.storage, config.disk)
+        self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations,
+                                        out_of_resources=self.disk.out_of_space)
         self._server: GuardedServer | None = None
         self._tls_server: GuardedServer | None = None
         self._servers: list[GuardedServer] = []
@@ -221,6 +224,17 @@ class Receiver:
     def _count(self, key: str) -> None:
         with self._stats_lock:
             self.stats[key] += 1
+
+    def _refuse_for_resources(self, who: str, sop_uid: str, series_uid: str, study_uid: str, reason: str) -> int:
+        """0xA700, and the instance recorded as refused: its series waits for it to be sent again."""
+        self._count("refused")
+        log.error("C-STORE refused (0x%04X, out of resources) %s: SOP instance %s: %s; series %s waits for it "
+                  "to be sent again", STATUS_OUT_OF_RESOURCES, who, sop_uid, reason, series_uid)
+        try:
+            self.store.record_refusal(sop_uid, series_uid, study_uid, reason)
+        except Exception:  # a full disk may refuse the database too: the log line above is what is left
+            log.exception("C-STORE %s: cannot record the refusal of %s", who, sop_uid)
+        return STATUS_OUT_OF_RESOURCES
 
     # -- handlers --------------------------------------------------------
     def _on_echo(self, event: Any) -> int:
@@ -325,11 +339,13 @@ class Receiver:
                                           sop=cmd_inst, sop_class=cmd_class, ts=ts)
                     return STATUS_SUCCESS
         if not duplicate_file or replacing:
+            full = self.disk.out_of_space()
+            if full:
+                return self._refuse_for_resources(who, sop_uid, series_uid, study_uid, full)
             try:
                 self.spool.write(path, data)
             except OSError as exc:
-                log.error("C-STORE %s: cannot write %s: %s", who, path, exc)
-                return STATUS_OUT_OF_RESOURCES
+                return self._refuse_for_resources(who, sop_uid, series_uid, study_uid, f"cannot write {path}: {exc}")
 
         # the file is durable: from here on the answer is success
         try:
