@@ -50,6 +50,8 @@ _SMALL_PDU = 64
 #: A-ABORT source 2 (service provider), reasons 1 (unrecognised PDU) and 6 (invalid PDU parameter value)
 _ABORT_UNRECOGNISED = 0x01
 _ABORT_INVALID_PARAMETER = 0x06
+#: Linux only; the setting does not stick, so it is set again after every read
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._peer = peer
         if guarded.socket is not None:
             guarded.socket.settimeout(server.limits.network_s)  # sends: a peer that never reads is dropped
+            guarded.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return guarded
 
     @property
@@ -156,6 +159,13 @@ class GuardedAssociationSocket(AssociationSocket):
             if not chunk:
                 return buf
             buf += chunk
+            if _QUICKACK is not None:
+                # acknowledge at once: a peer with Nagle's algorithm on (pynetdicom, for one) holds
+                # the last small segment of a message until our (delayed, ~40 ms) ACK comes
+                try:
+                    raw.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                except OSError:
+                    pass
         if raw is not None:
             raw.settimeout(self._limits.network_s)
         return buf
