@@ -109,6 +109,7 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
     acked: list[str] = []
     failed = 0
     series: list[str] = []
+    aborts: list[str] = []
     while time.time() < until:
         study, ser = generate_uid(), generate_uid()
         assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
@@ -118,17 +119,28 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
             continue
         series.append(ser)
         for ds in template:
+            if not assoc.is_established:  # aborted: the rest of this series is not sent
+                failed += 1
+                continue
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, ser
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             t = time.perf_counter()
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:  # noqa: BLE001 - counted; the association is gone
+                aborts.append(f"{type(exc).__name__}: {exc}"[:200])
+                failed += 1
+                continue
             times.append(time.perf_counter() - t)
             if status and int(status.Status) == 0:
                 acked.append(str(ds.SOPInstanceUID))
             else:
                 failed += 1
-        assoc.release()
-    out.put((idx, times, acked, failed, series))
+        if assoc.is_established:
+            assoc.release()
+        elif not aborts or aborts[-1] != "aborted":
+            aborts.append("aborted")
+    out.put((idx, times, acked, failed, series, aborts))
 
 
 # -- hostile connections ----------------------------------------------------------------------
@@ -251,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         while time.time() < until:
             time.sleep(5)
             cpu.append(psutil.cpu_percent(None))
-        results = [q.get(timeout=300) for _ in procs]
+        results = [q.get(timeout=600) for _ in procs]
         for p in procs:
             p.join(60)
         hostile_thread.join(120)
@@ -259,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         acked = [u for r in results for u in r[2]]
         refused = sum(r[3] for r in results)
         series = [u for r in results for u in r[4]]
-        print(f"C-STORE: {len(times)} sent, {len(acked)} acknowledged 0x0000, {refused} not acknowledged")
+        aborts = [a for r in results for a in r[5]]
+        print(f"C-STORE: {len(times)} sent, {len(acked)} acknowledged 0x0000, {refused} not acknowledged; "
+              f"{len(aborts)} association(s) aborted{': ' + aborts[0] if aborts else ''}")
         if times:
             p50 = statistics.median(times) * 1000
             p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1000
