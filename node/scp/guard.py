@@ -89,7 +89,6 @@ class GuardedAssociationSocket(AssociationSocket):
     _connected_at: float
     _associated: bool
     _want_header: bool
-    _body_left: int
     _deadline: float
     _dropped: bool
     _peer: str
@@ -105,7 +104,6 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._connected_at = time.monotonic()
         guarded._associated = False
         guarded._want_header = True
-        guarded._body_left = 0
         guarded._deadline = 0.0
         guarded._dropped = False
         guarded._peer = peer
@@ -197,7 +195,6 @@ class GuardedAssociationSocket(AssociationSocket):
                     raise _Violation(f"PDU type 0x{pdu_type:02X} claims {length} bytes (limit {cap - 6})",
                                      _ABORT_INVALID_PARAMETER)
                 self._want_header = False
-                self._body_left = length
                 return header
             body = self._read(nr_bytes)
             self._want_header = True
