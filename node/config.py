@@ -35,6 +35,9 @@ __all__ = [
     "KnownAE",
     "ShareConfig",
     "NetworkTimeouts",
+    "ConnectionLimitsConfig",
+    "DiskConfig",
+    "TLSConfig",
     "ModelsConfig",
     "NodeConfig",
     "load_config",
@@ -92,6 +95,10 @@ class Destination(_Model):
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    """Send over TLS (its certificate checked against ``tls.ca_certificates``, ours presented)."""
+    server_name: str | None = None
+    """The name its certificate must carry (default: ``host``)."""
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
     _port = field_validator("port")(lambda cls, v: _check_port(v))
@@ -239,6 +246,71 @@ class NetworkTimeouts(_Model):
     connect_s: float = Field(10.0, gt=0)
 
 
+class ConnectionLimitsConfig(_Model):
+    """What one connection may hold before it associates (see node/scp/guard.py)."""
+
+    max_request_pdu_kib: int = Field(64, ge=4, le=1024)
+    """Largest A-ASSOCIATE-RQ accepted (KiB)."""
+    max_pdu_kib: int = Field(4096, ge=16, le=65536)
+    """The maximum PDU length the receiver advertises (KiB); longer P-DATA PDUs abort the association."""
+    max_pending_connections: int = Field(32, ge=1)
+    """Connections that have not associated yet; the oldest is dropped to admit a new one."""
+    max_connections_per_peer: int = Field(24, ge=1)
+    """Connections open at a time from one address (associated or not)."""
+
+
+class TLSConfig(_Model):
+    """DICOM TLS (node/scp/tls.py): the receiver's TLS port and what the sender presents."""
+
+    certificate: Path
+    """Our certificate (PEM; the chain after it)."""
+    key: Path
+    """Its private key (PEM, unencrypted; readable by the node only)."""
+    ca_certificates: Path | None = None
+    """The CAs whose certificates we trust (PEM): peers sending to us, and TLS destinations."""
+    require_client_certificate: bool = True
+    """A peer must present a certificate signed by one of ``ca_certificates``."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    max_version: Literal["1.2", "1.3"] | None = None
+    port: int = 2762
+    """The TLS port (2762: DICOM over TLS)."""
+    plain_port: bool = True
+    """Keep listening on ``port`` (the node's plain port) beside the TLS port; false: TLS only."""
+    expiry_warning_days: int = Field(30, ge=0)
+    """Warn (at start and daily) when our certificate expires within this many days."""
+
+    _port = field_validator("port")(lambda cls, v: _check_port(v))
+
+    @model_validator(mode="after")
+    def _client_cert_needs_ca(self) -> "TLSConfig":
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate: true needs ca_certificates (the CAs to check them with)")
+        if self.max_version and float(self.max_version) < float(self.min_version):
+            raise ValueError(f"max_version {self.max_version} is below min_version {self.min_version}")
+        return self
+
+
+class DiskConfig(_Model):
+    """Free space on the storage volume (see docs/architecture.md, "Disk full")."""
+
+    warn_free_mib: int = Field(2048, ge=0)
+    """Below this much free space the node logs a warning (once per crossing, and every hour)."""
+    reserve_free_mib: int = Field(512, ge=0)
+    """Below this the receiver refuses new associations (out of resources) and C-STOREs (0xA700):
+    the rest is kept for results."""
+    check_interval_s: float = Field(5.0, gt=0)
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+        value = int(value.replace("o", ""), 8)
+    if not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError(f"must be a permission mode like '0640' (got {value!r})")
+    if value & 0o002:
+        raise ValueError(f"must not be writable by everyone (got {value:04o})")
+    return value
+
+
 def _default_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
@@ -272,7 +344,24 @@ class NodeConfig(_Model):
     known_aes: dict[str, KnownAE] = Field(default_factory=dict)
     max_associations: int = Field(10, ge=1)
     timeouts: NetworkTimeouts = Field(default_factory=NetworkTimeouts)
+    limits: ConnectionLimitsConfig = Field(default_factory=ConnectionLimitsConfig)
     spool_retention_days: float = Field(7.0, ge=0)
+    duplicates: Literal["keep_first", "keep_last", "quarantine"] = "keep_first"
+    """A SOP instance re-sent with *different* content: keep the first copy, replace it by the new
+    one (the series is processed again), or keep the first and quarantine the second.  Either way
+    it is logged as a warning naming what differs and counted on the series."""
+    file_mode: int = 0o640
+    """Mode of every file the node writes (spool, quarantine, results, share): patient data."""
+    dir_mode: int = 0o750
+    """Mode of the folders it creates."""
+    log_phi: bool = False
+    tls: TLSConfig | None = None
+    """DICOM TLS (none: plain DICOM only)."""
+    """Log patient names, IDs, dates and share paths made of them (default: UIDs and job ids only)."""
+    disk: DiskConfig = Field(default_factory=DiskConfig)
+    incomplete_series_wait_s: float = Field(3600.0, ge=0)
+    """A series with instances refused for want of resources waits this long for them to be sent
+    again before it is completed anyway, marked incomplete."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
@@ -292,6 +381,11 @@ class NodeConfig(_Model):
         if not 0 <= v <= 65535:
             raise ValueError(f"must be 1..65535, or 0 for any free port (got {v})")
         return v
+
+    @field_validator("file_mode", "dir_mode", mode="before")
+    @classmethod
+    def _modes(cls, v: Any) -> int:
+        return _mode(v)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -430,6 +524,15 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
         value = getattr(cfg.models, attr)
         if value is not None:
             setattr(cfg.models, attr, _resolve(value, base))
+    if cfg.tls is not None:
+        for attr in ("certificate", "key", "ca_certificates"):
+            value = getattr(cfg.tls, attr)
+            if value is None:
+                continue
+            resolved = _resolve(value, base)
+            if not resolved.is_file():
+                raise ConfigError(f"no such file: {resolved}", path=where, tag=f"tls.{attr}")
+            setattr(cfg.tls, attr, resolved)
     for key in ("rules", "profiles"):
         value = getattr(cfg, key)
         if key in explicit:

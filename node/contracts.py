@@ -245,6 +245,7 @@ class ProcessInfo:
     log_level: str
     node_pid: int  #: the node process, watched by the job process (with its start time)
     node_started: float
+    log_phi: bool = False  #: node.yaml's ``log_phi``
 
 
 @dataclass(frozen=True)
@@ -262,3 +263,5 @@ class JobSpec:
     decode_workers: int | None
     models: ModelsConfig  #: node.yaml's ``models`` (``device: cuda`` in a GPU slot)
     outputs: OutputOptions = OutputOptions()  #: the result objects beside the SEG the rule asked for
+    file_mode: int = 0o640  #: node.yaml's ``file_mode`` / ``dir_mode`` for what the try writes
+    dir_mode: int = 0o750

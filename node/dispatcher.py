@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from node.dicomweb import stow, stow_auth
 from node.errors import InputError, NodeError
 from node.jobs import resolve_origin
 from node.pipeline.outputs.options import dicom_objects
+from node.logsafe import log_phi_enabled
 from node.routing.rules import ORIGIN
 from node.scp.sender import DestinationUnavailable, send_datasets
+from node.scp.tls import client_context
 from node.share import ShareFile, Superseded, drop, validate_template
 from node.store import Dispatch, Job, Store
 
@@ -149,16 +152,18 @@ class Dispatcher:
     ) -> DispatchOutcome:
         detail = _one_line(detail)
         what = f"dispatch {d.id} (job {d.job_id}, {d.kind} -> {d.destination}, attempt {d.attempts})"
+        # share folders are made of patient IDs, names and dates: the log shows them only with log_phi
+        shown, shown_at = self._hide_share_paths(detail), self._hide_share_paths(location or "")
         if state == DispatchState.SENT:
             ok = self.store.mark_dispatch_sent(d.id)
-            log.info("%s sent%s: %s", what, f" -> {location}" if location and location not in detail else "", detail)
+            log.info("%s sent%s: %s", what, f" -> {shown_at}" if location and location not in detail else "", shown)
         else:
             new = self.store.mark_dispatch_failed(d.id, detail, retry_at=retry_at)
             ok = new is not None
             if state == DispatchState.PENDING:
-                log.warning("%s failed, retry in %.0f s: %s", what, (retry_at or 0) - time.time(), detail)
+                log.warning("%s failed, retry in %.0f s: %s", what, (retry_at or 0) - time.time(), shown)
             else:
-                log.error("%s failed for good: %s", what, detail)
+                log.error("%s failed for good: %s", what, shown)
         if not ok:  # someone else finished it (lease expired and another dispatcher took over)
             log.warning("%s: no longer pending when recording %s", what, state)
         try:
@@ -169,6 +174,12 @@ class Dispatcher:
         except Exception:  # the log is informative; the state change above is what counts
             log.exception("cannot record the attempt of %s", what)
         return DispatchOutcome(d.id, d.job_id, d.kind, d.destination, d.attempts, state, detail, location, retry_at)
+
+    def _hide_share_paths(self, text: str) -> str:
+        if log_phi_enabled() or not text:
+            return text
+        root = str(self.config.share.root).rstrip("/")
+        return re.sub(re.escape(root) + r"/[^\s'\"]*", root + "/<phi>", text)
 
     # -- result files -------------------------------------------------------
     @staticmethod
@@ -258,8 +269,9 @@ class Dispatcher:
             raise PermanentDispatchError(f"job {job.id} produced no SEG to send")
         if isinstance(dest, StowDestination):
             return self._stow(job, dest, [seg])
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-        result = send_datasets([seg], dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts)
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if dest.tls else "")
+        tls = client_context(self.config.tls) if dest.tls else None
+        result = send_datasets([seg], dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts, tls=tls)
         if not result.ok:
             raise NodeError(f"{where}: {result.summary()}")  # peer's failure status: retried with backoff
         sops = ", ".join(i.sop_instance_uid for i in result.sent)
@@ -282,8 +294,9 @@ class Dispatcher:
             raise PermanentDispatchError(f"job {job.id} wrote none of the outputs its rule asks for")
         if isinstance(dest, StowDestination):
             return self._stow(job, dest, files)
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-        result = send_datasets(files, dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts)
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if dest.tls else "")
+        tls = client_context(self.config.tls) if dest.tls else None
+        result = send_datasets(files, dest, calling_ae=self.config.ae_title, timeouts=self.config.timeouts, tls=tls)
         if not result.ok:
             raise NodeError(f"{where}: {result.summary()}")  # peer's failure status: retried with backoff
         return result.summary(), where

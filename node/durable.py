@@ -3,7 +3,8 @@
 A reader (a PACS pulling the share, the node after a crash) must never see a
 half-written file: everything is written to a temporary name in the target's
 folder, fsynced, renamed over the target, and the folder fsynced so the rename
-itself survives a power cut.
+itself survives a power cut.  Files get the node's file mode and the folders it creates its folder
+mode (:func:`set_modes`; 0640 / 0750 unless ``node.yaml`` says otherwise): they hold patient data.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+
+_modes = {"file": 0o640, "dir": 0o750}
+
+
+def set_modes(file_mode: int, dir_mode: int) -> None:
+    """The modes of every file written and folder created from here on (in this process)."""
+    _modes["file"], _modes["dir"] = int(file_mode), int(dir_mode)
+
+
+def file_mode() -> int:
+    return _modes["file"]
+
+
+def dir_mode() -> int:
+    return _modes["dir"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -31,7 +48,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def makedirs_durable(path: str | os.PathLike[str]) -> None:
-    """``mkdir -p`` that fsyncs the parent of every folder it creates."""
+    """``mkdir -p`` that fsyncs the parent of every folder it creates (made with :func:`dir_mode`)."""
     missing = []
     p = Path(path)
     while not p.exists():
@@ -42,11 +59,12 @@ def makedirs_durable(path: str | os.PathLike[str]) -> None:
             d.mkdir()
         except FileExistsError:
             continue
+        os.chmod(d, _modes["dir"])  # exactly, whatever the umask
         fsync_dir(d.parent)
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_open(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[BinaryIO]:
     """Open a temporary file next to ``path`` for binary writing; on success it is
     fsynced and renamed onto ``path`` (and the folder fsynced); on error it is removed."""
     target = Path(path)
@@ -57,7 +75,7 @@ def atomic_open(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600
+        os.chmod(tmp, _modes["file"] if mode is None else mode)  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
+from node import logsafe
 from node.config import ModelsConfig
 from node.contracts import FailureKind, JobResult, JobSpec, ProcessInfo
 from node.jobs import early_seg_path
@@ -146,7 +147,7 @@ def _backend_info(model_type: str, run: dict[str, Any]) -> dict[str, Any]:
 
 def _run_spec(spec: JobSpec) -> JobResult:
     """Run the pipeline for one job (in the job process, or in a long-lived slot process)."""
-    from node.durable import atomic_write, fsync_dir
+    from node.durable import atomic_write, fsync_dir, makedirs_durable, set_modes
     from node.errors import InputError
     from node.pipeline.run import run_pipeline
     from node.profiles import load_profile
@@ -158,8 +159,9 @@ def _run_spec(spec: JobSpec) -> JobResult:
                          path=missing[0])
     profile = load_profile(spec.profile, spec.profiles_dir)
     _configure_models(spec.models)
+    set_modes(spec.file_mode, spec.dir_mode)
     final = Path(spec.output_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(final.parent)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -184,22 +186,27 @@ def _run_spec(spec: JobSpec) -> JobResult:
         except Exception as exc:  # noqa: BLE001 - then it goes with the rest of the results
             log.warning("cannot hand the SEG on before the meshes (%s); it is sent when the job is done", exc)
 
-    res = run_pipeline(
-        [str(p) for p in paths],
-        profile,
-        tmp,
-        backend=spec.backend,
-        series_uid=spec.series_uid,
-        seg_series_uid=spec.seg_series_uid,
-        decode_workers=spec.decode_workers,
-        on_seg=on_seg,
-        seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
-        outputs=spec.outputs,
-    )
-    backend_info = _backend_info(str(res.report.get("profile", {}).get("model_type") or spec.backend),
-                                 res.backend_run)
-    res.report["backend"] = backend_info
-    atomic_write(tmp / "report.json", (json.dumps(res.report, indent=2) + "\n").encode("utf-8"))
+    try:
+        res = run_pipeline(
+            [str(p) for p in paths],
+            profile,
+            tmp,
+            backend=spec.backend,
+            series_uid=spec.series_uid,
+            seg_series_uid=spec.seg_series_uid,
+            decode_workers=spec.decode_workers,
+            on_seg=on_seg,
+            seg_first=True,  # the SEG goes to the PACS: it comes before the meshes for the share
+            outputs=spec.outputs,
+        )
+        backend_info = _backend_info(str(res.report.get("profile", {}).get("model_type") or spec.backend),
+                                     res.backend_run)
+        res.report["backend"] = backend_info
+        atomic_write(tmp / "report.json", (json.dumps(res.report, indent=2) + "\n").encode("utf-8"))
+    except BaseException:
+        # a failed try leaves nothing behind (a killed one cannot clean up: the next try does)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # publish the folder whole: results/<id>/ only ever holds a finished run
     _stop_if_node_gone(f"the result folder {final}")
     if final.exists():
@@ -249,8 +256,9 @@ def _setup_process(info: ProcessInfo, slot_label: str) -> None:
         pass
     _apply_env(dict(info.env))
     _watch_node(info.node_pid, info.node_started)
-    logging.basicConfig(level=info.log_level,
-                        format=f"%(asctime)s %(levelname)s %(name)s [{slot_label}job %(job)s]: %(message)s")
+    fmt = f"%(asctime)s %(levelname)s %(name)s [{slot_label}job %(job)s]: %(message)s"
+    logging.basicConfig(level=info.log_level, format=fmt)
+    logsafe.install(log_phi=info.log_phi, fmt=fmt)  # one line per record, no PHI unless log_phi
     for h in logging.getLogger().handlers:
         h.addFilter(_JobIdFilter())
     logging.getLogger("highdicom").setLevel(logging.WARNING)

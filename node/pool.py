@@ -346,7 +346,7 @@ class WorkerPool:
 
     def _process_info(self, slot: _Slot) -> ProcessInfo:
         return ProcessInfo(slot=slot.name, env=dict(slot.env), log_level=self.config.log_level,
-                           node_pid=os.getpid(), node_started=self._node_started)
+                           node_pid=os.getpid(), node_started=self._node_started, log_phi=self.config.log_phi)
 
     def _forget_slot_process(self, slot: _Slot) -> None:
         if slot.conn is not None:
@@ -399,6 +399,8 @@ class WorkerPool:
                 decode_workers=self.decode_workers,
                 models=models,
                 outputs=job.params.outputs,
+                file_mode=self.config.file_mode,
+                dir_mode=self.config.dir_mode,
             )
             conn: Connection
             if persistent:

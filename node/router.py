@@ -188,6 +188,9 @@ class Router:
             self._early_seen[uid] = key
             if any(j.generation == gen for j in self.store.list_jobs(series_uid=uid)):
                 continue
+            if self.store.refused_instances(uid):  # waits for instances refused for want of space
+                self._early_seen.pop(uid, None)
+                continue
             try:
                 facts = series_facts(self.store, series, self._tags)
             except InputError as exc:  # completion reports it

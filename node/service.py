@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import threading
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from apscheduler.jobstores.base import JobLookupError
@@ -18,12 +18,14 @@ from apscheduler.jobstores.base import JobLookupError
 from node.completion import sweep
 from node.config import NodeConfig
 from node.contracts import JobState
+from node.durable import makedirs_durable, set_modes
 from node.jobs import ensure_dispatches
 from node.pool import WorkerPool
 from node.profiles import list_profiles
 from node.router import Router
 from node.routing.rules import RuleSetHolder
 from node.scp.receiver import Receiver
+from node.scp.tls import expiry_warning
 from node.spool import Spool
 from node.store import Store
 
@@ -70,7 +72,7 @@ class NodeService:
         """Completion sweep, then route every complete series; wakes the pool when jobs were created."""
         assert self.store is not None and self.router is not None
         with self._route_lock:
-            sweep(self.store, self.config.quiet_period_s)
+            sweep(self.store, self.config.quiet_period_s, refused_wait_s=self.config.incomplete_series_wait_s)
             outcomes = self.router.route_pending()
             if self.config.early_start_enabled:
                 outcomes += self.router.route_early(self.config.early_start_s)
@@ -115,12 +117,23 @@ class NodeService:
         assert self.store is not None
         Spool(self.config.spool_dir, self.config.quarantine_dir).clean(self.store, self.config.spool_retention_days)
 
+    def check_certificate(self) -> None:
+        """Warn when the TLS certificate expires soon (``tls.expiry_warning_days``)."""
+        if self.config.tls is not None:
+            warning = expiry_warning(self.config.tls)
+            if warning:
+                log.warning("%s", warning)
+
     # -- lifecycle
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         cfg = self.config
-        Path(cfg.storage).mkdir(parents=True, exist_ok=True)
+        # patient data: the configured modes for what the node writes itself (node/durable.py), and
+        # a umask to match for everything else (the SQLite files, job processes' libraries)
+        set_modes(cfg.file_mode, cfg.dir_mode)
+        os.umask(0o777 & ~(cfg.file_mode | cfg.dir_mode))
+        makedirs_durable(cfg.storage)
         self.store = store = Store(cfg.database_path)
         self.rules = RuleSetHolder(
             cfg.rules,
@@ -149,8 +162,11 @@ class NodeService:
         sched.add_job(self.reload_rules, "interval", seconds=2, id="rules-reload")
         sched.add_job(self.run_dispatch, "interval", seconds=2, id="dispatch")
         sched.add_job(self.clean_spool, "interval", hours=1, id="spool-retention")
+        if cfg.tls is not None:
+            sched.add_job(self.check_certificate, "interval", hours=24, id="tls-certificate")
         sched.start()
         self.clean_spool()
+        self.check_certificate()
 
     def stop(self) -> None:
         """Stop everything (idempotent)."""

@@ -7,6 +7,7 @@ files the store does not know, retention of processed series, and the quarantine
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -18,8 +19,9 @@ from typing import Any
 from pydicom import dcmread
 
 from node.contracts import SeriesState
+from node.dataset_check import part10_problem
 from node.dicom_values import tags_from_dataset, uid_value
-from node.durable import atomic_write
+from node.durable import atomic_write, makedirs_durable
 from node.store import InstanceRecord, Store
 
 __all__ = [
@@ -39,9 +41,16 @@ _SAFE = re.compile(r"[^0-9A-Za-z._-]")
 
 
 def _safe_name(uid: str) -> str:
-    """A UID made safe as a path component (UIDs are digits and dots; anything else becomes '_')."""
-    name = _SAFE.sub("_", uid.strip())[:128]
-    return name if name not in ("", ".", "..") else "_"
+    """A UID made safe as a path component: a DICOM UID (digits and dots) as it is; anything else
+    with its unsafe characters replaced by '_', cut to 128, and a hash of the original appended,
+    so that two different values never share a name."""
+    v = uid.strip()
+    name = _SAFE.sub("_", v)[:128]
+    if name == v and name not in ("", ".", ".."):
+        return name
+    if name in ("", ".", ".."):
+        name = "_"
+    return f"{name}~{hashlib.sha256(uid.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
 
 
 def spool_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -67,8 +76,8 @@ class Spool:
 
     def create(self) -> None:
         """Create both folders (if missing)."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(self.spool_dir)
+        makedirs_durable(self.quarantine_dir)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Where an instance lives in the spool."""
@@ -124,6 +133,9 @@ class Spool:
             if p.suffix != ".dcm" or str(p) in known:
                 continue
             try:
+                problem = part10_problem(p.read_bytes())
+                if problem:
+                    raise ValueError(problem)
                 ds = dcmread(p, stop_before_pixels=True)
                 meta = ds.file_meta
                 missing = missing_uids(ds)

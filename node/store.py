@@ -42,7 +42,7 @@ __all__ = [
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 log = logging.getLogger("node.store")
 
@@ -187,6 +187,15 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE dispatches_v6 RENAME TO dispatches;
     CREATE INDEX dispatches_state ON dispatches(state, next_attempt_at)
     """,
+    # 6 -> 7: hardening.  series.conflicts counts SOP instances re-sent with other
+    # content; refused_instances: instances the receiver refused for want of resources (disk
+    # full), until they are received after all: they hold the completion of their series;
+    # series.incomplete = 1 once it was completed without them (after ``incomplete_series_wait_s``).
+    "@add_column series conflicts INTEGER NOT NULL DEFAULT 0;"
+    " @add_column series incomplete INTEGER NOT NULL DEFAULT 0;"
+    " CREATE TABLE IF NOT EXISTS refused_instances (sop_instance_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL,"
+    " study_uid TEXT, refused_at REAL NOT NULL, reason TEXT);"
+    " CREATE INDEX IF NOT EXISTS refused_instances_series ON refused_instances(series_uid)",
 )
 
 
@@ -289,12 +298,15 @@ class Series:
     peer_address: str | None
     error: str | None
     tags: dict[str, Any]  #: rule tags of the first instance received
+    conflicts: int = 0  #: SOP instances re-sent with different content (see ``duplicates`` in node.yaml)
+    incomplete: bool = False  #: completed although instances refused for want of space never came again
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Series":
         d = dict(r)
         d["tags"] = _loads(d["tags"])
         d["state"] = SeriesState(d["state"])
+        d["incomplete"] = bool(d.get("incomplete"))
         return cls(**d)
 
 
@@ -473,6 +485,7 @@ class Store:
         now = rec.received_at if rec.received_at is not None else time.time()
         tags = json.dumps(dict(rec.tags), sort_keys=True)
         with self.transaction() as c:
+            c.execute("DELETE FROM refused_instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
             cur = c.execute(
                 "UPDATE instances SET received_count = received_count + 1, last_received_at = ?"
                 " WHERE sop_instance_uid = ?",
@@ -549,6 +562,69 @@ class Store:
                 )
         return "new"
 
+    def record_conflict(self, series_uid: str, replacement: InstanceRecord | None = None) -> None:
+        """Count a SOP instance re-sent with different content on its series; with ``replacement``
+        (policy ``keep_last``: the file was already overwritten) the instance row takes the new
+        copy's facts and the series counts it as a new arrival (its clock restarts; a series that
+        had left ``receiving`` is received again with ``generation + 1``, as for a new instance)."""
+        with self.transaction() as c:
+            c.execute("UPDATE series SET conflicts = conflicts + 1 WHERE series_uid = ?", (series_uid,))
+            if replacement is None:
+                return
+            rec = replacement
+            now = rec.received_at if rec.received_at is not None else time.time()
+            c.execute(
+                "UPDATE instances SET received_count = received_count + 1, last_received_at = ?, size = ?,"
+                " sha256 = ?, transfer_syntax = ?, tags = ?, calling_ae = ?, peer_address = ?"
+                " WHERE sop_instance_uid = ?",
+                (now, rec.size, rec.sha256, rec.transfer_syntax, json.dumps(dict(rec.tags), sort_keys=True),
+                 rec.calling_ae, rec.peer_address, rec.sop_instance_uid),
+            )
+            c.execute(
+                "UPDATE series SET last_received_at = MAX(last_received_at, ?),"
+                " generation = generation + (state != 'receiving'),"
+                " state_changed_at = CASE WHEN state != 'receiving' THEN ? ELSE state_changed_at END,"
+                " error = CASE WHEN state != 'receiving' THEN NULL ELSE error END, state = 'receiving'"
+                " WHERE series_uid = ?",
+                (now, now, series_uid),
+            )
+            c.execute(
+                "UPDATE jobs SET state = 'superseded', finished_at = ?,"
+                " error = 'an instance of the series was replaced' WHERE series_uid = ? AND state = 'queued'",
+                (now, series_uid),
+            )
+
+    def record_refusal(self, sop_instance_uid: str, series_uid: str, study_uid: str, reason: str,
+                       *, now: float | None = None) -> None:
+        """An instance refused for want of resources (disk full): its series is not completed until
+        it is received after all (see :meth:`refused_instances`).  A series not seen before gets
+        its row (``receiving``, no instances), so the instances that do arrive later wait for it."""
+        t = now if now is not None else time.time()
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO refused_instances (sop_instance_uid, series_uid, study_uid, refused_at, reason)"
+                " VALUES (?,?,?,?,?) ON CONFLICT(sop_instance_uid) DO UPDATE SET refused_at = excluded.refused_at,"
+                " reason = excluded.reason",
+                (sop_instance_uid, series_uid, study_uid, t, reason),
+            )
+            c.execute(
+                "INSERT OR IGNORE INTO series (series_uid, study_uid, first_received_at, last_received_at,"
+                " instance_count, state, state_changed_at, tags) VALUES (?,?,?,?,0,'receiving',?,'{}')",
+                (series_uid, study_uid, t, t, t),
+            )
+
+    def refused_instances(self, series_uid: str) -> list[tuple[str, float, str]]:
+        """``(SOP Instance UID, refused at, reason)`` of the series' instances refused for want of
+        resources and not received since."""
+        rows = self.conn.execute(
+            "SELECT sop_instance_uid, refused_at, reason FROM refused_instances WHERE series_uid = ?"
+            " ORDER BY refused_at", (series_uid,)).fetchall()
+        return [(str(r[0]), float(r[1]), str(r[2] or "")) for r in rows]
+
+    def mark_incomplete(self, series_uid: str) -> None:
+        """The series was completed without instances refused for want of resources."""
+        self.conn.execute("UPDATE series SET incomplete = 1 WHERE series_uid = ?", (series_uid,))
+
     def get_instance(self, sop_instance_uid: str) -> Instance | None:
         r = self.conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
         return Instance._from(r) if r else None
@@ -585,10 +661,12 @@ class Store:
         return [Series._from(r) for r in rows]
 
     def quiet_series(self, quiet_period_s: float, now: float | None = None) -> list[Series]:
-        """Series still ``receiving`` whose last (persisted) receive is at least ``quiet_period_s`` old."""
+        """Series still ``receiving`` whose last (persisted) receive is at least ``quiet_period_s`` old
+        (and that hold an instance: a series of refused instances only has none)."""
         cutoff = (now if now is not None else time.time()) - quiet_period_s
         rows = self.conn.execute(
-            "SELECT * FROM series WHERE state = 'receiving' AND last_received_at <= ? ORDER BY last_received_at",
+            "SELECT * FROM series WHERE state = 'receiving' AND last_received_at <= ? AND instance_count > 0"
+            " ORDER BY last_received_at",
             (cutoff,),
         ).fetchall()
         return [Series._from(r) for r in rows]

@@ -60,8 +60,14 @@ def store(tmp_path: Path):
 
 def test_layout_and_durable_write(spool: Spool):
     p = spool.path_for(f" {STUDY} ", SERIES, "1.2.3/../4\x00")
-    assert p == spool.spool_dir / STUDY / SERIES / "1.2.3_.._4_.dcm"
-    assert spool_path(spool.spool_dir, "", "..", ".") == spool.spool_dir / "_" / "_" / "_.dcm"
+    assert p.parent == spool.spool_dir / STUDY / SERIES and p.name.startswith("1.2.3_.._4_~")
+    assert p.name.endswith(".dcm") and "/" not in p.name[:-4]
+    # a replaced character never makes two values share a name (issue 17 item 6)
+    assert len({spool.path_for(STUDY, SERIES, u) for u in ("1.2.3/4", "1.2.3\\4", "1.2.3_4", "1.2.3 4")}) == 4
+    assert spool.path_for(STUDY, SERIES, "1.2.3.4").name == "1.2.3.4.dcm"  # a DICOM UID is its own name
+    odd = spool_path(spool.spool_dir, "", "..", ".")
+    assert odd.parent.parent.parent == spool.spool_dir and odd.parent.name.startswith("_~")
+    assert odd.name.startswith("_~") and odd.parent.parent.name.startswith("_~")
     spool.write(p, b"abc")
     assert p.read_bytes() == b"abc" and not list(p.parent.glob("*.tmp"))
 

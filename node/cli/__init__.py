@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Sequence
 
-from node import __version__
+from node import __version__, logsafe
 from node.errors import NodeError
 
 #: command modules, in the order they appear in ``--help``
@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, (args.log_level or "WARNING").upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logsafe.install()  # one line per record, control characters escaped, library warnings logged
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -115,13 +115,22 @@ def _cmd_series(args: argparse.Namespace) -> int:
     store = _open(args)
     try:
         series = store.list_series(SeriesState(args.state) if args.state else None)
+        refused = {s.series_uid: len(store.refused_instances(s.series_uid)) for s in series}
     finally:
         store.close()
     print(f"{'STATE':<10} {'GEN':>3} {'INST':>5}  {'MODALITY':<8} {'DESCRIPTION':<24} {'CALLING AE':<16} "
           f"{'LAST RECEIVED':<19}  SERIES / NOTE")
     for s in series:
         desc = str(s.tags.get("SeriesDescription", ""))[:24]
-        note = f"  ({s.error})" if s.error else ""
+        notes = [s.error] if s.error else []
+        if s.incomplete:
+            notes.append("INCOMPLETE: processed without instances refused for want of space")
+        if refused[s.series_uid]:
+            notes.append(f"{refused[s.series_uid]} instance(s) refused for want of space, "
+                         + ("not sent again" if s.incomplete else "waiting for them"))
+        if s.conflicts:
+            notes.append(f"{s.conflicts} instance(s) re-sent with other content")
+        note = f"  ({'; '.join(notes)})" if notes else ""
         print(f"{s.state:<10} {s.generation:>3} {s.instance_count:>5}  {str(s.tags.get('Modality', ''))[:8]:<8} "
               f"{desc:<24} {(s.calling_ae or '-')[:16]:<16} {_ts(s.last_received_at):<19}  {s.series_uid}"
               f"{note[:300]}")

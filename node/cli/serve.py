@@ -8,6 +8,7 @@ import argparse
 import logging
 
 from node.config import load_config
+from node.logsafe import set_log_phi
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -16,6 +17,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.port is not None:
         cfg.port = args.port
+    set_log_phi(cfg.log_phi)
     level = (args.log_level or cfg.log_level).upper()
     logging.getLogger().setLevel(getattr(logging, level, logging.INFO))
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))

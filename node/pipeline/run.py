@@ -22,6 +22,7 @@ import numpy as np
 from pydicom import Dataset
 
 from node import __version__
+from node.durable import makedirs_durable
 from node.backend_registry import backend_spec
 from node.errors import BackendUnavailable
 from node.pipeline.backends import check_profile, get_backend
@@ -147,7 +148,7 @@ def run_pipeline(
         # see node.pipeline.hu.heap); an AI backend's process keeps its library's defaults
         fix_mmap_threshold()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(out)  # with the node's folder mode (patient data)
     stages = _Stages(progress)
 
     # the heap window (see below) is closed on every way out, errors included

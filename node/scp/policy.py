@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pynetdicom import evt
 
-__all__ = ["AssociationPolicy", "Refusal", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "REJECT_LIMIT"]
+__all__ = ["AssociationPolicy", "Refusal", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "REJECT_LIMIT",
+           "REJECT_CONGESTION"]
 
 log = logging.getLogger("node.scp.policy")
 
@@ -23,6 +25,7 @@ log = logging.getLogger("node.scp.policy")
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_LIMIT = (0x02, 0x03, 0x02)
+REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,15 @@ class AssociationPolicy:
     called AE is not ours          0x01    0x01    0x07  rejected-permanent, service-user, called AE not recognised
     calling AE not on allow-list   0x01    0x01    0x03  rejected-permanent, service-user, calling AE not recognised
     too many associations          0x02    0x03    0x02  rejected-transient, service-provider (presentation), local limit exceeded
+    out of resources (disk)        0x02    0x03    0x01  rejected-transient, service-provider (presentation), temporary congestion
     =============================  ======  ======  ======
 
     An empty allow-list allows every calling AE.  An allow-list entry with a ``host`` only
     matches when the peer address equals that host (an IP address, or a name resolving to it).
-    pynetdicom's own ``maximum_associations`` is set to the same limit as a backstop.
+    The limit counts associations this policy admitted and whose thread still runs, so
+    connections that never sent an association request hold no slot (node/scp/guard.py limits
+    those); pynetdicom's own ``maximum_associations``, which counts every open connection, is
+    only a backstop set above both (``backstop``).
 
     Args:
         ae_title: our AE title; the called AE must equal it (trailing spaces ignored).
@@ -68,9 +75,12 @@ class AssociationPolicy:
             (e.g. :class:`node.config.AllowedAE`) or ``(ae_title, host)``
             tuples; empty allows everyone.
         max_associations: most concurrent inbound associations.
+        out_of_resources: says why nothing can be received now (e.g. the disk below its
+            reserve, :meth:`node.disk.DiskWatch.out_of_space`), or None.
     """
 
-    def __init__(self, ae_title: str, allowed_calling_aes: Iterable[Any] = (), max_associations: int = 10) -> None:
+    def __init__(self, ae_title: str, allowed_calling_aes: Iterable[Any] = (), max_associations: int = 10,
+                 out_of_resources: Callable[[], str | None] | None = None) -> None:
         self.ae_title = ae_title.strip()
         allowed: list[tuple[str, str | None]] = []
         for entry in allowed_calling_aes:
@@ -80,6 +90,9 @@ class AssociationPolicy:
                 allowed.append((str(entry.ae_title).strip(), getattr(entry, "host", None)))
         self.allowed = allowed
         self.max_associations = max_associations
+        self._lock = threading.Lock()
+        self._admitted: list[Any] = []
+        self.out_of_resources = out_of_resources
 
     def check(self, called_ae: str, calling_ae: str, address: str, active: int) -> Refusal | None:
         """Decide on one request; ``active`` counts inbound associations including this one."""
@@ -97,12 +110,15 @@ class AssociationPolicy:
                 )
         if active > self.max_associations:
             return Refusal(REJECT_LIMIT, f"too many associations ({active - 1} open, limit {self.max_associations})")
+        full = self.out_of_resources() if self.out_of_resources is not None else None
+        if full:
+            return Refusal(REJECT_CONGESTION, f"out of resources: {full}")
         return None
 
     # -- pynetdicom glue ---------------------------------------------------
-    def apply(self, ae: Any) -> None:
+    def apply(self, ae: Any, backstop: int | None = None) -> None:
         """Configure a pynetdicom ``AE`` (limit backstop; AE title checks are ours)."""
-        ae.maximum_associations = self.max_associations
+        ae.maximum_associations = max(self.max_associations, backstop or 0)
         ae.require_called_aet = False
         ae.require_calling_aet = []
 
@@ -117,8 +133,12 @@ class AssociationPolicy:
         calling = _ae_str(prim.calling_ae_title)
         address = assoc.requestor.address
         port = assoc.requestor.port
-        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
-        refusal = self.check(called, calling, address, active)
+        with self._lock:
+            self._admitted = [a for a in self._admitted if a.is_alive() and not (a.is_released or a.is_aborted)]
+            active = len(self._admitted) + 1
+            refusal = self.check(called, calling, address, active)
+            if refusal is None:
+                self._admitted.append(assoc)
         if refusal is None:
             log.debug("association requested by %s at %s:%s (called %s): accepted", calling, address, port, called)
             return

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -36,8 +37,13 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
 
 from node.config import NodeConfig
+from node.disk import DiskWatch
+from node.dataset_check import image_problem, structure_problem, uid_problem
 from node.dicom_values import tags_from_dataset, uid_value
+from node.logsafe import log_context
+from node.scp.guard import ConnectionLimits, GuardedServer
 from node.scp.policy import AssociationPolicy
+from node.scp.tls import server_context
 from node.spool import Spool, missing_uids
 from node.store import InstanceRecord, Store
 
@@ -81,6 +87,22 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
+def differing_elements(path: Path, ds: Any) -> list[str]:
+    """The top-level elements (keywords, or tags) in which the stored file at ``path`` and ``ds``
+    differ; ``[]`` when they hold the same data set."""
+    try:
+        old = dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable first copy differs in everything
+        return [f"(the stored copy cannot be read: {type(exc).__name__})"]
+    out = []
+    for tag in sorted(set(old.keys()) | set(ds.keys())):
+        a, b = old.get(tag), ds.get(tag)
+        if a is None or b is None or a.VR != b.VR or a.value != b.value:
+            out.append(str(a.keyword if a is not None and a.keyword else b.keyword if b is not None and b.keyword
+                           else tag))
+    return out
+
+
 class Receiver:
     """The node's Storage SCP.
 
@@ -100,23 +122,28 @@ class Receiver:
         self.config = config
         self.store = store
         self.spool = Spool(config.spool_dir, config.quarantine_dir)
-        self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations)
-        self._server: Any = None
+        self.disk = DiskWatch(config.storage, config.disk)
+        self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations,
+                                        out_of_resources=self.disk.out_of_space)
+        self._server: GuardedServer | None = None
+        self._tls_server: GuardedServer | None = None
+        self._servers: list[GuardedServer] = []
         self._stats_lock = threading.Lock()
         #: counters since start: stored, duplicates, refused, index_errors
-        self.stats = {"stored": 0, "duplicates": 0, "refused": 0, "index_errors": 0}
+        self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0, "index_errors": 0}
 
     # -- lifecycle -------------------------------------------------------
     def build_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
-        # Accept PDUs of any size: with pynetdicom's 16 KB default a 512x512 CT image
-        # arrives in ~32 P-DATA PDUs, each parsed in Python (figures: bench/README.md).
-        ae.maximum_pdu_size = 0
+        # Large PDUs: with pynetdicom's 16 KB default a 512x512 CT image arrives in ~32
+        # P-DATA PDUs, each parsed in Python (figures: bench/README.md); but a bounded
+        # size, which the guard enforces on what arrives.
+        ae.maximum_pdu_size = self.config.limits.max_pdu_kib * 1024
         t = self.config.timeouts
         ae.acse_timeout = t.acse_s
         ae.dimse_timeout = t.dimse_s
         ae.network_timeout = t.network_s
-        self.policy.apply(ae)
+        self.policy.apply(ae, backstop=self.config.max_associations + self.config.limits.max_pending_connections + 1)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:  # always set in pynetdicom's list (typed optional)
@@ -124,7 +151,7 @@ class Receiver:
         return ae
 
     def start(self, *, rescan: bool = True) -> None:
-        if self._server is not None:
+        if self._servers:
             return
         self.spool.create()
         if rescan:
@@ -134,18 +161,44 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server(
-            (self.config.bind_address, self.config.port), block=False, evt_handlers=handlers
-        )
+        tls = self.config.tls
+        if tls is None or tls.plain_port:
+            self._server = self._serve(ae, self.config.port, handlers, None)
+            self._servers.append(self._server)
+        if tls is not None:
+            self._tls_server = self._serve(ae, tls.port, handlers, server_context(tls))
+            self._servers.append(self._tls_server)
         log.info(
-            "receiver %s listening on %s:%s (spool %s)", self.config.ae_title, self.config.bind_address, self.port,
-            self.spool.spool_dir,
+            "receiver %s listening on %s:%s%s (spool %s)", self.config.ae_title, self.config.bind_address,
+            self.port if self._server is not None else "-",
+            f", TLS on port {self.tls_port}" if self._tls_server is not None else "", self.spool.spool_dir,
         )
 
+    def connection_limits(self) -> ConnectionLimits:
+        lim, t = self.config.limits, self.config.timeouts
+        return ConnectionLimits(
+            acse_s=t.acse_s, network_s=t.network_s, max_request_pdu=lim.max_request_pdu_kib * 1024,
+            max_data_pdu=lim.max_pdu_kib * 1024 + 6, max_pending=lim.max_pending_connections,
+            max_per_peer=lim.max_connections_per_peer,
+        )
+
+    def _serve(self, ae: AE, port: int, handlers: list[Any], ssl_context: Any) -> GuardedServer:
+        # AE.start_server(block=False) with the guarded server class (AE.make_server's documented
+        # server_class parameter); started the way pynetdicom starts its own
+        server = ae.make_server(
+            (self.config.bind_address, port), evt_handlers=handlers, ssl_context=ssl_context,
+            server_class=GuardedServer, limits=self.connection_limits(),
+        )
+        assert isinstance(server, GuardedServer)
+        ae._servers.append(server)  # so that server.shutdown() (which removes it there) works
+        threading.Thread(target=server.serve_forever, name=f"receiver:{port}", daemon=True).start()
+        return server
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
+        self._server = self._tls_server = None
 
     def __enter__(self) -> "Receiver":
         self.start()
@@ -156,20 +209,43 @@ class Receiver:
 
     @property
     def port(self) -> int:
-        """The port actually listened on (useful with ``port: 0``)."""
+        """The plain port actually listened on (useful with ``port: 0``)."""
         if self._server is None:
             return int(self.config.port)
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS port actually listened on (None: no TLS)."""
+        if self._tls_server is None:
+            return self.config.tls.port if self.config.tls is not None else None
+        return int(self._tls_server.server_address[1])
+
     def _count(self, key: str) -> None:
         with self._stats_lock:
             self.stats[key] += 1
+
+    def _refuse_for_resources(self, who: str, sop_uid: str, series_uid: str, study_uid: str, reason: str) -> int:
+        """0xA700, and the instance recorded as refused: its series waits for it to be sent again."""
+        self._count("refused")
+        log.error("C-STORE refused (0x%04X, out of resources) %s: SOP instance %s: %s; series %s waits for it "
+                  "to be sent again", STATUS_OUT_OF_RESOURCES, who, sop_uid, reason, series_uid)
+        try:
+            self.store.record_refusal(sop_uid, series_uid, study_uid, reason)
+        except Exception:  # a full disk may refuse the database too: the log line above is what is left
+            log.exception("C-STORE %s: cannot record the refusal of %s", who, sop_uid)
+        return STATUS_OUT_OF_RESOURCES
 
     # -- handlers --------------------------------------------------------
     def _on_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
     def _on_store(self, event: Any) -> int:
+        # library log lines caused by this instance (pydicom's value warnings) name it
+        with log_context(f"SOP instance {str(event.request.AffectedSOPInstanceUID or '')[:64]}"):
+            return self._store(event)
+
+    def _store(self, event: Any) -> int:
         req = event.request
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title or "").strip()
@@ -197,6 +273,11 @@ class Receiver:
                         reason, qpath)
             return status
 
+        # the encoding first: pydicom would read a truncated, over-long or differently encoded
+        # data set leniently, and the file stored would be unreadable to stricter tools
+        problem = structure_problem(raw, ts)
+        if problem:
+            return refuse(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set as {ts}: {problem}")
         # parse (fully: every element converted) -- a corrupt data set is refused
         try:
             ds = dcmread(BytesIO(data))
@@ -208,8 +289,10 @@ class Receiver:
         missing = missing_uids(ds)
         if missing:
             return refuse(STATUS_DATASET_MISMATCH, f"missing or empty {', '.join(missing)}")
-        if "Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            return refuse(STATUS_DATASET_MISMATCH, "image (Rows present) without pixel data: truncated or corrupt")
+        for kw in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            bad_uid = uid_problem(kw, uid_value(ds, kw))
+            if bad_uid:
+                return refuse(STATUS_DATASET_MISMATCH, bad_uid)
         sop_uid = uid_value(ds, "SOPInstanceUID")
         if sop_uid != cmd_inst:
             return refuse(
@@ -224,17 +307,45 @@ class Receiver:
                 f"SOPClassUID in the data set ({sop_class}) differs from the command's AffectedSOPClassUID "
                 f"({cmd_class})",
             )
+        bad_image = image_problem(ds, sop_class, ts)
+        if bad_image:
+            return refuse(STATUS_DATASET_MISMATCH, bad_image)
         study_uid = uid_value(ds, "StudyInstanceUID")
         series_uid = uid_value(ds, "SeriesInstanceUID")
 
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         duplicate_file = path.exists()
-        if not duplicate_file:
+        replacing = False
+        differs: list[str] = []
+        if duplicate_file:
+            differs = differing_elements(path, ds)
+            if differs:
+                policy = self.config.duplicates
+                what = ", ".join(differs[:8]) + (f" and {len(differs) - 8} more" if len(differs) > 8 else "")
+                log.warning("C-STORE %s: SOP instance %s re-sent with different content (%s differ%s); "
+                            "policy %s: %s", who, sop_uid, what, "s" if len(differs) == 1 else "", policy,
+                            {"keep_first": "kept the first copy", "keep_last": "replaced the first copy",
+                             "quarantine": "kept the first copy, quarantined this one"}[policy])
+                self._count("conflicts")
+                replacing = policy == "keep_last"
+                if not replacing:  # a replacement is counted with the new copy's index row below
+                    try:
+                        self.store.record_conflict(series_uid)
+                    except Exception:  # counting must not turn the answer into a failure
+                        log.exception("C-STORE %s: cannot count the conflict on series %s", who, series_uid)
+                if policy == "quarantine":
+                    self.spool.quarantine(data, f"re-sent SOP instance with different content ({what} differ); "
+                                          "the first copy is kept", calling=calling, called=called, peer=peer,
+                                          sop=cmd_inst, sop_class=cmd_class, ts=ts)
+                    return STATUS_SUCCESS
+        if not duplicate_file or replacing:
+            full = self.disk.out_of_space()
+            if full:
+                return self._refuse_for_resources(who, sop_uid, series_uid, study_uid, full)
             try:
                 self.spool.write(path, data)
             except OSError as exc:
-                log.error("C-STORE %s: cannot write %s: %s", who, path, exc)
-                return STATUS_OUT_OF_RESOURCES
+                return self._refuse_for_resources(who, sop_uid, series_uid, study_uid, f"cannot write {path}: {exc}")
 
         # the file is durable: from here on the answer is success
         try:
@@ -246,13 +357,16 @@ class Receiver:
                 path=str(path),
                 transfer_syntax=ts,
                 size=len(data),
-                sha256=None if duplicate_file else hashlib.sha256(data).hexdigest(),
+                sha256=None if duplicate_file and not replacing else hashlib.sha256(data).hexdigest(),
                 calling_ae=calling,
                 called_ae=called,
                 peer_address=peer,
                 received_at=received_at,
                 tags=tags_from_dataset(ds),
             )
+            if replacing:
+                self.store.record_conflict(series_uid, replacement=rec)
+                return STATUS_SUCCESS
             outcome = self.store.record_instance(rec)
         except Exception:  # the rescan at next start indexes the file
             self._count("index_errors")
@@ -260,7 +374,8 @@ class Receiver:
             return STATUS_SUCCESS
         if outcome == "duplicate":
             self._count("duplicates")
-            log.info("C-STORE %s: duplicate SOP instance %s (kept the first copy)", who, sop_uid)
+            if not differs:
+                log.info("C-STORE %s: duplicate SOP instance %s (same content, kept once)", who, sop_uid)
         else:
             self._count("stored")
             log.debug("C-STORE %s: stored %s", who, path)

@@ -9,6 +9,7 @@ the dispatcher retries either: docs/architecture.md).
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -136,10 +137,12 @@ def _describe(item: str | Path | Dataset) -> _Item:
     return _Item(path, str(path), sop_class, sop_inst, str(meta.TransferSyntaxUID))
 
 
-def _associate(ae: AE, dest: tuple[str, str, int], calling_ae: str) -> Any:
+def _associate(ae: AE, dest: tuple[str, str, int], calling_ae: str, tls: ssl.SSLContext | None = None,
+               server_name: str | None = None) -> Any:
     ae_title, host, port = dest
     try:
-        assoc = ae.associate(host, port, ae_title=ae_title)
+        tls_args = (tls, server_name or host) if tls is not None else None
+        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     except OSError as exc:  # pragma: no cover - pynetdicom normally reports this as not established
         raise DestinationUnavailable(f"{ae_title}@{host}:{port}: cannot connect: {exc}") from None
     if assoc.is_established:
@@ -164,6 +167,7 @@ def send_datasets(
     *,
     calling_ae: str = "DICOMNODE",
     timeouts: Any = None,
+    tls: ssl.SSLContext | None = None,
 ) -> SendResult:
     """Send instances with C-STORE in one association.
 
@@ -178,6 +182,8 @@ def send_datasets(
         calling_ae: our AE title.
         timeouts: a :class:`node.config.NetworkTimeouts`, a number of seconds
             for all of them, or None for pynetdicom's defaults.
+        tls: an SSL context (:func:`node.scp.tls.client_context`) to send over TLS; the
+            certificate must name ``destination.server_name`` or its host.
 
     Returns:
         :class:`SendResult` with one :class:`InstanceStatus` per item.
@@ -208,7 +214,7 @@ def send_datasets(
             ae.add_requested_context(sop_class, [ts])
         ae.add_requested_context(sop_class, list(_UNCOMPRESSED))
 
-    assoc = _associate(ae, dest, calling_ae)
+    assoc = _associate(ae, dest, calling_ae, tls, getattr(destination, "server_name", None))
     try:
         for it in described:
             if not assoc.is_established:
@@ -254,13 +260,14 @@ def send_datasets(
     return result
 
 
-def echo(destination: Any, *, calling_ae: str = "DICOMNODE", timeouts: Any = None) -> int:
+def echo(destination: Any, *, calling_ae: str = "DICOMNODE", timeouts: Any = None,
+         tls: ssl.SSLContext | None = None) -> int:
     """C-ECHO ``destination``; returns the status (0x0000 = OK).  Raises :class:`DestinationUnavailable`."""
     dest = _dest_tuple(destination)
     ae = AE(ae_title=calling_ae)
     _timeouts(ae, timeouts)
     ae.add_requested_context(Verification)
-    assoc = _associate(ae, dest, calling_ae)
+    assoc = _associate(ae, dest, calling_ae, tls, getattr(destination, "server_name", None))
     try:
         status = assoc.send_c_echo()
     finally:

@@ -14,6 +14,8 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from node.logsafe import log_context
+
 
 #: Native syntaxes whose PixelData value lies in the file unchanged (not deflated): a frame
 #: of these is read straight from its offset (see :func:`_raw_pixels`), not via pydicom.
@@ -101,7 +103,7 @@ def _raw_pixels(fh: Any, ds: Dataset) -> RawPixels | None:
 
 def read_header(path: Path) -> Header:
     """Parse a file's header up to the pixel data (as ``stop_before_pixels``) and locate its pixels."""
-    with open(path, "rb") as fh:
+    with open(path, "rb") as fh, log_context(str(path)):  # pydicom's warnings name no file
         st = os.fstat(fh.fileno())
         ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
         try:

@@ -18,6 +18,7 @@ from node.pipeline.series.frames import Frame, check_consistency, image_frames
 from node.pipeline.series.geometry import order_frames, regular_grid
 from node.pipeline.series.header import Header, RawPixels, read_header
 from node.pipeline.series.identity import check_identity, check_one_series, contrast_applied
+from node.pipeline.series.validate import validate_headers
 from node.pipeline.volume import SeriesInfo, SourceFrame, Volume
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def load_series(
                     f"Modality is {mod or 'empty'}, the profile needs {require_modality}", path=path, tag="Modality"
                 )
 
+    validate_headers(headers)  # every value read later, before anything is allocated
     check_identity(headers, fill_missing_uids, warnings)
     check_one_series(headers)
     frames = image_frames(headers, raw_of, warnings)
