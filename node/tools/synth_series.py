@@ -278,6 +278,7 @@ def write_series(
     size: tuple[int, int, int] | None = None,
     tilt_deg: float = 0.0,
     uneven: bool = False,
+    gaps_mm: Sequence[float] | None = None,
     shuffle: bool = False,
     localizer: bool = False,
     transfer_syntax: str = "explicit",
@@ -324,6 +325,9 @@ def write_series(
             angle while slice positions keep stepping along z; pixels are sampled from
             the volume on the tilted planes (linear interpolation, -1024 HU outside).
         uneven: drop a few slices so that some gaps are doubled.
+        gaps_mm: slice gaps in mm, repeated in turn from the first slice up to the top of the
+            volume (e.g. ``[4, 1.08, 7]``): slices at arbitrary positions, sampled from the
+            volume by linear interpolation along z (and on the tilted planes with ``tilt_deg``).
         shuffle: random file names order and reversed InstanceNumbers (descending
             along the slice normal), so that nothing but geometry sorts them.
         localizer: add one LOCALIZER image (coronal projection) to the series.
@@ -356,10 +360,20 @@ def write_series(
     step = flip * aff[:3, 2]
 
     rng = np.random.default_rng(seed)
-    keep = list(range(nz))
+    # slice positions as (fractional) indices of the input's z axis
+    keep: list[float] = [float(k) for k in range(nz)]
     if uneven and nz >= 6:
         for idx in sorted({nz // 3, (2 * nz) // 3}, reverse=True):
             del keep[idx]
+    if gaps_mm:
+        if any(g <= 0 for g in gaps_mm):
+            raise ValueError(f"gaps_mm must be positive, got {list(gaps_mm)}")
+        keep = [0.0]
+        while True:
+            nxt = keep[-1] + gaps_mm[(len(keep) - 1) % len(gaps_mm)] / dz
+            if nxt > nz - 1 + 1e-6:
+                break
+            keep.append(nxt)
 
     t = np.deg2rad(tilt_deg)
     if tilt_deg:
@@ -388,7 +402,7 @@ def write_series(
         names = [f"{code:08x}.dcm" for code in rng.choice(16**6, size=n, replace=False)]
     datasets: list[Dataset] = []
     for m, k in enumerate(keep):
-        if tilt_deg:
+        if tilt_deg or k != int(k):
             from scipy import ndimage
 
             # slice centre keeps the untilted centre; the plane is tilted around it
@@ -403,7 +417,7 @@ def write_series(
             img = ndimage.map_coordinates(stack, [ki, ri, ci], order=1, cval=-1024.0)
         else:
             ipp = origin + k * step
-            img = stack[k]
+            img = stack[int(k)]
         ds = base()
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SOPInstanceUID = generate_uid()
@@ -472,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", help="ROWSxCOLSxSLICES, e.g. 512x512x400")
     p.add_argument("--tilt", type=float, default=0.0, help="gantry tilt in degrees")
     p.add_argument("--uneven", action="store_true", help="double a few slice gaps")
+    p.add_argument("--gaps", help="slice gaps in mm repeated in turn, e.g. 4,1.08,7")
     p.add_argument("--shuffle", action="store_true", help="shuffle files, reverse InstanceNumbers")
     p.add_argument("--localizer", action="store_true", help="add a LOCALIZER image")
     p.add_argument("--ts", default="explicit", choices=sorted(TRANSFER_SYNTAXES), help="transfer syntax")
@@ -489,10 +504,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--size must look like 512x512x400, got {a.size!r}")
     if a.enhanced and a.ts not in _ENHANCED_SYNTAXES:
         p.error(f"--enhanced supports --ts {', '.join(sorted(_ENHANCED_SYNTAXES))}")
+    gaps = None
+    if a.gaps:
+        try:
+            gaps = [float(v) for v in a.gaps.split(",")]
+        except ValueError:
+            p.error(f"--gaps must be comma-separated millimetres, got {a.gaps!r}")
+        if any(g <= 0 for g in gaps):
+            p.error(f"--gaps must be positive, got {a.gaps!r}")
     if not Path(a.nifti).is_file():
         p.error(f"--nifti {a.nifti}: no such file")
     files = write_series(
-        a.nifti, a.out, size=size, tilt_deg=a.tilt, uneven=a.uneven, shuffle=a.shuffle,
+        a.nifti, a.out, size=size, tilt_deg=a.tilt, uneven=a.uneven, gaps_mm=gaps, shuffle=a.shuffle,
         localizer=a.localizer, transfer_syntax=a.ts, enhanced=a.enhanced, modality=a.modality,
         series_description=a.series_description, seed=a.seed,
     )

@@ -14,10 +14,12 @@ from node.profiles import BodyMaskSpec
 WORK_GRID_MM = 2.0
 
 
-def _steps(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
-    """Integer subsampling factors (k, j, i) giving a ~2 mm working grid."""
+def _steps(spacing: tuple[float, float, float], every_slice: bool = False) -> tuple[int, int, int]:
+    """Integer subsampling factors (k, j, i) giving a ~2 mm working grid (in-plane only with
+    ``every_slice``)."""
     si, sj, sk = spacing
-    return tuple(max(1, int(WORK_GRID_MM // s)) for s in (sk, sj, si))  # type: ignore[return-value]
+    fk, fj, fi = (max(1, int(WORK_GRID_MM // s)) for s in (sk, sj, si))
+    return (1 if every_slice else fk, fj, fi)
 
 
 def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None) -> np.ndarray:
@@ -37,9 +39,11 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMas
 
 
 def body_mask_box(
-    hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None, *, margin: int = 0
+    hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None, *, margin: int = 0,
+    every_slice: bool = False,
 ) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """``(box, mask)``: the body mask (as :func:`body_mask`) on its bounding box plus ``margin`` voxels.
+    """``(box, mask)``: the body mask (as :func:`body_mask`) on its bounding box plus ``margin`` voxels;
+    ``every_slice``: the coarse outline on every slice (subsampled in-plane only).
 
     Only the box is ever built at full resolution: the coarse outline bounds it, so the
     full-size mask never has to be allocated, upsampled or searched for its extent.
@@ -48,7 +52,7 @@ def body_mask_box(
     full_box = tuple(slice(0, n) for n in hu.shape)
     if not spec.enabled:
         return full_box, np.ones(hu.shape, dtype=bool)  # type: ignore[return-value]
-    steps = _steps(spacing)
+    steps = _steps(spacing, every_slice)
     small = hu[:: steps[0], :: steps[1], :: steps[2]] > spec.threshold_hu
     sp = (spacing[0] * steps[2], spacing[1] * steps[1], spacing[2] * steps[0])
     core = morphology.opening(small, spec.opening_mm, sp) if spec.opening_mm else small
