@@ -259,6 +259,12 @@ class BodyMaskSpec(_Strict):
     threshold_hu: float = -400
     opening_mm: float = Field(default=3, ge=0)
     min_component_ml: float = Field(default=20, gt=0)
+    dense_hu: float | None = Field(
+        default=None, description="material at least this dense (bone, and the head holders, table tops, "
+        "arcs and leads of patient support) is body only where softer body tissue encloses it in its "
+        "slice: devices touching the skin, also through a cushion, stay out. Off (null) by default: a "
+        "bone whose skin is thinner than the 2 mm outline grid (seen at a pelvis) is not enclosed "
+        "and would be lost; on in the brain profile (a skull is always under the scalp)")
 
 
 # -- backend-specific model sections (``model:`` in the profile) ------------------------
