@@ -296,6 +296,17 @@ class NnUNetModel(_Strict):
     step_size: float = Field(default=0.5, gt=0, le=1)
     mirroring: bool = False
     threads: int | None = Field(default=None, ge=1, le=64)
+    input_orientation: str | None = Field(
+        default=None, description="storage orientation of the training images as axis codes (LAS, LPS, RAS, ...); "
+        "default: the model folder's dataset.json 'input_orientation' (written by dicom-node dataset export), "
+        "else LAS (dcm2niix's, what most public models were trained on)")
+
+    @field_validator("input_orientation")
+    @classmethod
+    def _orientation(cls, v: str | None) -> str | None:
+        from node.pipeline.orientation import check_codes
+
+        return None if v is None else check_codes(v)
 
 
 class MonaiModel(_Strict):

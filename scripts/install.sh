@@ -26,7 +26,7 @@ done
 
 pkgs=(python3 python3-venv python3-dev gcc dcmtk)
 if [ "$TEST" = 1 ]; then
-  pkgs+=(dicom3tools orthanc)
+  pkgs+=(dicom3tools orthanc dcm2niix)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
