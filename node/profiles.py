@@ -262,9 +262,10 @@ class BodyMaskSpec(_Strict):
     dense_hu: float | None = Field(
         default=None, description="material at least this dense (bone, and the head holders, table tops, "
         "arcs and leads of patient support) is body only where softer body tissue encloses it in its "
-        "slice: devices touching the skin, also through a cushion, stay out. Off (null) by default: a "
-        "bone whose skin is thinner than the 2 mm outline grid (seen at a pelvis) is not enclosed "
-        "and would be lost; on in the brain profile (a skull is always under the scalp)")
+        "slice, or where it encloses something itself (a cortex around marrow): devices touching the skin, "
+        "also through a cushion, stay out. Off (null) by default: bone at the outline that does neither "
+        "(shoulders of a 3 mm trunk scan) would be lost; on in the brain profile (a skull is under the "
+        "scalp and around the brain)")
 
 
 # -- backend-specific model sections (``model:`` in the profile) ------------------------

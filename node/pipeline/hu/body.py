@@ -6,6 +6,7 @@ resolution only at the skin.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from node.pipeline.hu import morphology
 from node.pipeline.box import bounding_box, grow_box
@@ -50,7 +51,9 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMas
     dense as soft tissue, so the threshold joins them to the patient.  Dense material of the
     body (bone, contrast) is always enclosed by soft tissue in its slice; a device never is.
     So only the softer part of the thresholded region is filled slice by slice, and dense
-    voxels are body only where that fill encloses them (and never on the outline band).
+    voxels are body only where that fill encloses them or where they enclose something
+    themselves in their slice (a cortex around its marrow whose skin the coarse grid lost; a
+    holder, table or lead encloses nothing), never on the outline band otherwise.
     """
     box, inside = body_mask_box(hu, spacing, spec, margin=0)
     out = np.zeros(hu.shape, dtype=bool)
@@ -91,6 +94,18 @@ def body_mask_box(
         if not soft.any():
             return empty, np.zeros((0, 0, 0), dtype=bool)
         filled = _fill_with_cut_edges(soft, core)
+        # dense material left outside that encloses something in its slice is bone whose skin
+        # the coarse grid lost (a cortex around its marrow); a holder, table or lead encloses nothing
+        outside = dense & core & ~filled
+        if outside.any():
+            holes = morphology.fill_holes(outside, "slice") & ~outside
+            if holes.any():
+                in_plane = np.zeros((3, 3, 3), dtype=bool)
+                in_plane[1] = True
+                lab, _ = ndimage.label(outside, structure=in_plane)
+                touching = np.unique(lab[ndimage.binary_dilation(holes, structure=in_plane)])
+                keep = np.isin(lab, touching[touching > 0])
+                filled = _fill_with_cut_edges(soft | keep, core)
         del dense, soft
     else:
         filled = morphology.fill_holes(core, "slice")
