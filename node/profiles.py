@@ -348,6 +348,13 @@ class BodyMaskSpec(_Strict):
     threshold_hu: float = -400
     opening_mm: float = Field(default=3, ge=0)
     min_component_ml: float = Field(default=20, gt=0)
+    dense_hu: float | None = Field(
+        default=None, description="material at least this dense (bone, and the head holders, table tops, "
+        "arcs and leads of patient support) is body only where softer body tissue encloses it in its "
+        "slice, or where it encloses something itself (a cortex around marrow): devices touching the skin, "
+        "also through a cushion, stay out. Off (null) by default: bone at the outline that does neither "
+        "(shoulders of a 3 mm trunk scan) would be lost; on in the brain profile (a skull is under the "
+        "scalp and around the brain)")
 
 
 # -- backend-specific model sections (``model:`` in the profile) ------------------------
@@ -379,6 +386,17 @@ class NnUNetModel(_Strict):
     step_size: float = Field(default=0.5, gt=0, le=1)
     mirroring: bool = False
     threads: int | None = Field(default=None, ge=1, le=64)
+    input_orientation: str | None = Field(
+        default=None, description="storage orientation of the training images as axis codes (LAS, LPS, RAS, ...); "
+        "default: the model folder's dataset.json 'input_orientation' (written by dicom-node dataset export), "
+        "else LAS (dcm2niix's, what most public models were trained on)")
+
+    @field_validator("input_orientation")
+    @classmethod
+    def _orientation(cls, v: str | None) -> str | None:
+        from node.pipeline.orientation import check_codes
+
+        return None if v is None else check_codes(v)
 
 
 class MonaiModel(_Strict):

@@ -27,7 +27,7 @@ done
 
 pkgs=(python3 python3-venv python3-dev gcc dcmtk)
 if [ "$TEST" = 1 ]; then
-  pkgs+=(dicom3tools orthanc orthanc-dicomweb chromium openssl)  # openssl: the test PKI of tests/test_tls.py
+  pkgs+=(dicom3tools orthanc orthanc-dicomweb chromium openssl dcm2niix)  # openssl: the test PKI of tests/test_tls.py
   # npm fetches OHIF's published build for the viewer test (Debian's npm, unless a nodejs
   # package that bundles it is installed already)
   command -v npm >/dev/null 2>&1 || pkgs+=(npm)

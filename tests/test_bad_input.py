@@ -77,7 +77,6 @@ def _huge(ds: Dataset) -> None:
 
 BAD: dict[str, tuple[Callable[[Dataset], None], str]] = {
     "SliceThickness abc": (_thickness, "SliceThickness: 'abc' is not a number"),
-    "StudyDate ../../..": (_date, "StudyDate: '../../..' is not a DICOM date"),
     "65535 x 65535 with 2 KB": (_huge, "Rows: 65535 is not an image size this node processes"),
 }
 
@@ -98,6 +97,27 @@ def test_bad_values_fail_the_job_at_once_and_leave_no_tmp_folder(tmp_path: Path,
     assert out.kind == FailureKind.INPUT, out  # bad input: no retry
     assert message in out.message and str(paths[0]) in out.message, out.message
     assert not list(results.glob(".7.tmp-*")) and not (results / "7").exists()  # item 10
+
+
+def test_a_malformed_study_date_is_repaired_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """StudyDate '../../..' (a path in a date): the pipeline reads no date, so the job goes on; the
+    SEG leaves the value out (node.pipeline.conform, the repair logged) and share paths sanitise it."""
+    import logging
+
+    from pydicom import dcmread
+
+    paths = write_series(tmp_path / "spool", _date)
+    results = tmp_path / "results"
+    series_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    spec = JobSpec(job_id=8, series_uid=series_uid, paths=tuple(str(p) for p in paths), profile="bones",
+                   profiles_dir=REPO / "profiles", backend=None, output_dir=results / "8",
+                   seg_series_uid=str(generate_uid()), decode_workers=1, models=ModelsConfig())
+    with caplog.at_level(logging.INFO):
+        out: Any = _execute(spec)
+    assert not isinstance(out, JobFailed), out
+    seg = dcmread(next((results / "8").glob("*_seg.dcm")), stop_before_pixels=True)
+    assert str(seg.get("StudyDate", "")) == ""  # Type 2: emptied, not copied
+    assert any("StudyDate" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -68,6 +69,7 @@ def test_export_layout_labels_inventory(exported):
     assert meta["labels"] == {"background": 0, "organ": 1, "bone": 2}
     assert meta["numTraining"] == 2 and meta["channel_names"] == {"0": "CT"}
     assert meta["label_mapping"] == {"organ": ["organ"], "bone": ["bone"]}
+    assert meta["input_orientation"] == "LPS"  # what the nnU-Net backend reads from the model folder
     rows = list(csv.DictReader(open(folder / "inventory.csv")))
     assert sorted(r["status"] for r in rows) == ["exported", "exported", "refused"]
     refused = next(r for r in rows if r["status"] == "refused")
@@ -117,3 +119,23 @@ def test_train_tiny_and_register_profile(exported, tmp_path):
         assert set(masks) == {"organ", "bone"}
     finally:
         ai_common._settings["models_root"] = None
+
+
+def test_export_in_another_orientation(exported, tmp_path):
+    """``--orientation LAS``: images stored rows reversed (as dcm2niix does), said in dataset.json,
+    same voxels at the same patient positions."""
+    import nibabel as nib
+
+    folder, _, _ = exported
+    src = folder.parent.parent / "in"
+    r = subprocess.run(CLI + ["dataset", "export", "-i", str(src), "-o", str(tmp_path), "--dataset-id", "992",
+                              "--name", "Las", "--label", "organ=organ", "--orientation", "las"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    las = tmp_path / "Dataset992_Las"
+    assert json.loads((las / "dataset.json").read_text())["input_orientation"] == "LAS"
+    a: Any = nib.load(str(folder / "imagesTr" / "case_0000_0000.nii.gz"))
+    b: Any = nib.load(str(las / "imagesTr" / "case_0000_0000.nii.gz"))
+    assert "".join(nib.aff2axcodes(a.affine)) == "LPS" and "".join(nib.aff2axcodes(b.affine)) == "LAS"
+    np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj)[:, ::-1, :])
+    np.testing.assert_allclose(b.affine @ [0, 0, 0, 1], a.affine @ [0, a.shape[1] - 1, 0, 1], atol=1e-3)

@@ -281,8 +281,13 @@ def test_source_errors(volume: Volume, tmp_path: Path) -> None:
         info.source_datasets = heads
         return Volume(volume.array, volume.affine, info, volume.frames)
 
+    # headers without a FrameOfReferenceUID (issue 16): the SEG takes the volume's
+    no_for = S.write_seg(variant(FrameOfReferenceUID=None), specs, tmp_path / "for" / "a.dcm",
+                         algorithm_version="1")
+    assert str(no_for.FrameOfReferenceUID) == volume.info.frame_of_reference_uid
+    shutil.rmtree(tmp_path / "for")
     with pytest.raises(InputError, match="FrameOfReferenceUID"):
-        S.write_seg(variant(FrameOfReferenceUID=None), specs, tmp_path / "a.dcm",
+        S.write_seg(variant(FrameOfReferenceUID="1.2.3.4"), specs, tmp_path / "a.dcm",
                     algorithm_version="1")
     with pytest.raises(InputError, match="StudyInstanceUID"):
         S.write_seg(variant(StudyInstanceUID=""), specs, tmp_path / "b.dcm",

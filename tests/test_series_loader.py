@@ -317,6 +317,58 @@ def test_uneven_spacing_resampled(tmp_path: Path, ref_volume) -> None:
     np.testing.assert_array_equal(back, ref_volume.array[kept] > 150)
 
 
+@pytest.mark.parametrize("tilt, gaps", [(18.5, None), (0.0, [4.0, 1.08, 7.0]), (25.0, [1.0, 7.0, 3.0])])
+def test_exact_grid_holds_every_pixel(tmp_path: Path, tilt: float, gaps: list[float] | None) -> None:
+    """The exact grid: every original pixel is a voxel, unmodified, at its own LPS position
+    (sheared affine for tilt, a step through every slice for uneven gaps), and a mask on the
+    grid goes back onto each frame as the grid slice holding its pixels."""
+    files = write_series(SMALL_CT, tmp_path, size=SIZE, tilt_deg=tilt, gaps_mm=gaps)
+    vol = load_series(files, grid="exact")
+    assert vol.frame_slices is not None and len(vol.frame_slices) == len(vol.frames) == len(files)
+    assert list(vol.frame_slices) == sorted(vol.frame_slices)
+    if gaps:
+        assert vol.resampled and any("uneven" in w and "grid step" in w for w in vol.warnings)
+        step = vol.spacing[2] * np.cos(np.radians(tilt))  # along the normal
+        assert step <= min(gaps) * np.cos(np.radians(tilt)) + 1e-6
+        assert vol.shape[0] <= 4 * len(files) + 1
+    if tilt:
+        assert any("sheared grid" in w for w in vol.warnings)
+    inv = np.linalg.inv(vol.affine)
+    worst = 0.0
+    for fr, k in zip(vol.frames, vol.frame_slices):
+        np.testing.assert_array_equal(vol.array[k], _hu(fr.path))
+        # the frame's corner pixels in grid index space: their own (column, row), slice k
+        corners = fr.pixel_to_patient() @ np.array([[0, 0, 0, 1], [fr.columns - 1, fr.rows - 1, 0, 1]]).T
+        ijk = (inv @ corners)[:3]
+        np.testing.assert_allclose(ijk[:2], [[0, fr.columns - 1], [0, fr.rows - 1]], atol=0.1)
+        worst = max(worst, float(np.max(np.abs(ijk[2] - k))))
+    assert worst <= (0.5 if gaps else 1e-3)  # snapped by at most half a step
+    mask = vol.array > 150
+    back = vol.mask_on_frames(mask)
+    np.testing.assert_array_equal(back, np.stack([_hu(fr.path) > 150 for fr in vol.frames]))
+
+
+def test_exact_grid_between_slices_interpolated(tmp_path: Path) -> None:
+    files = write_series(SMALL_CT, tmp_path, size=SIZE, gaps_mm=[9.0, 4.5])  # every 3rd of 4.5 mm gone
+    vol = load_series(files, grid="exact")
+    assert vol.spacing[2] == pytest.approx(4.5, abs=1e-3)  # a step that holds every slice exactly
+    assert vol.frame_slices is not None
+    slots = list(vol.frame_slices)
+    a, b = slots[0], slots[1]
+    assert b - a == 2
+    mid = np.rint((vol.array[a].astype(float) + vol.array[b]) / 2)
+    np.testing.assert_allclose(vol.array[a + 1], mid, atol=1)
+
+
+def test_working_grid_drops_frame_slices(tmp_path: Path) -> None:
+    files = write_series(SMALL_CT, tmp_path, size=SIZE, tilt_deg=12.0)
+    vol = load_series(files, grid="exact")
+    assert vol.frame_slices is not None and not vol.resampled
+    small = vol.downsampled((1, 2, 2))
+    assert small.frame_slices is None and small.resampled
+    assert small.mask_on_frames(np.ones(small.shape, bool)).shape == (len(files), 64, 64)
+
+
 def test_not_resampled_mask_on_frames_identity(ref_volume) -> None:
     mask = ref_volume.array > 150
     assert not ref_volume.resampled

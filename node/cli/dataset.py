@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--output", "-o", required=True, type=Path, help="folder receiving Dataset<ID>_<NAME>/")
     ex.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1..999)")
     ex.add_argument("--name", required=True, help="dataset name (letters, digits, _)")
+    ex.add_argument("--orientation", default="LPS",
+                    help="storage orientation of the written images, axis codes (default LPS); recorded in "
+                         "dataset.json as input_orientation, which the nnU-Net backend reads from the model folder")
     ex.add_argument("--label", action="append", default=[], metavar="NAME=SEGMENT[,SEGMENT...]",
                     help="dataset label NAME made of the SEG segments with these SegmentLabels (repeat; order = "
                     "label ids 1..; later labels win where segments overlap). Default: one label per segment label")
@@ -29,7 +32,8 @@ def _export(args: argparse.Namespace) -> int:
     from node.training.dataset import export_dataset, parse_label_mapping
 
     mapping = parse_label_mapping(args.label) if args.label else None
-    res = export_dataset(args.input, args.output, dataset_id=args.dataset_id, name=args.name, mapping=mapping)
+    res = export_dataset(args.input, args.output, dataset_id=args.dataset_id, name=args.name, mapping=mapping,
+                         orientation=args.orientation)
     print(f"{res.folder}: {len(res.exported)} case(s) exported, {len(res.refused)} refused; labels "
           + ", ".join(f"{k}={v}" for k, v in res.labels.items()))
     for path, why in res.refused:

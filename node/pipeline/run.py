@@ -162,6 +162,8 @@ def run_pipeline(
             lambda: load_series(
                 files, fill_missing_uids=fill_missing_uids, require_modality=prof.modality, decode_workers=decode_workers,
                 header_cache=headers,
+                # HU thresholds on the radiologist's own pixels; models on dcm2niix's grid
+                grid="orthogonal" if backend_entry.runs_model else "exact",
             ),
         )
         headers.clear()  # headers of other series in the input

@@ -21,6 +21,7 @@ from pydicom.sr.coding import Code
 
 from node.durable import atomic_open
 from node.errors import InputError
+from node.pipeline.conform import conform_patient_study, describe
 from node.pipeline.volume import SourceFrame, Volume
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,6 @@ def _color(rgb: tuple[int, int, int], label: str) -> hd.color.CIELabColor:
 
 _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
                   "FrameOfReferenceUID")
-# Attributes highdicom reads from the first source with plain attribute access
-# (Type 2 in the SEG); missing ones are added empty on a copy of the header.
-_TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                      "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
-                      "ReferringPhysicianName")
 
 
 def _shallow_copy(ds: Dataset) -> Dataset:
@@ -114,6 +110,25 @@ def _shallow_copy(ds: Dataset) -> Dataset:
     for elem in ds:
         new.add(elem)
     return new
+
+
+def _frame_of_reference(srcs: list[Dataset], volume: Volume) -> str:
+    """The source series' FrameOfReferenceUID; where the source has none (Type 1 in a CT image,
+    yet missing in real archives), one derived from its Study and Series Instance UIDs: the
+    same for every SEG of that series, logged."""
+    have = {str(d.get("FrameOfReferenceUID", "") or "").strip() for d in srcs} - {""}
+    if len(have) == 1:
+        return have.pop()
+    if have:  # several: left to the consistency check below
+        return str(srcs[0].get("FrameOfReferenceUID", "") or "")
+    if volume.info.frame_of_reference_uid:
+        return volume.info.frame_of_reference_uid
+    study = str(srcs[0].get("StudyInstanceUID", "") or "")
+    series = str(srcs[0].get("SeriesInstanceUID", "") or "")
+    uid = str(pydicom.uid.generate_uid(entropy_srcs=[study, series, "frame of reference"]))
+    log.warning("DICOM SEG: source repaired: the series has no FrameOfReferenceUID; the SEG uses %s, derived "
+                "from its Study and Series Instance UIDs", uid)
+    return uid
 
 
 def _check_sources(volume: Volume) -> list[Dataset]:
@@ -126,8 +141,12 @@ def _check_sources(volume: Volume) -> list[Dataset]:
     if not volume.frames:
         raise InputError("volume has no source frames; cannot write a DICOM SEG", tag="frames")
     out: list[Dataset] = []
+    for_uid = _frame_of_reference(srcs, volume)
     for n, ds in enumerate(srcs):
         where = getattr(ds, "filename", None) or f"source #{n}"
+        if str(ds.get("FrameOfReferenceUID", "") or "").strip() != for_uid:
+            ds = _shallow_copy(ds)
+            ds.FrameOfReferenceUID = for_uid
         for kw in _REQUIRED_UIDS:
             if not str(ds.get(kw, "") or "").strip():
                 raise InputError(f"{kw} is missing or empty; a DICOM SEG must reference the "
@@ -136,11 +155,14 @@ def _check_sources(volume: Volume) -> list[Dataset]:
         for kw in ("Rows", "Columns"):
             if not ds.get(kw):
                 raise InputError(f"{kw} is missing", path=where, tag=kw)
-        missing = [kw for kw in _TYPE2_FROM_SOURCE if kw not in ds]
-        if missing:
-            ds = _shallow_copy(ds)  # only top-level elements are added
-            for kw in missing:
-                setattr(ds, kw, "")
+        # the patient and study modules highdicom copies into the SEG: made conformant on a
+        # copy of the header (only top-level elements change), repairs logged once
+        fixed = _shallow_copy(ds)
+        repairs = conform_patient_study(fixed)
+        if repairs:
+            ds = fixed
+            if n == 0:
+                log.warning("DICOM SEG: patient/study attributes of the source repaired: %s", describe(repairs))
         out.append(ds)
     first = out[0]
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
@@ -148,7 +170,7 @@ def _check_sources(volume: Volume) -> list[Dataset]:
         if len(vals) > 1:
             raise InputError(f"source instances disagree on {kw} ({len(vals)} values); "
                              "a DICOM SEG references exactly one source series", tag=kw)
-    if volume.info.frame_of_reference_uid and (
+    if volume.info.frame_of_reference_uid and str(srcs[0].get("FrameOfReferenceUID", "") or "") and (
             str(first.FrameOfReferenceUID) != str(volume.info.frame_of_reference_uid)):
         raise InputError("volume FrameOfReferenceUID does not match its source headers",
                          tag="FrameOfReferenceUID")
@@ -437,6 +459,9 @@ def write_seg(
     )
     if series_description:
         seg.SeriesDescription = series_description
+    repairs = conform_patient_study(seg)  # what the copy itself needs (a character set)
+    if repairs:
+        log.warning("DICOM SEG: %s", describe(repairs))
     _atomic_write(seg, Path(out_path))
     return seg
 

@@ -7,7 +7,8 @@ frames.  Conventions used everywhere in ``node.pipeline``:
   (IOP[0:3]) times the column spacing, column 1 the column cosine (IOP[3:6]) times the row
   spacing, column 2 the slice step;
 * ``Volume.frames`` are the *original* frames: :meth:`Volume.mask_on_frames` maps a mask back
-  onto them (nearest neighbour), also when the volume was resampled (tilt, uneven spacing).
+  onto them: the grid slice holding a frame's own pixels where the grid has one
+  (``frame_slices``), otherwise every pixel's centre looked up in the grid (nearest neighbour).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class Volume:
     frames: list[SourceFrame]
     resampled: bool = False
     warnings: list[str] = field(default_factory=list)
+    frame_slices: tuple[int, ...] | None = None
+    """For each frame (in ``frames`` order) the grid slice that holds its pixels unmodified, voxel
+    for pixel (an exact grid, see :mod:`node.pipeline.series.geometry`); ``None`` when the grid
+    does not hold the frames' pixels (orthogonal resampling, a working grid)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -137,13 +142,16 @@ class Volume:
         """Map a boolean mask on the volume grid onto the original frames.
 
         Returns an array ``(len(frames), rows, columns)`` of bools, frame order as
-        ``self.frames``.  Without resampling this is the mask itself re-ordered to the
-        frame order; otherwise every source pixel's centre is looked up in the volume
+        ``self.frames``.  Where the grid holds the frames' own pixels (``frame_slices``) this
+        is the grid slice of each frame; otherwise every source pixel's centre is looked up in the volume
         (nearest neighbour), so tilted or unevenly spaced frames get exactly the labels
         that lie at their pixels in patient space.
         """
         if mask.shape != self.array.shape:
             raise ValueError(f"mask shape {mask.shape} != volume shape {self.array.shape}")
+        if self.frame_slices is not None:
+            # the grid holds every frame's own pixels: the frame's mask is that grid slice
+            return np.take(mask.astype(bool, copy=False), list(self.frame_slices), axis=0)
         if not self.resampled and len(self.frames) == mask.shape[0]:
             return mask.astype(bool, copy=False)
         inv = np.linalg.inv(self.affine)

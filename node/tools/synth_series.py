@@ -2,7 +2,8 @@
 
 :func:`write_series` makes a single-frame (or one Enhanced multi-frame) CT series with consistent
 geometry, fresh UIDs and the attributes ``dciodvfy`` asks for, with the quirks of real PACS
-traffic on request: gantry tilt, uneven spacing, shuffled files, a localizer, every common
+traffic on request: gantry tilt, uneven spacing or any gaps, patient positions HFP/FFS/FFP, coronal,
+sagittal or slightly oblique planes, numbering against the normal, shuffled files, a localizer, every common
 transfer syntax.
 """
 
@@ -130,6 +131,7 @@ def _base_dataset(
     study_description: str,
     accession_number: str,
     now: _dt.datetime,
+    patient_position: str = "HFS",
 ) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -166,7 +168,7 @@ def _base_dataset(
         ds.RepetitionTime = "500"
         ds.EchoTrainLength = "1"
         ds.MagneticFieldStrength = "1.5"
-    ds.PatientPosition = "HFS"
+    ds.PatientPosition = patient_position
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = "1"
@@ -270,6 +272,58 @@ def _write(ds: Dataset, path: Path, ts: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+_POSITIONS = {"HFS": (1, 1), "HFP": (-1, -1), "FFS": (-1, 1), "FFP": (1, -1)}
+
+
+def _planes(
+    stack: np.ndarray, origin: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    spacing: tuple[float, float, float], position: str, plane: str, oblique_deg: float,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float], np.ndarray]]:
+    """Image planes ``(ipp, row_cos, col_cos, (column spacing, row spacing), pixels)`` through the
+    LPS-aligned ``stack`` (``[k, r, c]`` along ``axes`` with ``spacing``), for a patient position,
+    a primary plane and an oblique angle, covering the whole volume."""
+    from scipy import ndimage
+
+    if position not in _POSITIONS:
+        raise ValueError(f"patient_position must be one of {', '.join(_POSITIONS)}, got {position!r}")
+    x, y, z = np.eye(3)
+    if plane == "axial":
+        row, col = x.copy(), y.copy()
+        sx, sy = _POSITIONS[position]
+        row, col = row * sx, col * sy
+    elif plane == "coronal":
+        row, col = x.copy(), -z
+    elif plane == "sagittal":
+        row, col = y.copy(), -z
+    else:
+        raise ValueError(f"plane must be axial, coronal or sagittal, got {plane!r}")
+    if oblique_deg:
+        t = np.deg2rad(oblique_deg)
+        normal0 = np.cross(row, col)
+        col = np.cos(t) * col + np.sin(t) * normal0  # rotate about the row direction
+    normal = np.cross(row, col)
+    ax = np.stack(axes)  # rows: the stack's i (column), j (row), k (slice) directions in LPS
+    sp = np.array(spacing)
+    # output spacing: the source spacing of the closest source axis
+    out_sp = [float(sp[int(np.argmax(np.abs(ax @ d)))]) for d in (row, col, normal)]
+    nk, nr, nc = stack.shape
+    corners = np.array([origin + ax[0] * sp[0] * c + ax[1] * sp[1] * r + ax[2] * sp[2] * k
+                        for k in (0, nk - 1) for r in (0, nr - 1) for c in (0, nc - 1)])
+    lo = [float(np.min(corners @ d)) for d in (row, col, normal)]
+    hi = [float(np.max(corners @ d)) for d in (row, col, normal)]
+    counts = [int(np.floor((h - lo_) / s + 1e-6)) + 1 for lo_, h, s in zip(lo, hi, out_sp)]
+    jj, ii = np.mgrid[0: counts[1], 0: counts[0]].astype(np.float64)
+    out = []
+    for m in range(counts[2]):
+        ipp = row * lo[0] + col * lo[1] + normal * (lo[2] + m * out_sp[2])
+        pts = ipp[:, None, None] + row[:, None, None] * out_sp[0] * ii + col[:, None, None] * out_sp[1] * jj
+        rel = pts - origin[:, None, None]
+        idx = [np.tensordot(ax[a], rel, axes=1) / sp[a] for a in (2, 1, 0)]
+        img = ndimage.map_coordinates(stack, idx, order=1, cval=-1024.0)
+        out.append((ipp, row, col, (out_sp[0], out_sp[1]), img.astype(np.float32)))
+    return out
+
+
 def write_series(
     volume_hu: np.ndarray | str | Path,
     out_dir: str | Path,
@@ -278,6 +332,11 @@ def write_series(
     size: tuple[int, int, int] | None = None,
     tilt_deg: float = 0.0,
     uneven: bool = False,
+    gaps_mm: Sequence[float] | None = None,
+    patient_position: str = "HFS",
+    plane: str = "axial",
+    oblique_deg: float = 0.0,
+    against_normal: bool = False,
     shuffle: bool = False,
     localizer: bool = False,
     transfer_syntax: str = "explicit",
@@ -324,6 +383,19 @@ def write_series(
             angle while slice positions keep stepping along z; pixels are sampled from
             the volume on the tilted planes (linear interpolation, -1024 HU outside).
         uneven: drop a few slices so that some gaps are doubled.
+        gaps_mm: slice gaps in mm, repeated in turn from the first slice up to the top of the
+            volume (e.g. ``[4, 1.08, 7]``): slices at arbitrary positions, sampled from the
+            volume by linear interpolation along z (and on the tilted planes with ``tilt_deg``).
+        patient_position: ``HFS`` (default), ``HFP``, ``FFS`` or ``FFP``: the image axes as that
+            scanner position gives them (HFP: rows toward anterior, columns toward right; FFS:
+            columns toward right and the slice normal toward the feet; FFP both), the anatomy
+            in patient space unchanged.
+        plane: ``axial`` (default), ``coronal`` (IOP 1,0,0 / 0,0,-1) or ``sagittal``
+            (0,1,0 / 0,0,-1) primary slices through the same anatomy.
+        oblique_deg: rotate the image plane by this angle about the row direction (an IOP
+            slightly off the primary plane); pixels sampled by linear interpolation.
+        against_normal: InstanceNumber 1 is the last slice along the normal (scanners that
+            number from the other end).
         shuffle: random file names order and reversed InstanceNumbers (descending
             along the slice normal), so that nothing but geometry sorts them.
         localizer: add one LOCALIZER image (coronal projection) to the series.
@@ -356,10 +428,20 @@ def write_series(
     step = flip * aff[:3, 2]
 
     rng = np.random.default_rng(seed)
-    keep = list(range(nz))
+    # slice positions as (fractional) indices of the input's z axis
+    keep: list[float] = [float(k) for k in range(nz)]
     if uneven and nz >= 6:
         for idx in sorted({nz // 3, (2 * nz) // 3}, reverse=True):
             del keep[idx]
+    if gaps_mm:
+        if any(g <= 0 for g in gaps_mm):
+            raise ValueError(f"gaps_mm must be positive, got {list(gaps_mm)}")
+        keep = [0.0]
+        while True:
+            nxt = keep[-1] + gaps_mm[(len(keep) - 1) % len(gaps_mm)] / dz
+            if nxt > nz - 1 + 1e-6:
+                break
+            keep.append(nxt)
 
     t = np.deg2rad(tilt_deg)
     if tilt_deg:
@@ -379,16 +461,26 @@ def write_series(
         _base_dataset, modality=modality, study_uid=study_uid, series_uid=series_uid, for_uid=for_uid,
         series_description=series_description, series_number=series_number,
         patient_name=patient_name, patient_id=patient_id, study_description=study_description,
-        accession_number=accession_number, now=now,
+        accession_number=accession_number, now=now, patient_position=patient_position,
     )
+    planes = None
+    if patient_position != "HFS" or plane != "axial" or oblique_deg:
+        if tilt_deg or gaps_mm or uneven or enhanced:
+            raise ValueError("patient_position / plane / oblique_deg do not combine with tilt, gaps, uneven, enhanced")
+        planes = _planes(stack, origin, (row_cos, col_cos, _unit(step)), (dc, dr, dz), patient_position, plane,
+                         oblique_deg)
+        keep = [float(m) for m in range(len(planes))]
     n = len(keep)
-    numbers = list(range(n, 0, -1)) if shuffle else list(range(1, n + 1))
+    numbers = list(range(n, 0, -1)) if (shuffle or against_normal) else list(range(1, n + 1))
     names = [f"IM{idx + 1:05d}.dcm" for idx in range(n)]
     if shuffle:
         names = [f"{code:08x}.dcm" for code in rng.choice(16**6, size=n, replace=False)]
     datasets: list[Dataset] = []
     for m, k in enumerate(keep):
-        if tilt_deg:
+        p_row, p_col, p_dr, p_dc = row_cos, frame_col, dr, dc
+        if planes is not None:
+            ipp, p_row, p_col, (p_dc, p_dr), img = planes[m]
+        elif tilt_deg or k != int(k):
             from scipy import ndimage
 
             # slice centre keeps the untilted centre; the plane is tilted around it
@@ -403,20 +495,21 @@ def write_series(
             img = ndimage.map_coordinates(stack, [ki, ri, ci], order=1, cval=-1024.0)
         else:
             ipp = origin + k * step
-            img = stack[k]
+            img = stack[int(k)]
         ds = base()
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = numbers[m]
         ds.ImagePositionPatient = [_ds_str(v) for v in ipp]
-        ds.ImageOrientationPatient = [_ds_str(v) for v in (*row_cos, *frame_col)]
-        ds.PixelSpacing = [_ds_str(dr), _ds_str(dc)]
+        ds.ImageOrientationPatient = [_ds_str(v) for v in (*p_row, *p_col)]
+        ds.PixelSpacing = [_ds_str(p_dr), _ds_str(p_dc)]
         ds.SliceThickness = _ds_str(dz)
         ds.SliceLocation = _ds_str(float(ipp[2]))
         if modality == "CT":
             ds.GantryDetectorTilt = _ds_str(tilt_deg)
-        ds.Rows = rows
-        ds.Columns = cols
+        ds.Rows, ds.Columns = img.shape
+        if plane != "axial":
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         _store(ds, img, "explicit" if enhanced else transfer_syntax)
         datasets.append(ds)
 
@@ -472,6 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", help="ROWSxCOLSxSLICES, e.g. 512x512x400")
     p.add_argument("--tilt", type=float, default=0.0, help="gantry tilt in degrees")
     p.add_argument("--uneven", action="store_true", help="double a few slice gaps")
+    p.add_argument("--gaps", help="slice gaps in mm repeated in turn, e.g. 4,1.08,7")
+    p.add_argument("--position", default="HFS", choices=sorted(_POSITIONS), help="patient position")
+    p.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"], help="primary plane")
+    p.add_argument("--oblique", type=float, default=0.0, help="IOP rotated this many degrees off the plane")
+    p.add_argument("--against-normal", action="store_true", help="InstanceNumber 1 = last slice along the normal")
     p.add_argument("--shuffle", action="store_true", help="shuffle files, reverse InstanceNumbers")
     p.add_argument("--localizer", action="store_true", help="add a LOCALIZER image")
     p.add_argument("--ts", default="explicit", choices=sorted(TRANSFER_SYNTAXES), help="transfer syntax")
@@ -489,10 +587,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--size must look like 512x512x400, got {a.size!r}")
     if a.enhanced and a.ts not in _ENHANCED_SYNTAXES:
         p.error(f"--enhanced supports --ts {', '.join(sorted(_ENHANCED_SYNTAXES))}")
+    gaps = None
+    if a.gaps:
+        try:
+            gaps = [float(v) for v in a.gaps.split(",")]
+        except ValueError:
+            p.error(f"--gaps must be comma-separated millimetres, got {a.gaps!r}")
+        if any(g <= 0 for g in gaps):
+            p.error(f"--gaps must be positive, got {a.gaps!r}")
     if not Path(a.nifti).is_file():
         p.error(f"--nifti {a.nifti}: no such file")
     files = write_series(
-        a.nifti, a.out, size=size, tilt_deg=a.tilt, uneven=a.uneven, shuffle=a.shuffle,
+        a.nifti, a.out, size=size, tilt_deg=a.tilt, uneven=a.uneven, gaps_mm=gaps,
+        patient_position=a.position, plane=a.plane, oblique_deg=a.oblique, against_normal=a.against_normal, shuffle=a.shuffle,
         localizer=a.localizer, transfer_syntax=a.ts, enhanced=a.enhanced, modality=a.modality,
         series_description=a.series_description, seed=a.seed,
     )

@@ -113,7 +113,7 @@ def seg_label_volumes(volume: Volume, seg_path: Path) -> dict[str, np.ndarray]:
 
 
 def export_dataset(inputs: Sequence[str | Path], out_dir: str | Path, *, dataset_id: int, name: str,
-                   mapping: dict[str, list[str]] | None = None) -> ExportResult:
+                   mapping: dict[str, list[str]] | None = None, orientation: str = "LPS") -> ExportResult:
     """Write the nnU-Net raw dataset.
 
     Input: folders of DICOM (e.g. the node's spool, or a PACS export) holding CT series and
@@ -125,15 +125,24 @@ def export_dataset(inputs: Sequence[str | Path], out_dir: str | Path, *, dataset
                                 /dataset.json      (channel CT, labels = the stated mapping)
                                 /inventory.csv     (every pair: exported or refused, and why)
 
-    Images are written through SimpleITK from the node's volume (LPS direction, origin and
-    spacing from the volume affine), which is also exactly the array the nnU-Net backend feeds
-    to the predictor, so training and inference see the same axes.  A pair is refused when its
+    Images are written through SimpleITK from the node's volume, stored in ``orientation`` (axis
+    codes, default ``LPS``: an axial head-first-supine series as the node holds it; brought there
+    by axis flips and permutations only, whatever the series' own orientation) with direction,
+    origin and spacing from the volume affine; ``dataset.json`` says ``input_orientation``, which
+    nnU-Net copies into the trained model folder and the nnU-Net backend reads, so training and
+    inference see the same axes.  A pair is refused when its
     geometry does not match (:func:`check_geometry`, :func:`seg_label_volumes`): another Frame of
     Reference, matrix size, pixel spacing or orientation, SEG frames that reference images not in
     the series, or a series that had to be resampled (gantry tilt, uneven spacing: the SEG frames
     then do not lie on the volume grid).
     """
+    from node.pipeline.orientation import check_codes, to_orientation
     from node.training.nnunet import dataset_name, write_case_nifti, write_dataset_json
+
+    try:
+        orientation = check_codes(orientation)
+    except ValueError as exc:
+        raise InputError(str(exc), tag="orientation") from None
 
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise InputError(f"dataset name {name!r}: letters, digits and _ only")
@@ -184,10 +193,11 @@ def export_dataset(inputs: Sequence[str | Path], out_dir: str | Path, *, dataset
                     present.append(lname)
             if not present:
                 raise InputError(f"no segment matches the label mapping (segments: {', '.join(masks)})")
-            d = vol.affine[:3, :3] / np.asarray(vol.spacing)[None, :]
-            hu = np.clip(np.rint(vol.array), -32768, 32767).astype(np.int16)
-            write_case_nifti(folder / "imagesTr" / f"{case}_0000.nii.gz", hu, vol.spacing, vol.affine[:3, 3], d)
-            write_case_nifti(folder / "labelsTr" / f"{case}.nii.gz", label_map, vol.spacing, vol.affine[:3, 3], d)
+            img_o = to_orientation(np.clip(np.rint(vol.array), -32768, 32767).astype(np.int16), vol.affine, orientation)
+            lab_o = to_orientation(label_map, vol.affine, orientation)
+            d = img_o.affine[:3, :3] / np.asarray(img_o.spacing)[None, :]
+            write_case_nifti(folder / "imagesTr" / f"{case}_0000.nii.gz", img_o.array, img_o.spacing, img_o.affine[:3, 3], d)
+            write_case_nifti(folder / "labelsTr" / f"{case}.nii.gz", lab_o.array, lab_o.spacing, lab_o.affine[:3, 3], d)
             row.update(status="exported", size_ijk="x".join(str(s) for s in vol.shape[::-1]),
                        spacing_mm_ijk="x".join(f"{s:.3f}" for s in vol.spacing), labels_present=";".join(present))
             result.exported.append(case)
@@ -196,7 +206,7 @@ def export_dataset(inputs: Sequence[str | Path], out_dir: str | Path, *, dataset
             result.refused.append((str(seg_path), str(exc)))
             log.warning("dataset export: refused %s: %s", seg_path, exc)
         rows.append(row)
-    write_dataset_json(folder, label_ids, len(result.exported))
+    write_dataset_json(folder, label_ids, len(result.exported), input_orientation=orientation)
     meta = json.loads((folder / "dataset.json").read_text())
     meta["label_mapping"] = {k: v for k, v in mapping.items()}
     meta["description"] = "exported by dicom-node dataset export (label_mapping: dataset label -> DICOM SEG segment labels)"

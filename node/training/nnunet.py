@@ -49,12 +49,17 @@ def write_case_nifti(path: Path, array_kji: np.ndarray, spacing_ijk: Iterable[fl
     sitk.WriteImage(img, str(path), useCompression=True)
 
 
-def write_dataset_json(folder: Path, labels: dict[str, int], n_train: int, channel: str = "CT") -> None:
+def write_dataset_json(folder: Path, labels: dict[str, int], n_train: int, channel: str = "CT",
+                       input_orientation: str = "LPS") -> None:
+    """nnU-Net's ``dataset.json``, with the storage orientation of the images (axis codes, see
+    :mod:`node.pipeline.orientation`): nnU-Net copies it into the trained model folder, where the
+    node's nnU-Net backend reads it."""
     data = {
         "channel_names": {"0": channel},
         "labels": labels,
         "numTraining": n_train,
         "file_ending": ".nii.gz",
+        "input_orientation": input_orientation,
     }
     (folder / "dataset.json").write_text(json.dumps(data, indent=2) + "\n")
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from node.errors import BackendUnavailable, InputError
 from node.pipeline.ai import common as ai_common
+from node.pipeline.orientation import check_codes, to_orientation
 from node.pipeline.volume import Volume
 from node.profiles import NnUNetModel, Profile
 
@@ -76,6 +77,26 @@ def label_names(folder: Path) -> dict[str, int]:
     """``{structure name: label id}`` from the model's ``dataset.json`` (int labels only)."""
     data = json.loads((folder / "dataset.json").read_text())
     return {str(k): int(v) for k, v in data.get("labels", {}).items() if isinstance(v, int)}
+
+
+DEFAULT_ORIENTATION = "LAS"
+"""What a model folder that does not say was trained on: dcm2niix's storage of axial images."""
+
+
+def input_orientation(settings: NnUNetModel, folder: Path) -> str:
+    """The storage orientation the model was trained on: the profile's ``input_orientation``, else
+    the model's ``dataset.json`` ``input_orientation`` (``dicom-node dataset export`` writes it),
+    else :data:`DEFAULT_ORIENTATION`."""
+    if settings.input_orientation:
+        return settings.input_orientation
+    data = json.loads((folder / "dataset.json").read_text())
+    stated = data.get("input_orientation")
+    if stated:
+        try:
+            return check_codes(str(stated))
+        except ValueError as exc:
+            raise InputError(f"{folder / 'dataset.json'}: input_orientation: {exc}", tag="input_orientation") from None
+    return DEFAULT_ORIENTATION
 
 
 def check_model(settings: NnUNetModel) -> Path:
@@ -153,9 +174,10 @@ def predict_label_map(volume: Volume, settings: NnUNetModel) -> np.ndarray:
     nnU-Net's adapter starts a background process per call, which cost seconds per job.
 
     Axes: nnU-Net's default reader is SimpleITK, whose array is ``[z, y, x]`` with spacing
-    ``[sz, sy, sx]``: exactly the volume's ``[k, j, i]`` with its ``(i, j, k)`` spacing reversed
-    (``dicom-node dataset export`` writes training data that way), so the array goes in as it
-    is and the segmentation comes back on the volume grid.
+    ``[sz, sy, sx]``, the NIfTI's voxel order: a model learns the storage orientation of its
+    training NIfTIs.  The volume is brought to that orientation (:func:`input_orientation`) by
+    axis flips and permutations, handed over as ``[k, j, i]``, and the segmentation is brought
+    back the same way, exactly.
     """
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
@@ -164,8 +186,10 @@ def predict_label_map(volume: Volume, settings: NnUNetModel) -> np.ndarray:
     _last_run.clear()
     _last_run.update(model_cache="hit" if was_cached else "miss", load_s=0.0 if was_cached else round(entry.load_s, 3),
                      device=str(getattr(predictor, "device", "")), cached_models=len(cached_models()))
-    si, sj, sk = volume.spacing
-    data = np.ascontiguousarray(volume.array, dtype=np.float32)[None]
+    oriented = to_orientation(volume.array, volume.affine, input_orientation(settings, check_model(settings)))
+    _last_run.update(input_orientation=oriented.codes)
+    si, sj, sk = oriented.spacing
+    data = np.ascontiguousarray(oriented.array, dtype=np.float32)[None]
     with entry.lock, ai_common.no_network():
         pre = predictor.configuration_manager.preprocessor_class(verbose=False)
         x, _, props = pre.run_case_npy(data, None, {"spacing": [sk, sj, si]}, predictor.plans_manager,
@@ -174,7 +198,7 @@ def predict_label_map(volume: Volume, settings: NnUNetModel) -> np.ndarray:
         seg = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, props,
             return_probabilities=False)
-    seg = np.asarray(seg)
+    seg = oriented.back(np.asarray(seg))
     if seg.shape != volume.shape:
         raise InputError(f"nnU-Net returned shape {seg.shape}, volume is {volume.shape}")
     return seg

@@ -173,7 +173,11 @@ class HUBackend:
         """
         spacing = volume.spacing
         out: dict[str, np.ndarray] = {}
-        box, inside_body = body_mask_box(volume.array, spacing, profile.body_mask, margin=2)
+        # an exact grid through uneven slices (node.pipeline.series.geometry): every grid slice
+        # for the outline, so that it is found on the original slices, not only on the ones
+        # interpolated between them
+        every_slice = volume.frame_slices is not None and volume.resampled
+        box, inside_body = body_mask_box(volume.array, spacing, profile.body_mask, margin=2, every_slice=every_slice)
         hu = volume.array[box]
         masks: dict[str, np.ndarray] = {}
         shift = np.eye(4)

@@ -1,11 +1,12 @@
-"""Body outline: the patient without the CT table, cushions, cables and air; every tissue
-threshold is restricted to it.  Found on a grid of about 2 mm and refined at full resolution
-only at the skin.
+"""Body outline: the patient without the CT table, head holders, arcs, cables and air; every
+tissue threshold is restricted to it.  Found on a grid of about 2 mm and refined at full
+resolution only at the skin.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from node.pipeline.hu import morphology
 from node.pipeline.box import bounding_box, grow_box
@@ -14,10 +15,25 @@ from node.profiles import BodyMaskSpec
 WORK_GRID_MM = 2.0
 
 
-def _steps(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
-    """Integer subsampling factors (k, j, i) giving a ~2 mm working grid."""
+def _steps(spacing: tuple[float, float, float], every_slice: bool = False) -> tuple[int, int, int]:
+    """Integer subsampling factors (k, j, i) giving a ~2 mm working grid (in-plane only with
+    ``every_slice``)."""
     si, sj, sk = spacing
-    return max(1, int(WORK_GRID_MM // sk)), max(1, int(WORK_GRID_MM // sj)), max(1, int(WORK_GRID_MM // si))
+    fk, fj, fi = (max(1, int(WORK_GRID_MM // s)) for s in (sk, sj, si))
+    return (1 if every_slice else fk, fj, fi)
+
+
+def _fill_with_cut_edges(soft: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``soft`` with its holes filled slice by slice, where the edge of the image counts as
+    closed wherever the thresholded ``region`` reaches it: a body cut by the field of view (an
+    arm at the edge) still encloses its bone there, while a device stays open to the air."""
+    padded = np.zeros((soft.shape[0], soft.shape[1] + 2, soft.shape[2] + 2), dtype=bool)
+    padded[:, 1:-1, 1:-1] = soft
+    padded[:, 0, 1:-1] = region[:, 0, :]
+    padded[:, -1, 1:-1] = region[:, -1, :]
+    padded[:, 1:-1, 0] = region[:, :, 0]
+    padded[:, 1:-1, -1] = region[:, :, -1]
+    return np.ascontiguousarray(morphology.fill_holes(padded, "slice")[:, 1:-1, 1:-1])
 
 
 def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None) -> np.ndarray:
@@ -29,6 +45,15 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMas
     survivors are grown back inside the threshold and their holes (lungs, bowel
     gas) filled slice by slice.  At full resolution, voxels inside the outline
     are kept whatever their HU, voxels on the outline follow the threshold.
+
+    Patient support devices (table tops, head holders, arcs, U-shapes, ECG leads) are dense
+    (``dense_hu`` and up) and lie outside the skin, often touching it through a cushion as
+    dense as soft tissue, so the threshold joins them to the patient.  Dense material of the
+    body (bone, contrast) is always enclosed by soft tissue in its slice; a device never is.
+    So only the softer part of the thresholded region is filled slice by slice, and dense
+    voxels are body only where that fill encloses them or where they enclose something
+    themselves in their slice (a cortex around its marrow whose skin the coarse grid lost; a
+    holder, table or lead encloses nothing), never on the outline band otherwise.
     """
     box, inside = body_mask_box(hu, spacing, spec, margin=0)
     out = np.zeros(hu.shape, dtype=bool)
@@ -37,9 +62,11 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMas
 
 
 def body_mask_box(
-    hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None, *, margin: int = 0
+    hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMaskSpec | None = None, *, margin: int = 0,
+    every_slice: bool = False,
 ) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """``(box, mask)``: the body mask (as :func:`body_mask`) on its bounding box plus ``margin`` voxels.
+    """``(box, mask)``: the body mask (as :func:`body_mask`) on its bounding box plus ``margin`` voxels;
+    ``every_slice``: the coarse outline on every slice (subsampled in-plane only).
 
     Only the box is ever built at full resolution: the coarse outline bounds it, so the
     full-size mask never has to be allocated, upsampled or searched for its extent.
@@ -48,7 +75,7 @@ def body_mask_box(
     if not spec.enabled:
         nk, nj, ni = hu.shape
         return (slice(0, nk), slice(0, nj), slice(0, ni)), np.ones(hu.shape, dtype=bool)
-    steps = _steps(spacing)
+    steps = _steps(spacing, every_slice)
     small = hu[:: steps[0], :: steps[1], :: steps[2]] > spec.threshold_hu
     sp = (spacing[0] * steps[2], spacing[1] * steps[1], spacing[2] * steps[0])
     core = morphology.opening(small, spec.opening_mm, sp) if spec.opening_mm else small
@@ -58,7 +85,30 @@ def body_mask_box(
         return empty, np.zeros((0, 0, 0), dtype=bool)
     if spec.opening_mm:
         core = morphology.dilation(core, spec.opening_mm, sp) & small
-    filled = morphology.fill_holes(core, "slice")
+    if spec.dense_hu is not None:
+        dense = hu[:: steps[0], :: steps[1], :: steps[2]] >= spec.dense_hu
+        # the soft part, filled per slice: dense material enclosed by it comes back (bone),
+        # dense material outside it (devices) does not; what is left of the device's cushion
+        # (soft, outside the skin) is dropped when no longer big enough to be a body part
+        soft = morphology.remove_small(core & ~dense, spec.min_component_ml, sp)
+        if not soft.any():
+            return empty, np.zeros((0, 0, 0), dtype=bool)
+        filled = _fill_with_cut_edges(soft, core)
+        # dense material left outside that encloses something in its slice is bone whose skin
+        # the coarse grid lost (a cortex around its marrow); a holder, table or lead encloses nothing
+        outside = dense & core & ~filled
+        if outside.any():
+            holes = morphology.fill_holes(outside, "slice") & ~outside
+            if holes.any():
+                in_plane = np.zeros((3, 3, 3), dtype=bool)
+                in_plane[1] = True
+                lab, _ = ndimage.label(outside, structure=in_plane)
+                touching = np.unique(lab[ndimage.binary_dilation(holes, structure=in_plane)])
+                keep = np.isin(lab, touching[touching > 0])
+                filled = _fill_with_cut_edges(soft | keep, core)
+        del dense, soft
+    else:
+        filled = morphology.fill_holes(core, "slice")
     if steps == (1, 1, 1):
         inside = filled
     else:
@@ -66,6 +116,8 @@ def body_mask_box(
         # resolution: coarse voxels are 0 (outside), 1 (inside) or 2 (on the outline)
         outer = morphology.dilation(filled, max(sp), sp)
         state = outer.view(np.uint8) * np.uint8(2)
+        if spec.dense_hu is not None:
+            state[filled & (state == 2)] = 3  # on the outline band, inside the filled outline
         # the body goes on beyond the first and last slice: eroded there, their inside (lungs,
         # bowel gas) would be decided by the threshold and drop out of the body
         pad = int(np.ceil(max(sp) / sp[2])) + 1
@@ -77,8 +129,11 @@ def body_mask_box(
             slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(cbox, steps, hu.shape)
         )
         up = morphology.upsample_nearest(np.ascontiguousarray(state[cbox]), steps, [b.stop - b.start for b in fbox])
-        inside = up == 2
+        inside = up >= 2
         inside &= hu[fbox] > spec.threshold_hu
+        if spec.dense_hu is not None:
+            # on the outline band dense voxels only where the coarse fill enclosed them
+            inside &= (hu[fbox] < spec.dense_hu) | (up == 3)
         inside |= up == 1
         del up
         sub = bounding_box(inside)

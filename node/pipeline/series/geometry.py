@@ -1,12 +1,21 @@
 """The volume's geometry from ImagePositionPatient / ImageOrientationPatient / PixelSpacing only
 (never SliceThickness, InstanceNumber, SliceLocation or GantryDetectorTilt): frames ordered along
-the slice normal, duplicates dropped, gantry tilt and uneven spacing resampled onto a regular
-grid as dcm2niix does, and the affine.
+the slice normal, duplicates dropped, and the regular grid with its affine.  Two grids:
+
+* ``exact``: every original pixel is a grid voxel, unmodified.  Gantry tilt is a sheared affine
+  (the slice axis runs along the stack's IPP line, not the normal); uneven gaps get a slice step
+  that puts every original slice on a grid slice (snapped by at most a fraction of a
+  millimetre), the slices between them interpolated.  Thresholds on this grid are thresholds
+  on the images the radiologist sees, and the grid slice of each frame is known
+  (``frame_slices``).
+* ``orthogonal``: tilt shifted away and uneven gaps interpolated to the median gap, as dcm2niix
+  does (what AI models trained on dcm2niix conversions expect).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -16,6 +25,24 @@ from node.pipeline.series.frames import Frame, warn
 
 _MIN_GAP_MM = 0.01
 _REL_GAP = 0.01
+# exact grid with uneven gaps: at most this many times the original slice count (memory and
+# time), and an original slice is snapped onto its grid slice by at most this fraction of the step
+# when a step that small exists
+_MAX_SLICE_FACTOR = 4
+_SNAP_FRACTION = 0.05
+
+GridKind = Literal["exact", "orthogonal"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The decoded stack on a regular grid: array, affine ``(i, j, k, 1)`` -> LPS mm, whether it
+    was resampled, and for an exact grid the grid slice holding each frame's own pixels."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    resampled: bool
+    frame_slices: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,125 @@ def order_frames(frames: list[Frame], warnings: list[str]) -> Stack:
 
 
 def regular_grid(
+    vol: np.ndarray, stack: Stack, pixel_spacing: tuple[float, float], warnings: list[str],
+    kind: GridKind = "orthogonal",
+) -> Grid:
+    """The decoded stack on a regular grid of ``kind`` (see the module docstring); what was
+    corrected is recorded in ``warnings``."""
+    _check_gaps(stack)
+    if kind == "exact":
+        grid = _exact_grid(vol, stack, pixel_spacing, warnings)
+        if grid is not None:
+            return grid
+    arr, affine, resampled = _orthogonal_grid(vol, stack, pixel_spacing, warnings)
+    return Grid(arr, affine, resampled, None if resampled else tuple(range(len(stack.frames))))
+
+
+def _check_gaps(stack: Stack) -> None:
+    frames, gaps = stack.frames, np.diff(stack.d)
+    if np.any(gaps <= _MIN_GAP_MM):
+        k = int(np.argmax(gaps <= _MIN_GAP_MM))
+        raise SeriesError(
+            f"{frames[k].label()} and {frames[k + 1].label()} lie in the same plane at different in-plane "
+            "positions (two acquisitions mixed in one series?)",
+            path=frames[k + 1].path, tag="ImagePositionPatient",
+        )
+
+
+def _exact_grid(
+    vol: np.ndarray, stack: Stack, pixel_spacing: tuple[float, float], warnings: list[str]
+) -> Grid | None:
+    """The exact grid, or ``None`` when the in-plane offsets of the slices do not lie on one
+    line (no shear explains them: the orthogonal grid takes over)."""
+    frames, d, normal, row_cos, col_cos = stack.frames, stack.d, stack.normal, stack.row_cos, stack.col_cos
+    dr, dc = pixel_spacing
+    rel = np.array([fr.ipp - frames[0].ipp for fr in frames])
+    dd = d - d[0]
+    inplane = rel - np.outer(dd, normal)
+    shear = inplane[-1] / dd[-1]  # in-plane mm per mm along the normal
+    inplane_tol = max(_MIN_GAP_MM, 0.01 * min(dr, dc))
+    if np.max(np.linalg.norm(inplane - np.outer(dd, shear), axis=1)) > inplane_tol:
+        return None
+    tilted = bool(np.linalg.norm(shear) * dd[-1] > inplane_tol)
+    gaps = np.diff(d)
+    median_gap = float(np.median(gaps))
+    uneven = bool(np.max(np.abs(gaps - median_gap)) > max(_MIN_GAP_MM, _REL_GAP * median_gap))
+    if tilted:
+        angle = np.degrees(np.arctan(np.linalg.norm(shear)))
+        tilt_tag = frames[0].header.get("GantryDetectorTilt", "")
+        warn(
+            warnings,
+            f"gantry tilt / sheared stack: about {angle:.1f} deg (GantryDetectorTilt says {tilt_tag or 'nothing'}); "
+            "kept as a sheared grid (slice axis along the slice positions), no pixel resampled",
+        )
+    direction = normal + shear  # grid step per mm along the normal
+    if not uneven:
+        step = dd[-1] / (len(frames) - 1)
+        affine = _affine(frames[0].ipp, row_cos, col_cos, dr, dc, direction * step)
+        return Grid(vol, affine, False, tuple(range(len(frames))))
+    step, slots = _snap_step(dd, float(gaps.min()), len(frames))
+    err = float(np.max(np.abs(dd - slots * step)))
+    out = _fill_between(vol, slots)
+    collided = len(np.unique(slots)) < len(slots)
+    warn(
+        warnings,
+        f"uneven slice spacing: gaps {gaps.min():.3f} to {gaps.max():.3f} mm; grid step {step:.3f} mm with every "
+        f"original slice on a grid slice (moved at most {err:.3f} mm along the normal), the slices between "
+        "them interpolated linearly"
+        + ("; slices closer than the step share a grid slice" if collided else ""),
+    )
+    affine = _affine(frames[0].ipp, row_cos, col_cos, dr, dc, direction * step)
+    return Grid(out, affine, True, tuple(int(v) for v in slots))
+
+
+def _snap_step(dd: np.ndarray, min_gap: float, n: int) -> tuple[float, np.ndarray]:
+    """``(step, slots)``: a slice step for positions ``dd`` (mm from the first slice) and the grid
+    slice of each position.  The largest step no longer than the smallest gap (so no two slices
+    share a grid slice) that puts every slice within a twentieth of a step of a grid slice; when
+    there is none, the step among the candidates that moves the slices least.  Never more than
+    ``_MAX_SLICE_FACTOR`` times the original slice count."""
+    floor = dd[-1] / (_MAX_SLICE_FACTOR * n)
+    median_gap = float(np.median(np.diff(dd)))
+    cands = sorted({g / m for g in (median_gap, min_gap) for m in range(1, 13)}, reverse=True)
+    cands = [c for c in cands if c <= min_gap * (1 + 1e-9) and c >= floor] or [max(min_gap, floor)]
+    best, best_err = cands[0], np.inf
+    for c in cands:
+        err = float(np.max(np.abs(dd / c - np.rint(dd / c)))) * c
+        if err <= max(_MIN_GAP_MM, _SNAP_FRACTION * c):
+            best = c
+            break
+        if err < best_err - 1e-9:
+            best, best_err = c, err
+    return best, np.rint(dd / best).astype(np.int64)
+
+
+def _fill_between(vol: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """A stack of ``slots[-1] + 1`` slices: original slice ``k`` unmodified at ``slots[k]``, the
+    slices between two originals interpolated linearly between them."""
+    out = np.empty((int(slots[-1]) + 1,) + vol.shape[1:], dtype=vol.dtype)
+    for k in range(len(slots) - 1):
+        a, b = int(slots[k]), int(slots[k + 1])
+        for m in range(a + 1, b):
+            w = (m - a) / (b - a)
+            sl = vol[k].astype(np.float32) * (1 - w) + vol[k + 1].astype(np.float32) * w
+            out[m] = np.rint(sl) if vol.dtype.kind == "i" else sl
+    for k in range(len(slots)):  # originals last: where two share a slot, the later one is kept
+        out[int(slots[k])] = vol[k]
+    return out
+
+
+def _affine(
+    origin: np.ndarray, row_cos: np.ndarray, col_cos: np.ndarray, dr: float, dc: float, step: np.ndarray
+) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, 0] = row_cos * dc
+    affine[:3, 1] = col_cos * dr
+    affine[:3, 2] = step
+    affine[:3, 3] = origin
+    return affine
+
+
+def _orthogonal_grid(
     vol: np.ndarray, stack: Stack, pixel_spacing: tuple[float, float], warnings: list[str]
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """``(volume, affine, resampled)``: the decoded stack on a regular grid (tilt and uneven gaps
@@ -78,13 +224,6 @@ def regular_grid(
     frames, d, normal, row_cos, col_cos = stack.frames, stack.d, stack.normal, stack.row_cos, stack.col_cos
     dr, dc = pixel_spacing
     gaps = np.diff(d)
-    if np.any(gaps <= _MIN_GAP_MM):
-        k = int(np.argmax(gaps <= _MIN_GAP_MM))
-        raise SeriesError(
-            f"{frames[k].label()} and {frames[k + 1].label()} lie in the same plane at different in-plane "
-            "positions (two acquisitions mixed in one series?)",
-            path=frames[k + 1].path, tag="ImagePositionPatient",
-        )
     median_gap = float(np.median(gaps))
     tol = max(_MIN_GAP_MM, _REL_GAP * median_gap)
     rel = np.array([fr.ipp - frames[0].ipp for fr in frames])

@@ -15,7 +15,7 @@ from pydicom.errors import InvalidDicomError
 from node.errors import SeriesError
 from node.pipeline.series.decode import decode_volume
 from node.pipeline.series.frames import Frame, check_consistency, image_frames
-from node.pipeline.series.geometry import order_frames, regular_grid
+from node.pipeline.series.geometry import GridKind, order_frames, regular_grid
 from node.pipeline.series.header import Header, RawPixels, read_header
 from node.pipeline.series.identity import check_identity, check_one_series, contrast_applied
 from node.pipeline.series.validate import validate_headers
@@ -32,6 +32,7 @@ def load_series(
     decode_workers: int | None = None,
     keep_headers: bool = True,
     header_cache: dict[Path, Any] | None = None,
+    grid: GridKind = "orthogonal",
 ) -> Volume:
     """Load the files of ONE DICOM series into a HU volume on a regular grid.
 
@@ -50,6 +51,10 @@ def load_series(
         header_cache: the dict a :func:`~node.pipeline.series.find.find_series` call filled:
             the headers of these files are taken from it (and removed from it) instead of
             being parsed again, unless a file changed since (inode, size or mtime).
+        grid: ``"exact"`` (every original pixel a voxel: tilt as a sheared affine, uneven gaps
+            on a finer step through every slice; what HU thresholds need) or ``"orthogonal"``
+            (tilt and uneven gaps resampled as dcm2niix does; what AI models expect), see
+            :mod:`node.pipeline.series.geometry`.
 
     Returns:
         The :class:`Volume`; ``array`` is int16 when all rescale slopes/intercepts are
@@ -79,10 +84,12 @@ def load_series(
     pixel_spacing = check_consistency(frames, headers)
     stack = order_frames(frames, warnings)
     vol = decode_volume(stack.frames, decode_workers)
-    vol, affine, resampled = regular_grid(vol, stack, pixel_spacing, warnings)
+    on_grid = regular_grid(vol, stack, pixel_spacing, warnings, grid)
+    del vol
     info = _series_info(stack.frames, keep_headers)
     src = _source_frames(stack.frames, pixel_spacing)
-    return Volume(array=vol, affine=affine, info=info, frames=src, resampled=resampled, warnings=warnings)
+    return Volume(array=on_grid.array, affine=on_grid.affine, info=info, frames=src, resampled=on_grid.resampled,
+                  warnings=warnings, frame_slices=on_grid.frame_slices)
 
 
 def _read_headers(

@@ -6,14 +6,17 @@ segmentation) or as a transient error (an allocation for 65535 x 65535 pixels):
 
 * numbers (DS/IS) the pipeline or the SEG parse: spacing, thickness, position, orientation,
   rescale, image size;
-* dates and times copied into the SEG or used in share paths: DICOM DA/TM form;
 * the image size against the pixel bytes the file can hold (uncompressed transfer syntaxes), and
   a ceiling on Rows and Columns.
+
+Dates, times and names are not checked here: the pipeline computes nothing from them, and the
+SEG's Patient and Study modules are made conformant from whatever the source holds
+(:mod:`node.pipeline.conform`: an invalid value is left out and the repair logged), so a
+malformed birth date does not stop a segmentation; share paths sanitise every field.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,10 +32,6 @@ MAX_SIDE = 16384
 _NUMBERS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel", "NumberOfFrames",
             "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "ImagePositionPatient",
             "ImageOrientationPatient", "RescaleSlope", "RescaleIntercept", "InstanceNumber", "SeriesNumber")
-_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate")
-_TIMES = ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime")
-_DA = re.compile(r"^(\d{8}|\d{4}\.\d{2}\.\d{2})$")  # the second: ACR-NEMA, still written by old devices
-_TM = re.compile(r"^\d{2}(:?\d{2}(:?\d{2}(\.\d{1,6})?)?)?$")
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
@@ -74,14 +73,6 @@ def validate_headers(headers: Sequence[tuple[Path, Dataset]]) -> None:
                 problem = _number_problem(ds, kw)
                 if problem:
                     raise SeriesError(problem, path=path, tag=kw)
-        for kw in _DATES:
-            v = _raw(ds, kw)
-            if v and not _DA.match(v):
-                raise SeriesError(f"{v[:40]!r} is not a DICOM date (YYYYMMDD)", path=path, tag=kw)
-        for kw in _TIMES:
-            v = _raw(ds, kw)
-            if v and not _TM.match(v):
-                raise SeriesError(f"{v[:40]!r} is not a DICOM time (HHMMSS.FFFFFF)", path=path, tag=kw)
         _check_size(path, ds)
 
 
