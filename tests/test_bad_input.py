@@ -81,18 +81,22 @@ BAD: dict[str, tuple[Callable[[Dataset], None], str]] = {
 }
 
 
+def _bones_job(paths: list[Path], results: Path, job_id: int) -> JobSpec:
+    """The spec of a bones job on ``paths`` writing ``results/<job_id>/``."""
+    from pydicom import dcmread
+
+    series_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    return JobSpec(job_id=job_id, series_uid=series_uid, paths=tuple(str(p) for p in paths), profile="bones",
+                   profiles_dir=REPO / "profiles", backend=None, output_dir=results / str(job_id),
+                   seg_series_uid=str(generate_uid()), decode_workers=1, models=ModelsConfig())
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_values_fail_the_job_at_once_and_leave_no_tmp_folder(tmp_path: Path, case: str) -> None:
     change, message = BAD[case]
     paths = write_series(tmp_path / "spool", change)
     results = tmp_path / "results"
-    from pydicom import dcmread
-
-    series_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
-    spec = JobSpec(job_id=7, series_uid=series_uid, paths=tuple(str(p) for p in paths), profile="bones",
-                   profiles_dir=REPO / "profiles", backend=None, output_dir=results / "7",
-                   seg_series_uid=str(generate_uid()), decode_workers=1, models=ModelsConfig())
-    out: Any = _execute(spec)
+    out: Any = _execute(_bones_job(paths, results, 7))
     assert isinstance(out, JobFailed)
     assert out.kind == FailureKind.INPUT, out  # bad input: no retry
     assert message in out.message and str(paths[0]) in out.message, out.message
@@ -106,14 +110,9 @@ def test_a_malformed_study_date_is_repaired_not_fatal(tmp_path: Path, caplog: py
 
     from pydicom import dcmread
 
-    paths = write_series(tmp_path / "spool", _date)
     results = tmp_path / "results"
-    series_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
-    spec = JobSpec(job_id=8, series_uid=series_uid, paths=tuple(str(p) for p in paths), profile="bones",
-                   profiles_dir=REPO / "profiles", backend=None, output_dir=results / "8",
-                   seg_series_uid=str(generate_uid()), decode_workers=1, models=ModelsConfig())
     with caplog.at_level(logging.INFO):
-        out: Any = _execute(spec)
+        out: Any = _execute(_bones_job(write_series(tmp_path / "spool", _date), results, 8))
     assert not isinstance(out, JobFailed), out
     seg = dcmread(next((results / "8").glob("*_seg.dcm")), stop_before_pixels=True)
     assert str(seg.get("StudyDate", "")) == ""  # Type 2: emptied, not copied
