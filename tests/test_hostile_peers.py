@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]  # made at import
+from receiver_helpers import make_receiver as start_receiver
 
 from node.config import NodeConfig
 from node.scp.receiver import Receiver
@@ -33,12 +34,9 @@ GOOD_PEER = "127.0.0.2"
 
 
 def make_receiver(tmp_path: Path, **cfg: Any) -> tuple[Receiver, Store]:
+    """A receiver with short timeouts unless ``cfg`` sets them: hostile peers are cut within seconds."""
     cfg.setdefault("timeouts", {"acse_s": 3, "dimse_s": 10, "network_s": 3})
-    config = NodeConfig(port=0, bind_address="127.0.0.1", storage=tmp_path / "var", **cfg)
-    store = Store(config.database_path)
-    rx = Receiver(config, store)
-    rx.start()
-    return rx, store
+    return start_receiver(tmp_path, **cfg)
 
 
 @pytest.fixture

@@ -16,11 +16,10 @@ from pydicom import dcmread
 from pydicom.filereader import read_preamble
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]  # sop_class makes its names at import
+from receiver_helpers import make_receiver
 
-from node.config import NodeConfig
 from node.scp.receiver import Receiver
 from node.scp.sender import DestinationUnavailable, echo, send_datasets
-from node.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -47,14 +46,6 @@ def dataset_bytes(data: bytes) -> bytes:
     assert data[start : start + 4] == b"\x02\x00\x00\x00"
     group_len = int.from_bytes(data[start + 8 : start + 12], "little")
     return data[start + 12 + group_len :]
-
-
-def make_receiver(tmp_path: Path, **cfg) -> tuple[Receiver, Store]:
-    config = NodeConfig(port=0, bind_address="127.0.0.1", storage=tmp_path / "var", **cfg)
-    store = Store(config.database_path)
-    rx = Receiver(config, store)
-    rx.start()
-    return rx, store
 
 
 @pytest.fixture
