@@ -118,10 +118,6 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
-def _line_of(obj: Any, default: int | None) -> int | None:
-    return getattr(obj, "line", None) or default
-
-
 # ------------------------------------------------------------------------- errors
 
 

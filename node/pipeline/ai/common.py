@@ -288,13 +288,3 @@ def model_section(profile: Profile, cls: type[_Section]) -> _Section:
                          for e in exc.errors())
         raise InputError(f"profile {profile.name} has no usable model section for this backend: {msgs}",
                          path=profile.source) from None
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process in MB."""
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 1e6
-    except Exception:  # noqa: BLE001 - a figure for the log only  # pragma: no cover
-        return 0.0
