@@ -38,6 +38,7 @@ __all__ = [
     "ConnectionLimitsConfig",
     "DiskConfig",
     "TLSConfig",
+    "HTTPConfig",
     "ModelsConfig",
     "NodeConfig",
     "load_config",
@@ -290,6 +291,37 @@ class TLSConfig(_Model):
         return self
 
 
+class HTTPConfig(_Model):
+    """The operations console (node/console/): HTTP API and web pages, served inside ``dicom-node serve``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Address to listen on (default: this host only; put a TLS certificate before opening it wider)."""
+    port: int = 8080
+    """0: any free port (tests)."""
+    certificate: Path | None = None
+    """HTTPS certificate (PEM, chain after it); with ``key``.  None: plain HTTP."""
+    key: Path | None = None
+    session_max_age_s: float = Field(8 * 3600.0, gt=0)
+    """A browser session ends this long after login."""
+    login_max_failures: int = Field(5, ge=1)
+    """Failed logins allowed per user name and per client address within ``login_window_s``; more are refused."""
+    login_window_s: float = Field(300.0, gt=0)
+
+    @field_validator("port")
+    @classmethod
+    def _http_port(cls, v: int) -> int:
+        if not 0 <= v <= 65535:
+            raise ValueError(f"must be 1..65535, or 0 for any free port (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> "HTTPConfig":
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("give both certificate and key for HTTPS, or neither")
+        return self
+
+
 class DiskConfig(_Model):
     """Free space on the storage volume (see docs/architecture.md, "Disk full")."""
 
@@ -357,6 +389,8 @@ class NodeConfig(_Model):
     log_phi: bool = False
     tls: TLSConfig | None = None
     """DICOM TLS (none: plain DICOM only)."""
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    """The operations console (web pages and API)."""
     """Log patient names, IDs, dates and share paths made of them (default: UIDs and job ids only)."""
     disk: DiskConfig = Field(default_factory=DiskConfig)
     incomplete_series_wait_s: float = Field(3600.0, ge=0)
@@ -533,6 +567,13 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
             if not resolved.is_file():
                 raise ConfigError(f"no such file: {resolved}", path=where, tag=f"tls.{attr}")
             setattr(cfg.tls, attr, resolved)
+    for attr in ("certificate", "key"):
+        value = getattr(cfg.http, attr)
+        if value is not None:
+            resolved = _resolve(value, base)
+            if not resolved.is_file():
+                raise ConfigError(f"no such file: {resolved}", path=where, tag=f"http.{attr}")
+            setattr(cfg.http, attr, resolved)
     for key in ("rules", "profiles"):
         value = getattr(cfg, key)
         if key in explicit:

@@ -1,6 +1,6 @@
 """The running node: one job store, the receiver, the periodic work (completion sweep and routing,
-rules reload, dispatch, spool retention on an APScheduler scheduler) and the worker pool, with
-startup recovery and a clean stop.  See docs/architecture.md.
+rules reload, dispatch, spool retention on an APScheduler scheduler), the worker pool and the
+operations console (node/console/, when ``http.enabled``), with startup recovery and a clean stop.  See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class NodeService:
         self._route_lock = threading.Lock()
         self._dispatcher: Any = None
         self._dispatcher_missing_logged = False
+        self.console: Any = None  # node.console.server.ConsoleServer when http.enabled
 
     @property
     def port(self) -> int:
@@ -167,6 +168,10 @@ class NodeService:
         sched.start()
         self.clean_spool()
         self.check_certificate()
+        if cfg.http.enabled:
+            from node.console.server import start_console  # the web stack loads only when the console runs
+
+            self.console = start_console(cfg, store, self)
 
     def stop(self) -> None:
         """Stop everything (idempotent)."""
@@ -174,6 +179,8 @@ class NodeService:
             return
         self._stopped.set()
         log.info("node stopping")
+        if self.console is not None:
+            self.console.stop()
         if self.receiver is not None:
             self.receiver.stop()
         if self.scheduler is not None:

@@ -38,11 +38,12 @@ __all__ = [
     "Series",
     "Job",
     "Dispatch",
+    "ConsoleUser",
     "Store",
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 log = logging.getLogger("node.store")
 
@@ -196,6 +197,60 @@ _MIGRATIONS: tuple[str, ...] = (
     " CREATE TABLE IF NOT EXISTS refused_instances (sop_instance_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL,"
     " study_uid TEXT, refused_at REAL NOT NULL, reason TEXT);"
     " CREATE INDEX IF NOT EXISTS refused_instances_series ON refused_instances(series_uid)",
+    # 7 -> 8: the operations console (node/console/): its users (argon2 hashes), API tokens (SHA-256
+    # of the token), browser sessions (server-side: logout and a password change end them), the
+    # audit log of logins and changes, console settings (the cookie signing key) and the dispatch
+    # pause per destination (honoured by node/dispatcher.py).
+    """
+    CREATE TABLE IF NOT EXISTS console_users (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        username      TEXT NOT NULL UNIQUE,
+        role          TEXT NOT NULL,
+        password_hash TEXT NOT NULL,
+        must_change   INTEGER NOT NULL DEFAULT 0,
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS console_tokens (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id      INTEGER NOT NULL,
+        name         TEXT NOT NULL,
+        token_hash   TEXT NOT NULL UNIQUE,
+        created_at   REAL NOT NULL,
+        last_used_at REAL,
+        revoked_at   REAL
+    );
+    CREATE INDEX IF NOT EXISTS console_tokens_user ON console_tokens(user_id);
+    CREATE TABLE IF NOT EXISTS console_sessions (
+        id           TEXT PRIMARY KEY,
+        user_id      INTEGER NOT NULL,
+        csrf         TEXT NOT NULL,
+        client       TEXT,
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS console_sessions_user ON console_sessions(user_id);
+    CREATE TABLE IF NOT EXISTS audit_log (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        at       REAL NOT NULL,
+        username TEXT,
+        client   TEXT,
+        action   TEXT NOT NULL,
+        target   TEXT,
+        detail   TEXT
+    );
+    CREATE INDEX IF NOT EXISTS audit_log_action ON audit_log(action, at);
+    CREATE TABLE IF NOT EXISTS console_settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS destination_state (
+        name       TEXT PRIMARY KEY,
+        paused     INTEGER NOT NULL DEFAULT 0,
+        changed_at REAL,
+        changed_by TEXT
+    )
+    """,
 )
 
 
@@ -372,6 +427,24 @@ class Dispatch:
 
 
 # ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsoleUser:
+    """A console user (node/console/): ``role`` is ``admin`` | ``operator`` | ``viewer``."""
+
+    id: int
+    username: str
+    role: str
+    password_hash: str
+    must_change: bool
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def _from(cls, r: sqlite3.Row) -> "ConsoleUser":
+        return cls(int(r["id"]), r["username"], r["role"], r["password_hash"], bool(r["must_change"]),
+                   float(r["created_at"]), float(r["updated_at"]))
 
 
 class Store:
@@ -1107,3 +1180,181 @@ class Store:
             sql += " AND state = ?"
             args.append(state)
         return [Dispatch._from(r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
+
+    # -- console: users, tokens, sessions, audit, settings, destination pause ---------------------
+    def add_user(self, username: str, role: str, password_hash: str, *, must_change: bool = False) -> int:
+        """Create a console user; raises ``ValueError`` when the name is taken.  Returns its id."""
+        t = time.time()
+        try:
+            cur = self.conn.execute(
+                "INSERT INTO console_users (username, role, password_hash, must_change, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?)",
+                (username, role, password_hash, int(must_change), t, t),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"user {username!r} exists already") from None
+        return int(cur.lastrowid or 0)
+
+    def get_user(self, username: str | None = None, *, user_id: int | None = None) -> ConsoleUser | None:
+        if user_id is not None:
+            r = self.conn.execute("SELECT * FROM console_users WHERE id = ?", (user_id,)).fetchone()
+        else:
+            r = self.conn.execute("SELECT * FROM console_users WHERE username = ?", (username,)).fetchone()
+        return ConsoleUser._from(r) if r else None
+
+    def list_users(self) -> list[ConsoleUser]:
+        return [ConsoleUser._from(r) for r in self.conn.execute("SELECT * FROM console_users ORDER BY username")]
+
+    def count_users(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM console_users").fetchone()[0])
+
+    def update_user(self, username: str, *, role: str | None = None, password_hash: str | None = None,
+                    must_change: bool | None = None) -> bool:
+        """Change a user's role, password hash and/or must-change flag; False when there is no such user."""
+        sets: list[str] = ["updated_at = ?"]
+        args: list[object] = [time.time()]
+        for col, value in (("role", role), ("password_hash", password_hash), ("must_change", must_change)):
+            if value is not None:
+                sets.append(f"{col} = ?")
+                args.append(int(value) if isinstance(value, bool) else value)
+        args.append(username)
+        return self.conn.execute(f"UPDATE console_users SET {', '.join(sets)} WHERE username = ?", args).rowcount == 1
+
+    def remove_user(self, username: str) -> bool:
+        """Delete a user with its sessions and tokens; False when there is no such user."""
+        with self.transaction() as c:
+            r = c.execute("SELECT id FROM console_users WHERE username = ?", (username,)).fetchone()
+            if r is None:
+                return False
+            c.execute("DELETE FROM console_sessions WHERE user_id = ?", (r[0],))
+            c.execute("DELETE FROM console_tokens WHERE user_id = ?", (r[0],))
+            c.execute("DELETE FROM console_users WHERE id = ?", (r[0],))
+            return True
+
+    def add_session(self, session_id: str, user_id: int, csrf: str, client: str | None, expires_at: float) -> None:
+        self.conn.execute(
+            "INSERT INTO console_sessions (id, user_id, csrf, client, created_at, expires_at) VALUES (?,?,?,?,?,?)",
+            (session_id, user_id, csrf, client, time.time(), expires_at),
+        )
+
+    def get_session(self, session_id: str, now: float | None = None) -> dict[str, Any] | None:
+        """The unexpired session ``{id, user_id, csrf, client, created_at, expires_at}``, or None."""
+        r = self.conn.execute("SELECT * FROM console_sessions WHERE id = ? AND expires_at > ?",
+                              (session_id, now if now is not None else time.time())).fetchone()
+        return dict(r) if r else None
+
+    def end_sessions(self, *, session_id: str | None = None, user_id: int | None = None,
+                     keep: str | None = None) -> int:
+        """Delete one session, or every session of a user (but ``keep``), and expired ones."""
+        with self.transaction() as c:
+            n = 0
+            if session_id is not None:
+                n += c.execute("DELETE FROM console_sessions WHERE id = ?", (session_id,)).rowcount
+            if user_id is not None:
+                n += c.execute("DELETE FROM console_sessions WHERE user_id = ? AND id != ?",
+                               (user_id, keep or "")).rowcount
+            c.execute("DELETE FROM console_sessions WHERE expires_at <= ?", (time.time(),))
+            return n
+
+    def add_token(self, user_id: int, name: str, token_hash: str) -> int:
+        cur = self.conn.execute("INSERT INTO console_tokens (user_id, name, token_hash, created_at) VALUES (?,?,?,?)",
+                                (user_id, name, token_hash, time.time()))
+        return int(cur.lastrowid or 0)
+
+    def token_user(self, token_hash: str) -> tuple[int, ConsoleUser] | None:
+        """(token id, its user) for an unrevoked token, marking it used; None when unknown or revoked."""
+        r = self.conn.execute("SELECT id, user_id FROM console_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+                              (token_hash,)).fetchone()
+        if r is None:
+            return None
+        user = self.get_user(user_id=int(r["user_id"]))
+        if user is None:
+            return None
+        self.conn.execute("UPDATE console_tokens SET last_used_at = ? WHERE id = ?", (time.time(), r["id"]))
+        return int(r["id"]), user
+
+    def list_tokens(self, user_id: int | None = None) -> list[dict[str, Any]]:
+        """Tokens (never their hash) with the owner's name, newest first: ``{id, username, name, created_at,
+        last_used_at, revoked_at}``."""
+        sql = ("SELECT t.id, u.username, t.user_id, t.name, t.created_at, t.last_used_at, t.revoked_at"
+               " FROM console_tokens t JOIN console_users u ON u.id = t.user_id")
+        args: list[object] = []
+        if user_id is not None:
+            sql += " WHERE t.user_id = ?"
+            args.append(user_id)
+        return [dict(r) for r in self.conn.execute(sql + " ORDER BY t.id DESC", args)]
+
+    def revoke_token(self, token_id: int, *, user_id: int | None = None) -> bool:
+        """Revoke a token (only one of ``user_id`` when given); False when there is none to revoke."""
+        sql = "UPDATE console_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+        args: list[object] = [time.time(), token_id]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            args.append(user_id)
+        return self.conn.execute(sql, args).rowcount == 1
+
+    def add_audit(self, action: str, *, username: str | None, client: str | None = None, target: str | None = None,
+                  detail: Mapping[str, Any] | None = None, at: float | None = None) -> int:
+        """Append to the audit log: who (``username``, None: anonymous), from where (``client`` address),
+        what (``action`` like ``login.failed``, ``rules.apply``, ``job.retry``), on what (``target``) and
+        the particulars (``detail``, stored as JSON).  Returns the entry id."""
+        cur = self.conn.execute(
+            "INSERT INTO audit_log (at, username, client, action, target, detail) VALUES (?,?,?,?,?,?)",
+            (at if at is not None else time.time(), username, client, action, target,
+             json.dumps(dict(detail), sort_keys=True, default=str) if detail else None),
+        )
+        return int(cur.lastrowid or 0)
+
+    def list_audit(self, *, limit: int = 200, before_id: int | None = None, action: str | None = None,
+                   username: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        """Audit entries newest first, ``detail`` decoded: ``{id, at, username, client, action, target, detail}``."""
+        sql = "SELECT * FROM audit_log WHERE 1=1"
+        args: list[object] = []
+        if before_id is not None:
+            sql += " AND id < ?"
+            args.append(before_id)
+        if action is not None:
+            sql += " AND action = ?"
+            args.append(action)
+        if username is not None:
+            sql += " AND username = ?"
+            args.append(username)
+        if since is not None:
+            sql += " AND at >= ?"
+            args.append(since)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return [{**dict(r), "detail": _loads(r["detail"])} for r in self.conn.execute(sql, args)]
+
+    def count_audit(self, action: str, *, since: float, username: str | None = None, client: str | None = None) -> int:
+        """How many ``action`` entries since ``since`` (for one user name and/or client address)."""
+        sql = "SELECT COUNT(*) FROM audit_log WHERE action = ? AND at >= ?"
+        args: list[object] = [action, since]
+        if username is not None:
+            sql += " AND username = ?"
+            args.append(username)
+        if client is not None:
+            sql += " AND client = ?"
+            args.append(client)
+        return int(self.conn.execute(sql, args).fetchone()[0])
+
+    def get_setting(self, key: str) -> str | None:
+        r = self.conn.execute("SELECT value FROM console_settings WHERE key = ?", (key,)).fetchone()
+        return str(r[0]) if r else None
+
+    def setdefault_setting(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` has one; returns the stored value (first writer wins)."""
+        self.conn.execute("INSERT INTO console_settings (key, value) VALUES (?,?) ON CONFLICT (key) DO NOTHING",
+                          (key, value))
+        return str(self.get_setting(key))
+
+    def set_destination_paused(self, name: str, paused: bool, *, by: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO destination_state (name, paused, changed_at, changed_by) VALUES (?,?,?,?)"
+            " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, changed_at = excluded.changed_at,"
+            " changed_by = excluded.changed_by",
+            (name, int(paused), time.time(), by),
+        )
+
+    def paused_destinations(self) -> set[str]:
+        return {str(r[0]) for r in self.conn.execute("SELECT name FROM destination_state WHERE paused = 1")}

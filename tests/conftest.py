@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from console_helpers import browser, console_node  # noqa: F401 - fixtures of the console tests
 
 
 @pytest.fixture

@@ -1,0 +1,128 @@
+"""``create_app(ctx)``: the console's FastAPI app, built from the feature routers listed in
+``ROUTER_MODULES`` (each ``node/console/routes_<area>.py`` exports ``router = APIRouter()``).
+
+JSON API under ``/api/v1/...``, pages at plain paths.  Every route takes ``require(Role.X)``
+(node/console/auth.py) except the few in ``PUBLIC_PATHS``; tests/test_console_routes.py walks
+every registered route as each role and anonymous.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from node import __version__
+from node.console.auth import LoginRequired, PasswordChangeRequired, Principal, Role, is_api_path, require
+from node.console.context import ConsoleContext
+from node.console.web import STATIC_DIR, render
+
+__all__ = ["create_app", "walk_routes", "RouteInfo", "ROUTER_MODULES", "PUBLIC_PATHS"]
+
+# ---- feature routers: ONE LINE EACH, in nav order (other features append their module here) ----
+ROUTER_MODULES: list[str] = [
+    "node.console.routes_auth",
+    "node.console.routes_health",
+]
+# ---- end of feature routers ----
+
+#: routes anyone may call without logging in (liveness probes, the login page, static files)
+PUBLIC_PATHS = frozenset({"/login", "/healthz", "/readyz"})
+
+
+def _wants_json(request: Request) -> bool:
+    return is_api_path(request.url.path)
+
+
+def create_app(ctx: ConsoleContext) -> FastAPI:
+    """The console app for ``ctx`` (``app.state.ctx``; routes reach it through ``get_ctx``)."""
+    app = FastAPI(
+        title="dicom-node console API",
+        version=__version__,
+        description="Operations console of the DICOM segmentation node. Authenticate with "
+                    "`Authorization: Bearer <token>` (tokens: /account/tokens).",
+        docs_url=None,  # FastAPI's docs pages load scripts from a CDN: the description is served as JSON
+        redoc_url=None,
+        openapi_url=None,  # served below, behind login
+    )
+    app.state.ctx = ctx
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+
+    @app.exception_handler(LoginRequired)
+    async def _login(request: Request, _exc: LoginRequired) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+
+    @app.exception_handler(PasswordChangeRequired)
+    async def _password(_request: Request, _exc: PasswordChangeRequired) -> Response:
+        return RedirectResponse("/account/password", status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = getattr(exc, "headers", None)
+        if _wants_json(request) or request.headers.get("hx-request"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+        return render(request, "error.html", {"status": exc.status_code, "message": exc.detail, "title": "Error"},
+                      status_code=exc.status_code)
+
+    for name in ROUTER_MODULES:
+        app.include_router(importlib.import_module(name).router)
+
+    @app.get("/api/v1/openapi.json", tags=["meta"], include_in_schema=False)
+    def openapi(_p: Principal = Depends(require(Role.VIEWER))) -> dict[str, Any]:
+        return app.openapi()
+
+    return app
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    method: str
+    path: str
+    #: the lowest role allowed (the ``require(...)`` among its dependencies); None: no login needed
+    role: Role | None
+
+
+def _route_role(route: Any) -> Role | None:
+    found: list[Role] = []
+
+    def visit(dependant: Any) -> None:
+        if dependant is None:
+            return
+        role = getattr(dependant.call, "_console_role", None)
+        if role is not None:
+            found.append(role)
+        for sub in dependant.dependencies:
+            visit(sub)
+
+    visit(getattr(route, "dependant", None))
+    return max(found) if found else None
+
+
+def walk_routes(app: FastAPI) -> list[RouteInfo]:
+    """Every route the app serves through its routers (static files excepted), with the role it
+    requires.  FastAPI from 0.16x keeps included routers as branches: followed here, with their
+    prefixes."""
+    found: list[RouteInfo] = []
+
+    def visit(routes: list[Any], prefix: str) -> None:
+        for route in routes:
+            original = getattr(route, "original_router", None)
+            if original is not None:
+                visit(list(original.routes), prefix + getattr(route.include_context, "prefix", ""))
+                continue
+            methods = getattr(route, "methods", None)
+            if not methods:
+                continue  # mounts (static files)
+            role = _route_role(route)
+            for m in sorted(methods - {"HEAD"}):
+                found.append(RouteInfo(m, prefix + route.path, role))
+
+    visit(list(app.router.routes), "")
+    return found

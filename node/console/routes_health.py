@@ -1,0 +1,100 @@
+"""Node health: ``GET /healthz`` (liveness), ``GET /readyz`` (store and spool usable), the health
+page ``/`` and ``GET /api/v1/health``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from node.console.auth import Principal, Role, require
+from node.console.context import ConsoleContext, get_ctx
+from node.console.web import render
+from node.contracts import JobState
+
+router = APIRouter()
+_viewer = require(Role.VIEWER)
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict[str, str]:
+    """Liveness: the console answers (no login: for probes)."""
+    return {"status": "ok"}
+
+
+def _ready_checks(ctx: ConsoleContext) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    try:
+        ctx.store.schema_version()
+        checks["store"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the reason is shown
+        checks["store"] = f"{type(exc).__name__}: {exc}"
+    spool = ctx.config.spool_dir
+    try:
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".readyz-"):
+            pass
+        checks["spool"] = "ok"
+    except OSError as exc:
+        checks["spool"] = f"not writable: {exc.strerror or exc}"
+    node = ctx.node
+    if node is not None:
+        checks["receiver"] = "ok" if node.receiver is not None and getattr(node.receiver, "_servers", None) else "down"
+    return checks
+
+
+@router.get("/readyz", tags=["health"])
+def readyz(ctx: ConsoleContext = Depends(get_ctx)) -> Response:
+    """Readiness: the store answers and the spool is writable (and the receiver listens, inside the node).
+    503 with the failing checks otherwise (no login: for probes; says nothing about patients)."""
+    checks = _ready_checks(ctx)
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+
+
+def health_report(ctx: ConsoleContext) -> dict[str, Any]:
+    """What the health page shows (see ``GET /api/v1/health``)."""
+    cfg = ctx.config
+    node = ctx.node
+    receiver = node.receiver if node is not None else None
+    pool = node.pool if node is not None else None
+    disk: dict[str, int | None]
+    try:
+        usage = shutil.disk_usage(cfg.storage)
+        disk = {"free_bytes": usage.free, "total_bytes": usage.total}
+    except OSError:
+        disk = {"free_bytes": None, "total_bytes": None}
+    by_state = {s.value: 0 for s in JobState}
+    for row in ctx.store.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        by_state[str(row[0])] = int(row[1])
+    return {
+        "ae_title": cfg.ae_title,
+        "receiver": {
+            "up": bool(receiver is not None and getattr(receiver, "_servers", None)),
+            "port": receiver.port if receiver is not None else cfg.port,
+            "stats": dict(getattr(receiver, "stats", {}) or {}),
+        },
+        "spool": {"path": str(cfg.spool_dir), **disk},
+        "jobs_by_state": by_state,
+        "workers": {"configured": cfg.workers, "gpus": list(cfg.gpus),
+                    "running_jobs": list(pool.running_jobs) if pool is not None else []},
+        "pid": os.getpid(),
+        "checks": _ready_checks(ctx),
+        "last_errors": list(ctx.last_errors),
+    }
+
+
+@router.get("/api/v1/health", tags=["health"])
+def health_api(_p: Principal = Depends(_viewer), ctx: ConsoleContext = Depends(get_ctx)) -> dict[str, Any]:
+    """Receiver, spool disk, queue, workers and the last errors."""
+    return health_report(ctx)
+
+
+@router.get("/", include_in_schema=False)
+def health_page(request: Request, _p: Principal = Depends(_viewer), ctx: ConsoleContext = Depends(get_ctx)) -> Response:
+    flash = "Password changed." if request.query_params.get("changed") == "password" else None
+    return render(request, "health.html", {"h": health_report(ctx), "title": "Health", "flash": flash})

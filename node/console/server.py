@@ -1,0 +1,110 @@
+"""Runs the console app with uvicorn in a thread of the node's process (``dicom-node serve``), on
+``http.host``/``http.port``, with HTTPS when ``http.certificate``/``http.key`` are set.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from node.config import NodeConfig
+from node.console.app import create_app
+from node.console.auth import ensure_first_admin
+from node.console.context import ConsoleContext, NodeHandle
+from node.store import Store
+
+__all__ = ["ConsoleServer", "start_console", "LAST_ERRORS_KEPT"]
+
+LAST_ERRORS_KEPT = 20
+
+log = logging.getLogger("node.console")
+
+
+class ConsoleServer:
+    """The console's HTTP server.  :meth:`start` returns once it listens; :attr:`port` is the real port."""
+
+    def __init__(self, ctx: ConsoleContext) -> None:
+        self.ctx = ctx
+        self.app = create_app(ctx)
+        http = ctx.config.http
+        self._config = uvicorn.Config(
+            self.app, host=http.host, port=http.port, log_level="warning", access_log=False,
+            ssl_certfile=str(http.certificate) if http.certificate else None,
+            ssl_keyfile=str(http.key) if http.key else None,
+            lifespan="off", server_header=False, timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(self._config)
+        self._thread: threading.Thread | None = None
+        self._log_handler: logging.Handler | None = None
+        self.port = http.port
+        #: set by :func:`start_console` when it created the first admin (for the start-up message)
+        self.first_admin_password: str | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.ctx.config.http.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
+        return f"{'https' if self.ctx.https else 'http'}://{shown}:{self.port}/"
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        """Start serving in a daemon thread; raises ``RuntimeError`` when it does not listen in time."""
+        self._thread = threading.Thread(target=self._server.run, name="console-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the console did not start on {self.ctx.config.http.host}:{self.ctx.config.http.port}"
+                                   " (port in use? see the log)")
+            time.sleep(0.02)
+        for server in self._server.servers:
+            for sock in server.sockets:
+                self.port = int(sock.getsockname()[1])
+                break
+        self.ctx.url = self.url
+
+    def stop(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+class _LastErrors(logging.Handler):
+    """Keeps the node's last ERROR log records for the health page."""
+
+    def __init__(self, into: list[dict[str, Any]]) -> None:
+        super().__init__(level=logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not break logging
+            message = str(record.msg)
+        self.into.append({"at": record.created, "logger": record.name, "message": message[:500]})
+        del self.into[:-LAST_ERRORS_KEPT]
+
+
+def start_console(config: NodeConfig, store: Store, node: NodeHandle | None) -> ConsoleServer:
+    """Start the console of a running node: the cookie key (made once, kept in the store), the first
+    admin when there is no user (its one-time password logged once), the server thread."""
+    secret = store.setdefault_setting("cookie_secret", secrets.token_hex(32))
+    ctx = ConsoleContext(config=config, store=store, node=node, secret=bytes.fromhex(secret))
+    password = ensure_first_admin(store)
+    server = ConsoleServer(ctx)
+    handler = _LastErrors(ctx.last_errors)
+    logging.getLogger().addHandler(handler)
+    server._log_handler = handler
+    server.start()
+    if password is not None:
+        server.first_admin_password = password
+        log.warning("console: created user 'admin' with the one-time password %s (it must be changed at first"
+                    " login; `dicom-node users passwd admin` sets another)", password)
+    log.info("console listening on %s", server.url)
+    return server
