@@ -171,7 +171,11 @@ class NodeService:
         if cfg.http.enabled:
             from node.console.server import start_console  # the web stack loads only when the console runs
 
-            self.console = start_console(cfg, store, self)
+            try:
+                self.console = start_console(cfg, store, self)
+            except (RuntimeError, OSError) as exc:
+                # the DICOM path matters more than the console: the node goes on without it
+                log.error("console not started: %s", exc)
 
     def stop(self) -> None:
         """Stop everything (idempotent)."""

@@ -29,7 +29,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"dicom-node: listening as {cfg.ae_title} on port {svc.port}, storage {cfg.storage}", flush=True)
         console = svc.console
         if console is None:
-            print("dicom-node: console off (http.enabled: false)", flush=True)
+            why = "http.enabled: false" if not cfg.http.enabled else "it did not start, see the log"
+            print(f"dicom-node: console off ({why})", flush=True)
         elif console.first_admin_password is not None:
             print(f"dicom-node: console at {console.url}: log in as 'admin' with the one-time password in the log"
                   " above; you will be asked to choose a new one", flush=True)

@@ -97,14 +97,14 @@ def start_console(config: NodeConfig, store: Store, node: NodeHandle | None) -> 
     secret = store.setdefault_setting("cookie_secret", secrets.token_hex(32))
     ctx = ConsoleContext(config=config, store=store, node=node, secret=bytes.fromhex(secret))
     password = ensure_first_admin(store)
+    if password is not None:  # logged at once: even if the server fails to start, it is not lost
+        log.warning("console: created user 'admin' with the one-time password %s (it must be changed at first"
+                    " login; `dicom-node users passwd admin` sets another)", password)
     server = ConsoleServer(ctx)
+    server.first_admin_password = password
+    server.start()
     handler = _LastErrors(ctx.last_errors)
     logging.getLogger().addHandler(handler)
     server._log_handler = handler
-    server.start()
-    if password is not None:
-        server.first_admin_password = password
-        log.warning("console: created user 'admin' with the one-time password %s (it must be changed at first"
-                    " login; `dicom-node users passwd admin` sets another)", password)
     log.info("console listening on %s", server.url)
     return server
