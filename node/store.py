@@ -39,11 +39,12 @@ __all__ = [
     "Job",
     "Dispatch",
     "ConsoleUser",
+    "RuleVersion",
     "Store",
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 log = logging.getLogger("node.store")
 
@@ -251,6 +252,22 @@ _MIGRATIONS: tuple[str, ...] = (
         changed_by TEXT
     )
     """,
+    # 8 -> 9: rule administration (node/rules_admin.py): every version of the routing rule file that
+    # went live, its whole text, who applied it, when, why, and how (apply, rollback, reorder, enable,
+    # disable, or found: a file edited outside the console, recorded before the next change).
+    """
+    CREATE TABLE IF NOT EXISTS rule_versions (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        version    TEXT NOT NULL,
+        text       TEXT NOT NULL,
+        applied_by TEXT NOT NULL,
+        applied_at REAL NOT NULL,
+        action     TEXT NOT NULL,
+        comment    TEXT,
+        path       TEXT
+    );
+    CREATE INDEX IF NOT EXISTS rule_versions_version ON rule_versions(version)
+    """,
 )
 
 
@@ -403,6 +420,24 @@ class Job:
         if "provisional" in d:
             d["provisional"] = bool(d["provisional"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class RuleVersion:
+    """One version of the routing rule file that went live (:meth:`Store.add_rule_version`)."""
+
+    id: int
+    version: str  #: :func:`node.routing.rules.rules_version` of ``text``
+    text: str
+    applied_by: str
+    applied_at: float
+    action: str  #: apply | rollback | reorder | enable | disable | found
+    comment: str | None
+    path: str | None
+
+    @classmethod
+    def _from(cls, r: sqlite3.Row) -> "RuleVersion":
+        return cls(**dict(r))
 
 
 @dataclass(frozen=True)
@@ -731,6 +766,12 @@ class Store:
             rows = self.conn.execute(
                 f"SELECT * FROM series WHERE state IN ({q}) ORDER BY first_received_at", states
             ).fetchall()
+        return [Series._from(r) for r in rows]
+
+    def recent_series(self, limit: int) -> list[Series]:
+        """The ``limit`` series received last (newest first)."""
+        rows = self.conn.execute("SELECT * FROM series ORDER BY last_received_at DESC, series_uid LIMIT ?",
+                                 (int(limit),)).fetchall()
         return [Series._from(r) for r in rows]
 
     def quiet_series(self, quiet_period_s: float, now: float | None = None) -> list[Series]:
@@ -1358,3 +1399,37 @@ class Store:
 
     def paused_destinations(self) -> set[str]:
         return {str(r[0]) for r in self.conn.execute("SELECT name FROM destination_state WHERE paused = 1")}
+
+    # -- rule versions ---------------------------------------------------
+    def add_rule_version(self, version: str, text: str, *, applied_by: str, action: str,
+                         comment: str | None = None, path: str | None = None,
+                         applied_at: float | None = None) -> int:
+        """Record a version of the rule file that went live; returns its id."""
+        cur = self.conn.execute(
+            "INSERT INTO rule_versions (version, text, applied_by, applied_at, action, comment, path)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (version, text, applied_by, time.time() if applied_at is None else applied_at, action, comment, path),
+        )
+        return int(cur.lastrowid or 0)
+
+    def rule_versions(self, limit: int | None = None, offset: int = 0) -> list[RuleVersion]:
+        """Recorded rule versions, newest first."""
+        rows = self.conn.execute("SELECT * FROM rule_versions ORDER BY id DESC LIMIT ? OFFSET ?",
+                                 (-1 if limit is None else int(limit), int(offset))).fetchall()
+        return [RuleVersion._from(r) for r in rows]
+
+    def get_rule_version(self, version_id: int) -> RuleVersion | None:
+        r = self.conn.execute("SELECT * FROM rule_versions WHERE id = ?", (int(version_id),)).fetchone()
+        return RuleVersion._from(r) if r else None
+
+    def find_rule_versions(self, version_prefix: str) -> list[RuleVersion]:
+        """Recorded rows whose version hash starts with ``version_prefix`` (newest first)."""
+        rows = self.conn.execute("SELECT * FROM rule_versions WHERE version LIKE ? ORDER BY id DESC",
+                                 (version_prefix.replace("%", "").replace("_", "") + "%",)).fetchall()
+        return [RuleVersion._from(r) for r in rows]
+
+    def previous_rule_version(self, version_id: int) -> RuleVersion | None:
+        """The row recorded before ``version_id`` (what it replaced), or None for the first."""
+        r = self.conn.execute("SELECT * FROM rule_versions WHERE id < ? ORDER BY id DESC LIMIT 1",
+                              (int(version_id),)).fetchone()
+        return RuleVersion._from(r) if r else None

@@ -67,11 +67,26 @@ _CASE_OPS = ("equals", "one_of", "regex", "glob")
 # ------------------------------------------------------------------ YAML with lines
 
 
+class _Pos(int):
+    """A 1-based line number that also knows its 1-based column (``col``): every line the loader
+    records is one, so an issue reported at a line carries the column where the text is."""
+
+    col: int | None = None
+
+
+def _pos(mark: Any) -> _Pos:
+    p = _Pos(mark.line + 1)
+    p.col = mark.column + 1
+    return p
+
+
 class _LDict(dict):
-    """A mapping that remembers its own line and the line of each key (1-based)."""
+    """A mapping that remembers its own line and the line of each key and value (1-based, with
+    columns: :class:`_Pos`)."""
 
     line: int = 0
     key_lines: dict[Any, int]
+    value_lines: dict[Any, int]
 
 
 class _LList(list):
@@ -92,8 +107,9 @@ class _LineLoader(yaml.SafeLoader):
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _LDict:
     loader.flatten_mapping(node)
     d = _LDict()
-    d.line = node.start_mark.line + 1
+    d.line = _pos(node.start_mark)
     d.key_lines = {}
+    d.value_lines = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
         if isinstance(key, (list, dict)):
@@ -103,14 +119,15 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _LDict:
         if key in d:
             raise _DuplicateKey(None, None, f"duplicate key {key!r}", k_node.start_mark)
         d[key] = loader.construct_object(v_node, deep=True)
-        d.key_lines[key] = k_node.start_mark.line + 1
+        d.key_lines[key] = _pos(k_node.start_mark)
+        d.value_lines[key] = _pos(v_node.start_mark)
     return d
 
 
 def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _LList:
     lst = _LList(loader.construct_object(n, deep=True) for n in node.value)
-    lst.line = node.start_mark.line + 1
-    lst.item_lines = [n.start_mark.line + 1 for n in node.value]
+    lst.line = _pos(node.start_mark)
+    lst.item_lines = [_pos(n.start_mark) for n in node.value]
     return lst
 
 
@@ -123,13 +140,18 @@ _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 @dataclass(frozen=True)
 class RuleIssue:
-    """One validation problem: file, 1-based line, rule label and message."""
+    """One validation problem: file, 1-based line (and column where known), rule label and message.
+
+    ``severity`` is ``error`` (the file cannot go live) or ``warning`` (it can, but something
+    will not work as written on this node: see :mod:`node.rules_admin`)."""
 
     message: str
     line: int | None = None
     rule: str | None = None
     """``name`` of the rule, or ``#3`` (1-based position) when it has no usable name."""
     path: str | None = None
+    column: int | None = None
+    severity: str = "error"
 
     def __str__(self) -> str:
         where = self.path or "<rules>"
@@ -200,6 +222,8 @@ class Rule:
     line: int | None = None
     index: int = 0
     """0-based position in the file."""
+    where: dict[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)
+    """(line, column) of each key's value in the file, for messages about them."""
 
 
 @dataclass(frozen=True)
@@ -369,7 +393,8 @@ class _Parser:
         self.rule_label: str | None = None
 
     def err(self, message: str, line: int | None) -> None:
-        self.issues.append(RuleIssue(message, line, self.rule_label, self.path))
+        col = getattr(line, "col", None)
+        self.issues.append(RuleIssue(message, None if line is None else int(line), self.rule_label, self.path, col))
 
     # -- file ---------------------------------------------------------------
 
@@ -457,12 +482,12 @@ class _Parser:
                 profile = profile.strip()
                 if self.known_profiles is not None and profile not in self.known_profiles:
                     self.err(f"unknown profile {profile!r}{_suggest(profile, self.known_profiles)}; known: "
-                             + (", ".join(sorted(self.known_profiles)) or "none"), kl["profile"])
+                             + (", ".join(sorted(self.known_profiles)) or "none"), item.value_lines["profile"])
 
         backend = item.get("backend")
         if backend is not None and backend not in BACKEND_NAMES:
             self.err(f"unknown backend {backend!r}{_suggest(str(backend), BACKEND_NAMES)}; allowed: "
-                     + ", ".join(BACKEND_NAMES), kl["backend"])
+                     + ", ".join(BACKEND_NAMES), item.value_lines["backend"])
 
         dests: list[str] = []
         if "destinations" in item:
@@ -507,7 +532,8 @@ class _Parser:
             return None
         return Rule(
             name=name, match=match, profile=profile, backend=backend, destinations=tuple(dests),
-            description=str(desc), outputs=outputs, line=item.line, index=idx, **flags,
+            description=str(desc), outputs=outputs, line=int(item.line), index=idx, **flags,
+            where={str(k): (int(v), getattr(v, "col", None)) for k, v in item.value_lines.items()},
         )
 
     # -- outputs ------------------------------------------------------
@@ -774,11 +800,12 @@ def parse_rules(
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
+        col = mark.column + 1 if mark is not None else None
         what = exc.problem or str(exc)
         if exc.context:
             what = f"{exc.context}, {what}"
         label = "YAML error" if isinstance(exc, _DuplicateKey) else "YAML syntax error"
-        raise RulesError([RuleIssue(f"{label}: {what}", line, None, spath)], spath) from None
+        raise RulesError([RuleIssue(f"{label}: {what}", line, None, spath, col)], spath) from None
     except yaml.YAMLError as exc:
         raise RulesError([RuleIssue(f"YAML syntax error: {exc}", None, None, spath)], spath) from None
     parser = _Parser(spath, set(known_profiles) if known_profiles is not None else None,
