@@ -496,10 +496,10 @@ def test_cli_validate(tmp_path):
     r = run_cli("rules", "validate", bad, "--profiles", ",".join(PROFILES))
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
-    assert lines[0].startswith(f"ERROR {bad}:3: rule 'x': unknown DICOM keyword or fact 'SeriesDescripton'")
-    assert "unknown operator 'regexp'" in lines[1]
-    assert lines[2].startswith(f"ERROR {bad}:4: rule 'x': unknown profile 'livr'")
-    assert lines[3] == f"3 error(s) in {bad}"
+    assert lines[0].startswith(f"ERROR {bad}:3:13: rule 'x': unknown DICOM keyword or fact 'SeriesDescripton'")
+    assert lines[1].startswith(f"ERROR {bad}:3:45: rule 'x': Modality: unknown operator 'regexp'")
+    assert lines[2].startswith(f"ERROR {bad}:4:14: rule 'x': unknown profile 'livr'")
+    assert lines[3] == f"3 error(s), 0 warning(s) in {bad}"
 
 
 def _write_series(folder: Path, uid: str, modality: str, desc: str, n: int = 3) -> None:
