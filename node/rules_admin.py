@@ -46,8 +46,9 @@ from node.routing.rules import (
 from node.store import RuleVersion, Store
 
 __all__ = [
-    "NodeNames", "Validation", "RulesInvalid", "RulesConflict", "LiveRules", "ApplyOutcome",
+    "NotFound", "NodeNames", "Validation", "RulesInvalid", "RulesConflict", "LiveRules", "ApplyOutcome",
     "HistoryEntry", "RulesAdmin", "node_names", "validate_text", "reorder_text", "set_enabled_text",
+    "move_text", "rule_block", "replace_rule_text",
     "unified_diff", "format_issue",
 ]
 
@@ -242,12 +243,16 @@ def _parse_tree(text: str) -> tuple[_LList, list[str]]:
     return rules, text.splitlines(keepends=True)
 
 
+class NotFound(InputError):
+    """No rule of that name, or no recorded version of that id/hash."""
+
+
 def _rule_index(rules: _LList, name: str) -> int:
     names = [r.get("name") if isinstance(r, _LDict) else None for r in rules]
     if name not in names:
         close = difflib.get_close_matches(name, [str(n) for n in names if n], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"no rule named {name!r}{hint}")
+        raise NotFound(f"no rule named {name!r}{hint}")
     return names.index(name)
 
 
@@ -271,6 +276,37 @@ def _blocks(rules: _LList, lines: list[str]) -> tuple[int, list[list[str]]]:
     begins[0] = max(begins[0], 0)
     blocks = [lines[b:e] for b, e in zip(begins, begins[1:] + [len(lines)])]
     return begins[0], blocks
+
+
+def _rule_span(text: str, name: str) -> tuple[list[str], int, int]:
+    """The file's lines and the 0-based [start, end) of rule ``name``: its dash line to its last
+    line of YAML (comments and blank lines around it excluded)."""
+    rules, lines = _parse_tree(text)
+    idx = _rule_index(rules, name)
+    head, blocks = _blocks(rules, lines)
+    start = head + sum(len(b) for b in blocks[:idx])
+    block = blocks[idx]
+    skip = 0
+    while skip < len(block) and block[skip].lstrip().startswith("#"):
+        skip += 1
+    end = start + len(block)
+    while end > start + skip and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+        end -= 1  # blank lines and comments after the rule stay where they are
+    return lines, start + skip, end
+
+
+def rule_block(text: str, name: str) -> tuple[int, str]:
+    """The text of one rule as written in the file and its first line (1-based), for editing one rule."""
+    lines, start, end = _rule_span(text, name)
+    return start + 1, "".join(lines[start:end])
+
+
+def replace_rule_text(text: str, name: str, block: str) -> str:
+    """The file with rule ``name``'s text (as :func:`rule_block` gives it) replaced by ``block``."""
+    lines, start, end = _rule_span(text, name)
+    if block and not block.endswith("\n"):
+        block += "\n"
+    return "".join(lines[:start]) + block + "".join(lines[end:])
 
 
 def reorder_text(text: str, order: list[str]) -> str:
@@ -544,13 +580,13 @@ class RulesAdmin:
         if s.isdigit() and len(s) < 8:
             row = self.store.get_rule_version(int(s))
             if row is None:
-                raise InputError(f"no recorded rule version #{s}")
+                raise NotFound(f"no recorded rule version #{s}")
             return row
         if len(s) < 4:
             raise InputError(f"give a version id or at least 4 digits of a version hash (got {s!r})")
         rows = self.store.find_rule_versions(s.lower())
         if not rows:
-            raise InputError(f"no recorded rule version {s!r}")
+            raise NotFound(f"no recorded rule version {s!r}")
         if len({r.version for r in rows}) > 1:
             raise InputError(f"version {s!r} is ambiguous: " + ", ".join(sorted({r.version for r in rows})))
         return rows[0]

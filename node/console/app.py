@@ -29,6 +29,7 @@ __all__ = ["create_app", "walk_routes", "RouteInfo", "ROUTER_MODULES", "PUBLIC_P
 ROUTER_MODULES: list[str] = [
     "node.console.routes_auth",
     "node.console.routes_health",
+    "node.console.routes_rules",
 ]
 # ---- end of feature routers ----
 
