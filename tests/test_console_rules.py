@@ -165,10 +165,21 @@ def test_apply_invalid_then_valid_rollback_conflict_audited_and_loaded(rules_nod
     r = admin.post("/api/v1/rules/rule/ct-liver/disable", json={"comment": "radiology asked"})
     assert r.status_code == 200 and not next(x for x in parse_rules(rules.read_bytes()).rules if x.name == "ct-liver").enabled
     assert node.service.rules.ruleset.version == rules_version(rules)
+    # one rule's text, as GET /api/v1/rules/rule/{name} gives it, edited and applied alone
+    one = admin.get("/api/v1/rules/rule/ct-lungs").json()
+    assert one["text"].startswith("  - name: ct-lungs\n") and one["version"] == rules_version(rules)
+    r = admin.post("/api/v1/rules/apply", json={"rule": "ct-lungs", "text": one["text"].replace("lungs\n", "lungz\n")})
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]["validation"]["issues"]
+    assert err["line"] == one["line"] + 4 and "unknown profile 'lungz'" in err["message"]
+    r = admin.post("/api/v1/rules/apply", json={"rule": "ct-lungs", "text": one["text"].replace("[pacs]", "[pacs, origin]"),
+                                                "expected_version": one["version"]})
+    assert r.status_code == 200 and next(x for x in parse_rules(rules.read_bytes()).rules
+                                         if x.name == "ct-lungs").destinations == ("pacs", "origin")
     r = admin.post("/api/v1/rules/rule/ct-livr/enable", json={})
     assert r.status_code == 404 and "did you mean 'ct-liver'" in r.json()["detail"]
-    actions = [a["action"] for a in node.store.list_audit(limit=4)]
-    assert actions == ["rules.disable", "rules.reorder", "rules.reorder", "rules.rollback"]
+    actions = [a["action"] for a in node.store.list_audit(limit=5)]
+    assert actions == ["rules.apply", "rules.disable", "rules.reorder", "rules.reorder", "rules.rollback"]
     _reset(node, rules)
 
 
