@@ -284,3 +284,25 @@ def test_rules_page_in_chromium(rules_node, browser):
     finally:
         page.close()
         _reset(node, rules)
+
+
+def test_a_broken_hand_edit_is_shown_and_the_node_keeps_its_rules(rules_node):
+    node, rules, _uid = rules_node
+    _reset(node, rules)
+    loaded = rules_version(rules)
+    rules.write_text(SHIPPED.replace("    profile: liver\n", "    profile: livr\n", 1))  # edited by hand
+    assert node.service.rules is not None
+    node.service.reload_rules()  # what the 2 s rules-reload tick does
+    live = node.client("viewer").get("/api/v1/rules").json()
+    assert live["version"] == rules_version(rules) != loaded and live["loaded"]["version"] == loaded
+    assert "keeping version" in live["loaded"]["error"] and live["recorded"] is None
+    (err,) = live["validation"]["issues"][:1]
+    assert err["line"] == SHIPPED.splitlines().index("    profile: liver") + 1 and "'livr'" in err["message"]
+    page = node.client("viewer").get("/rules")
+    assert page.status_code == 200 and "The live file has errors" in page.text
+    # the next change through the console records the hand edit first, then fixes it
+    r = node.client("admin").post("/api/v1/rules/apply", json={"text": SHIPPED, "comment": "fix livr"})
+    assert r.status_code == 200
+    found, applied = node.store.rule_versions(2)[::-1]
+    assert found.action == "found" and "profile: livr" in found.text and applied.comment == "fix livr"
+    assert node.service.rules.ruleset.version == rules_version(rules) == loaded
