@@ -108,6 +108,15 @@ def test_every_endpoint_as_each_role_and_anonymous(rules_node):
     (s,) = r.json()["series"]
     assert s["series_uid"] == uid and s["facts"]["instance_count"] == 5 and s["note"] == "files"
     assert [j["rule"] for j in s["jobs"]] == ["ct-body-bones"]
+    # the page's dry-run form with a folder chosen in the browser (multipart, like the API)
+    r = node.client("operator").post("/rules/dry-run", files=files, data={"text": SHIPPED, "last": "5"})
+    assert r.status_code == 200 and "Dry run of the draft on 1 series" in r.text and "&#39;CT Body 3.0&#39;" in r.text
+    assert node.client("viewer").post("/rules/dry-run", files=files, data={"text": SHIPPED}).status_code == 403
+    # a rule that is not (or no longer) in the file: said so, never a server error
+    r = node.client("viewer").post("/rules/validate", data={"text": "  - name: ghost\n", "rule": "ghost"})
+    assert r.status_code == 400 and "no rule named &#39;ghost&#39;" in r.text
+    r = node.client("viewer").get("/rules?edit=ct-livr")
+    assert r.status_code == 200 and "did you mean &#39;ct-liver&#39;?" in r.text
 
 
 # ------------------------------------------------------------------------------- changes

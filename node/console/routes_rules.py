@@ -352,10 +352,13 @@ def _page(request: Request, ctx: ConsoleContext, *, draft: str | None = None, ru
     admin = admin_of(request, ctx)
     live = admin.live()
     first = 1
-    if rule and draft is None:
-        first, draft = rule_block(live.text, rule)
-    elif rule:
-        first = rule_block(live.text, rule)[0]
+    if rule:
+        try:
+            first, block = rule_block(live.text, rule)
+        except InputError as exc:  # renamed or removed meanwhile, or a file the editor cannot split
+            error = (error + " " if error else "") + str(exc)
+            rule, block = None, None
+        draft = block if draft is None else draft
     text = live.text if draft is None else draft
     if validation is not None and rule:  # the whole file was checked: name the errors outside this rule
         span = range(first, first + max(1, len(text.splitlines())))
