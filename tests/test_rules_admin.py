@@ -83,8 +83,26 @@ def node_yaml(tmp: Path, **extra: object) -> Path:
 
 
 def cli(*args: object, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The installed ``dicom-node`` script, running this checkout's code."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120, env=env)
+
+
+def cli_here(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess:
+    """The same command in this process (parser and command functions as ``main`` runs them; a
+    second interpreter per command costs seconds on a busy machine)."""
+    from node.cli import build_parser
+    from node.errors import NodeError
+
+    capsys.readouterr()
+    parsed = build_parser().parse_args([str(a) for a in args])
+    try:
+        rc = int(parsed.func(parsed) or 0)
+    except NodeError as exc:
+        print(f"dicom-node: error: {exc}", file=sys.stderr)
+        rc = 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(map(str, args)), rc, out.out, out.err)
 
 
 # ------------------------------------------------------------------------------ validation
@@ -239,38 +257,38 @@ def test_apply_validates_writes_atomically_records_and_hot_reloads(tmp_path):
     admin.store.close()
 
 
-def test_cli_apply_history_diff_rollback_enable_move(tmp_path):
+def test_cli_apply_history_diff_rollback_enable_move(tmp_path, capsys):
     cfgfile = node_yaml(tmp_path)
     rules = tmp_path / "rules.yaml"
     shipped = SHIPPED.replace("[pacs]", "[archive]")
     rules.write_text(shipped)
     bad = tmp_path / "bad.yaml"
     bad.write_text(TYPOS)
-    r = cli("rules", "apply", bad, "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "apply", bad, "-c", cfgfile, "--no-backends")
     assert r.returncode == 1 and "not applied: the live rule file is unchanged" in r.stderr
     assert "ERROR rules.yaml:12:14: rule 'ct-bones': unknown profile 'bonez'" in r.stderr
     assert rules.read_text() == shipped
-    r = cli("rules", "disable", "ct-liver", "-c", cfgfile, "-m", "radiology asked", "--no-backends")
+    r = cli_here(capsys, "rules", "disable", "ct-liver", "-c", cfgfile, "-m", "radiology asked", "--no-backends")
     assert r.returncode == 0, r.stderr
     assert "+    enabled: false" in r.stdout and "(#2, disable by shell:" in r.stdout
-    r = cli("rules", "move", "ct-body-bones", "1", "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "move", "ct-body-bones", "1", "-c", cfgfile, "--no-backends")
     assert r.returncode == 0, r.stderr
     rs = parse_rules(rules.read_bytes())
     assert [x.name for x in rs.rules][:2] == ["ct-body-bones", "ct-pancreas"]
     assert not next(x for x in rs.rules if x.name == "ct-liver").enabled
-    r = cli("rules", "history", "-c", cfgfile)
+    r = cli_here(capsys, "rules", "history", "-c", cfgfile)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     action, counts = lines[1].split()[5:7]
     added, removed = counts.lstrip("+").split("/-")
     assert action == "reorder" and added == removed != "0" and lines[1].endswith("(live)")
     assert "radiology asked" in lines[2] and f"{FOUND_BY}    found" in lines[3]
-    r = cli("rules", "rollback", "1", "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "rollback", "1", "-c", cfgfile, "--no-backends")
     assert r.returncode == 0, r.stderr
     assert rules.read_text() == shipped
-    r = cli("rules", "diff", "#2", "-c", cfgfile)
+    r = cli_here(capsys, "rules", "diff", "#2", "-c", cfgfile)
     assert r.returncode == 0 and r.stdout.count("\n-    enabled: false") == 1
-    r = cli("rules", "enable", "ct-livr", "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "enable", "ct-livr", "-c", cfgfile, "--no-backends")
     assert r.returncode == 1 and "no rule named 'ct-livr' (did you mean 'ct-liver'?)" in r.stderr
 
 
@@ -433,22 +451,22 @@ def test_dry_run_on_stored_recent_and_folder_series_touches_nothing(received):
 
 @needs_data
 @needs_dcmtk
-def test_cli_dry_run(received):
+def test_cli_dry_run(received, capsys):
     tmp, cfgfile, uids = received["tmp"], received["cfgfile"], received["uids"]
     draft = tmp / "draft.yaml"
     draft.write_text(DRAFT)
-    r = cli("rules", "dry-run", draft, "--series", uids["ct"], "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "dry-run", draft, "--series", uids["ct"], "-c", cfgfile, "--no-backends")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "[NOT MATCHED] ct-body-bones" in out and "NO  SeriesDescription regex '(?i)bone|skelet|spine'  actual " \
         "'CT Body 3.0'" in out
     assert "jobs: none (UNROUTED)" in out and "live rules: jobs ct-body-bones->bones" in out
-    r = cli("rules", "dry-run", "--last", "3", "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "dry-run", "--last", "3", "-c", cfgfile, "--no-backends")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\nseries ") == 3 and "job: rule ct-brain -> profile brain, backend hu_based" in r.stdout
-    r = cli("rules", "dry-run", draft, "--folder", received["head"][0].parent, "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "dry-run", draft, "--folder", received["head"][0].parent, "-c", cfgfile, "--no-backends")
     assert r.returncode == 0 and "(files)" in r.stdout
     bad = tmp / "bad.yaml"
     bad.write_text(TYPOS)
-    r = cli("rules", "dry-run", bad, "--last", "1", "-c", cfgfile, "--no-backends")
+    r = cli_here(capsys, "rules", "dry-run", bad, "--last", "1", "-c", cfgfile, "--no-backends")
     assert r.returncode == 1 and "no dry run: the draft has errors" in r.stderr and "bad.yaml:6:14" in r.stderr
