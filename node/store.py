@@ -13,8 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from node.contracts import (
     SeriesState,
     SlotInfo,
 )
+from node.store_db import Connection, Engine, SQLiteEngine, open_engine
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -44,7 +45,7 @@ __all__ = [
     "instances_digest",
 ]
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 log = logging.getLogger("node.store")
 
@@ -268,6 +269,15 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX IF NOT EXISTS rule_versions_version ON rule_versions(version)
     """,
+    # 9 -> 10: scale-out (several node processes sharing a PostgreSQL store).  jobs.lease_until: a
+    # running job's claim holds until then (jobs.worker = the claimer, host:pid:slot); its node
+    # renews it while the job runs, and any node puts it back in the queue once it has run out
+    # (the claimer's host is gone).  node_leases: which node process does the store-wide periodic
+    # work (completion and routing, retention) until when.
+    "@add_column jobs lease_until REAL;"
+    " CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(state, lease_until);"
+    " CREATE TABLE IF NOT EXISTS node_leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
+    " lease_until REAL NOT NULL, taken_at REAL NOT NULL)",
 )
 
 
@@ -293,13 +303,20 @@ def instances_digest(sop_instance_uids: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _add_column(c: sqlite3.Connection, table: str, column: str, decl: str) -> None:
-    """``ALTER TABLE table ADD COLUMN column decl`` unless the column exists (idempotent)."""
-    have = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
-    if column not in have:
-        c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern for "starts with ``prefix``" (its ``%`` and ``_`` taken literally is not needed:
+    claimer names are host:pid[:slot], and a host name has neither)."""
+    return prefix + "%"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 def _loads(text: str | None) -> Any:
@@ -408,6 +425,8 @@ class Job:
     provisional: bool = False
     #: :meth:`Store.series_digest` of the instances the (last) try ran on
     instances_digest: str | None = None
+    #: a running job's claim holds until then (epoch seconds; renewed by its node, see :meth:`Store.claim_job`)
+    lease_until: float | None = None
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Job":
@@ -483,70 +502,60 @@ class ConsoleUser:
 
 
 class Store:
-    """The SQLite job store.  Thread-safe and multi-process-safe (see module docstring).
+    """The job store on SQLite (a file, the embedded default) or PostgreSQL (several hosts).
+
+    Thread-safe and multi-process-safe (see module docstring); on PostgreSQL also safe with
+    several node processes on several hosts (node/store_db.py: the same statements, translated,
+    with SQLite's write-lock semantics kept).
 
     Args:
-        path: database file (its folder is created); ``":memory:"`` is not
-            supported (each thread would see its own database).
+        path: database file (its folder is created), ``sqlite:///path``, or a
+            ``postgresql://`` URL; ``":memory:"`` is not supported (each thread
+            would see its own database).
         busy_timeout_s: how long a writer waits for a lock before failing.
         migrate: run :meth:`migrate` on open (default True).
     """
 
+    #: how long a job claim holds without renewal (the pool renews running jobs' claims every few seconds)
+    JOB_LEASE_S = 60.0
+
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0, migrate: bool = True) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = open_engine(path, busy_timeout_s=busy_timeout_s)
+        #: the SQLite file (for PostgreSQL: the URL without its password, for messages)
+        self.path = Path(self.engine.path) if isinstance(self.engine, SQLiteEngine) else Path(self.engine.name)
         self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
         if migrate:
             self.migrate()
 
+    @property
+    def shared(self) -> bool:
+        """True when several node processes on several hosts may share this store (PostgreSQL)."""
+        return self.engine.postgres
+
+    @property
+    def url(self) -> str:
+        """What the store is, for messages: the SQLite path or the PostgreSQL URL without password."""
+        return self.engine.name
+
     # -- connections -----------------------------------------------------
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         """This thread's connection (opened on first use, reopened after fork)."""
-        c = getattr(self._local, "conn", None)
-        if c is None or getattr(self._local, "pid", None) != os.getpid():
-            c = sqlite3.connect(
-                str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            c.row_factory = sqlite3.Row
-            c.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            c.execute("PRAGMA journal_mode = WAL")
-            c.execute("PRAGMA synchronous = NORMAL")
-            c.execute("PRAGMA foreign_keys = ON")
-            self._local.conn = c
-            self._local.pid = os.getpid()
-            with self._lock:
-                self._all.append(c)
-        return c
+        return self.engine.conn  # type: ignore[no-any-return]  # Engine.conn is the dialect's connection
 
     def close(self) -> None:
         """Close every connection this object opened (in any thread)."""
-        with self._lock:
-            conns, self._all = self._all, []
-        for c in conns:
-            with contextlib.suppress(Exception):
-                c.close()
-        self._local = threading.local()
+        self.engine.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error); yields the connection.
 
         IMMEDIATE takes the write lock up front, so read-then-write sequences
-        inside are atomic with respect to other processes.
+        inside are atomic with respect to other processes (on PostgreSQL: other hosts too).
         """
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self.engine.transaction() as c:
             yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
 
     def migrate(self) -> int:
         """Create or upgrade the schema; idempotent.  Returns the schema version."""
@@ -558,17 +567,22 @@ class Store:
                 c.execute("INSERT INTO schema_version(version) VALUES (0)")
             if current > SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"{self.path}: database schema version {current} is newer than this program ({SCHEMA_VERSION})"
+                    f"{self.url}: database schema version {current} is newer than this program ({SCHEMA_VERSION})"
                 )
             for version in range(current, SCHEMA_VERSION):
                 for stmt in _MIGRATIONS[version].split(";"):
                     if stmt.strip().startswith("@add_column"):
                         _, table, column, decl = stmt.split(None, 3)
-                        _add_column(c, table, column, decl)
+                        self.engine.add_column(c, table, column, decl)
                     elif stmt.strip():
                         c.execute(stmt)
+                self.engine.after_migration(c)
                 c.execute("UPDATE schema_version SET version = ?", (version + 1,))
         return SCHEMA_VERSION
+
+    def schema(self) -> dict[str, Any]:
+        """Tables, columns (normalised type, not null), indexes and unique keys, for comparing engines."""
+        return self.engine.schema()
 
     def schema_version(self) -> int:
         return int(self.conn.execute("SELECT version FROM schema_version").fetchone()[0])
@@ -690,7 +704,7 @@ class Store:
             )
             c.execute(
                 "UPDATE series SET last_received_at = MAX(last_received_at, ?),"
-                " generation = generation + (state != 'receiving'),"
+                " generation = generation + CASE WHEN state != 'receiving' THEN 1 ELSE 0 END,"
                 " state_changed_at = CASE WHEN state != 'receiving' THEN ? ELSE state_changed_at END,"
                 " error = CASE WHEN state != 'receiving' THEN NULL ELSE error END, state = 'receiving'"
                 " WHERE series_uid = ?",
@@ -891,12 +905,19 @@ class Store:
 
     def claim_job(self, worker: str, now: float | None = None, *,
                   kinds: Sequence[Resource] | None = None, early_quiet_s: float | None = None,
-                  confirmed_only: bool = False) -> Job | None:
+                  confirmed_only: bool = False, lease_s: float | None = None) -> Job | None:
         """Atomically take the oldest due ``queued`` job: state -> running, attempts + 1.
 
-        Safe with many worker threads/processes: exactly one caller gets each
-        job (one conditional UPDATE).  Returns None when nothing is due.
+        Safe with many worker threads/processes and, on PostgreSQL, many hosts: exactly one
+        caller gets each job (one conditional UPDATE; the candidate row is taken
+        ``FOR UPDATE SKIP LOCKED``, so concurrent claimers take different jobs instead of
+        queueing behind one).  Returns None when nothing is due.
         Confirmed jobs come before provisional ones.
+
+        The claim is a lease: ``worker`` is the claimer and ``lease_until`` = now + ``lease_s``
+        (default :attr:`JOB_LEASE_S`).  The claimer renews it while the job runs
+        (:meth:`renew_job_leases`); once it has run out, :meth:`requeue_expired_jobs` (any node)
+        puts the job back in the queue.
 
         Args:
             kinds: only jobs whose slot kind (``resource``: 'cpu' | 'gpu') is one of these;
@@ -923,14 +944,85 @@ class Store:
             where += (" AND (provisional = 0 OR EXISTS (SELECT 1 FROM series s WHERE s.series_uid = jobs.series_uid"
                       " AND s.state = 'receiving' AND s.generation = jobs.generation AND s.last_received_at <= ?))")
             args = [*args, t - float(early_quiet_s)]
+        lease = self.JOB_LEASE_S if lease_s is None else float(lease_s)
         r = self.conn.execute(
             "UPDATE jobs SET state = 'running', started_at = ?, finished_at = NULL, attempts = attempts + 1,"
-            " worker = ? WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued'"
+            " worker = ?, lease_until = ? WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued'"
             f" AND (next_attempt_at IS NULL OR next_attempt_at <= ?){where}"
-            " ORDER BY provisional, created_at, id LIMIT 1) RETURNING *",
-            (t, worker, t, *args),
+            " ORDER BY provisional, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *",
+            (t, worker, t + lease, t, *args),
         ).fetchone()
         return Job._from(r) if r else None
+
+    def renew_job_leases(self, worker_prefix: str, job_ids: Sequence[int], *, lease_s: float | None = None,
+                         now: float | None = None) -> set[int]:
+        """Extend the claims of ``job_ids`` still ``running`` under a claimer whose name starts with ``worker_prefix``
+        (this node process); returns the ids renewed (a job missing from it is no longer ours)."""
+        if not job_ids:
+            return set()
+        t = now if now is not None else time.time()
+        lease = self.JOB_LEASE_S if lease_s is None else float(lease_s)
+        q = ",".join("?" * len(job_ids))
+        rows = self.conn.execute(
+            f"UPDATE jobs SET lease_until = ? WHERE state = 'running' AND id IN ({q}) AND worker LIKE ?"
+            " RETURNING id", (t + lease, *job_ids, _like_prefix(worker_prefix))).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def requeue_expired_jobs(self, now: float | None = None) -> list[int]:
+        """Running jobs whose claim ran out (their node process or host is gone) -> ``queued``, due at
+        once, the try counted (as after a crash); returns their ids."""
+        t = now if now is not None else time.time()
+        rows = self.conn.execute(
+            "UPDATE jobs SET state = 'queued', next_attempt_at = NULL, lease_until = NULL,"
+            " error = 'interrupted: the claim of ' || COALESCE(worker, '?') || ' ran out (node gone)'"
+            " WHERE state = 'running' AND lease_until IS NOT NULL AND lease_until < ? RETURNING id",
+            (t,)).fetchall()
+        return sorted(int(r[0]) for r in rows)
+
+    def requeue_orphaned_jobs(self, host: str | None = None, *, now: float | None = None) -> list[int]:
+        """At a node's start: running jobs that no live node process can finish -> ``queued`` (try
+        counted).  On SQLite (one node) every running job; on a shared store those claimed on this
+        host by a process that no longer exists, or claimed without a lease, or whose lease ran out
+        (other hosts' live claims stay)."""
+        if not self.shared:
+            rows = self.conn.execute(
+                "UPDATE jobs SET state = 'queued', next_attempt_at = NULL, lease_until = NULL,"
+                " error = 'interrupted (node restarted)' WHERE state = 'running' RETURNING id").fetchall()
+            return sorted(int(r[0]) for r in rows)
+        t = now if now is not None else time.time()
+        me = host or socket.gethostname()
+        gone: list[int] = []
+        for r in self.conn.execute("SELECT id, worker, lease_until FROM jobs WHERE state = 'running'").fetchall():
+            parts = str(r["worker"] or "").split(":")
+            dead_here = len(parts) >= 2 and parts[0] == me and parts[1].isdigit() and not _pid_alive(int(parts[1]))
+            if r["lease_until"] is None or float(r["lease_until"]) < t or dead_here:
+                gone.append(int(r["id"]))
+        return [j for j in gone if self.requeue_job(j, "interrupted (node restarted)", counts_as_try=True)]
+
+    # -- store-wide periodic work ------------------------------------------
+    def take_node_lease(self, name: str, holder: str, lease_s: float, *, now: float | None = None) -> bool:
+        """Hold the store-wide lease ``name`` (e.g. ``"series"``: completion and routing) for
+        ``lease_s`` more seconds; True if ``holder`` holds it now (it took a free or expired one, or
+        renewed its own).  Exactly one node process does such work at a time; when its holder
+        dies, another takes over once the lease has run out."""
+        t = now if now is not None else time.time()
+        row = self.conn.execute(
+            "INSERT INTO node_leases (name, holder, lease_until, taken_at) VALUES (?,?,?,?)"
+            " ON CONFLICT (name) DO UPDATE SET lease_until = excluded.lease_until,"
+            " taken_at = CASE WHEN node_leases.holder = excluded.holder THEN node_leases.taken_at"
+            " ELSE excluded.taken_at END, holder = excluded.holder"
+            " WHERE node_leases.holder = excluded.holder OR node_leases.lease_until < ? RETURNING holder",
+            (name, holder, t + lease_s, t, t)).fetchone()
+        return row is not None
+
+    def release_node_lease(self, name: str, holder: str) -> None:
+        """Give a lease up (a clean stop), so another node takes the work over at once."""
+        self.conn.execute("DELETE FROM node_leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def node_leases(self) -> list[tuple[str, str, float]]:
+        """``(name, holder, lease_until)`` of every store-wide lease."""
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in self.conn.execute(
+            "SELECT name, holder, lease_until FROM node_leases ORDER BY name").fetchall()]
 
     def series_digest(self, series_uid: str) -> str:
         """Identity of the series' current instance set: SHA-256 (16 hex) of its sorted SOP Instance UIDs.
@@ -1149,9 +1241,10 @@ class Store:
         r = self.conn.execute(
             "UPDATE dispatches SET attempts = attempts + 1, next_attempt_at = ?"
             " WHERE id = (SELECT id FROM dispatches WHERE state = 'pending'"
-            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1)"
-            " AND state = 'pending' RETURNING *",
-            (t + lease_s, t),
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1"
+            " FOR UPDATE SKIP LOCKED)"
+            " AND state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) RETURNING *",
+            (t + lease_s, t, t),
         ).fetchone()
         return Dispatch._from(r) if r else None
 

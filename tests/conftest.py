@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from console_helpers import browser, console_node  # noqa: F401 - fixtures of the console tests
+from pg_helpers import pg_cluster, pg_url  # noqa: F401 - the throwaway PostgreSQL fixtures, for every module
 
 
 @pytest.fixture
