@@ -333,6 +333,40 @@ class DiskConfig(_Model):
     check_interval_s: float = Field(5.0, gt=0)
 
 
+class StoreConfig(_Model):
+    """Where the job store lives (see docs/scaling.md, "Store: PostgreSQL")."""
+
+    url: str | None = None
+    """``postgresql://user@host:port/db`` (several node processes on several hosts share it; the
+    password from ``~/.pgpass`` or ``PGPASSWORD``), or ``sqlite:///path`` (relative paths against the
+    config file's folder); unset: SQLite in ``<storage>/node.db``, the embedded default."""
+    job_lease_s: float = Field(60.0, ge=5)
+    """How long a job claim holds without renewal: the claiming node renews it every few seconds
+    while the job runs; once it has run out (that node is gone), another node runs the job again."""
+    work_lease_s: float = Field(15.0, ge=2)
+    """On a shared store one node process at a time completes and routes series; its lease is
+    renewed every 0.5 s, and another node takes the work over this long after its holder died."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if v.startswith(("postgresql://", "postgres://")):
+            try:
+                import psycopg  # noqa: F401 - only whether it is installed
+            except ModuleNotFoundError:
+                raise ValueError("PostgreSQL needs psycopg: pip install 'dicom-node[postgres]'") from None
+            return v
+        if v.startswith("sqlite:///") and len(v) > len("sqlite:///"):
+            return v
+        raise ValueError(f"must be postgresql://... or sqlite:///path (got {v.split('@')[-1]!r})")
+
+    @property
+    def postgres(self) -> bool:
+        return bool(self.url) and str(self.url).startswith(("postgresql://", "postgres://"))
+
+
 def _mode(value: Any) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
         value = int(value.replace("o", ""), 8)
@@ -354,6 +388,10 @@ class NodeConfig(_Model):
     port: int = 11112
     bind_address: str = "0.0.0.0"
     storage: Path = Path("./var")
+    shared_storage: Path | None = None
+    """A folder every host of a multi-node installation mounts: the spool, quarantine and
+    results live there instead of under ``storage`` (see docs/scaling.md)."""
+    store: StoreConfig = Field(default_factory=StoreConfig)
     quiet_period_s: float = Field(10.0, ge=0)
     early_start_s: float = Field(2.0, ge=0)
     """Start processing a series speculatively once it has been quiet this long (results are held
@@ -444,19 +482,37 @@ class NodeConfig(_Model):
 
     # -- derived paths -------------------------------------------------
     @property
+    def data_root(self) -> Path:
+        """Where spool, quarantine and results live: ``shared_storage``, else ``storage``."""
+        return self.shared_storage if self.shared_storage is not None else self.storage
+
+    @property
     def spool_dir(self) -> Path:
-        """Where received instances are written: ``<storage>/spool/<study>/<series>/<sop>.dcm``."""
-        return self.storage / "spool"
+        """Where received instances are written: ``<data_root>/spool/<study>/<series>/<sop>.dcm``."""
+        return self.data_root / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        """Job results: ``<data_root>/results/<job id>/`` and ``<job id>-seg.dcm``."""
+        return self.data_root / "results"
 
     @property
     def database_path(self) -> Path:
-        """The SQLite job store: ``<storage>/node.db``."""
+        """The SQLite job store: ``<storage>/node.db``, or the file of a ``sqlite:///`` store url."""
+        url = self.store.url
+        if url and url.startswith("sqlite:///"):
+            return Path(url[len("sqlite:///"):])
         return self.storage / "node.db"
 
     @property
+    def database_url(self) -> str:
+        """What :class:`node.store.Store` opens: the PostgreSQL URL, else the SQLite file."""
+        return str(self.store.url) if self.store.postgres else str(self.database_path)
+
+    @property
     def quarantine_dir(self) -> Path:
-        """Refused instances with a ``.reason.txt`` next to each: ``<storage>/quarantine/``."""
-        return self.storage / "quarantine"
+        """Refused instances with a ``.reason.txt`` next to each: ``<data_root>/quarantine/``."""
+        return self.data_root / "quarantine"
 
     def destination(self, name: str) -> Destination | StowDestination:
         """The named destination; raises :class:`ConfigError` naming the unknown destination."""
@@ -549,6 +605,10 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
     else:
         base = Path.cwd()
     cfg.storage = _resolve(cfg.storage, base)
+    if cfg.shared_storage is not None:
+        cfg.shared_storage = _resolve(cfg.shared_storage, base)
+    if cfg.store.url and cfg.store.url.startswith("sqlite:///"):
+        cfg.store.url = "sqlite:///" + str(_resolve(Path(cfg.store.url[len("sqlite:///"):]), base))
     share_root_given = isinstance(data.get("share"), dict) and "root" in data["share"]
     if share_root_given or "storage" not in explicit:
         cfg.share.root = _resolve(cfg.share.root, base)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -69,7 +71,9 @@ def atomic_open(path: str | os.PathLike[str], *, mode: int | None = None) -> Ite
     fsynced and renamed onto ``path`` (and the folder fsynced); on error it is removed."""
     target = Path(path)
     makedirs_durable(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # the writer's host and pid in the name: on storage several hosts share, a start-up cleanup
+    # removes only temp files whose writer is gone (see tmp_writer_gone)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -84,6 +88,36 @@ def atomic_open(path: str | os.PathLike[str], *, mode: int | None = None) -> Ite
             pass
         raise
     fsync_dir(target.parent)
+
+
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+#: a temp file of another host older than this is a leftover of a write that never completed
+STALE_TMP_S = 3600.0
+
+
+def tmp_writer_gone(path: str | os.PathLike[str], *, now: float | None = None) -> bool:
+    """Whether the temp file ``path`` (from :func:`atomic_open`) is a leftover of a write that can no
+    longer complete: written on this host by a process that no longer exists, written on another
+    host more than :data:`STALE_TMP_S` ago (that host may still be writing it), or named as
+    versions before shared storage named them (one host: no writer left after a restart)."""
+    p = Path(path)
+    parts = p.name.rsplit(".", 3)  # ".<name>.<host>-<pid>.<random>.tmp" -> [..., "<host>-<pid>", random, "tmp"]
+    host, _, pid = parts[1].rpartition("-") if len(parts) == 4 else ("", "", "")
+    if not (host and pid.isdigit()):
+        return True
+    if host == _HOST:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's live process
+            return False
+        return False  # its writer is alive: a write in flight
+    try:
+        age = (now if now is not None else time.time()) - p.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > STALE_TMP_S
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:

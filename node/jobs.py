@@ -58,7 +58,7 @@ def seg_series_uid(job: Job) -> str:
 
 def job_output_dir(config: NodeConfig, job_id: int) -> Path:
     """``<storage>/results/<job id>/``."""
-    return Path(config.storage) / "results" / str(int(job_id))
+    return Path(config.results_dir) / str(int(job_id))
 
 
 def early_seg_path(output_dir: Path) -> Path:

@@ -162,7 +162,10 @@ class WorkerPool:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._name = f"{socket.gethostname()}:{os.getpid()}"
+        self._name = f"{socket.gethostname()}:{os.getpid()}"  # claims are f"{_name}:{slot}"
+        #: job claims are leases (Store.claim_job): renewed every sixth of it while the job runs
+        self._lease_s = float(config.store.job_lease_s)
+        self._renewed = 0.0
         self.decode_workers = max(1, (os.cpu_count() or 1) // self.size)
         import psutil
 
@@ -214,6 +217,7 @@ class WorkerPool:
         while not self._stop.is_set():
             try:
                 self._reap()
+                self._renew_leases()
                 if self._running and time.monotonic() - checked >= 0.5:
                     checked = time.monotonic()
                     self._check_running()
@@ -223,6 +227,17 @@ class WorkerPool:
             self._wake.wait(0.2 if self._running else self.poll_s)
             self._wake.clear()
         self._shutdown()
+
+    def _renew_leases(self) -> None:
+        """Keep this node's job claims (a job whose claim is not renewed is no longer ours:
+        :meth:`_check_running` stops it)."""
+        if not self._running or time.monotonic() - self._renewed < self._lease_s / 6:
+            return
+        self._renewed = time.monotonic()
+        ids = [r.job.id for r in self._running.values()]
+        lost = set(ids) - self.store.renew_job_leases(self._name, ids, lease_s=self._lease_s)
+        if lost:
+            log.warning("job(s) %s: claim not renewed (no longer running here)", ", ".join(map(str, sorted(lost))))
 
     def _shutdown(self, grace_s: float = 5.0) -> None:
         end = time.monotonic() + grace_s
@@ -274,7 +289,8 @@ class WorkerPool:
                 # the slot of an early start (which runs again once a slot is free)
                 if not running.provisional or ("confirmed", kinds) in empty:
                     continue
-                job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds, confirmed_only=True)
+                job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds, confirmed_only=True,
+                                           lease_s=self._lease_s)
                 if job is None:
                     empty.add(("confirmed", kinds))
                     continue
@@ -287,7 +303,8 @@ class WorkerPool:
                 continue
             if kinds in empty:
                 continue
-            job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds, early_quiet_s=early)
+            job = self.store.claim_job(worker=f"{self._name}:{slot.name}", kinds=kinds, early_quiet_s=early,
+                                       lease_s=self._lease_s)
             if job is None:
                 empty.add(kinds)
                 continue
@@ -316,6 +333,11 @@ class WorkerPool:
             if row.state != JobState.RUNNING:
                 self._abort(idx, r)
                 log.info("job %d stopped: it is %s now (%s)", row.id, row.state, row.error or "-")
+                continue
+            if not (row.worker or "").startswith(self._name + ":"):
+                # our claim ran out (this node stalled) and another node claimed it: theirs now
+                self._abort(idx, r)
+                log.warning("job %d stopped: its claim ran out and %s runs it now", row.id, row.worker)
                 continue
             r.provisional = row.provisional
             if not row.provisional:

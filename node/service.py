@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -17,7 +18,6 @@ from apscheduler.jobstores.base import JobLookupError
 
 from node.completion import sweep
 from node.config import NodeConfig
-from node.contracts import JobState
 from node.durable import makedirs_durable, set_modes
 from node.jobs import ensure_dispatches
 from node.pool import WorkerPool
@@ -50,8 +50,14 @@ class NodeService:
     After :meth:`start`, :attr:`port` is the port actually listened on.
     """
 
+    #: the lease on spool retention (run hourly by its holder)
+    RETENTION_LEASE_S = 7200.0
+
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        #: this node process, as its store leases and job claims name it
+        self.node_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._leases: set[str] = set()
         self.store: Store | None = None
         self.receiver: Receiver | None = None
         self.rules: RuleSetHolder | None = None
@@ -72,6 +78,14 @@ class NodeService:
     def complete_and_route(self) -> None:
         """Completion sweep, then route every complete series; wakes the pool when jobs were created."""
         assert self.store is not None and self.router is not None
+        requeued = self.store.requeue_expired_jobs()
+        if requeued:
+            log.warning("job(s) %s: their claim ran out (the node running them is gone); queued again",
+                        ", ".join(map(str, requeued)))
+            if self.pool is not None:
+                self.pool.wake()
+        if not self._holds("series", float(self.config.store.work_lease_s)):
+            return  # another node process completes and routes the series of the shared store
         with self._route_lock:
             sweep(self.store, self.config.quiet_period_s, refused_wait_s=self.config.incomplete_series_wait_s)
             outcomes = self.router.route_pending()
@@ -79,6 +93,23 @@ class NodeService:
                 outcomes += self.router.route_early(self.config.early_start_s)
         if any(o.jobs for o in outcomes) and self.pool is not None:
             self.pool.wake()
+
+    def _holds(self, name: str, lease_s: float) -> bool:
+        """Whether this node process does the store-wide work ``name`` now: always on SQLite (one
+        node); on a shared store whoever holds its lease, renewed at each run (docs/scaling.md)."""
+        assert self.store is not None
+        if not self.store.shared:
+            return True
+        held = self.store.take_node_lease(name, self.node_id, lease_s)
+        if held and name not in self._leases:
+            log.info("this node (%s) does the %s work of the shared store now", self.node_id, name)
+        elif not held and name in self._leases:
+            log.warning("this node (%s) no longer holds the %s lease", self.node_id, name)
+        if held:
+            self._leases.add(name)
+        else:
+            self._leases.discard(name)
+        return held
 
     def reload_rules(self) -> None:
         assert self.rules is not None
@@ -116,6 +147,8 @@ class NodeService:
     def clean_spool(self) -> None:
         """Spool retention (:meth:`node.spool.Spool.clean`)."""
         assert self.store is not None
+        if not self._holds("retention", self.RETENTION_LEASE_S):
+            return
         Spool(self.config.spool_dir, self.config.quarantine_dir).clean(self.store, self.config.spool_retention_days)
 
     def check_certificate(self) -> None:
@@ -135,7 +168,9 @@ class NodeService:
         set_modes(cfg.file_mode, cfg.dir_mode)
         os.umask(0o777 & ~(cfg.file_mode | cfg.dir_mode))
         makedirs_durable(cfg.storage)
-        self.store = store = Store(cfg.database_path)
+        self.store = store = Store(cfg.database_url)
+        if store.shared:
+            log.info("job store %s, shared with the other node processes", store.url)
         self.rules = RuleSetHolder(
             cfg.rules,
             known_profiles=lambda: list_profiles(cfg.profiles),
@@ -144,9 +179,9 @@ class NodeService:
         log.info("routing rules %s: %d rule(s), version %s", cfg.rules, len(self.rules.ruleset),
                  self.rules.ruleset.version)
         self.router = Router(cfg, store, self.rules)
-        # a crash cut these tries short: the try counts, so a job that crashes the node every time ends failed
-        requeued = sum(store.requeue_job(job.id, "interrupted (node restarted)", counts_as_try=True)
-                       for job in store.list_jobs(JobState.RUNNING))
+        # a crash cut these tries short: the try counts, so a job that crashes the node every time ends
+        # failed (on a shared store only the jobs no live node process holds)
+        requeued = len(store.requeue_orphaned_jobs())
         if requeued:
             log.warning("re-queued %d job(s) left running by a previous run", requeued)
         ensure_dispatches(cfg, store)
@@ -192,6 +227,8 @@ class NodeService:
         if self.pool is not None:
             self.pool.stop()
         if self.store is not None:
+            for name in sorted(self._leases):  # another node takes the work over at once
+                self.store.release_node_lease(name, self.node_id)
             self.store.close()
         log.info("node stopped")
 

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from node.contracts import SeriesState
 from node.dataset_check import part10_problem
 from node.dicom_values import tags_from_dataset, uid_value
-from node.durable import atomic_write, makedirs_durable
+from node.durable import atomic_write, makedirs_durable, tmp_writer_gone
 from node.store import InstanceRecord, Store
 
 __all__ = [
@@ -116,7 +116,8 @@ class Spool:
         """Index spool files the store does not know (e.g. after a crash between write and index).
 
         Leftover ``*.tmp`` files (writes that never completed, so never
-        acknowledged) are removed; unreadable files are moved to quarantine.
+        acknowledged) are removed (on a spool several hosts share, only those whose writer is
+        gone: :func:`node.durable.tmp_writer_gone`); unreadable files are moved to quarantine.
         The receive time of a rescued file is its modification time, ``called_ae``
         the AE title it is recorded as sent to.  Returns how many files were indexed.
         """
@@ -128,7 +129,9 @@ class Spool:
             if not p.is_file():
                 continue
             if p.name.endswith(".tmp"):
-                p.unlink(missing_ok=True)
+                # only a write that can no longer complete (another host's may be in flight)
+                if tmp_writer_gone(p):
+                    p.unlink(missing_ok=True)
                 continue
             if p.suffix != ".dcm" or str(p) in known:
                 continue

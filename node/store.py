@@ -30,7 +30,7 @@ from node.contracts import (
     SeriesState,
     SlotInfo,
 )
-from node.store_db import Connection, Engine, SQLiteEngine, open_engine
+from node.store_db import Connection, Engine, SQLiteEngine, open_engine, sqlite_add_column
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -303,6 +303,10 @@ def instances_digest(sop_instance_uids: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
+#: the SQLite ``@add_column`` step (tests build old SQLite schemas with it)
+_add_column = sqlite_add_column
+
+
 def _like_prefix(prefix: str) -> str:
     """A LIKE pattern for "starts with ``prefix``" (its ``%`` and ``_`` taken literally is not needed:
     claimer names are host:pid[:slot], and a host name has neither)."""
@@ -541,7 +545,8 @@ class Store:
     @property
     def conn(self) -> Connection:
         """This thread's connection (opened on first use, reopened after fork)."""
-        return self.engine.conn  # type: ignore[no-any-return]  # Engine.conn is the dialect's connection
+        conn: Connection = self.engine.conn
+        return conn
 
     def close(self) -> None:
         """Close every connection this object opened (in any thread)."""

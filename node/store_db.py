@@ -113,6 +113,13 @@ def add_column_sql(table: str, column: str, decl: str, *, postgres: bool) -> str
     return f"ALTER TABLE {table} ADD COLUMN {column} {decl}"
 
 
+def sqlite_add_column(c: Any, table: str, column: str, decl: str) -> None:
+    """``ALTER TABLE table ADD COLUMN column decl`` unless the column exists (SQLite has no IF NOT EXISTS)."""
+    have = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+    if column not in have:
+        c.execute(add_column_sql(table, column, decl, postgres=False))
+
+
 # ---------------------------------------------------------------------------
 # engines
 
@@ -176,7 +183,7 @@ class SQLiteEngine(Engine):
         self.busy_timeout_s = busy_timeout_s
         self.name = str(self.path)
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self) -> _SQLiteConn:
         c = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None,
                             check_same_thread=False)
         c.row_factory = sqlite3.Row
@@ -199,9 +206,7 @@ class SQLiteEngine(Engine):
             c.execute("COMMIT")
 
     def add_column(self, c: Any, table: str, column: str, decl: str) -> None:
-        have = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
-            c.execute(add_column_sql(table, column, decl, postgres=False))
+        sqlite_add_column(c, table, column, decl)
 
     def schema(self) -> dict[str, Any]:
         c = self.conn
@@ -250,7 +255,7 @@ def _norm_type(t: str) -> str:
     return t
 
 
-class _PgRow(tuple):  # type: ignore[type-arg]  # a row of any arity, like sqlite3.Row
+class _PgRow(tuple):  # a row of any arity, like sqlite3.Row
     """A result row readable by index and by column name, and ``dict(row)``, like ``sqlite3.Row``."""
 
     _names: tuple[str, ...] = ()

@@ -202,3 +202,33 @@ def test_cli_lists_the_quarantine(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     assert "cannot parse data set" in res.stdout and "CT01" in res.stdout and f"file={q}" in res.stdout
     assert "sop=1.2.3" in res.stdout and f"1 quarantined instance(s) in {sp.quarantine_dir}" in res.stdout
+
+
+def test_rescan_of_a_shared_spool_leaves_other_writers_temp_files(spool: Spool, store: Store):
+    """Several hosts write into one spool: a temp file is removed only when its writer is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from node.durable import STALE_TMP_S, atomic_open
+
+    folder = spool.path_for(STUDY, SERIES, "1.1").parent
+    folder.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mine_dead = folder / f".1.1.dcm.{host}-{int(dead.stdout)}.abc123.tmp"
+    mine_live = folder / f".1.2.dcm.{host}-{os.getpid()}.abc123.tmp"
+    other_fresh = folder / ".1.3.dcm.otherhost-4242.abc123.tmp"
+    other_stale = folder / ".1.4.dcm.otherhost-4242.def456.tmp"
+    for p in (mine_dead, mine_live, other_fresh, other_stale):
+        p.write_bytes(b"partial")
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(other_stale, (old, old))
+    spool.rescan(store, called_ae="DICOMNODE")
+    assert not mine_dead.exists() and not other_stale.exists()
+    assert mine_live.exists() and other_fresh.exists()
+    # and the temp files this node writes carry its host and pid
+    with atomic_open(folder / "x.dcm") as fh:
+        (tmp,) = folder.glob(".x.dcm.*.tmp")
+        assert f".{host}-{os.getpid()}." in tmp.name
+        fh.write(b"x")

@@ -1,6 +1,7 @@
 """``dicom-node jobs``: the operator's view of the store: list, show and retry jobs; list the series
 (unrouted ones with their reason) and the instances the receiver quarantined.  The database is
-``--db PATH`` or the one ``--config node.yaml`` names (no config: ``./var/node.db``).
+``--db PATH`` (or a ``postgresql://`` URL) or the one ``--config node.yaml`` names (no config:
+``./var/node.db``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ from node.contracts import DispatchState, JobState, SeriesState
 from node.errors import InputError
 from node.jobs import retry_job
 from node.store import Store
+from node.store_db import is_postgres_url
 
 
 def _open(args: argparse.Namespace) -> Store:
+    if args.db and is_postgres_url(args.db):
+        return Store(args.db, migrate=False)
+    if not args.db:
+        cfg = load_config(args.config)
+        if cfg.store.postgres:
+            return Store(cfg.database_url, migrate=False)
     db = Path(args.db) if args.db else load_config(args.config).database_path
     if not db.is_file():
         raise InputError("no node database here (has the node run with this configuration?)", path=db)
@@ -158,7 +166,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", "-c", default=None, metavar="FILE", help="node.yaml (finds the database)")
-        sp.add_argument("--db", default=None, metavar="PATH", help="the node database (instead of --config)")
+        sp.add_argument("--db", default=None, metavar="PATH", help="the node database: a SQLite file or a postgresql:// URL (instead of --config)")
 
     lp = sub.add_parser("list", help="one line per job")
     lp.add_argument("--state", choices=[str(s) for s in JobState], default=None)
