@@ -269,10 +269,15 @@ class _PgRow(tuple):  # a row of any arity, like sqlite3.Row
         return self._names
 
 
+_ROW_TYPES: dict[tuple[str, ...], type[_PgRow]] = {}
+
+
 def _pg_row_factory(cursor: Any) -> Any:
     desc = cursor.description
     names = tuple(d.name for d in desc) if desc else ()
-    cls = type("Row", (_PgRow,), {"_names": names, "__slots__": ()})
+    cls = _ROW_TYPES.get(names)
+    if cls is None:
+        cls = _ROW_TYPES.setdefault(names, type("Row", (_PgRow,), {"_names": names, "__slots__": ()}))
 
     def make(values: Sequence[Any]) -> Any:
         return cls(values)
@@ -327,15 +332,25 @@ class _PgConn:
             cur = self._c.execute(text, tuple(parameters))
         else:
             # a single write statement: like SQLite, it must not interleave with another
-            # node's transaction (those take the lock exclusively)
-            with self._c.transaction():
-                self._c.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_LOCK_KEY,))
-                cur = self._c.execute(text, tuple(parameters))
-                rows = list(cur.fetchall()) if (cur.description and not want_id) else None
-                if want_id:
-                    got = cur.fetchall()
-                    return _PgCursor(cur, int(got[0][0]) if got else None, [])
-                return _PgCursor(cur, None, rows)
+            # node's transaction (those take the lock exclusively).  One round trip: the four
+            # statements as one simple query, the parameters bound on this side.
+            import psycopg
+
+            cur = psycopg.ClientCursor(self._c)
+            try:
+                cur.execute(f"BEGIN; SELECT pg_advisory_xact_lock_shared({_LOCK_KEY}); {text}; COMMIT",
+                            tuple(parameters))
+            except BaseException:
+                if not self._c.closed and self._c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    self._c.execute("ROLLBACK")
+                raise
+            cur.nextset()  # the lock's result
+            cur.nextset()  # the statement's
+            rowcount = int(cur.rowcount)
+            rows = list(cur.fetchall()) if cur.description else None
+            out = _PgCursor(cur, int(rows[0][0]) if (want_id and rows) else None, [] if want_id else rows)
+            out.rowcount = rowcount
+            return out
         if want_id:
             got = cur.fetchall()
             return _PgCursor(cur, int(got[0][0]) if got else None, [])

@@ -5,6 +5,7 @@
 #   bash scripts/install.sh --test   # + test peers (dicom3tools, Orthanc and its DICOMweb plugin,
 #                                    #   Chromium for the OHIF viewer test) and test tools
 #   bash scripts/install.sh --no-ai  # without TotalSegmentator/nnU-Net/MONAI (HU backend only)
+#   bash scripts/install.sh --postgres  # + psycopg, for a job store on PostgreSQL (docs/scaling.md)
 #
 # The AI extras are installed against constraints.txt, which pins torch==2.13.0
 # (the CPU build is installed first): without it nnunetv2 -> timm -> torchvision
@@ -17,17 +18,20 @@ cd "$(dirname "$0")/.."
 
 TEST=0
 AI=1
+PG=0
 for arg in "$@"; do
   case "$arg" in
     --test) TEST=1 ;;
     --no-ai) AI=0 ;;
-    *) echo "usage: $0 [--test] [--no-ai]" >&2; exit 2 ;;
+    --postgres) PG=1 ;;
+    *) echo "usage: $0 [--test] [--no-ai] [--postgres]" >&2; exit 2 ;;
   esac
 done
 
 pkgs=(python3 python3-venv python3-dev gcc dcmtk)
 if [ "$TEST" = 1 ]; then
   pkgs+=(dicom3tools orthanc orthanc-dicomweb chromium openssl dcm2niix)  # openssl: the test PKI of tests/test_tls.py
+  pkgs+=(postgresql)  # initdb/pg_ctl: the tests start a throwaway PostgreSQL cluster (tests/pg_helpers.py)
   # npm fetches OHIF's published build for the viewer test (Debian's npm, unless a nodejs
   # package that bundles it is installed already)
   command -v npm >/dev/null 2>&1 || pkgs+=(npm)
@@ -51,6 +55,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 extras=()
 [ "$TEST" = 1 ] && extras+=(test)
+[ "$PG" = 1 ] && extras+=(postgres)
 if [ "$AI" = 1 ]; then
   extras+=(ai)
   .venv/bin/python -m pip install -q torch==2.13.0
