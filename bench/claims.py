@@ -31,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # tests/pg_helpers.py: the throwaway PostgreSQL cluster
 
+from node.contracts import JobState, Resource  # noqa: E402 - after the sys.path line above
 from node.store import InstanceRecord, Store  # noqa: E402 - after the sys.path line above
 
 __all__ = ["claims", "main"]
@@ -44,7 +45,7 @@ def _fill(store: Store, n: int, tag: str) -> None:
             sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid=uid,
             study_uid="1.2.9", path=f"/spool/{uid}.dcm", transfer_syntax="1.2.840.10008.1.2.1", size=1))
         store.create_job(uid, "r", profile="bones", backend="hu_based", rules_version="v", generation=1,
-                         resource="cpu")
+                         resource=Resource.CPU)
 
 
 def _claimer(url: str, name: str, ready: Any, go: Any, out: Any) -> None:
@@ -63,7 +64,7 @@ def _claimer(url: str, name: str, ready: Any, go: Any, out: Any) -> None:
 def _round(url: str, n: int, k: int, tag: str) -> float:
     store = Store(url)
     _fill(store, n, tag)
-    expected = {j.id for j in store.list_jobs("queued")}
+    expected = {j.id for j in store.list_jobs(JobState.QUEUED)}
     ctx = mp.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_claimer, args=(url, f"c{i}", ready, go, out)) for i in range(k)]
