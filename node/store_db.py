@@ -13,6 +13,7 @@ read-then-write transaction.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sqlite3
@@ -87,6 +88,7 @@ _OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
 _INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(\w+)", re.I)
 
 
+@functools.lru_cache(maxsize=2048)  # the store's statements are a few hundred fixed strings
 def translate_pg(sql: str) -> str:
     """One statement in the store's SQLite dialect -> PostgreSQL (without the ``lastrowid`` part)."""
     s = sql
