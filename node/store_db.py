@@ -144,13 +144,17 @@ class Engine:
     @property
     def conn(self) -> Any:
         c = getattr(self._local, "conn", None)
-        if c is None or getattr(self._local, "pid", None) != os.getpid():
+        if c is None or getattr(self._local, "pid", None) != os.getpid() or self._lost(c):
             c = self._open()
             self._local.conn = c
             self._local.pid = os.getpid()
             with self._lock:
                 self._all.append(c)
         return c
+
+    def _lost(self, c: Any) -> bool:
+        """Whether a connection is gone for good (the database server restarted): opened anew."""
+        return False
 
     def close(self) -> None:
         with self._lock:
@@ -391,6 +395,9 @@ class PostgresEngine(Engine):
         if not self.id_tables:
             self.refresh_id_tables(conn)
         return conn
+
+    def _lost(self, c: Any) -> bool:
+        return bool(c._c.broken or c._c.closed)
 
     def refresh_id_tables(self, conn: _PgConn | None = None) -> None:
         c = conn or self.conn

@@ -164,3 +164,17 @@ def test_node_lease_one_holder_at_a_time(store):
     assert not store.take_node_lease("series", "A", 5, now=t + 9)
     store.release_node_lease("series", "B")
     assert store.take_node_lease("series", "A", 5, now=t + 10)
+
+
+def test_a_lost_database_connection_is_opened_again(store, pg_url):
+    """The server ended our session (restart, failover): the call fails (the caller retries, as the
+    pool and the scheduler do) and the next one opens a new connection."""
+    import psycopg
+
+    store.record_instance(rec("1"))
+    pid = store.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg.OperationalError):
+        store.get_series("S1")
+    assert store.get_series("S1") is not None
