@@ -338,20 +338,14 @@ class _PgConn:
             cur = self._c.execute(text, tuple(parameters))
         else:
             # a single write statement: like SQLite, it must not interleave with another
-            # node's transaction (those take the lock exclusively).  One round trip: the four
-            # statements as one simple query, the parameters bound on this side.
+            # node's transaction (those take the lock exclusively).  One round trip: lock and
+            # statement as one simple query, which PostgreSQL runs as one implicit transaction
+            # (the lock held to its end; an error rolls both back), parameters bound on this side.
             import psycopg
 
             cur = psycopg.ClientCursor(self._c)
-            try:
-                cur.execute(f"BEGIN; SELECT pg_advisory_xact_lock_shared({_LOCK_KEY}); {text}; COMMIT",
-                            tuple(parameters))
-            except BaseException:
-                if not self._c.closed and self._c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    self._c.execute("ROLLBACK")
-                raise
-            cur.nextset()  # the lock's result
-            cur.nextset()  # the statement's
+            cur.execute(f"SELECT pg_advisory_xact_lock_shared({_LOCK_KEY}); {text}", tuple(parameters))
+            cur.nextset()  # past the lock's result to the statement's
             rowcount = int(cur.rowcount)
             rows = list(cur.fetchall()) if cur.description else None
             out = _PgCursor(cur, int(rows[0][0]) if (want_id and rows) else None, [] if want_id else rows)

@@ -178,3 +178,16 @@ def test_a_lost_database_connection_is_opened_again(store, pg_url):
     with pytest.raises(psycopg.OperationalError):
         store.get_series("S1")
     assert store.get_series("S1") is not None
+
+
+def test_constraints_hold_in_the_database_and_a_failed_write_leaves_the_connection_usable(store):
+    import psycopg
+
+    store.record_instance(rec("1"))
+    a, created = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v1", generation=1)
+    assert created and store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v1",
+                                        generation=1) == (a, False)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        store.conn.execute("INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation,"
+                           " created_at) VALUES ('S1','liver','p','b','v1',1,0)")
+    assert store.claim_job("w") is not None and store.get_job(a).state == JobState.RUNNING
