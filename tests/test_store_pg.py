@@ -191,3 +191,25 @@ def test_constraints_hold_in_the_database_and_a_failed_write_leaves_the_connecti
         store.conn.execute("INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation,"
                            " created_at) VALUES ('S1','liver','p','b','v1',1,0)")
     assert store.claim_job("w") is not None and store.get_job(a).state == JobState.RUNNING
+
+
+def test_store_and_shared_storage_in_node_yaml(tmp_path):
+    from node.config import ConfigError, load_config
+
+    cfg_file = tmp_path / "node.yaml"
+    cfg_file.write_text("storage: var\nshared_storage: shared\nstore: {url: 'postgresql://u@db:5432/n', job_lease_s: 30}\n")
+    cfg = load_config(cfg_file)
+    assert cfg.store.postgres and cfg.database_url == "postgresql://u@db:5432/n" and cfg.store.job_lease_s == 30
+    assert cfg.spool_dir == tmp_path / "shared" / "spool" and cfg.results_dir == tmp_path / "shared" / "results"
+    assert cfg.quarantine_dir == tmp_path / "shared" / "quarantine"
+    cfg_file.write_text("storage: var\nstore: {url: 'sqlite:///db/node.db'}\n")
+    cfg = load_config(cfg_file)
+    assert not cfg.store.postgres and cfg.database_url == str(tmp_path / "db" / "node.db")
+    assert cfg.spool_dir == tmp_path / "var" / "spool"  # no shared storage: under storage, as before
+    assert load_config(None).database_url == str(load_config(None).storage / "node.db")
+    cfg_file.write_text("store: {url: 'mysql://db/n'}\n")
+    with pytest.raises(ConfigError, match="store.url.*postgresql://"):
+        load_config(cfg_file)
+    cfg_file.write_text("store: {url: 'postgresql://db/n', job_lease_s: 1}\n")
+    with pytest.raises(ConfigError, match="job_lease_s"):
+        load_config(cfg_file)
