@@ -193,7 +193,7 @@ def record_success(config: NodeConfig, store: Store, job: Job, result: JobResult
     _, origin = _dispatch_plan(config, store, job)
     if origin is not None:
         result = dataclasses.replace(result, origin=origin)
-    if not store.complete_job(job.id, result):
+    if not store.complete_job(job.id, result, claimer=job.worker):
         log.warning("job %d finished but was no longer running; result ignored", job.id)
         return "lost"
     done = store.get_job(job.id)  # after completing: a confirmation made meanwhile is seen here
@@ -247,7 +247,7 @@ def record_failure(config: NodeConfig, store: Store, job: Job, kind: FailureKind
     """Record a failed try: retry with backoff for transient errors, else failed at once."""
     if kind == FailureKind.TRANSIENT:
         delay = config.job_retry.delay(job.attempts)
-        state = store.fail_job(job.id, message, retry_at=time.time() + delay)
+        state = store.fail_job(job.id, message, retry_at=time.time() + delay, claimer=job.worker)
         if state == JobState.QUEUED:
             log.warning("job %d attempt %d/%d failed (%s); retry in %.0f s", job.id, job.attempts,
                         job.max_attempts, message, delay)
@@ -255,7 +255,7 @@ def record_failure(config: NodeConfig, store: Store, job: Job, kind: FailureKind
             log.error("job %d failed after %d attempt(s): %s", job.id, job.attempts, message)
     else:
         label = "bad input" if kind == FailureKind.INPUT else "backend unavailable"
-        state = store.fail_job(job.id, f"{label}: {message}")
+        state = store.fail_job(job.id, f"{label}: {message}", claimer=job.worker)
         log.error("job %d failed (%s, not retried%s): %s", job.id, label,
                   "; an early start: more instances or the complete series run it again" if job.provisional else "",
                   message)

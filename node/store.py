@@ -1111,26 +1111,32 @@ class Store:
         self.conn.execute("UPDATE jobs SET result = json_patch(result, ?) WHERE id = ?",
                           (json.dumps(patch, sort_keys=True), job_id))
 
-    def complete_job(self, job_id: int, result: JobResult | None = None) -> bool:
-        """running -> done with the result (and its SEG identity); False if the job was not running."""
+    def complete_job(self, job_id: int, result: JobResult | None = None, *, claimer: str | None = None) -> bool:
+        """running -> done with the result (and its SEG identity); False if the job was not running
+        (or, with ``claimer``, not running under that claim: its lease ran out and another node
+        claimed it, whose try is the one that counts)."""
         result = result or JobResult()
         cur = self.conn.execute(
             "UPDATE jobs SET state = 'done', finished_at = ?, error = NULL, result = ?, seg_series_uid = ?"
-            " WHERE id = ? AND state = 'running'",
-            (time.time(), json.dumps(result.to_json(), sort_keys=True, default=str), result.seg_series_uid, job_id),
+            " WHERE id = ? AND state = 'running' AND (CAST(? AS TEXT) IS NULL OR worker = ?)",
+            (time.time(), json.dumps(result.to_json(), sort_keys=True, default=str), result.seg_series_uid, job_id,
+             claimer, claimer),
         )
         return cur.rowcount == 1
 
-    def fail_job(self, job_id: int, error: str, *, retry_at: float | None = None) -> JobState | None:
+    def fail_job(self, job_id: int, error: str, *, retry_at: float | None = None,
+                 claimer: str | None = None) -> JobState | None:
         """Record a failed try of a running job.
 
         With ``retry_at`` (epoch seconds) and attempts left, the job goes back to the queue
         (:meth:`requeue_job`, the try counted) and is due at ``retry_at``; otherwise it is
-        ``failed``.  Returns the new state, or None if the job was not running.
+        ``failed``.  Returns the new state, or None if the job was not running (with ``claimer``:
+        not running under that claim, see :meth:`complete_job`).
         """
         with self.transaction() as c:
-            row = c.execute("SELECT state, attempts, max_attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != JobState.RUNNING:
+            row = c.execute("SELECT state, attempts, max_attempts, worker FROM jobs WHERE id = ?",
+                            (job_id,)).fetchone()
+            if row is None or row["state"] != JobState.RUNNING or (claimer is not None and row["worker"] != claimer):
                 return None
             if retry_at is not None and row["attempts"] < row["max_attempts"]:
                 self.requeue_job(job_id, error, counts_as_try=True, retry_at=retry_at)

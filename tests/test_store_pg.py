@@ -137,6 +137,10 @@ def test_job_lease_renewed_and_expired(store):
     assert store.get_job(a.id).state == JobState.RUNNING
     again = store.claim_job("hostA:11:cpu1", now=t + 12)
     assert again is not None and again.id == b.id and again.attempts == 2
+    # host B was only slow: its late result does not count, the new claimer's does
+    assert not store.complete_job(b.id, claimer="hostB:22:cpu0")
+    assert store.fail_job(b.id, "late", claimer="hostB:22:cpu0") is None
+    assert store.complete_job(b.id, claimer="hostA:11:cpu1") and store.get_job(b.id).state == JobState.DONE
 
 
 def test_orphaned_jobs_at_start_only_those_no_live_process_holds(store):
