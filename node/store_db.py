@@ -85,6 +85,15 @@ _TYPES = [
 _SCALAR = re.compile(r"\b(MAX|MIN)\(([^(),]+),([^(),]+)\)", re.I)
 _JSON_PATCH = re.compile(r"\bjson_patch\(\s*(\w+)\s*,\s*\?\s*\)", re.I)
 _OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
+_IFNULL = re.compile(r"\bIFNULL\(", re.I)
+_JSON_EXTRACT = re.compile(r"\bjson_extract\(\s*([\w.]+)\s*,\s*'\$\.([\w.]+)'\s*\)", re.I)
+_GROUP_CONCAT = re.compile(r"\bgroup_concat\(([^(),]+)(?:,\s*('[^']*'))?\)", re.I)
+_NOT_PORTABLE = [
+    (re.compile(r"^\s*(INSERT|REPLACE)\s+OR\s+REPLACE\b|^\s*REPLACE\s+INTO\b", re.I),
+     "INSERT OR REPLACE: write INSERT ... ON CONFLICT (key) DO UPDATE SET ..."),
+    (re.compile(r"\browid\b", re.I), "rowid: use the table's id column (lastrowid works on both engines)"),
+    (re.compile(r"\bjson_extract\(", re.I), "json_extract with a path other than '$.key[.key]'"),
+]
 _INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(\w+)", re.I)
 
 
@@ -99,6 +108,13 @@ def translate_pg(sql: str) -> str:
     # json_patch(col, ?) is used as a top-level merge of a JSON object into a TEXT column
     s = _JSON_PATCH.sub(lambda m: f"(COALESCE(NULLIF({m[1]}, '')::jsonb, '{{}}'::jsonb) || CAST(? AS jsonb))::text",
                         s)
+    s = _IFNULL.sub("COALESCE(", s)
+    # json_extract(col, '$.a.b') -> the value as text (compare with text, or CAST it)
+    s = _JSON_EXTRACT.sub(lambda m: f"(NULLIF({m[1]}, '')::jsonb #>> '{{{m[2].replace('.', ',')}}}')", s)
+    s = _GROUP_CONCAT.sub(lambda m: f"string_agg(CAST({m[1]} AS TEXT), {m[2] or chr(39) + ',' + chr(39)})", s)
+    for pat, why in _NOT_PORTABLE:
+        if pat.search(s):
+            raise ValueError(f"store SQL not portable to PostgreSQL ({why}): {sql}")
     if _OR_IGNORE.match(s):
         s = _OR_IGNORE.sub("INSERT INTO", s)
         if re.search(r"\bRETURNING\b", s, re.I):
