@@ -388,7 +388,7 @@ class PostgresEngine(Engine):
         user = parts.username
         self.name = f"{parts.scheme}://{user + '@' if user else ''}{netloc}{parts.path}" + (
             f"?{parts.query}" if parts.query else "")
-        #: tables with an ``id`` column: an INSERT into them returns it (``lastrowid``)
+        #: tables with a generated ``id`` column (AUTOINCREMENT): an INSERT into them returns it (``lastrowid``)
         self.id_tables: set[str] = set()
 
     def _open(self) -> _PgConn:
@@ -413,7 +413,7 @@ class PostgresEngine(Engine):
         c = conn or self.conn
         self.id_tables = {r[0] for r in c._c.execute(
             "SELECT table_name FROM information_schema.columns WHERE table_schema = current_schema()"
-            " AND column_name = 'id'").fetchall()}
+            " AND column_name = 'id' AND (is_identity = 'YES' OR column_default LIKE 'nextval(%')").fetchall()}
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -435,7 +435,7 @@ class PostgresEngine(Engine):
         for t in sorted(self.id_tables):
             c._c.execute(
                 f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), COALESCE((SELECT MAX(id) FROM {t}), 0) + 1,"
-                " false) WHERE pg_get_serial_sequence(%s, 'id') IS NOT NULL", (t,))
+                " false)")
 
     def schema(self) -> dict[str, Any]:
         c = self.conn._c

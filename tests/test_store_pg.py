@@ -241,3 +241,24 @@ def test_store_and_shared_storage_in_node_yaml(tmp_path):
     cfg_file.write_text("store: {url: 'postgresql://db/n', job_lease_s: 1}\n")
     with pytest.raises(ConfigError, match="job_lease_s"):
         load_config(cfg_file)
+
+
+def test_console_tables_on_postgresql(store):
+    """The console's users, sessions, tokens, audit log, settings and destination pauses (written
+    for SQLite) work unchanged on PostgreSQL."""
+    uid = store.add_user("alice", "admin", "hash", must_change=True)
+    assert uid > 0 and store.get_user("alice").must_change and store.count_users() == 1
+    assert store.update_user("alice", role="operator") and store.get_user(user_id=uid).role == "operator"
+    store.add_session("s1", uid, "csrf", "127.0.0.1", time.time() + 60)
+    assert store.get_session("s1")["user_id"] == uid
+    tid = store.add_token(uid, "ci", "th")
+    assert tid > 0 and store.token_user("th")[1].username == "alice"
+    assert [t["name"] for t in store.list_tokens(uid)] == ["ci"] and store.revoke_token(tid)
+    a1 = store.add_audit("login", username="alice", client="127.0.0.1")
+    a2 = store.add_audit("login", username="alice", client="127.0.0.1")
+    assert a2 > a1 and store.count_audit("login", since=0) == 2 and len(store.list_audit(limit=1)) == 1
+    assert store.setdefault_setting("k", "v1") == "v1" and store.setdefault_setting("k", "v2") == "v1"
+    store.set_destination_paused("pacs", True, by="alice")
+    store.set_destination_paused("pacs", True, by="alice")
+    assert store.paused_destinations() == {"pacs"}
+    assert store.remove_user("alice") and store.count_users() == 0
