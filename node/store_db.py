@@ -3,7 +3,8 @@
 :mod:`node.store` writes every statement once, in SQLite's dialect with ``?`` placeholders.
 This module opens the connections and, for PostgreSQL, translates each statement (placeholders,
 ``REAL``/``INTEGER``/``AUTOINCREMENT``, ``INSERT OR IGNORE``, two-argument ``MAX``/``MIN``,
-``json_patch``, ``lastrowid``) and reproduces SQLite's locking: a ``BEGIN IMMEDIATE``
+``json_patch``, ``lastrowid``; a broken constraint raises ``sqlite3.IntegrityError`` as on SQLite)
+and reproduces SQLite's locking: a ``BEGIN IMMEDIATE``
 transaction is exclusive against every other writer (a PostgreSQL advisory lock taken
 exclusively), while single write statements outside a transaction take it shared, so they
 run side by side (claims use ``FOR UPDATE SKIP LOCKED``) but never inside another node's
@@ -342,6 +343,15 @@ class _PgConn:
         self.in_transaction = False
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _PgCursor:
+        import psycopg
+
+        try:
+            return self._execute(sql, parameters)
+        except psycopg.errors.IntegrityError as exc:
+            # the store's methods catch SQLite's exception for a broken constraint: the same here
+            raise sqlite3.IntegrityError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _execute(self, sql: str, parameters: Sequence[Any]) -> _PgCursor:
         if _TX.match(sql):
             raise RuntimeError("use Store.transaction() for transactions")
         text = translate_pg(sql)
@@ -357,9 +367,9 @@ class _PgConn:
             # node's transaction (those take the lock exclusively).  One round trip: lock and
             # statement as one simple query, which PostgreSQL runs as one implicit transaction
             # (the lock held to its end; an error rolls both back), parameters bound on this side.
-            import psycopg
+            from psycopg import ClientCursor
 
-            cur = psycopg.ClientCursor(self._c)
+            cur = ClientCursor(self._c)
             cur.execute(f"SELECT pg_advisory_xact_lock_shared({_LOCK_KEY}); {text}", tuple(parameters))
             cur.nextset()  # past the lock's result to the statement's
             rowcount = int(cur.rowcount)

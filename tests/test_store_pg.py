@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import sqlite3
 import time
 
 import pytest
@@ -209,13 +210,11 @@ def test_a_lost_database_connection_is_opened_again(store, pg_url):
 
 
 def test_constraints_hold_in_the_database_and_a_failed_write_leaves_the_connection_usable(store):
-    import psycopg
-
     store.record_instance(rec("1"))
     a, created = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v1", generation=1)
     assert created and store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v1",
                                         generation=1) == (a, False)
-    with pytest.raises(psycopg.errors.UniqueViolation):
+    with pytest.raises(sqlite3.IntegrityError, match="UniqueViolation"):  # as on SQLite
         store.conn.execute("INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation,"
                            " created_at) VALUES ('S1','liver','p','b','v1',1,0)")
     assert store.claim_job("w") is not None and store.get_job(a).state == JobState.RUNNING
@@ -261,4 +260,6 @@ def test_console_tables_on_postgresql(store):
     store.set_destination_paused("pacs", True, by="alice")
     store.set_destination_paused("pacs", True, by="alice")
     assert store.paused_destinations() == {"pacs"}
+    with pytest.raises(ValueError, match="exists already"):  # the store's own contract, on both engines
+        store.add_user("alice", "admin", "hash2")
     assert store.remove_user("alice") and store.count_users() == 0

@@ -122,7 +122,7 @@ class Receiver:
         self.config = config
         self.store = store
         self.spool = Spool(config.spool_dir, config.quarantine_dir)
-        self.disk = DiskWatch(config.storage, config.disk)
+        self.disk = DiskWatch(config.data_root, config.disk)  # where the spool is: shared_storage when set
         self.policy = AssociationPolicy(config.ae_title, config.allowed_calling_aes, config.max_associations,
                                         out_of_resources=self.disk.out_of_space)
         self._server: GuardedServer | None = None
