@@ -40,7 +40,7 @@ class SharedNode(Node):
 
     def __init__(self, workdir: Path, pacs: Any, *, ae: str, shared: Path, store_url: str) -> None:
         workdir.mkdir(parents=True)
-        super().__init__(workdir, pacs, quiet_period_s=3.0)
+        super().__init__(workdir, pacs, quiet_period_s=4.0)
         self.ae = ae
         self.config.update({
             "ae_title": ae,
@@ -190,4 +190,49 @@ def test_node_killed_while_running_the_job(group):
         check_one_of_each(store, pacs, {uid: len(files)}, shared)
         assert "claim ran out" in survivor.log()
     finally:
+        store.close()
+
+
+def test_node_killed_while_receiving(group, tmp_path):
+    """SIGKILL of the node a scanner is sending to, halfway through: every instance it acknowledged
+    is in the shared spool and the store; the scanner sends the series again to the other node, and
+    it completes as one series with one job and one SEG."""
+    from node.tools.synth_series import write_series
+
+    nodes, pacs, shared = group
+    files = sorted(write_series(SMALL_CT, tmp_path / "synth", series_description="CT Body synth 3mm",
+                                size=(96, 96, 40)))
+    uid = series_uid(files)
+    victim, survivor = nodes
+    cmd = ["storescu", "-xv", "-aet", "MODALITY", "-aec", victim.ae, "127.0.0.1", str(victim.port),
+           *map(str, files)]
+    sender = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = survivor.store
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(store.series_instances(uid)) < 10:
+            time.sleep(0.02)
+        victim.kill()
+        out, _ = sender.communicate(timeout=60)
+        acknowledged = len(store.series_instances(uid))
+        assert 10 <= acknowledged < len(files), out[-2000:]
+        kept = {i.sop_instance_uid: Path(i.path) for i in store.series_instances(uid)}
+        assert all(p.is_file() for p in kept.values())
+        # the scanner sends the whole series again, to the other node; the instances the victim never
+        # got first, so the series clock restarts at once (duplicates do not restart it) and the
+        # series is not completed in between with part of its instances (that would be a second
+        # generation with a SEG of its own, by design)
+        send(survivor, files[::-1])
+        wait_settled(store, [uid], 120, [survivor])
+        time.sleep(3)
+        segs = pacs.seg_series()
+        assert len(segs) == 1 and len(pacs.series_instances(segs[0]["ID"])) == 1
+        series = store.get_series(uid)
+        assert series is not None and series.instance_count == len(files) and series.state == "done"
+        assert set(kept) <= {i.sop_instance_uid for i in store.series_instances(uid)}
+        (job,) = store.list_jobs(series_uid=uid)
+        assert job.state == "done"
+    finally:
+        if sender.poll() is None:
+            sender.kill()
         store.close()
