@@ -232,3 +232,29 @@ def test_rescan_of_a_shared_spool_leaves_other_writers_temp_files(spool: Spool, 
         (tmp,) = folder.glob(".x.dcm.*.tmp")
         assert f".{host}-{os.getpid()}." in tmp.name
         fh.write(b"x")
+
+
+def test_receiver_on_shared_storage_spools_there_and_watches_its_free_space(tmp_path: Path):
+    """With ``shared_storage`` the spool (and the free-space reserve that guards it) is the shared folder."""
+    import subprocess as sp
+
+    from receiver_helpers import make_receiver
+
+    rx, store = make_receiver(tmp_path, shared_storage=tmp_path / "shared", ae_title="DICOMNODE")
+    try:
+        assert rx.disk.path == tmp_path / "shared"
+        data = Path(os.environ.get("NODE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+        files = sorted((data / "ct-abdomen-siemens-j2k" / "dicom").glob("*.dcm"))
+        if not files:
+            pytest.skip(f"test data not found at {data}")
+        out = sp.run(["storescu", "-xv", "-aec", "DICOMNODE", "127.0.0.1", str(rx.port), str(files[0])],
+                     capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        from pydicom import dcmread
+
+        inst = store.get_instance(str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID))
+        assert inst is not None and Path(inst.path).is_relative_to(tmp_path / "shared" / "spool")
+        assert Path(inst.path).is_file() and not (tmp_path / "var" / "spool").exists()
+    finally:
+        rx.stop()
+        store.close()
