@@ -87,6 +87,7 @@ _SCALAR = re.compile(r"\b(MAX|MIN)\(([^(),]+),([^(),]+)\)", re.I)
 _JSON_PATCH = re.compile(r"\bjson_patch\(\s*(\w+)\s*,\s*\?\s*\)", re.I)
 _OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
 _IFNULL = re.compile(r"\bIFNULL\(", re.I)
+_LIMIT = re.compile(r"\bLIMIT\s+\?", re.I)
 _JSON_EXTRACT = re.compile(r"\bjson_extract\(\s*([\w.]+)\s*,\s*'\$\.([\w.]+)'\s*\)", re.I)
 _GROUP_CONCAT = re.compile(r"\bgroup_concat\(([^(),]+)(?:,\s*('[^']*'))?\)", re.I)
 _NOT_PORTABLE = [
@@ -110,6 +111,7 @@ def translate_pg(sql: str) -> str:
     s = _JSON_PATCH.sub(lambda m: f"(COALESCE(NULLIF({m[1]}, '')::jsonb, '{{}}'::jsonb) || CAST(? AS jsonb))::text",
                         s)
     s = _IFNULL.sub("COALESCE(", s)
+    s = _LIMIT.sub("LIMIT NULLIF(?, -1)", s)  # SQLite's LIMIT -1 (no limit) is PostgreSQL's LIMIT NULL
     # json_extract(col, '$.a.b') -> the value as text (compare with text, or CAST it)
     s = _JSON_EXTRACT.sub(lambda m: f"(NULLIF({m[1]}, '')::jsonb #>> '{{{m[2].replace('.', ',')}}}')", s)
     s = _GROUP_CONCAT.sub(lambda m: f"string_agg(CAST({m[1]} AS TEXT), {m[2] or chr(39) + ',' + chr(39)})", s)

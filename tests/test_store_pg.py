@@ -263,3 +263,14 @@ def test_console_tables_on_postgresql(store):
     with pytest.raises(ValueError, match="exists already"):  # the store's own contract, on both engines
         store.add_user("alice", "admin", "hash2")
     assert store.remove_user("alice") and store.count_users() == 0
+
+
+def test_rule_versions_on_postgresql(store):
+    """The rule history (written for SQLite: LIMIT -1 for no limit) works on PostgreSQL."""
+    a = store.add_rule_version("v1", "rules: []\n", applied_by="alice", action="apply")
+    b = store.add_rule_version("v2", "rules: []\n# 2\n", applied_by="alice", action="apply", comment="second")
+    assert b > a
+    assert [v.version for v in store.rule_versions()] == ["v2", "v1"]
+    assert [v.version for v in store.rule_versions(limit=1)] == ["v2"]
+    assert [v.version for v in store.rule_versions(limit=1, offset=1)] == ["v1"]
+    assert [v.version for v in store.find_rule_versions("v")] == ["v2", "v1"]

@@ -18,6 +18,7 @@ from node.config import NodeConfig, load_config
 from node.errors import InputError
 from node.routing.facts import SeriesFacts, facts_from_paths
 from node.routing.rules import RuleSet, RulesError, load_rules, parse_rules
+from node.store_db import is_postgres_url
 
 DEFAULT_RULES = "routing_rules.yaml"
 
@@ -179,7 +180,7 @@ def _admin(args: argparse.Namespace) -> "Any":
     from node.store import Store
 
     cfg = _config(args)
-    db = Path(args.db) if getattr(args, "db", None) else cfg.database_path
+    db = str(args.db) if getattr(args, "db", None) else cfg.database_url  # a SQLite file or a postgresql:// URL
     return RulesAdmin(cfg, Store(db), check_backends=not getattr(args, "no_backends", False))
 
 
@@ -296,8 +297,8 @@ def _cmd_dry_run(args: argparse.Namespace) -> int:
     if args.folder:
         targets = facts_for_folder(args.folder, args.calling_ae, args.called_ae)
     else:
-        db = Path(args.db) if args.db else cfg.database_path
-        if not db.is_file():
+        db = str(args.db) if args.db else cfg.database_url  # a SQLite file or a postgresql:// URL
+        if not is_postgres_url(db) and not Path(db).is_file():
             raise InputError("no node database here (has the node run with this configuration?)", path=db)
         store = Store(db, migrate=False)
         try:
