@@ -274,3 +274,22 @@ def test_rule_versions_on_postgresql(store):
     assert [v.version for v in store.rule_versions(limit=1)] == ["v2"]
     assert [v.version for v in store.rule_versions(limit=1, offset=1)] == ["v1"]
     assert [v.version for v in store.find_rule_versions("v")] == ["v2", "v1"]
+
+
+def test_jobs_command_reads_a_postgresql_store(store, pg_url, tmp_path):
+    """``dicom-node jobs list`` with ``--db postgresql://...`` and with a node.yaml naming the store."""
+    import subprocess
+    import sys
+
+    store.record_instance(rec("1"))
+    jid, _ = store.create_job("S1", "liver", profile="liver", backend="b", rules_version="v", generation=1)
+    store.claim_job("hostA:11:cpu0")
+    (tmp_path / "node.yaml").write_text(f"store: {{url: '{pg_url}'}}\nstorage: var\n")
+    for args in (["--db", pg_url], ["--config", str(tmp_path / "node.yaml")]):
+        out = subprocess.run([sys.executable, "-m", "node.cli", "jobs", "list", *args], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert str(jid) in out.stdout and "running" in out.stdout and "liver" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "node.cli", "jobs", "show", str(jid), "--db", pg_url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "hostA:11:cpu0" in out.stdout, out.stderr
