@@ -124,8 +124,8 @@ def test_schema_migration_adds_resource_and_legacy_rows_claim_by_backend(tmp_pat
     db = tmp_path / "node.db"
     _v1_database(db, with_column=with_column)
     store = Store(db)
-    assert store.schema_version() == SCHEMA_VERSION == 9  # 8: console, 9: rule_versions
-    assert store.migrate() == 9  # idempotent
+    assert store.schema_version() == SCHEMA_VERSION == 10  # 8: console, 9: rule_versions, 10: console lists
+    assert store.migrate() == 10  # idempotent
     # schema 5 fills the slot kind of legacy rows from their backend once (the store no longer
     # knows backends): model backends gpu, the rest cpu
     assert [j.resource for j in store.list_jobs()] == ["gpu", "cpu", "gpu"]
