@@ -1170,6 +1170,19 @@ class Store:
                 return state, n
             return state, 0
 
+    def cancel_job(self, job_id: int, why: str) -> JobState | None:
+        """The operator's cancel: a ``queued`` or ``running`` job -> ``failed`` with ``why`` (the worker
+        pool kills a running job's process within a second, see ``WorkerPool._check_running``; a
+        failed job can be retried).  Returns the state before, or None when the job was not
+        queued or running."""
+        with self.transaction() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[0] not in (JobState.QUEUED, JobState.RUNNING):
+                return None
+            c.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, next_attempt_at = NULL"
+                      " WHERE id = ?", (why, time.time(), job_id))
+            return JobState(row[0])
+
     def supersede_jobs(self, series_uid: str, below_generation: int) -> int:
         """Mark queued jobs of older generations ``superseded``; returns how many."""
         return self.conn.execute(
