@@ -39,7 +39,7 @@ rules:
 
 
 @pytest.fixture
-def node(node_factory):
+def node(node_factory):  # noqa: F811 - the fixture imported above, used by name
     n = node_factory(workers=1)
     (n.tmp / "rules.yaml").write_text(RULES)
     return n.start()
