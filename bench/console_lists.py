@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         ("jobs: profile + state done", lambda: store.jobs_page(JobQuery(profile=rng.choice(RULES)[1],
                                                                         state=[JobState.DONE]))),
         ("jobs: calling AE", lambda: store.jobs_page(JobQuery(calling_ae=rng.choice(AES)))),
-        ("jobs: one week", lambda: store.jobs_page(JobQuery(**dict(zip(("since", "until"), week()))))),
+        ("jobs: one week", lambda: store.jobs_page(JobQuery(since=(w := week())[0], until=w[1]))),
         ("jobs: patient name part", lambda: store.jobs_page(JobQuery(search=rng.choice(LAST)[:4]))),
         ("jobs: patient ID (rare)", lambda: store.jobs_page(JobQuery(search=rng.choice(pids)))),
         ("jobs: name part + failed + AE", lambda: store.jobs_page(JobQuery(
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         ("series: page at the middle (keyset)", lambda: store.series_page(after=series_mid)),
         ("series: unrouted", lambda: store.series_page(SeriesQuery(state=[SeriesState.UNROUTED]))),
         ("series: calling AE", lambda: store.series_page(SeriesQuery(calling_ae=rng.choice(AES)))),
-        ("series: one week", lambda: store.series_page(SeriesQuery(**dict(zip(("since", "until"), week()))))),
+        ("series: one week", lambda: store.series_page(SeriesQuery(since=(w := week())[0], until=w[1]))),
         ("series: patient name part", lambda: store.series_page(SeriesQuery(search=rng.choice(LAST)[:4]))),
         ("series: patient ID (rare)", lambda: store.series_page(SeriesQuery(search=rng.choice(pids)))),
     ]

@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from node.contracts import JobParams, JobResult, JobState, SeriesState
-from node.store import JobQuery, SeriesQuery, Store, series_search_text
+from node.store import JobQuery, Series, SeriesQuery, Store, series_search_text
 from test_store import rec as _rec  # tests/ is on sys.path
 
 
@@ -23,7 +24,7 @@ PATIENTS = [("DOE^JANE", "PID001", "ACC-100"), ("ROE^RICHARD", "PID002", "ACC_20
 
 
 @pytest.fixture
-def filled(tmp_path: Path) -> Store:
+def filled(tmp_path: Path) -> Iterator[Store]:
     """18 series from three patients and two AEs, 1-2 jobs each, in every job state."""
     store = Store(tmp_path / "node.db")
     t0 = time.time() - 1000
@@ -49,6 +50,12 @@ def filled(tmp_path: Path) -> Store:
                 store.complete_job(job_id, JobResult())
     yield store
     store.close()
+
+
+def _series(store: Store, uid: str) -> Series:
+    s = store.get_series(uid)
+    assert s is not None, uid
+    return s
 
 
 def _all_pages(fetch, limit: int) -> tuple[list, int]:
@@ -115,8 +122,8 @@ def test_series_pages_and_filters(filled: Store, few: int) -> None:
     def uids(q: SeriesQuery) -> list[str]:
         return [s.series_uid for s in _all_pages(lambda **kw: filled.series_page(q, **kw), 4)[0]]
 
-    assert uids(SeriesQuery(calling_ae="CT_B")) == [u for u in order if filled.get_series(u).calling_ae == "CT_B"]
-    assert uids(SeriesQuery(search="roe^")) == [u for u in order if filled.get_series(u).tags["PatientID"] == "PID002"]
+    assert uids(SeriesQuery(calling_ae="CT_B")) == [u for u in order if _series(filled, u).calling_ae == "CT_B"]
+    assert uids(SeriesQuery(search="roe^")) == [u for u in order if _series(filled, u).tags["PatientID"] == "PID002"]
     filled.set_series_state("1.2.4", SeriesState.UNROUTED, error="no rule matched")
     assert uids(SeriesQuery(state=[SeriesState.UNROUTED])) == ["1.2.4"]
     t = sorted(s.last_received_at for s in every)
@@ -132,13 +139,13 @@ def test_search_text_and_migration_fills_older_rows(tmp_path: Path) -> None:
     assert series_search_text({"PatientName": {"Alphabetic": "Roe^R"}}) == "roe^r||"
     store = Store(tmp_path / "node.db")
     store.record_instance(rec("1", series="S", tags={"PatientName": "DOE^JANE", "PatientID": "P1"}))
-    assert store.get_series("S").search == "doe^jane|p1|"
+    assert _series(store, "S").search == "doe^jane|p1|"
     # a database of the previous schema: the column empty, the migration fills it from the tags
     store.conn.execute("UPDATE series SET search = NULL")
     store.conn.execute("UPDATE schema_version SET version = 9")
     store.close()
     store = Store(tmp_path / "node.db")
-    assert store.get_series("S").search == "doe^jane|p1|"
+    assert _series(store, "S").search == "doe^jane|p1|"
     assert store.series_page(SeriesQuery(search="jane")).items[0].series_uid == "S"
     store.close()
 
@@ -147,6 +154,6 @@ def test_series_refused_first_gets_its_tags_from_its_first_instance(tmp_path: Pa
     store = Store(tmp_path / "node.db")
     store.record_refusal("1", "S", "T1", "disk full")
     store.record_instance(rec("2", series="S", tags={"PatientName": "DOE^JANE", "Modality": "CT"}))
-    s = store.get_series("S")
+    s = _series(store, "S")
     assert s.tags["PatientName"] == "DOE^JANE" and s.search == "doe^jane||"
     store.close()

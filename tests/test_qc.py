@@ -55,12 +55,19 @@ def parenchyma(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]
     """The same real trunk CT stored axially (HFS) and as a coronal series."""
     out = {}
     profile = parse_profile(PARENCHYMA, "geometry_helpers.py")
-    for variant, kw in (("axial", {}), ("coronal", {"plane": "coronal"})):
+    variants: tuple[tuple[str, dict[str, Any]], ...] = (("axial", {}), ("coronal", {"plane": "coronal"}))
+    for variant, kw in variants:
         tmp = tmp_path_factory.mktemp(f"qc-{variant}")
         write_series(SMALL_CT, tmp / "src", **kw)
         out[variant] = run_pipeline([tmp / "src"], profile, tmp / "out", decode_workers=1)
         _keep(out[variant], f"body3mm_{variant}")
     return out
+
+
+def _imread(path: str) -> np.ndarray:
+    img = cv2.imread(path)
+    assert img is not None, path
+    return img
 
 
 def _tinted(bgr: np.ndarray) -> np.ndarray:
@@ -94,7 +101,7 @@ def _check_slice_pictures(res: RunResult) -> list[dict[str, Any]]:
     lps = to_orientation(res.volume.array, res.volume.affine, "LPS")
     sl_, sp_, ss_ = lps.spacing  # mm along L, P, S
     for p in pics:
-        img = cv2.imread(str(res.output_dir / p["file"]))
+        img = _imread(str(res.output_dir / p["file"]))
         assert img is not None and img.shape[:2] == (p["height"], p["width"])
         x, y, w, h = p["panel"]
         assert (x, y) == (0, 0) and max(w, h) == qc_stage.MAX_SIDE
@@ -132,7 +139,7 @@ def test_legend_and_edges_are_the_seg_display_colours(liver: RunResult) -> None:
     assert seg_rgb == {t.name: tuple(t.color) for t in prof.result_tissues}
     report = json.loads((liver.output_dir / "report.json").read_text())
     pic = next(p for p in report["qc"]["pictures"] if p["plane"] == "axial" and p["tissue"] == "tissue")
-    img = cv2.imread(str(liver.output_dir / pic["file"]))
+    img = _imread(str(liver.output_dir / pic["file"]))
     assert liver.volume is not None
     mask = to_orientation(liver.masks["tissue"].astype(np.uint8), liver.volume.affine, "LPS").array[pic["slice_index"]]
     _, _, w, h = pic["panel"]
@@ -151,7 +158,7 @@ def test_mesh_pictures(liver: RunResult) -> None:
     meshes = {p["tissue"]: p for p in report["qc"]["pictures"] if p["kind"] == "mesh"}
     assert set(meshes) == {t for t, r in report["tissues"].items() if r.get("stl")}
     for tissue, p in meshes.items():
-        img = cv2.imread(str(liver.output_dir / p["file"]))
+        img = _imread(str(liver.output_dir / p["file"]))
         assert img.shape[:2] == (p["height"], p["width"])
         assert p["triangles"] == report["tissues"][tissue]["triangles"]
         x, y, w, h = p["panel"]
@@ -175,7 +182,7 @@ def test_the_same_anatomy_whether_stored_axially_or_coronally(parenchyma: dict[s
     for plane in qc_stage.PLANES:
         pa, pc = (next(p for p in reports[v]["qc"]["pictures"] if p["tissue"] == "tissue" and p.get("plane") == plane)
                   for v in ("axial", "coronal"))
-        ia, ic = (cv2.imread(str(parenchyma[v].output_dir / p["file"])) for v, p in (("axial", pa), ("coronal", pc)))
+        ia, ic = (_imread(str(parenchyma[v].output_dir / p["file"])) for v, p in (("axial", pa), ("coronal", pc)))
         assert pa["panel"] == pc["panel"]
         assert abs(pa["position_mm"] - pc["position_mm"]) <= 3.0, (plane, pa, pc)
         w, h = pa["panel"][2:]
