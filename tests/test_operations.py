@@ -6,6 +6,7 @@ routed and processed) or delete one, and refuse what cannot be done, each with t
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from node.config import load_config
 from node.contracts import JobState
 from node.operations import cancel, delete_quarantined, release, rerun, retry, route_now
 from node.spool import Spool
-from test_node_flow import J2K, STORESCU, ct_files, ct_series_uid, job_of, mr_series, node_factory, wait_for  # noqa: F401 - node_factory: a fixture used by name
+from test_node_flow import DICOM_NODE, J2K, STORESCU, ct_files, ct_series_uid, job_of, mr_series, node_factory, wait_for  # noqa: F401 - node_factory: a fixture used by name
 
 pytestmark = [
     pytest.mark.skipif(not J2K.is_dir(), reason=f"test data not found: {J2K}"),
@@ -152,5 +153,15 @@ def test_quarantine_release_and_delete(node, tmp_path: Path, monkeypatch: pytest
         assert series is not None and series.instance_count == len(src) and series.calling_ae == "SCANNER"
         done = wait_for(lambda: job_of(node, uid, ("done", "failed")), 120, "the released series' job")
         assert done.state == "done", done.error
+        # the same actions from the shell (dicom-node jobs ...), audited as shell:<user>
+        out = node.cli("delete-quarantined", entries[1].path.name)
+        assert "deleted" in out and spool.quarantined() == []
+        r = subprocess.run([*DICOM_NODE, "jobs", "rerun", uid, "--profile", "bonez", "--config", str(node.config)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "unknown profile 'bonez'" in r.stdout
+        assert "nothing to cancel" in subprocess.run([*DICOM_NODE, "jobs", "cancel", str(done.id), "--config",
+                                                      str(node.config)], capture_output=True, text=True, timeout=60).stdout
+        audit = [(a["action"], a["detail"]["ok"]) for a in s.list_audit(limit=10) if a["username"].startswith("shell:")]
+        assert ("quarantine.delete", True) in audit and ("series.rerun", False) in audit
     finally:
         s.close()
