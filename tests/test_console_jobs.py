@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import pydicom
 import pytest
 from console_helpers import ConsoleNode, browser_login, password_of, screenshot, start_console_node
 
 from test_node_flow import J2K, STORESCU, ct_files, ct_series_uid, mr_series, wait_for
+from test_qc import SMALL_CT
 from test_operations import PUBLISHED, send_as_published
 
 pytestmark = [
@@ -198,15 +200,34 @@ def test_actions_by_role_and_audit(jnode: ConsoleNode, ct_job: dict[str, Any], t
 def test_pages_in_a_browser(jnode: ConsoleNode, ct_job: dict[str, Any], browser: Any, tmp_path: Path) -> None:
     """A series sent with storescu reaches done with its QC pictures on the job page; a failed job is
     retried from its page; a viewer sees no buttons."""
+    from node.tools.synth_series import write_series
+
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     browser_login(page, jnode.url, "operator", password_of("operator"))
-    page.goto(jnode.url + "/jobs")
-    assert page.locator(f"a[href='/jobs/{ct_job['id']}']").count() == 1
+    # a series sent now (the real trunk CT written as a DICOM series), watched on the pages until done
+    files = write_series(SMALL_CT, tmp_path / "trunk", series_description="CT Body trunk")
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    storescu(_port(jnode), files)
+
+    def job_link() -> str | None:
+        page.goto(jnode.url + f"/jobs?series={uid}")
+        links = page.locator("table.list a[href^='/jobs/']")
+        return links.first.get_attribute("href") if links.count() else None
+
+    href = wait_for(job_link, 90, "the new job in the list", interval=1.0)
     screenshot(page, "jobs-list")
-    page.goto(jnode.url + f"/jobs/{ct_job['id']}")
-    assert page.locator("#job-state").inner_text().startswith("done")
+    page.goto(jnode.url + str(href))
+
+    def done_on_page() -> bool:
+        page.reload()
+        state = page.locator("#job-state").inner_text()
+        assert not state.startswith("failed"), page.locator("#job-error").inner_text()
+        return state.startswith("done")
+
+    wait_for(done_on_page, 180, "the job page to say done", interval=2.0)
+    job = _job(jnode, int(str(href).rsplit("/", 1)[1]))
     imgs = page.locator("#qc img")
-    assert imgs.count() == len(ct_job["qc"])
+    assert imgs.count() == len(job["qc"]) >= 4
     page.wait_for_function("() => [...document.querySelectorAll('#qc img')].every(i => i.complete && i.naturalWidth > 0)")
     page.locator("#qc").scroll_into_view_if_needed()
     screenshot(page, "job-done-qc")
