@@ -198,6 +198,7 @@ class JobResult:
     origin: OriginAddress | None = None
     #: the report's quality warnings: the result failed a sanity check (still delivered)
     warnings: tuple[str, ...] = ()
+    qc: tuple[Path, ...] = ()  #: the QC pictures (``<output_dir>/qc/*.png``, node.pipeline.stages.qc)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -211,6 +212,7 @@ class JobResult:
             "seg_early": str(self.seg_early) if self.seg_early is not None else None,
             "origin": self.origin.to_json() if self.origin is not None else None,
             "warnings": list(self.warnings) or None,
+            "qc": [str(q) for q in self.qc] or None,
         }
         return {k: v for k, v in d.items() if v is not None}
 
@@ -233,7 +235,8 @@ class JobResult:
                    timings_s=dict(timings) if isinstance(timings, Mapping) else {},
                    backend=dict(backend) if isinstance(backend, Mapping) else {},
                    seg_early=_path(d.get("seg_early")), origin=OriginAddress.from_json(d.get("origin")),
-                   warnings=tuple(str(w) for w in d.get("warnings") or ()))
+                   warnings=tuple(str(w) for w in d.get("warnings") or ()),
+                   qc=tuple(Path(str(q)) for q in d.get("qc") or ()))
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ RULE_TAGS: tuple[str, ...] = (
     "ProtocolName",
     "BodyPartExamined",
     "StudyDescription",
+    "PatientName",  # the console's patient search (series.search)
     "PatientID",
     "AccessionNumber",
     "StudyDate",

@@ -229,6 +229,11 @@ class Dispatcher:
             files.append(ShareFile(m, m.name, m.suffix.lstrip(".").lower()))
         if report_path.is_file():
             files.append(ShareFile(report_path, "report.json", "report"))
+        # the QC pictures (qc/qc_<tissue>_<view>.png) beside the rest, under their own names; one
+        # missing is left out (QC never holds back a result)
+        for q in outputs.get("qc") or [str(x) for x in r.qc]:
+            if _p(q).is_file():
+                files.append(ShareFile(_p(q), Path(str(q)).name, "qc"))
         missing = [str(f.source) for f in files if not Path(f.source).is_file()]
         if missing:
             raise PermanentDispatchError(f"result file(s) of job {job.id} missing: {', '.join(missing)}")

@@ -223,6 +223,7 @@ def _run_spec(spec: JobSpec) -> JobResult:
         seg_early=early if early.is_file() else None,
         # a result that fails a sanity check (node.pipeline.stages.quality) is delivered, with warnings
         warnings=tuple((res.report.get("quality") or {}).get("warnings") or ()),
+        qc=tuple(final / str(q) for q in (res.report.get("outputs") or {}).get("qc") or ()),
     )
 
 

@@ -84,7 +84,7 @@ class ShareFile:
 
     source: Path
     name: str
-    kind: str  #: seg | stl | ply | report | other
+    kind: str  #: seg | stl | ply | report | qc | other
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Owns the layout (``<spool>/<study>/<series>/<sop>.dcm``; ``<quarantine>/<stamp>_<id>[_<sop>].dcm``
 with a ``.reason.txt`` next to each), the durable write of an instance, the rescan that indexes
-files the store does not know, retention of processed series, and the quarantine listing.
+files the store does not know, retention of processed series, and the quarantine: listing, releasing
+an instance into the spool (checked again as if received) and deleting one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from pydicom import dcmread
 
 from node.contracts import SeriesState
-from node.dataset_check import part10_problem
+from node.dataset_check import image_problem, part10_problem, uid_problem
 from node.dicom_values import tags_from_dataset, uid_value
 from node.durable import atomic_write, makedirs_durable, tmp_writer_gone
 from node.store import InstanceRecord, Store
@@ -31,6 +32,7 @@ __all__ = [
     "missing_uids",
     "read_quarantine",
     "spool_path",
+    "instance_problem",
 ]
 
 log = logging.getLogger("node.spool")
@@ -61,6 +63,31 @@ def spool_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -
 def missing_uids(ds: Any) -> list[str]:
     """The :data:`REQUIRED_UIDS` that ``ds`` lacks or has empty."""
     return [kw for kw in REQUIRED_UIDS if not uid_value(ds, kw)]
+
+
+def instance_problem(data: bytes) -> tuple[Any, str | None]:
+    """The receiver's checks on a Part 10 file's bytes (encoding under its transfer syntax, a full
+    parse, the UIDs, an image's pixel module): ``(dataset, None)`` or ``(None, what is wrong)``."""
+    problem = part10_problem(data)
+    if problem:
+        return None, problem
+    try:
+        from io import BytesIO
+
+        ds = dcmread(BytesIO(data))
+        for _ in ds.iterall():
+            pass
+    except Exception as exc:  # noqa: BLE001 - any parse error: the file is not usable
+        return None, f"cannot parse data set: {type(exc).__name__}: {exc}"
+    missing = missing_uids(ds)
+    if missing:
+        return None, f"missing or empty {', '.join(missing)}"
+    for kw in REQUIRED_UIDS:
+        bad = uid_problem(kw, uid_value(ds, kw))
+        if bad:
+            return None, bad
+    bad_image = image_problem(ds, uid_value(ds, "SOPClassUID"), str(ds.file_meta.get("TransferSyntaxUID", "")))
+    return (None, bad_image) if bad_image else (ds, None)
 
 
 def _one_line(text: str) -> str:
@@ -110,6 +137,56 @@ class Spool:
     def quarantined(self) -> list[QuarantineEntry]:
         """The refused instances, oldest first (see :func:`read_quarantine`)."""
         return read_quarantine(self.quarantine_dir)
+
+    def quarantined_entry(self, name: str) -> QuarantineEntry:
+        """The quarantine entry whose file is ``name`` (``<stem>.dcm``, as listed); KeyError when the
+        name is not one of them (never a path: nothing outside the quarantine folder is reached)."""
+        for e in self.quarantined():
+            if e.path.name == name:
+                return e
+        raise KeyError(name)
+
+    def delete_quarantined(self, name: str) -> QuarantineEntry:
+        """Delete a quarantined instance and its ``.reason.txt``; returns what it was."""
+        e = self.quarantined_entry(name)
+        e.path.unlink(missing_ok=True)
+        e.path.with_name(e.path.name[: -len(".dcm")] + ".reason.txt").unlink(missing_ok=True)
+        return e
+
+    def release(self, name: str, store: Store, *, called_ae: str) -> tuple[QuarantineEntry, str | None, str | None]:
+        """Put a quarantined instance back into the spool as if it had just been received: the
+        receiver's checks again (:func:`instance_problem`), the durable write, the index row.  An
+        instance whose SOP Instance UID the spool holds with other bytes stays (keep-first).
+
+        Returns ``(entry, problem, outcome)``: ``problem`` (it stays in the quarantine) or
+        ``outcome`` (``new`` | ``duplicate``: :meth:`Store.record_instance`).
+        """
+        e = self.quarantined_entry(name)
+        if not e.path.is_file():
+            return e, "the file is gone from the quarantine folder", None
+        data = e.path.read_bytes()
+        ds, problem = instance_problem(data)
+        if problem is not None or ds is None:
+            return e, problem, None
+        study, series, sop = (uid_value(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        path = self.path_for(study, series, sop)
+        if path.exists() and path.read_bytes() != data:
+            return e, f"the spool holds SOP instance {sop} with other content (the first copy is kept)", None
+        if not path.exists():
+            makedirs_durable(path.parent)
+            self.write(path, data)
+        rec = InstanceRecord(
+            sop_instance_uid=sop, sop_class_uid=uid_value(ds, "SOPClassUID"), series_uid=series, study_uid=study,
+            path=str(path), transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")), size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            calling_ae=e.calling or str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip() or None,
+            called_ae=called_ae, peer_address=e.peer, tags=tags_from_dataset(ds),
+        )
+        outcome = store.record_instance(rec)
+        e.path.unlink(missing_ok=True)
+        e.path.with_name(e.path.name[: -len(".dcm")] + ".reason.txt").unlink(missing_ok=True)
+        log.info("quarantined instance %s released into the spool (%s)", e.path.name, outcome)
+        return e, None, outcome
 
     # -- rescan ----------------------------------------------------------
     def rescan(self, store: Store, *, called_ae: str) -> int:

@@ -43,9 +43,13 @@ __all__ = [
     "RuleVersion",
     "Store",
     "instances_digest",
+    "series_search_text",
+    "SeriesQuery",
+    "JobQuery",
+    "Page",
 ]
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 log = logging.getLogger("node.store")
 
@@ -280,6 +284,26 @@ _MIGRATIONS: tuple[str, ...] = (
     " CREATE INDEX IF NOT EXISTS jobs_claim ON jobs(state, provisional, created_at, id);"
     " CREATE TABLE IF NOT EXISTS node_leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
     " lease_until REAL NOT NULL, taken_at REAL NOT NULL)",
+    # 10 -> 11: the console's series and job lists (filters, keyset pagination, fast at 100,000 jobs).
+    # series.search = lower-case "PatientName|PatientID|AccessionNumber" of the series' tags (filled
+    # by record_instance; here for the rows before), searched with LIKE; indexes for each filter in
+    # list order (newest first: jobs by id, series by last receive); series_search covers the
+    # LIKE scan (an index a fraction of the table's size); jobs.calling_ae = params.calling_ae (the
+    # series' calling AE when it was routed), a column for its index.
+    "@add_column series search TEXT;"
+    " UPDATE series SET search = lower(coalesce(json_extract(tags, '$.PatientName'), '') || '|'"
+    " || coalesce(json_extract(tags, '$.PatientID'), '') || '|' || coalesce(json_extract(tags, '$.AccessionNumber'), ''));"
+    " CREATE INDEX IF NOT EXISTS series_search ON series(search, series_uid);"
+    " CREATE INDEX IF NOT EXISTS series_received ON series(last_received_at, series_uid);"
+    " CREATE INDEX IF NOT EXISTS series_state_received ON series(state, last_received_at, series_uid);"
+    " CREATE INDEX IF NOT EXISTS series_calling ON series(calling_ae, last_received_at);"
+    " CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);"
+    " CREATE INDEX IF NOT EXISTS jobs_rule_id ON jobs(rule, id);"
+    " CREATE INDEX IF NOT EXISTS jobs_profile_id ON jobs(profile, id);"
+    " CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);"
+    " @add_column jobs calling_ae TEXT;"
+    " UPDATE jobs SET calling_ae = json_extract(params, '$.calling_ae');"
+    " CREATE INDEX IF NOT EXISTS jobs_calling_id ON jobs(calling_ae, id)",
 )
 
 
@@ -327,6 +351,55 @@ def _pid_alive(pid: int) -> bool:
 
 def _loads(text: str | None) -> Any:
     return json.loads(text) if text else {}
+
+
+def series_search_text(tags: Mapping[str, Any]) -> str:
+    """``series.search``: lower-case ``PatientName|PatientID|AccessionNumber`` of a series' tags."""
+    def one(v: Any) -> str:
+        if isinstance(v, Mapping):  # a PN in the DICOM JSON model
+            v = v.get("Alphabetic") or ""
+        return str(v or "").strip()
+
+    return "|".join(one(tags.get(k)) for k in ("PatientName", "PatientID", "AccessionNumber")).lower()
+
+
+def _like(text: str) -> str:
+    """``text`` as a LIKE pattern that matches it anywhere (its own % and _ taken literally)."""
+    esc = text.strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{esc}%"
+
+
+@dataclass(frozen=True)
+class SeriesQuery:
+    """Filters of :meth:`Store.series_page` (each None: any)."""
+
+    state: Sequence[SeriesState] | None = None
+    calling_ae: str | None = None
+    since: float | None = None  #: last instance received at or after (epoch s)
+    until: float | None = None  #: ... and before
+    search: str | None = None  #: part of the patient name, patient ID or accession number
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """Filters of :meth:`Store.jobs_page` (each None: any)."""
+
+    state: Sequence[JobState] | None = None
+    rule: str | None = None
+    profile: str | None = None
+    calling_ae: str | None = None  #: of the job's series when it was routed
+    since: float | None = None  #: created at or after (epoch s)
+    until: float | None = None  #: ... and before
+    search: str | None = None  #: part of the series' patient name, patient ID or accession number
+    series_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list, newest first; ``next`` is the cursor of the following page (None: last)."""
+
+    items: list[Any]
+    next: str | None
 
 
 # ---------------------------------------------------------------------------
@@ -395,6 +468,7 @@ class Series:
     tags: dict[str, Any]  #: rule tags of the first instance received
     conflicts: int = 0  #: SOP instances re-sent with different content (see ``duplicates`` in node.yaml)
     incomplete: bool = False  #: completed although instances refused for want of space never came again
+    search: str | None = None  #: lower-case "PatientName|PatientID|AccessionNumber" (the console's search)
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Series":
@@ -433,6 +507,7 @@ class Job:
     instances_digest: str | None = None
     #: a running job's claim holds until then (epoch seconds; renewed by its node, see :meth:`Store.claim_job`)
     lease_until: float | None = None
+    calling_ae: str | None = None  #: ``params.calling_ae`` as a column (the console's filter)
 
     @classmethod
     def _from(cls, r: sqlite3.Row) -> "Job":
@@ -647,8 +722,8 @@ class Store:
             if row is None:
                 c.execute(
                     "INSERT INTO series (series_uid, study_uid, first_received_at, last_received_at,"
-                    " instance_count, state, state_changed_at, calling_ae, called_ae, peer_address, tags)"
-                    " VALUES (?,?,?,?,1,'receiving',?,?,?,?,?)",
+                    " instance_count, state, state_changed_at, calling_ae, called_ae, peer_address, tags, search)"
+                    " VALUES (?,?,?,?,1,'receiving',?,?,?,?,?,?)",
                     (
                         rec.series_uid,
                         rec.study_uid,
@@ -659,6 +734,7 @@ class Store:
                         rec.called_ae,
                         rec.peer_address,
                         tags,
+                        series_search_text(rec.tags),
                     ),
                 )
             elif row["state"] == SeriesState.RECEIVING:
@@ -667,6 +743,9 @@ class Store:
                     " last_received_at = MAX(last_received_at, ?) WHERE series_uid = ?",
                     (now, rec.series_uid),
                 )
+                # a series created by a refusal (record_refusal) has no tags until its first instance
+                c.execute("UPDATE series SET tags = ?, search = ? WHERE series_uid = ? AND instance_count = 1"
+                          " AND tags = '{}'", (tags, series_search_text(rec.tags), rec.series_uid))
                 # an early-started result of this generation no longer matches the series: run again
                 stale = [r[0] for r in c.execute(
                     "SELECT id FROM jobs WHERE series_uid = ? AND generation = ? AND provisional = 1"
@@ -886,7 +965,7 @@ class Store:
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO jobs (series_uid, rule, profile, backend, rules_version, generation,"
-                " max_attempts, params, created_at, resource, provisional) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " max_attempts, params, created_at, resource, provisional, calling_ae) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (series_uid, rule, rules_version, generation) DO NOTHING",
                 (
                     series_uid,
@@ -900,6 +979,7 @@ class Store:
                     time.time(),
                     _check_resource(resource),
                     int(bool(provisional)),
+                    (params or JobParams()).calling_ae,
                 ),
             )
             if cur.rowcount == 1:
@@ -1195,6 +1275,19 @@ class Store:
                 return state, n
             return state, 0
 
+    def cancel_job(self, job_id: int, why: str) -> JobState | None:
+        """The operator's cancel: a ``queued`` or ``running`` job -> ``failed`` with ``why`` (the worker
+        pool kills a running job's process within a second, see ``WorkerPool._check_running``; a
+        failed job can be retried).  Returns the state before, or None when the job was not
+        queued or running."""
+        with self.transaction() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[0] not in (JobState.QUEUED, JobState.RUNNING):
+                return None
+            c.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, next_attempt_at = NULL"
+                      " WHERE id = ?", (why, time.time(), job_id))
+            return JobState(row[0])
+
     def supersede_jobs(self, series_uid: str, below_generation: int) -> int:
         """Mark queued jobs of older generations ``superseded``; returns how many."""
         return self.conn.execute(
@@ -1219,6 +1312,123 @@ class Store:
             sql += " AND series_uid = ?"
             args.append(series_uid)
         return [Job._from(r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
+
+    # -- the console's lists ---------------------------------------------
+    def jobs_page(self, query: JobQuery = JobQuery(), *, limit: int = 50, after: str | None = None) -> Page:
+        """Jobs matching ``query``, newest first, ``limit`` per page; ``after``: the ``next`` cursor of
+        the previous page (keyset pagination: every page costs the same, however deep)."""
+        where, args = self._job_filters(query)
+        if after:
+            where.append("j.id < ?")
+            args.append(int(after))
+        sql = ("SELECT j.* FROM jobs j" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY j.id DESC LIMIT ?")
+        rows = self.conn.execute(sql, (*args, int(limit) + 1)).fetchall()
+        items = [Job._from(r) for r in rows[:limit]]
+        return Page(items, str(items[-1].id) if len(rows) > limit and items else None)
+
+    #: a patient search matching at most this many series looks them up first (see _search_series)
+    SEARCH_FEW = 1000
+
+    def _search_series(self, text: str | None) -> list[str] | None:
+        """The series whose ``search`` holds ``text`` when there are at most :data:`SEARCH_FEW` of
+        them (a rare name or an ID: the lists then fetch those rows by key); None when there are
+        more or no text (the list query filters as it reads in list order, where matches are dense)."""
+        if not text or not text.strip():
+            return None
+        rows = self.conn.execute("SELECT series_uid FROM series WHERE search LIKE ? ESCAPE '\\' LIMIT ?",
+                                 (_like(text), self.SEARCH_FEW + 1)).fetchall()
+        return [r[0] for r in rows] if len(rows) <= self.SEARCH_FEW else None
+
+    def _job_filters(self, q: JobQuery) -> tuple[list[str], list[Any]]:
+        where: list[str] = []
+        args: list[Any] = []
+        if q.state:
+            where.append(f"j.state IN ({','.join('?' * len(q.state))})")
+            args.extend(JobState(x) for x in q.state)
+        for col, value in (("rule", q.rule), ("profile", q.profile), ("series_uid", q.series_uid)):
+            if value:
+                where.append(f"j.{col} = ?")
+                args.append(value)
+        if q.calling_ae:
+            where.append("j.calling_ae = ?")
+            args.append(q.calling_ae)
+        if q.since is not None or q.until is not None:
+            # ids grow with created_at: the ids of the range's first and last job bound it, so
+            # the list is read in id order from there (``+``: created_at is checked, not indexed)
+            cond, cargs = [], []
+            if q.since is not None:
+                cond.append("created_at >= ?")
+                cargs.append(float(q.since))
+            if q.until is not None:
+                cond.append("created_at < ?")
+                cargs.append(float(q.until))
+            lo, hi = self.conn.execute(f"SELECT MIN(id), MAX(id) FROM jobs WHERE {' AND '.join(cond)}",
+                                       cargs).fetchone()
+            where.append("j.id BETWEEN ? AND ?")
+            args.extend((lo if lo is not None else 0, hi if hi is not None else -1))
+            where.extend(f"+j.{c}" for c in cond)
+            args.extend(cargs)
+        series_where: list[str] = []
+        series_args: list[Any] = []
+        found = self._search_series(q.search)
+        if found is not None:  # few series: their jobs by index
+            where.append(f"j.series_uid IN ({','.join('?' * len(found)) or 'NULL'})")
+            args.extend(found)
+        elif q.search and q.search.strip():  # many: filtered while the list is read in order
+            series_where.append("s.search LIKE ? ESCAPE '\\'")
+            series_args.append(_like(q.search))
+        if series_where:
+            # read the jobs in list order and look up each one's series (many match: the page fills
+            # after a few rows), rather than every job of every matching series, then sorted
+            where.append("EXISTS (SELECT 1 FROM series s WHERE s.series_uid = j.series_uid AND "
+                         + " AND ".join(series_where) + ")")
+            args.extend(series_args)
+        return where, args
+
+    def series_page(self, query: SeriesQuery = SeriesQuery(), *, limit: int = 50, after: str | None = None) -> Page:
+        """Series matching ``query``, most recently received first, ``limit`` per page; ``after``: the
+        ``next`` cursor of the previous page (``<last_received_at>|<series uid>``, keyset)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if query.state:
+            where.append(f"state IN ({','.join('?' * len(query.state))})")
+            args.extend(SeriesState(x) for x in query.state)
+        if query.calling_ae:
+            where.append("calling_ae = ?")
+            args.append(query.calling_ae)
+        if query.since is not None:
+            where.append("last_received_at >= ?")
+            args.append(float(query.since))
+        if query.until is not None:
+            where.append("last_received_at < ?")
+            args.append(float(query.until))
+        found = self._search_series(query.search)
+        if found is not None:
+            where.append(f"series_uid IN ({','.join('?' * len(found)) or 'NULL'})")
+            args.extend(found)
+        elif query.search and query.search.strip():
+            where.append("search LIKE ? ESCAPE '\\'")
+            args.append(_like(query.search))
+        if after:
+            t, _, uid = after.partition("|")
+            where.append("(last_received_at < ? OR (last_received_at = ? AND series_uid < ?))")
+            args.extend((float(t), float(t), uid))
+        sql = ("SELECT * FROM series" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY last_received_at DESC, series_uid DESC LIMIT ?")
+        rows = self.conn.execute(sql, (*args, int(limit) + 1)).fetchall()
+        items = [Series._from(r) for r in rows[:limit]]
+        nxt = f"{items[-1].last_received_at!r}|{items[-1].series_uid}" if len(rows) > limit and items else None
+        return Page(items, nxt)
+
+    def jobs_of_series(self, series_uids: Sequence[str]) -> dict[str, list[Job]]:
+        """The jobs of each of ``series_uids`` (a page of the series list), oldest first."""
+        out: dict[str, list[Job]] = {u: [] for u in series_uids}
+        if series_uids:
+            q = ",".join("?" * len(series_uids))
+            for r in self.conn.execute(f"SELECT * FROM jobs WHERE series_uid IN ({q}) ORDER BY id", list(series_uids)):
+                out[r["series_uid"]].append(Job._from(r))
+        return out
 
     # -- dispatches ------------------------------------------------------
     def add_dispatch(self, job_id: int, destination: str, kind: DispatchKind | str) -> tuple[int, bool]:

@@ -61,7 +61,9 @@ def test_what_the_rules_see():
     ds.add_new(0x60003000, "OW", b"\x00\x01")  # OverlayData
     ds.PatientName = "Doe^John"
     assert tags_from_dataset(ds, keywords=None) == {"Modality": "CT", "PatientName": "Doe^John"}
-    assert tags_from_dataset(ds) == {"Modality": "CT"}  # default: RULE_TAGS, what the store keeps
+    ds.PatientBirthDate = "19700101"
+    # default: RULE_TAGS, what the store keeps (PatientName for the console's search; not the birth date)
+    assert tags_from_dataset(ds) == {"Modality": "CT", "PatientName": "Doe^John"}
     assert tags_from_dataset(ds, ["PatientName", "ReferencedImageSequence", "Rows"]) == {"PatientName": "Doe^John"}
 
 

@@ -261,16 +261,21 @@ def test_share_drop_sanitised_with_manifest(tmp_path, source, result_dir):
     assert sorted(p for p in root.rglob("*") if p.is_dir()) == [root / "etc", folder.parent, folder]
     assert dispatch_log(store, dispatch_id=did)[-1]["location"] == str(folder)
     report = json.loads((result_dir / "report.json").read_text())
-    expected = {"bones_seg.dcm", "report.json", *report["outputs"]["meshes"]}
+    # the QC pictures (qc/qc_*.png in the result folder) go beside the rest, under their own names
+    sources = {n: result_dir / n for n in ("bones_seg.dcm", "report.json", *report["outputs"]["meshes"])}
+    sources.update({Path(q).name: result_dir / q for q in report["outputs"]["qc"]})
+    expected = set(sources)
     assert any(n.endswith(".stl") for n in expected) and any(n.endswith("_colored.ply") for n in expected)
+    assert {"qc_cortical_axial.png", "qc_cortical_mesh.png"} <= expected
     assert _files(folder) == expected | {MANIFEST_NAME}
 
     m = json.loads((folder / MANIFEST_NAME).read_text())
     assert {o["name"] for o in m["outputs"]} == expected
+    assert {o["kind"] for o in m["outputs"] if o["name"].startswith("qc_")} == {"qc"}
     for o in m["outputs"]:
         data = (folder / o["name"]).read_bytes()
         assert o["size"] == len(data) and o["sha256"] == hashlib.sha256(data).hexdigest()
-        assert data == (result_dir / o["name"]).read_bytes()
+        assert data == sources[o["name"]].read_bytes()
     assert m["folder"] == folder.relative_to(root).as_posix()
     assert m["input"]["series_instance_uid"] == source["series_uid"]
     assert m["input"]["study_instance_uid"] == source["study_uid"]

@@ -94,7 +94,7 @@ def test_report_names_every_object_and_each_passes_dciodvfy(run: Any) -> None:
 @needs_data
 def test_default_outputs_write_nothing_new(tmp_path: Path) -> None:
     """Without outputs= (and with the default [seg]) the run is what it was: no new files, no new keys."""
-    res = run_pipeline([J2K], "liver", tmp_path / "r", outputs=OutputOptions(), write_meshes=False)
+    res = run_pipeline([J2K], "liver", tmp_path / "r", outputs=OutputOptions(), write_meshes=False, qc=False)
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["liver_seg.dcm", "report.json"]
     assert set(res.report["outputs"]) == {"seg", "seg_series_instance_uid", "meshes"}
 

@@ -49,6 +49,7 @@ def test_outputs_and_report(liver_run):
             "liver_tissue_colored.ply",
             "liver_vessels.stl",
             "liver_vessels_colored.ply",
+            "qc",  # the QC pictures (tests/test_qc.py)
             "report.json",
         ]
     )

@@ -1,20 +1,26 @@
-"""``dicom-node jobs``: the operator's view of the store: list, show and retry jobs; list the series
-(unrouted ones with their reason) and the instances the receiver quarantined.  The database is
-``--db PATH`` (or a ``postgresql://`` URL) or the one ``--config node.yaml`` names (no config:
+"""``dicom-node jobs``: the operator's view of the store: list, show, retry and cancel jobs; list the
+series (unrouted ones with their reason), re-run one or route an unrouted one with a chosen rule;
+list the instances the receiver quarantined, release or delete one (the actions are
+node/operations.py, as in the console, and go to the audit log as ``shell:<user>``).  The database
+is ``--db PATH`` (or a ``postgresql://`` URL) or the one ``--config node.yaml`` names (no config:
 ``./var/node.db``).
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
-from node.config import load_config
+from node import operations
+from node.config import NodeConfig, load_config
 from node.contracts import DispatchState, JobState, SeriesState
 from node.errors import InputError
 from node.jobs import retry_job
+from node.operations import Outcome
 from node.store import Store
 from node.store_db import is_postgres_url
 
@@ -155,9 +161,51 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
     for e in entries:
         size = f"{e.size}" if e.size is not None else "missing"
         print(f"{e.received_at:<20} {(e.calling or '-')[:16]:<16} {(e.peer or '-')[:15]:<15} {size:>9}  {e.reason}")
-        print(f"{'':<63}  sop={e.sop or '-'}  file={e.path}")
+        print(f"{'':<63}  sop={e.sop or '-'}  file={e.path}  (name {e.path.name})")
     print(f"{len(entries)} quarantined instance(s) in {folder}")
     return 0
+
+
+def _operate(args: argparse.Namespace, action: str, target: str, fn: Callable[[NodeConfig, Store], Outcome]) -> int:
+    """Run one of node/operations.py's actions on the node's store, audit it, print what happened."""
+    config = load_config(args.config)
+    if args.db:
+        config = config.model_copy(update={"storage": Path(args.db).parent})
+    store = _open(args)
+    try:
+        out = fn(config, store)
+        user = f"shell:{getpass.getuser()}"
+        store.add_audit(action, username=user, client="shell", target=target,
+                        detail={"ok": out.ok, "message": out.message, "job_id": out.job_id, **out.detail})
+    finally:
+        store.close()
+    print(out.message)
+    return 0 if out.ok else 1
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    return _operate(args, "job.cancel", f"job {args.id}",
+                    lambda _c, s: operations.cancel(s, args.id, by=f"shell:{getpass.getuser()}"))
+
+
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    return _operate(args, "series.rerun", f"series {args.series}", lambda c, s: operations.rerun(
+        c, s, args.series, rule=args.rule, profile=args.profile, by=f"shell:{getpass.getuser()}"))
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    return _operate(args, "series.route", f"series {args.series}", lambda c, s: operations.route_now(
+        c, s, args.series, args.rule, by=f"shell:{getpass.getuser()}"))
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    return _operate(args, "quarantine.release", f"quarantine {args.name}",
+                    lambda c, s: operations.release(c, s, args.name))
+
+
+def _cmd_delete_quarantined(args: argparse.Namespace) -> int:
+    return _operate(args, "quarantine.delete", f"quarantine {args.name}",
+                    lambda c, _s: operations.delete_quarantined(c, args.name))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -188,6 +236,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     qp = sub.add_parser("quarantine", help="the instances the receiver refused, with the reason and the file")
     common(qp)
     qp.set_defaults(func=_cmd_quarantine)
+
+    cp = sub.add_parser("cancel", help="cancel a queued or running job (failed: 'cancelled by ...'; retry brings it back)")
+    cp.add_argument("id", type=int)
+    common(cp)
+    cp.set_defaults(func=_cmd_cancel)
+    rr = sub.add_parser("rerun", help="a new job for a series with a rule of the rules in force and/or a profile")
+    rr.add_argument("series", metavar="SERIES_UID")
+    rr.add_argument("--rule", default=None)
+    rr.add_argument("--profile", default=None)
+    common(rr)
+    rr.set_defaults(func=_cmd_rerun)
+    ro = sub.add_parser("route", help="route an unrouted series now with a chosen rule")
+    ro.add_argument("series", metavar="SERIES_UID")
+    ro.add_argument("--rule", required=True)
+    common(ro)
+    ro.set_defaults(func=_cmd_route)
+    rl = sub.add_parser("release", help="put a quarantined instance back into the spool (checked again as if received)")
+    rl.add_argument("name", help="its file name as `jobs quarantine` lists it")
+    common(rl)
+    rl.set_defaults(func=_cmd_release)
+    dq = sub.add_parser("delete-quarantined", help="delete a quarantined instance and its reason")
+    dq.add_argument("name", help="its file name as `jobs quarantine` lists it")
+    common(dq)
+    dq.set_defaults(func=_cmd_delete_quarantined)
 
     def _help(_args: argparse.Namespace) -> int:
         p.print_help()

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "0 = the series' own grid; default: the profile's working_grid_mm)")
     p.add_argument("--no-seg", action="store_true", help="do not write the DICOM SEG")
     p.add_argument("--no-meshes", action="store_true", help="do not write STL/PLY meshes")
+    p.add_argument("--no-qc", action="store_true", help="do not write the QC pictures (qc/*.png)")
     p.add_argument("--outputs", default=None, metavar="KINDS",
                    help="result objects, comma separated: seg,sr,overlay,stl (default: seg)")
     p.add_argument("--overlay-style", choices=("fill", "outline"), default="fill", help="overlay: fill or outline")
@@ -75,6 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         working_grid_mm=args.working_grid,
         progress=progress,
         outputs=outputs,
+        qc=not args.no_qc,
     )
     rep = result.report
     for name, t in rep["tissues"].items():

@@ -30,6 +30,9 @@ ROUTER_MODULES: list[str] = [
     "node.console.routes_auth",
     "node.console.routes_health",
     "node.console.routes_rules",
+    "node.console.routes_series",
+    "node.console.routes_jobs",
+    "node.console.routes_quarantine",
 ]
 # ---- end of feature routers ----
 

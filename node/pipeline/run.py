@@ -33,6 +33,7 @@ from node.pipeline.seg import warm_up
 from node.pipeline.series.find import select_series
 from node.pipeline.series.load import load_series
 from node.pipeline.stages import quality
+from node.pipeline.stages.qc import QCResult, write_qc
 from node.pipeline.stages.mesh import MeshQueue
 from node.pipeline.stages.report import build_report, grid_report, working_grid_report, write_report
 from node.pipeline.stages.seg import write_tissue_seg
@@ -101,6 +102,7 @@ def run_pipeline(
     on_seg: Callable[[Path, str], None] | None = None,
     seg_first: bool = False,
     outputs: OutputOptions | None = None,
+    qc: bool = True,
 ) -> RunResult:
     """Segment one series and write the SEG, the meshes and ``report.json``.
 
@@ -128,6 +130,8 @@ def run_pipeline(
             made while later tissues are segmented (shortest run overall).
         outputs: result objects beside the SEG (SR, overlay, Encapsulated STL), written once the
             SEG and meshes are (:func:`node.pipeline.outputs.write_outputs`); default: none.
+        qc: write the QC pictures (``qc/``, :mod:`node.pipeline.stages.qc`); a failure there is a
+            warning in ``report.json`` (``qc.error``), never the run's.
 
     Raises:
         InputError: bad input (series, profile); the message says which file/field.
@@ -289,6 +293,23 @@ def run_pipeline(
                 backend=model_type, backend_display_name=backend_entry.display_name, software_version=__version__))
         del pixels  # the native volume is held only for the overlay
 
+        # QC pictures: for a person checking the result; they never fail the run
+        qc_result: QCResult | None = None
+        qc_error: str | None = None
+        if qc:
+            stls = {n: out / str(t["stl"]) for n, t in tissues.items() if t.get("stl")}
+            t_qc = time.perf_counter()
+            try:
+                qc_result = stages.run("qc", "QC pictures", functools.partial(
+                    write_qc, volume.array, volume.affine, masks, prof, out, phase=chosen_phase, stl_paths=stls))
+            except Exception as exc:  # QC pictures never fail a run (see the docstring)
+                qc_error = f"{type(exc).__name__}: {exc}"
+                stages.timings["qc"] = round(time.perf_counter() - t_qc, 3)
+                log.warning("QC pictures failed (the result stands): %s", qc_error, exc_info=True)
+            if qc_result is not None:
+                for w in qc_result.warnings:
+                    log.warning("QC picture: %s", w)
+
     # report
     report = build_report(
         volume=volume, files=len(files), native=native, working=working, profile=prof, model_type=model_type,
@@ -298,6 +319,9 @@ def run_pipeline(
     report["quality"] = checks
     if written is not None:
         report["outputs"].update(written.report_entry(out))
+    if qc:
+        report["qc"] = qc_result.report() if qc_result is not None else {"pictures": [], "error": qc_error}
+        report["outputs"]["qc"] = [p["file"] for p in report["qc"]["pictures"]]
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     if progress:
         progress("report", "writing report.json")
