@@ -70,6 +70,7 @@ def _torchscript_run(ts: Path, nifti: Path, out: Path) -> Path:
     with torch.inference_mode():
         logits = sliding_window_inference(d["image"][None].float(), roi_size=ROI, sw_batch_size=1, predictor=net,
                                           overlap=0.25, mode="gaussian")
+    assert isinstance(logits, torch.Tensor)
     label = torch.argmax(logits, dim=1)[0].to(torch.uint8).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(label, np.asarray(d["image"].affine, float)), str(out))
