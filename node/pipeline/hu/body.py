@@ -23,46 +23,20 @@ def _steps(spacing: tuple[float, float, float], every_slice: bool = False) -> tu
     return (1 if every_slice else fk, fj, fi)
 
 
-def _closed_edge(region: np.ndarray, dense: np.ndarray | None) -> np.ndarray:
-    """Where an image edge (``(slices, n)`` pixels along it) counts as closed: where soft
-    ``region`` reaches it, and where dense material does with soft region on both sides along
-    the edge (a bone cut by the field of view lies in its muscle; a holder or table top leaving
-    the image has air or only its cushion beside it)."""
-    if dense is None:
-        return region
-    soft = region & ~dense
-    run = region & dense
-    if not run.any():
-        return soft
-    lab, n = ndimage.label(run, structure=np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=bool))
-    before = np.zeros_like(soft)
-    before[:, 1:] = soft[:, :-1]
-    after = np.zeros_like(soft)
-    after[:, :-1] = soft[:, 1:]
-    ok_before = np.zeros(n + 1, dtype=bool)
-    ok_before[lab[run & before]] = True
-    ok_after = np.zeros(n + 1, dtype=bool)
-    ok_after[lab[run & after]] = True
-    ok = ok_before & ok_after
-    ok[0] = False
-    return soft | ok[lab]
-
-
-def _fill_with_cut_edges(soft: np.ndarray, region: np.ndarray, dense: np.ndarray | None = None,
+def _fill_with_cut_edges(soft: np.ndarray, region: np.ndarray,
                          cut: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> np.ndarray:
     """``soft`` with its holes filled slice by slice, where the edge of the image counts as
-    closed wherever the thresholded ``region`` reaches it (its ``dense`` part only between
-    softer region, :func:`_closed_edge`): a body cut by the field of view (an arm at the edge)
-    still encloses its bone there, while a device stays open to the air.  ``cut``: which edges
-    (first row, last row, first column, last column) are the image's own (a box inside the
-    image is open to the air beyond its edges)."""
+    closed wherever the thresholded ``region`` reaches it: a body cut by the field of view (an
+    arm at the edge) still encloses its bone there, while a device stays open to the air.
+    ``cut``: which edges (first row, last row, first column, last column) are the image's own
+    (a box inside the image is open to the air beyond its edges)."""
     padded = np.zeros((soft.shape[0], soft.shape[1] + 2, soft.shape[2] + 2), dtype=bool)
     padded[:, 1:-1, 1:-1] = soft
-    edges = ((0, np.s_[:, 0, :], np.s_[:, 0, 1:-1]), (1, np.s_[:, -1, :], np.s_[:, -1, 1:-1]),
-             (2, np.s_[:, :, 0], np.s_[:, 1:-1, 0]), (3, np.s_[:, :, -1], np.s_[:, 1:-1, -1]))
-    for n, src, dst in edges:
-        if cut[n]:
-            padded[dst] = _closed_edge(region[src], None if dense is None else dense[src])
+    edges = ((np.s_[:, 0, :], np.s_[:, 0, 1:-1]), (np.s_[:, -1, :], np.s_[:, -1, 1:-1]),
+             (np.s_[:, :, 0], np.s_[:, 1:-1, 0]), (np.s_[:, :, -1], np.s_[:, 1:-1, -1]))
+    for closed, (src, dst) in zip(cut, edges):
+        if closed:
+            padded[dst] = region[src]
     return np.ascontiguousarray(morphology.fill_holes(padded, "slice")[:, 1:-1, 1:-1])
 
 
@@ -126,7 +100,7 @@ def body_mask_box(
         soft = morphology.remove_small(core & ~dense, spec.min_component_ml, sp)
         if not soft.any():
             return empty, np.zeros((0, 0, 0), dtype=bool)
-        filled = _fill_with_cut_edges(soft, core, dense)
+        filled = _fill_with_cut_edges(soft, core)
         # dense material left outside that encloses something in its slice is bone whose skin
         # the coarse grid lost (a cortex around its marrow); a holder, table or lead encloses nothing
         outside = dense & core & ~filled
@@ -141,7 +115,7 @@ def body_mask_box(
                 lab, _ = ndimage.label(outside, structure=in_plane)
                 touching = np.unique(lab[ndimage.binary_dilation(holes, structure=in_plane)])
                 keep = np.isin(lab, touching[touching > 0])
-                filled = _fill_with_cut_edges(soft | keep, core, dense)
+                filled = _fill_with_cut_edges(soft | keep, core)
         del soft
     else:
         filled = morphology.fill_holes(core, "slice")
@@ -180,8 +154,7 @@ def body_mask_box(
             if band_dense.any():
                 cut = (fbox[1].start == 0, fbox[1].stop == hu.shape[1], fbox[2].start == 0,
                        fbox[2].stop == hu.shape[2])
-                enclosed = _fill_with_cut_edges(inside | (up == 1), hu[fbox] > spec.threshold_hu,
-                                                hu[fbox] >= spec.dense_hu, cut)
+                enclosed = _fill_with_cut_edges(inside | (up == 1), hu[fbox] > spec.threshold_hu, cut)
                 inside |= band_dense & enclosed
                 del enclosed
             del band_dense
