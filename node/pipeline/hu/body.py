@@ -32,11 +32,14 @@ def _fill_with_cut_edges(soft: np.ndarray, region: np.ndarray,
     (a box inside the image is open to the air beyond its edges)."""
     padded = np.zeros((soft.shape[0], soft.shape[1] + 2, soft.shape[2] + 2), dtype=bool)
     padded[:, 1:-1, 1:-1] = soft
-    edges = ((np.s_[:, 0, :], np.s_[:, 0, 1:-1]), (np.s_[:, -1, :], np.s_[:, -1, 1:-1]),
-             (np.s_[:, :, 0], np.s_[:, 1:-1, 0]), (np.s_[:, :, -1], np.s_[:, 1:-1, -1]))
-    for closed, (src, dst) in zip(cut, edges):
-        if closed:
-            padded[dst] = region[src]
+    if cut[0]:
+        padded[:, 0, 1:-1] = region[:, 0, :]
+    if cut[1]:
+        padded[:, -1, 1:-1] = region[:, -1, :]
+    if cut[2]:
+        padded[:, 1:-1, 0] = region[:, :, 0]
+    if cut[3]:
+        padded[:, 1:-1, -1] = region[:, :, -1]
     return np.ascontiguousarray(morphology.fill_holes(padded, "slice")[:, 1:-1, 1:-1])
 
 
