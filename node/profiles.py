@@ -351,10 +351,9 @@ class BodyMaskSpec(_Strict):
     dense_hu: float | None = Field(
         default=None, description="material at least this dense (bone, and the head holders, table tops, "
         "arcs and leads of patient support) is body only where softer body tissue encloses it in its "
-        "slice, or where it encloses something itself (a cortex around marrow): devices touching the skin, "
-        "also through a cushion, stay out. Off (null) by default: bone at the outline that does neither "
-        "(shoulders of a 3 mm trunk scan) would be lost; on in the brain profile (a skull is under the "
-        "scalp and around the brain)")
+        "slice, or where it encloses tissue itself (a cortex around marrow; not air pockets between a "
+        "holder and the table top): devices touching the skin, also through a cushion, stay out. Off "
+        "(null) by default; on in the brain and bones profiles (tests/test_support_devices.py)")
 
 
 # -- backend-specific model sections (``model:`` in the profile) ------------------------

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,3 +114,70 @@ def truth_on_loaded(case, volume) -> np.ndarray:
     ok = np.all((idx >= 0) & (idx < np.array(case.labels.shape[::-1])[:, None]), axis=0)
     out[ok] = case.labels[idx[2, ok], idx[1, ok], idx[0, ok]]
     return out.reshape(volume.shape)
+
+
+# -- parity with the libraries' own entry points on NIfTIs of real series (issue 16, part 4) ----------
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("NODE_TEST_DATA", REPO.parent / "shared" / "data"))
+#: real series for the parity tests: a real DICOM series (JPEG 2000), and a NIfTI written as DICOM
+REAL_SERIES = ("ct-abdomen-siemens-j2k", "ct-body-3mm-small")
+
+
+def real_series_dicom(name: str, tmp: Path) -> Path:
+    """The folder of a real series as DICOM: its own files, or its NIfTI written by ``write_series``."""
+    import pytest
+
+    src = DATA / name
+    if (src / "dicom").is_dir():
+        return src / "dicom"
+    if not (src / "ct.nii.gz").exists():
+        pytest.skip(f"test data not found under {DATA}")
+    from node.tools.synth_series import write_series
+
+    out = tmp / f"{name}-dicom"
+    write_series(src / "ct.nii.gz", out)
+    return out
+
+
+def nifti_as(dicom_dir: Path, volume, codes: str, path: Path) -> Path:
+    """The series as a NIfTI stored ``codes``: ``LAS`` converted by dcm2niix (what public models
+    were trained on), any other orientation written from the loaded volume by flips and
+    permutations."""
+    import shutil
+    import subprocess
+
+    import nibabel as nib
+
+    from node.pipeline.orientation import to_orientation
+
+    if codes == "LAS":
+        import pytest
+
+        if not shutil.which("dcm2niix"):
+            pytest.skip("dcm2niix not installed (apt-get install dcm2niix)")
+        conv = path.parent / f"dcm2niix-{path.stem}"
+        conv.mkdir(parents=True)
+        subprocess.run(["dcm2niix", "-z", "y", "-f", "image", "-o", str(conv), str(dicom_dir)],
+                       check=True, capture_output=True, timeout=300)
+        shutil.copy(conv / "image.nii.gz", path)
+        img: Any = nib.load(str(path))
+        assert "".join(nib.aff2axcodes(img.affine)) == "LAS"  # dcm2niix's storage
+        return path
+    r = to_orientation(volume.array.astype(np.int16), volume.affine, codes)
+    nib.save(nib.Nifti1Image(r.array.transpose(2, 1, 0), np.diag([-1.0, -1.0, 1.0, 1.0]) @ r.affine), str(path))
+    return path
+
+
+def on_volume_grid(nifti: Path, volume) -> np.ndarray:
+    """A NIfTI label map on the volume grid ``[k, j, i]``, by its affine (flips and permutations only)."""
+    import nibabel as nib
+
+    img: Any = nib.load(str(nifti))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij")
+    pts = np.stack([ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)])
+    idx = np.rint(np.linalg.inv(lps) @ (volume.affine @ pts))[:3].astype(int)
+    data = np.asarray(img.dataobj)
+    assert np.all((idx >= 0) & (idx < np.array(data.shape)[:, None]))
+    return data[idx[0], idx[1], idx[2]].reshape(volume.shape)

@@ -44,6 +44,13 @@ def _pair(seed):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Train the tiny UNet for 20 s (random crops, flips, Adam, cosine decay); save TorchScript and a bundle."""
+    return train_unet(tmp_path_factory.mktemp("monai"))
+
+
+def train_unet(root, flips: bool = True, budget_s: float = BUDGET_S, bundle_extra: dict | None = None) -> dict:
+    """Train the tiny UNet for ``budget_s`` (random crops, random flips unless ``flips`` is off, Adam,
+    cosine decay); save it under ``root`` as TorchScript and as a bundle (``bundle_extra``: more
+    keys for its inference.json)."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
@@ -57,9 +64,9 @@ def trained(tmp_path_factory):
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     t0, it = time.perf_counter(), 0
     rng = np.random.default_rng(0)
-    while (elapsed := time.perf_counter() - t0) < BUDGET_S:
+    while (elapsed := time.perf_counter() - t0) < budget_s:
         for g in opt.param_groups:  # cosine decay over the time budget
-            g["lr"] = LR * 0.5 * (1 + np.cos(np.pi * elapsed / BUDGET_S))
+            g["lr"] = LR * 0.5 * (1 + np.cos(np.pi * elapsed / budget_s))
         xb, yb = [], []
         for _ in range(BATCH):  # random 24^3 crops with random flips
             n = rng.integers(len(data))
@@ -67,7 +74,7 @@ def trained(tmp_path_factory):
             sl = (n, slice(None), slice(o[0], o[0] + PATCH), slice(o[1], o[1] + PATCH), slice(o[2], o[2] + PATCH))
             xx, yy = xs[sl], ys[sl]
             for d in range(3):
-                if rng.random() < 0.5:
+                if flips and rng.random() < 0.5:
                     xx, yy = xx.flip(d + 1), yy.flip(d + 1)
             xb.append(xx)
             yb.append(yy)
@@ -77,14 +84,13 @@ def trained(tmp_path_factory):
         opt.step()
         it += 1
     net.eval()
-    root = tmp_path_factory.mktemp("monai")
     ts = root / "tiny.ts"
     torch.jit.save(torch.jit.trace(net, xs[:1]), str(ts))
     bundle = root / "bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
-    (bundle / "configs" / "inference.json").write_text(json.dumps(_bundle_config(), indent=2))
+    (bundle / "configs" / "inference.json").write_text(json.dumps({**_bundle_config(), **(bundle_extra or {})}, indent=2))
     print(f"MONAI tiny UNet: {it} iterations in {time.perf_counter() - t0:.1f} s, final loss {loss.item():.3f}")
     return {"ts": ts, "bundle": bundle, "iterations": it}
 

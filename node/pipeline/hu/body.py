@@ -23,16 +23,23 @@ def _steps(spacing: tuple[float, float, float], every_slice: bool = False) -> tu
     return (1 if every_slice else fk, fj, fi)
 
 
-def _fill_with_cut_edges(soft: np.ndarray, region: np.ndarray) -> np.ndarray:
+def _fill_with_cut_edges(soft: np.ndarray, region: np.ndarray,
+                         cut: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> np.ndarray:
     """``soft`` with its holes filled slice by slice, where the edge of the image counts as
     closed wherever the thresholded ``region`` reaches it: a body cut by the field of view (an
-    arm at the edge) still encloses its bone there, while a device stays open to the air."""
+    arm at the edge) still encloses its bone there, while a device stays open to the air.
+    ``cut``: which edges (first row, last row, first column, last column) are the image's own
+    (a box inside the image is open to the air beyond its edges)."""
     padded = np.zeros((soft.shape[0], soft.shape[1] + 2, soft.shape[2] + 2), dtype=bool)
     padded[:, 1:-1, 1:-1] = soft
-    padded[:, 0, 1:-1] = region[:, 0, :]
-    padded[:, -1, 1:-1] = region[:, -1, :]
-    padded[:, 1:-1, 0] = region[:, :, 0]
-    padded[:, 1:-1, -1] = region[:, :, -1]
+    if cut[0]:
+        padded[:, 0, 1:-1] = region[:, 0, :]
+    if cut[1]:
+        padded[:, -1, 1:-1] = region[:, -1, :]
+    if cut[2]:
+        padded[:, 1:-1, 0] = region[:, :, 0]
+    if cut[3]:
+        padded[:, 1:-1, -1] = region[:, :, -1]
     return np.ascontiguousarray(morphology.fill_holes(padded, "slice")[:, 1:-1, 1:-1])
 
 
@@ -51,9 +58,12 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], spec: BodyMas
     dense as soft tissue, so the threshold joins them to the patient.  Dense material of the
     body (bone, contrast) is always enclosed by soft tissue in its slice; a device never is.
     So only the softer part of the thresholded region is filled slice by slice, and dense
-    voxels are body only where that fill encloses them or where they enclose something
+    voxels are body only where that fill encloses them or where they enclose tissue
     themselves in their slice (a cortex around its marrow whose skin the coarse grid lost; a
-    holder, table or lead encloses nothing), never on the outline band otherwise.
+    holder, table or lead encloses nothing, or only the air pockets between a holder and the
+    table top).  On the outline band, where the coarse grid cannot tell a cushion from the
+    thinner holder beside it, dense voxels are decided again at full resolution by the same
+    enclosure.
     """
     box, inside = body_mask_box(hu, spacing, spec, margin=0)
     out = np.zeros(hu.shape, dtype=bool)
@@ -98,7 +108,10 @@ def body_mask_box(
         # the coarse grid lost (a cortex around its marrow); a holder, table or lead encloses nothing
         outside = dense & core & ~filled
         if outside.any():
-            holes = morphology.fill_holes(outside, "slice") & ~outside
+            # what it encloses must be tissue (marrow), not air: a holder lying on the table top
+            # closes air pockets between them; nor the patient's own soft part (a ring of
+            # devices around the whole body)
+            holes = morphology.fill_holes(outside, "slice") & ~outside & small & ~filled
             if holes.any():
                 in_plane = np.zeros((3, 3, 3), dtype=bool)
                 in_plane[1] = True
@@ -106,7 +119,7 @@ def body_mask_box(
                 touching = np.unique(lab[ndimage.binary_dilation(holes, structure=in_plane)])
                 keep = np.isin(lab, touching[touching > 0])
                 filled = _fill_with_cut_edges(soft | keep, core)
-        del dense, soft
+        del soft
     else:
         filled = morphology.fill_holes(core, "slice")
     if steps == (1, 1, 1):
@@ -117,7 +130,10 @@ def body_mask_box(
         outer = morphology.dilation(filled, max(sp), sp)
         state = outer.view(np.uint8) * np.uint8(2)
         if spec.dense_hu is not None:
-            state[filled & (state == 2)] = 3  # on the outline band, inside the filled outline
+            # on the outline band, dense and inside the filled outline (bone the coarse grid
+            # decided); the rest of the band's dense voxels are decided at full resolution below
+            state[filled & dense & (state == 2)] = 3
+            del dense
         # the body goes on beyond the first and last slice: eroded there, their inside (lungs,
         # bowel gas) would be decided by the threshold and drop out of the body
         pad = int(np.ceil(max(sp) / sp[2])) + 1
@@ -132,8 +148,19 @@ def body_mask_box(
         inside = up >= 2
         inside &= hu[fbox] > spec.threshold_hu
         if spec.dense_hu is not None:
-            # on the outline band dense voxels only where the coarse fill enclosed them
-            inside &= (hu[fbox] < spec.dense_hu) | (up == 3)
+            # on the outline band dense voxels only where the coarse grid took them as bone, or
+            # where the band's softer voxels enclose them at full resolution: a cushion and a
+            # holder thinner than a working voxel share its voxels, so the coarse fill cannot
+            # tell them apart
+            band_dense = inside & (up == 2) & (hu[fbox] >= spec.dense_hu)
+            inside &= ~band_dense
+            if band_dense.any():
+                cut = (fbox[1].start == 0, fbox[1].stop == hu.shape[1], fbox[2].start == 0,
+                       fbox[2].stop == hu.shape[2])
+                enclosed = _fill_with_cut_edges(inside | (up == 1), hu[fbox] > spec.threshold_hu, cut)
+                inside |= band_dense & enclosed
+                del enclosed
+            del band_dense
         inside |= up == 1
         del up
         sub = bounding_box(inside)
