@@ -20,7 +20,7 @@ import re
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 from urllib.parse import urlsplit
 
 __all__ = ["Cursor", "Connection", "Engine", "SQLiteEngine", "PostgresEngine", "open_engine",
@@ -44,6 +44,7 @@ class Cursor(Protocol):
 
 class Connection(Protocol):
     def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None: ...
 
 
 def is_postgres_url(url: str) -> bool:
@@ -262,6 +263,9 @@ class _SQLiteConn:
             sql = sql.replace(" FOR UPDATE SKIP LOCKED", "")
         return self._c.execute(sql, parameters)
 
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None:
+        self._c.executemany(sql, rows)
+
     def close(self) -> None:
         self._c.close()
 
@@ -352,6 +356,11 @@ class _PgConn:
         except psycopg.errors.IntegrityError as exc:
             # the store's methods catch SQLite's exception for a broken constraint: the same here
             raise sqlite3.IntegrityError(f"{type(exc).__name__}: {exc}") from exc
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None:
+        # bulk fills (benchmarks, migrations of data): one statement per row, each translated once
+        for row in rows:
+            self.execute(sql, row)
 
     def _execute(self, sql: str, parameters: Sequence[Any]) -> _PgCursor:
         if _TX.match(sql):
