@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+from node.metrics import SERIES_COMPLETED
 from node.store import Store
 
 __all__ = ["sweep"]
@@ -34,6 +35,7 @@ def sweep(store: Store, quiet_period_s: float, *, now: float | None = None,
                           s.series_uid, len(refused))
                 continue
         if store.complete_series(s.series_uid, quiet_period_s=quiet_period_s, now=t):
+            SERIES_COMPLETED.inc()
             if refused:
                 store.mark_incomplete(s.series_uid)
                 log.warning(

@@ -22,6 +22,7 @@ from node.errors import InputError, NodeError
 from node.jobs import resolve_origin
 from node.pipeline.outputs.options import dicom_objects
 from node.logsafe import log_phi_enabled
+from node.metrics import DISPATCH_ATTEMPTS
 from node.routing.rules import ORIGIN
 from node.scp.sender import DestinationUnavailable, send_datasets
 from node.scp.tls import client_context
@@ -164,6 +165,8 @@ class Dispatcher:
                 log.warning("%s failed, retry in %.0f s: %s", what, (retry_at or 0) - time.time(), shown)
             else:
                 log.error("%s failed for good: %s", what, shown)
+        outcome = "retry" if state == DispatchState.PENDING else str(state)
+        DISPATCH_ATTEMPTS.labels(outcome=outcome, destination=d.destination, kind=str(d.kind)).inc()
         if not ok:  # someone else finished it (lease expired and another dispatcher took over)
             log.warning("%s: no longer pending when recording %s", what, state)
         try:

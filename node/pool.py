@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Callable
+from typing import Any, Callable
 
 from node.backend_registry import runs_model
 from node.config import NodeConfig
 from node.contracts import FailureKind, JobSpec, JobState, ProcessInfo, Resource, SeriesState, SlotInfo
 from node.job_process import JobDone, JobFailed, SegReady, _job_process, _slot_process
+from node.metrics import JOB_DURATION, JOBS_FINISHED, observe_stage_timings
 from node.jobs import job_output_dir, publish_early_seg, record_failure, record_success, seg_series_uid
 from node.pipeline.ai.common import GPU_SLOT_ENV
 from node.store import Job, Store, instances_digest
@@ -62,6 +63,12 @@ class _Running:
     persistent: bool = False
     started: float = field(default_factory=time.monotonic)
     provisional: bool = False  #: an early start not confirmed yet (refreshed by _check_running)
+
+
+def _observe_try(r: _Running, outcome: str) -> None:
+    """Count one finished try in the metrics (node/metrics.py)."""
+    JOB_DURATION.labels(backend=r.job.backend, outcome=outcome).observe(time.monotonic() - r.started)
+    JOBS_FINISHED.labels(backend=r.job.backend, outcome=outcome).inc()
 
 
 def _kill_tree(proc: BaseProcess) -> None:
@@ -210,6 +217,20 @@ class WorkerPool:
     @property
     def running_jobs(self) -> list[int]:
         return [r.job.id for r in list(self._running.values())]
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per slot (the console's health page): ``slot``, ``kind``, ``job`` (running job id or None),
+        ``pid`` of the process running it, ``seconds`` it has run, ``slot_process`` (pid of the slot's
+        long-lived model process, or None)."""
+        running = dict(self._running)
+        out = []
+        for slot in list(self.slots):
+            r = running.get(slot.index)
+            out.append({"slot": slot.name, "kind": str(slot.kind), "job": r.job.id if r else None,
+                        "backend": r.job.backend if r else None, "pid": r.proc.pid if r else None,
+                        "seconds": round(time.monotonic() - r.started, 1) if r else None,
+                        "slot_process": slot.proc.pid if slot.proc is not None and slot.proc.is_alive() else None})
+        return out
 
     # -- supervisor
     def _loop(self) -> None:
@@ -477,6 +498,7 @@ class WorkerPool:
                 self._running.pop(idx, None)
                 record_failure(self.config, self.store, r.job, FailureKind.TRANSIENT,
                                f"timeout: killed after {self.config.job_timeout_s:g} s (job_timeout_s)")
+                _observe_try(r, "timeout")
                 continue
             if r.persistent:
                 if msg is None:  # the slot process died under the job
@@ -486,10 +508,12 @@ class WorkerPool:
                 r.proc.join(10)
                 r.conn.close()
             self._running.pop(idx, None)
+            _observe_try(r, "died" if msg is None else "done" if isinstance(msg, JobDone) else "failed")
             if msg is None:
                 record_failure(self.config, self.store, r.job, FailureKind.TRANSIENT,
                                f"job process died (exit code {r.proc.exitcode})")
             elif isinstance(msg, JobDone):
+                observe_stage_timings(msg.result.timings_s)
                 state = record_success(self.config, self.store, r.job, msg.result)
                 if state == "done" and self.on_done is not None:
                     try:

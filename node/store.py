@@ -1452,7 +1452,8 @@ class Store:
             return int(row[0]), False
 
     def claim_dispatch(self, *, lease_s: float = 300.0, now: float | None = None) -> Dispatch | None:
-        """Atomically take the oldest due ``pending`` dispatch.
+        """Atomically take the oldest due ``pending`` dispatch to a destination that is not paused
+        (:meth:`set_destination_paused`: the console's pause; its dispatches wait, due, until resumed).
 
         The dispatch stays ``pending`` but its ``next_attempt_at`` moves
         ``lease_s`` ahead and ``attempts`` grows by one, so no other
@@ -1464,7 +1465,9 @@ class Store:
         r = self.conn.execute(
             "UPDATE dispatches SET attempts = attempts + 1, next_attempt_at = ?"
             " WHERE id = (SELECT id FROM dispatches WHERE state = 'pending'"
-            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+            " AND destination NOT IN (SELECT name FROM destination_state WHERE paused = 1)"
+            " ORDER BY created_at, id LIMIT 1"
             " FOR UPDATE SKIP LOCKED)"
             " AND state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) RETURNING *",
             (t + lease_s, t, t),
@@ -1749,3 +1752,49 @@ class Store:
         r = self.conn.execute("SELECT * FROM rule_versions WHERE id < ? ORDER BY id DESC LIMIT 1",
                               (int(version_id),)).fetchone()
         return RuleVersion._from(r) if r else None
+
+    def gauges(self, *, retention_cutoff: float | None = None) -> dict[str, Any]:
+        """Counts for health and metrics: ``jobs`` [(state, backend, n)], ``queued`` [(resource, n)],
+        ``dispatches`` [(state, destination, n)], ``spool_bytes`` (instances still in the spool: of
+        series not done before ``retention_cutoff``, whose files retention deletes)."""
+        c = self.conn
+        cutoff = retention_cutoff if retention_cutoff is not None else float("-inf")
+        return {
+            "jobs": [(str(s), str(b), int(n)) for s, b, n in
+                     c.execute("SELECT state, backend, COUNT(*) FROM jobs GROUP BY state, backend")],
+            "queued": [(str(r), int(n)) for r, n in
+                       c.execute("SELECT COALESCE(resource, 'unclassified'), COUNT(*) FROM jobs"
+                                 " WHERE state = 'queued' GROUP BY 1")],
+            "dispatches": [(str(s), str(d), int(n)) for s, d, n in
+                           c.execute("SELECT state, destination, COUNT(*) FROM dispatches GROUP BY state, destination")],
+            "spool_bytes": int(c.execute(
+                "SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series s ON s.series_uid = i.series_uid"
+                " WHERE NOT (s.state = 'done' AND s.state_changed_at <= ?)", (cutoff,)).fetchone()[0]),
+        }
+
+    def destination_stats(self) -> dict[str, dict[str, Any]]:
+        """Per destination name found in dispatches or paused: ``pending`` and ``failed`` counts,
+        ``last_success`` (time), ``last_error`` (time and detail of the latest unsuccessful attempt),
+        ``paused`` with ``changed_at``/``changed_by``."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(name: str) -> dict[str, Any]:
+            return out.setdefault(name, {"pending": 0, "failed": 0, "last_success": None, "last_error": None,
+                                         "last_error_at": None, "paused": False, "changed_at": None,
+                                         "changed_by": None})
+
+        c = self.conn
+        for dest, pending, failed, last_sent in c.execute(
+                "SELECT destination, SUM(state = 'pending'), SUM(state = 'failed'), MAX(sent_at) FROM dispatches"
+                " GROUP BY destination"):
+            e = entry(str(dest))
+            e.update(pending=int(pending or 0), failed=int(failed or 0), last_success=last_sent)
+        for dest, at, detail in c.execute(
+                "SELECT d.destination, a.finished_at, a.detail FROM dispatch_attempts a"
+                " JOIN dispatches d ON d.id = a.dispatch_id WHERE a.id IN (SELECT MAX(a2.id) FROM dispatch_attempts a2"
+                " JOIN dispatches d2 ON d2.id = a2.dispatch_id WHERE a2.outcome != 'sent' GROUP BY d2.destination)"):
+            entry(str(dest)).update(last_error=detail, last_error_at=at)
+        for name, paused, changed_at, changed_by in c.execute(
+                "SELECT name, paused, changed_at, changed_by FROM destination_state"):
+            entry(str(name)).update(paused=bool(paused), changed_at=changed_at, changed_by=changed_by)
+        return out

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from node import __version__
-from node.console.auth import LoginRequired, PasswordChangeRequired, Principal, Role, is_api_path, require
+from node.console.auth import LoginRequired, PasswordChangeRequired, Role, is_api_path
 from node.console.context import ConsoleContext
 from node.console.web import STATIC_DIR, render
 
@@ -33,6 +33,11 @@ ROUTER_MODULES: list[str] = [
     "node.console.routes_series",
     "node.console.routes_jobs",
     "node.console.routes_quarantine",
+    "node.console.routes_metrics",
+    "node.console.routes_destinations",
+    "node.console.routes_audit",
+    "node.console.routes_users",
+    "node.console.routes_meta",
 ]
 # ---- end of feature routers ----
 
@@ -77,10 +82,6 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
 
     for name in ROUTER_MODULES:
         app.include_router(importlib.import_module(name).router)
-
-    @app.get("/api/v1/openapi.json", tags=["meta"], include_in_schema=False)
-    def openapi(_p: Principal = Depends(require(Role.VIEWER))) -> dict[str, Any]:
-        return app.openapi()
 
     return app
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -68,20 +69,30 @@ def health_report(ctx: ConsoleContext) -> dict[str, Any]:
         disk = {"free_bytes": usage.free, "total_bytes": usage.total}
     except OSError:
         disk = {"free_bytes": None, "total_bytes": None}
+    cutoff = time.time() - cfg.spool_retention_days * 86400.0 if cfg.spool_retention_days > 0 else None
+    gauges = ctx.store.gauges(retention_cutoff=cutoff)
     by_state = {s.value: 0 for s in JobState}
-    for row in ctx.store.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-        by_state[str(row[0])] = int(row[1])
+    for state, _backend, n in gauges["jobs"]:
+        by_state[state] = by_state.get(state, 0) + n
+    slots = pool.snapshot() if pool is not None else []
+    queued = dict(gauges["queued"])
     return {
         "ae_title": cfg.ae_title,
+        "uptime_s": round(time.time() - ctx.started_at, 1),
         "receiver": {
             "up": bool(receiver is not None and getattr(receiver, "_servers", None)),
             "port": receiver.port if receiver is not None else cfg.port,
+            "tls_port": receiver.tls_port if receiver is not None else None,
+            "associations_now": receiver.policy.active() if receiver is not None else 0,
+            "max_associations": cfg.max_associations,
             "stats": dict(getattr(receiver, "stats", {}) or {}),
         },
-        "spool": {"path": str(cfg.spool_dir), **disk},
+        "spool": {"path": str(cfg.spool_dir), "bytes": gauges["spool_bytes"], **disk,
+                  "reserve_bytes": cfg.disk.reserve_free_mib * 1024 * 1024},
         "jobs_by_state": by_state,
-        "workers": {"configured": cfg.workers, "gpus": list(cfg.gpus),
-                    "running_jobs": list(pool.running_jobs) if pool is not None else []},
+        "queue": {"by_resource": queued, "slots": slots},
+        "workers": {"cpu_slots": cfg.workers, "gpus": list(cfg.gpus),
+                    "processes": [s for s in slots if s["pid"] or s["slot_process"]]},
         "pid": os.getpid(),
         "checks": _ready_checks(ctx),
         "last_errors": list(ctx.last_errors),

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pynetdicom import evt
 
+from node.metrics import ASSOCIATIONS
+
 __all__ = ["AssociationPolicy", "Refusal", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "REJECT_LIMIT",
            "REJECT_CONGESTION"]
 
@@ -26,6 +28,9 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_LIMIT = (0x02, 0x03, 0x02)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
+#: the reason label of dicomnode_associations_total
+_REASONS = {REJECT_CALLED_AE: "called_ae", REJECT_CALLING_AE: "calling_ae", REJECT_LIMIT: "limit",
+            REJECT_CONGESTION: "out_of_resources"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,11 @@ class AssociationPolicy:
             return Refusal(REJECT_CONGESTION, f"out of resources: {full}")
         return None
 
+    def active(self) -> int:
+        """Inbound associations admitted and still open (the console's health page)."""
+        with self._lock:
+            return sum(1 for a in self._admitted if a.is_alive() and not (a.is_released or a.is_aborted))
+
     # -- pynetdicom glue ---------------------------------------------------
     def apply(self, ae: Any, backstop: int | None = None) -> None:
         """Configure a pynetdicom ``AE`` (limit backstop; AE title checks are ours)."""
@@ -139,6 +149,8 @@ class AssociationPolicy:
             refusal = self.check(called, calling, address, active)
             if refusal is None:
                 self._admitted.append(assoc)
+        ASSOCIATIONS.labels(outcome="accepted" if refusal is None else "rejected",
+                            reason="" if refusal is None else _REASONS.get(refusal.codes, "other")).inc()
         if refusal is None:
             log.debug("association requested by %s at %s:%s (called %s): accepted", calling, address, port, called)
             return

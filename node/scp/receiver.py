@@ -41,6 +41,7 @@ from node.disk import DiskWatch
 from node.dataset_check import image_problem, structure_problem, uid_problem
 from node.dicom_values import tags_from_dataset, uid_value
 from node.logsafe import log_context
+from node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED
 from node.scp.guard import ConnectionLimits, GuardedServer
 from node.scp.policy import AssociationPolicy
 from node.scp.tls import server_context
@@ -224,6 +225,7 @@ class Receiver:
     def _count(self, key: str) -> None:
         with self._stats_lock:
             self.stats[key] += 1
+        INSTANCES_RECEIVED.labels(outcome=key).inc()
 
     def _refuse_for_resources(self, who: str, sop_uid: str, series_uid: str, study_uid: str, reason: str) -> int:
         """0xA700, and the instance recorded as refused: its series waits for it to be sent again."""
@@ -243,7 +245,10 @@ class Receiver:
     def _on_store(self, event: Any) -> int:
         # library log lines caused by this instance (pydicom's value warnings) name it
         with log_context(f"SOP instance {str(event.request.AffectedSOPInstanceUID or '')[:64]}"):
-            return self._store(event)
+            try:
+                return self._store(event)
+            finally:
+                BYTES_RECEIVED.inc(len(event.request.DataSet.getvalue()))
 
     def _store(self, event: Any) -> int:
         req = event.request

@@ -1,0 +1,24 @@
+"""``GET /metrics``: the node's Prometheus metrics (node/metrics.py) in the text exposition format,
+with the store's gauges read at the scrape.  Needs a viewer login or API token (Prometheus:
+``authorization: {credentials: <token>}``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from node.console.auth import Principal, Role, require
+from node.console.context import ConsoleContext, get_ctx
+from node.metrics import REGISTRY, StoreCollector
+
+router = APIRouter()
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+def metrics(_p: Principal = Depends(require(Role.VIEWER)), ctx: ConsoleContext = Depends(get_ctx)) -> Response:
+    """Prometheus text format: counters and histograms of this process, gauges of the store."""
+    gauges = CollectorRegistry(auto_describe=False)
+    gauges.register(StoreCollector(ctx.store, ctx.config.spool_retention_days))
+    body = generate_latest(REGISTRY) + generate_latest(gauges)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
