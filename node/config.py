@@ -305,7 +305,8 @@ class HTTPConfig(_Model):
     session_max_age_s: float = Field(8 * 3600.0, gt=0)
     """A browser session ends this long after login."""
     login_max_failures: int = Field(5, ge=1)
-    """Failed logins allowed per user name and per client address within ``login_window_s``; more are refused."""
+    """Failed logins allowed per user name within ``login_window_s`` (per client address: four times
+    as many); further logins are refused until the window has passed."""
     login_window_s: float = Field(300.0, gt=0)
 
     @field_validator("port")

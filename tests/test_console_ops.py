@@ -1,0 +1,268 @@
+"""Console operations on a real node: Prometheus metrics counted where things happen (DCMTK
+storescu/echoscu against the receiver), destinations with C-ECHO against a real storescp and
+dispatch pause honoured by the dispatcher, users by API and shell, the audit export, the login
+rate limit."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from console_helpers import ConsoleNode, start_console_node
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.config import NodeConfig
+from node.console.auth import verify_password
+from node.dispatcher import Dispatcher
+from node.store import InstanceRecord, Store
+
+REPO = Path(__file__).resolve().parents[1]
+SERIES = REPO.parent / "shared" / "data" / "ct-abdomen-siemens-j2k" / "dicom"
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
+needs_data = pytest.mark.skipif(not SERIES.is_dir(), reason="shared data not present")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    if shutil.which("storescp") is None:
+        pytest.skip("DCMTK not installed")
+    out = tmp_path_factory.mktemp("storescp")
+    port = _free_port()
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ops_node(tmp_path_factory: pytest.TempPathFactory, storescp: int) -> Iterator[ConsoleNode]:
+    """A node whose series never complete (quiet period of an hour: no job runs), a `pacs` destination
+    that answers (storescp) and a `down` one that does not."""
+    node = start_console_node(
+        tmp_path_factory.mktemp("ops") / "var", quiet_period_s=3600, early_start_s=0,
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": storescp},
+                      "down": {"ae_title": "DOWN", "host": "127.0.0.1", "port": _free_port()}},
+        allowed_calling_aes=[{"ae_title": "STORESCU"}, {"ae_title": "MODALITY1", "host": "127.0.0.1"}],
+    )
+    try:
+        yield node
+    finally:
+        node.service.stop()
+
+
+def _metrics(node: ConsoleNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = node.token_client("viewer", "prometheus").get("/metrics")
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain"), text.text[:300]
+    out = {}
+    for fam in text_string_to_metric_families(text.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _get(m: dict, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@needs_dcmtk
+@needs_data
+def test_metrics_count_what_the_receiver_saw(ops_node: ConsoleNode) -> None:
+    before = _metrics(ops_node)
+    files = sorted(SERIES.glob("*.dcm"))[:5]
+    port = str(ops_node.service.port)
+    subprocess.run(["storescu", "-xv", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", port, *map(str, files)],
+                   check=True, capture_output=True, timeout=60)
+    # the calling AE is not on the allow-list: A-ASSOCIATE-RJ
+    subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1", port], capture_output=True, timeout=30)
+    after = _metrics(ops_node)
+    stored = _get(after, "dicomnode_received_instances_total", outcome="stored") - \
+        _get(before, "dicomnode_received_instances_total", outcome="stored")
+    assert stored == 5
+    size = sum(f.stat().st_size for f in files)
+    got_bytes = _get(after, "dicomnode_received_bytes_total") - _get(before, "dicomnode_received_bytes_total")
+    assert 0.9 * size < got_bytes < 1.1 * size  # data sets without the file meta header
+    assert _get(after, "dicomnode_associations_total", outcome="accepted", reason="") >= 1
+    assert _get(after, "dicomnode_associations_total", outcome="rejected", reason="calling_ae") == \
+        _get(before, "dicomnode_associations_total", outcome="rejected", reason="calling_ae") + 1
+    assert _get(after, "dicomnode_spool_bytes") >= size * 0.9
+    # Prometheus naming: counters end in _total, durations in seconds; no UID in any label value
+    names = {n for n, _ in after}
+    assert "dicomnode_job_duration_seconds_bucket" in names or "dicomnode_job_duration_seconds_count" in names \
+        or not any(n.startswith("dicomnode_job_duration") for n in names)
+    for (_name, labels) in after:
+        for _k, v in labels:
+            assert not re.fullmatch(r"[0-9]+(\.[0-9]+){3,}", v), f"a UID as a label value: {v}"
+
+
+def test_metrics_need_a_login(ops_node: ConsoleNode) -> None:
+    assert ops_node.anonymous().get("/metrics").status_code == 401
+
+
+@needs_dcmtk
+def test_destinations_echo_and_allowed_aes(ops_node: ConsoleNode) -> None:
+    op = ops_node.client("operator")
+    ok = op.post("/api/v1/destinations/pacs/echo").json()
+    assert ok["ok"] is True and ok["detail"] == "status 0x0000"
+    bad = op.post("/api/v1/destinations/down/echo").json()
+    assert bad["ok"] is False and bad["detail"]
+    assert ops_node.client("viewer").post("/api/v1/destinations/pacs/echo").status_code == 403
+    report = ops_node.client("viewer").get("/api/v1/destinations").json()
+    names = {d["name"]: d for d in report["destinations"]}
+    assert names["pacs"]["port"] > 0 and names["pacs"]["kind"] == "dimse"
+    assert report["allowed_calling_aes"] == [{"ae_title": "STORESCU", "host": None},
+                                             {"ae_title": "MODALITY1", "host": "127.0.0.1"}]
+    page = ops_node.client("viewer").get("/destinations")
+    assert page.status_code == 200 and "MODALITY1" in page.text and "C-ECHO" not in page.text  # no buttons for viewers
+    echoes = ops_node.store.list_audit(action="destination.echo")
+    assert {e["target"] for e in echoes[:2]} == {"destination pacs", "destination down"}
+
+
+def _queue_dispatch(store: Store, destination: str) -> int:
+    """A job with one pending dispatch row to ``destination``."""
+    uid = f"1.2.826.0.1.3680043.8.498.{time.time_ns()}"
+    store.record_instance(InstanceRecord(
+        sop_instance_uid=uid + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid=uid, study_uid=uid + ".9",
+        path="/nonexistent.dcm", transfer_syntax="1.2.840.10008.1.2.1", size=1, calling_ae="MODALITY",
+        called_ae="DICOMNODE", peer_address="127.0.0.1", tags={}))
+    job_id, _ = store.create_job(uid, "r", profile="bones", backend="hu_based", rules_version="v", generation=1)
+    dispatch_id, _ = store.add_dispatch(job_id, destination, "dicom")
+    return dispatch_id
+
+
+def test_dispatcher_skips_paused_destinations(tmp_path: Path) -> None:
+    config = NodeConfig(storage=tmp_path / "var", destinations={"pacs": {"ae_title": "P", "host": "127.0.0.1", "port": 9},
+                                                               "other": {"ae_title": "O", "host": "127.0.0.1", "port": 9}},
+                        dispatch_retry={"max_attempts": 1})
+    store = Store(config.database_path)
+    paused, other = _queue_dispatch(store, "pacs"), _queue_dispatch(store, "other")
+    store.set_destination_paused("pacs", True, by="test")
+    assert store.paused_destinations() == {"pacs"}
+    dispatcher = Dispatcher(config, store)
+    assert dispatcher.run_due() == 1  # only the other destination's
+    p, o = store.get_dispatch(paused), store.get_dispatch(other)
+    assert p is not None and p.attempts == 0 and p.state == "pending"
+    assert o is not None and o.attempts == 1
+    store.set_destination_paused("pacs", False, by="test")
+    assert dispatcher.run_due() == 1
+    p = store.get_dispatch(paused)
+    assert p is not None and p.attempts == 1
+    stats = store.destination_stats()
+    assert stats["pacs"]["paused"] is False and stats["pacs"]["changed_by"] == "test" and stats["pacs"]["last_error"]
+    store.close()
+
+
+def test_pause_and_resume_by_api(ops_node: ConsoleNode) -> None:
+    op = ops_node.client("operator")
+    assert op.post("/api/v1/destinations/down/pause").json() == {"name": "down", "paused": True}
+    assert ops_node.store.paused_destinations() == {"down"}
+    row = {x["name"]: x for x in op.get("/api/v1/destinations").json()["destinations"]}["down"]
+    assert row["paused"] is True and row["changed_by"] == "operator"
+    page = op.get("/destinations")
+    assert "Resume" in page.text and "paused" in page.text
+    assert op.post("/api/v1/destinations/down/resume").json()["paused"] is False
+    assert ops_node.store.paused_destinations() == set()
+    actions = [e["action"] for e in ops_node.store.list_audit(username="operator", limit=10)]
+    assert "destination.pause" in actions and "destination.resume" in actions
+    assert ops_node.client("viewer").post("/api/v1/destinations/down/pause").status_code == 403
+    assert op.post("/api/v1/destinations/nosuch/pause").status_code == 404
+
+
+def test_users_by_api_one_time_password_and_last_admin(ops_node: ConsoleNode) -> None:
+    admin = ops_node.client("admin")
+    r = admin.post("/api/v1/users", json={"username": "carol", "role": "operator"})
+    assert r.status_code == 201, r.text
+    one_time = r.json()["one_time_password"]
+    assert ops_node.client("operator").get("/api/v1/users").status_code == 403
+    from console_helpers import login
+    carol = login(ops_node.url, "carol", one_time)
+    # must change first: everything else is refused
+    assert carol.get(ops_node.url + "/api/v1/health").status_code == 403
+    assert carol.post(ops_node.url + "/api/v1/account/password", json={"current": one_time, "new": "carol-new-pass-1"}).ok
+    assert carol.get(ops_node.url + "/api/v1/health").status_code == 200
+    assert admin.patch("/api/v1/users/carol", json={"role": "viewer"}).ok
+    assert admin.patch("/api/v1/users/admin", json={"role": "viewer"}).status_code == 400  # the last admin
+    assert admin.delete("/api/v1/users/admin").status_code == 400
+    assert admin.delete("/api/v1/users/carol").ok
+    assert carol.get(ops_node.url + "/api/v1/health").status_code == 401  # sessions end with the user
+    actions = [e["action"] for e in ops_node.store.list_audit(limit=30)]
+    for a in ("user.add", "user.role", "user.remove", "user.password"):
+        assert a in actions
+
+
+def test_audit_export_is_json_lines_oldest_first(ops_node: ConsoleNode) -> None:
+    r = ops_node.client("admin").get("/api/v1/audit/export")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    rows = [json.loads(line) for line in r.text.splitlines()]
+    assert len(rows) >= 3 and [x["id"] for x in rows] == sorted(x["id"] for x in rows)
+    assert {"at", "time", "username", "client", "action", "target", "detail"} <= set(rows[0])
+    assert any(x["action"] == "login.success" and x["username"] == "admin" for x in rows)
+    assert ops_node.client("operator").get("/api/v1/audit/export").status_code == 403
+
+
+def test_failed_logins_are_rate_limited(tmp_path: Path) -> None:
+    node = start_console_node(tmp_path / "var", users=("viewer",), http={"login_max_failures": 2})
+    try:
+        s = node.anonymous()
+
+        def attempt(password: str) -> int:
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', s.get("/login").text).group(1)  # type: ignore[union-attr]  # the form has one
+            return s.post("/login", data={"username": "viewer", "password": password, "csrf_token": csrf}).status_code
+
+        assert attempt("wrong-one-1") == 401
+        assert attempt("wrong-one-2") == 401
+        assert attempt("viewer-pass-1234") == 429  # even the right password, until the window passed
+        refused = node.store.list_audit(action="login.refused")
+        assert refused and refused[0]["username"] == "viewer"
+    finally:
+        node.service.stop()
+
+
+def test_users_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dicom-node users`` through its entry point, in this process (one CLI process costs seconds of imports)."""
+    from node.cli import main
+
+    db = ["--db", str(tmp_path / "node.db")]
+
+    def run(*args: str, stdin: str = "") -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(["users", *args, *db])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("add", "dave", "--role", "admin", "--one-time")
+    assert code == 0 and "one-time password" in out
+    assert run("passwd", "dave", "--password-stdin", stdin="dave-strong-pw\n")[0] == 0
+    code, _, err = run("add", "eve", "--password-stdin", stdin="short\n")
+    assert code == 1 and "at least 10 characters" in err
+    code, out, _ = run("list")
+    assert re.search(r"^dave\s+admin\s+set\b", out, re.M), out
+    code, _, err = run("remove", "dave")
+    assert code == 1 and "last admin" in err
+    store = Store(tmp_path / "node.db")
+    user = store.get_user("dave")
+    actions = [(e["action"], e["client"], e["username"]) for e in store.list_audit()]
+    store.close()
+    assert user is not None and verify_password(user.password_hash, "dave-strong-pw") and not user.must_change
+    assert ("user.add", "shell") == actions[-1][:2] and actions[-1][2].startswith("shell:")
+    assert ("user.password.reset", "shell") in [a[:2] for a in actions]
