@@ -25,6 +25,12 @@
 
 Prints figures only; no assertion on timing.  Targets from the issue: node >=
 1.5x storescp and >= 5x Orthanc; SEG latency <= quiet period + 15 s.
+
+``--console-load`` instead compares the node's receive with its operations console (a) off
+(``http.enabled: false``), (b) on and idle, (c) on and under load: ``--console-clients``
+threads loop over API and page requests (health, jobs/series lists where present, metrics,
+destinations, audit) with an API token for the whole send.  Each repeat runs the three in a
+rotated order, each on a fresh node whose series never complete (no job competes for the CPU).
 """
 
 from __future__ import annotations
@@ -118,6 +124,121 @@ def start_node(work: Path, pacs: Orthanc, early_start_s: float | None = None) ->
     return proc, port, work / "var" / "node.db"
 
 
+def start_console_node(work: Path, console: bool) -> tuple[subprocess.Popen, int, str, str]:
+    """A node whose series never complete (no job runs), with or without its console; with it, an admin
+    API token made beforehand in its store.  Returns (process, DICOM port, console URL, token)."""
+    import yaml
+
+    from node.console.auth import Role, create_user, new_token, token_hash
+    from node.store import Store
+
+    port, http_port = free_port(), free_port()
+    cfg = {
+        "ae_title": "DICOMNODE", "port": port, "bind_address": "127.0.0.1", "storage": str(work / "var"),
+        "quiet_period_s": 3600, "early_start_s": 0, "profiles": str(REPO / "profiles"), "log_level": "INFO",
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}},
+        "http": {"enabled": console, "port": http_port},
+    }
+    (work / "node.yaml").write_text(yaml.safe_dump(cfg))
+    store = Store(work / "var" / "node.db")
+    token = new_token()
+    store.add_token(create_user(store, "bench", Role.ADMIN, "bench-password-1"), "bench", token_hash(token))
+    store.close()
+    log = open(work / "node.log", "ab")
+    proc = subprocess.Popen([str(DICOM_NODE), "serve", "--config", str(work / "node.yaml")], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=str(work), start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 60
+    while "dicom-node: console" not in (work / "node.log").read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("dicom-node serve did not start:\n" + (work / "node.log").read_text()[-3000:])
+        time.sleep(0.1)
+    return proc, port, f"http://127.0.0.1:{http_port}", token
+
+
+#: what the load clients ask for in turn (those another build does not have answer 404, still work)
+CONSOLE_PATHS = ("/api/v1/health", "/", "/metrics", "/api/v1/destinations", "/destinations", "/api/v1/audit",
+                 "/api/v1/jobs", "/jobs", "/api/v1/series", "/series")
+
+
+class ConsoleLoad:
+    """``clients`` threads requesting :data:`CONSOLE_PATHS` in a loop until stopped."""
+
+    def __init__(self, url: str, token: str, clients: int) -> None:
+        import threading
+
+        self.url, self.token = url, token
+        self.stop_flag = threading.Event()
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        import requests
+
+        s = requests.Session()
+        s.headers["Authorization"] = f"Bearer {self.token}"
+        n = i
+        while not self.stop_flag.is_set():
+            path = CONSOLE_PATHS[n % len(CONSOLE_PATHS)]
+            n += 1
+            t = time.perf_counter()
+            try:
+                r = s.get(self.url + path, timeout=30)
+                ok = r.status_code in (200, 404)
+            except OSError:
+                ok = False
+            self.latencies.append(time.perf_counter() - t)
+            self.errors += 0 if ok else 1
+
+    def __enter__(self) -> "ConsoleLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def console_load(files: list[Path], repeat: int, clients: int, base: Path, mb: float) -> None:
+    arms = ["off", "idle", "loaded"]
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    served: list[tuple[int, float, list[float], int]] = []
+    for r in range(repeat):
+        order = arms[r % 3:] + arms[:r % 3]
+        for arm in order:
+            work = base / f"console-{r}-{arm}"
+            work.mkdir()
+            proc, port, url, token = start_console_node(work, console=arm != "off")
+            try:
+                if arm == "loaded":
+                    with ConsoleLoad(url, token, clients) as load:
+                        time.sleep(1.0)  # the load is on before the send starts
+                        before = len(load.latencies)
+                        dt = storescu(port, "DICOMNODE", files)
+                        during = load.latencies[before:]
+                    served.append((len(during), dt, sorted(during), load.errors))
+                else:
+                    dt = storescu(port, "DICOMNODE", files)
+                times[arm].append(dt)
+                print(f"repeat {r + 1} {arm:<7} {dt:6.2f} s  {mb / dt:6.1f} MB/s", flush=True)
+            finally:
+                stop(proc)
+    print()
+    print(f"{'console':<10}{'best s':>8}{'median s':>10}{'MB/s (best)':>13}{'vs off':>8}")
+    off = min(times["off"])
+    for arm in arms:
+        best, med = min(times[arm]), sorted(times[arm])[len(times[arm]) // 2]
+        print(f"{arm:<10}{best:>8.2f}{med:>10.2f}{mb / best:>13.1f}{best / off:>7.2f}x")
+    for n, dt, lat, errors in served:
+        p50 = lat[len(lat) // 2] * 1000 if lat else float("nan")
+        p95 = lat[int(len(lat) * 0.95)] * 1000 if lat else float("nan")
+        print(f"console under load: {n} requests during a {dt:.2f} s send ({n / dt:.0f}/s, {clients} clients),"
+              f" p50 {p50:.0f} ms, p95 {p95:.0f} ms, {errors} error(s)")
+
+
 def stop(proc: subprocess.Popen | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.terminate()
@@ -169,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="node,storescp,orthanc", help="comma-separated subset to run")
     ap.add_argument("--early-start", type=float, default=None,
                     help="the node's early_start_s (default: the node's default; 0 = off)")
+    ap.add_argument("--console-load", action="store_true",
+                    help="instead: the node's receive with its console off, idle and under load")
+    ap.add_argument("--console-clients", type=int, default=4, help="request loops of --console-load")
     args = ap.parse_args(argv)
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -185,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} CPU(s); all peers on loopback, storage on {tempfile.gettempdir()}")
 
     base = Path(tempfile.mkdtemp(prefix="dicom-node-bench-run-"))
+    if args.console_load:
+        try:
+            console_load(files, max(1, args.repeat), args.console_clients, base, mb)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return 0
     results: dict[str, float] = {}
     seg_latency = None
     stages: dict[str, float] = {}

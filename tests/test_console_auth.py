@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from console_helpers import ConsoleNode
+from console_helpers import ConsoleNode, login
 
 from node.console.auth import Role, create_user, ensure_first_admin, verify_password
 from node.store import Store
@@ -77,3 +77,73 @@ def test_first_admin_must_change_password(tmp_path) -> None:
     assert user.password_hash.startswith("$argon2id$")
     create_user(store, "viewer2", Role.VIEWER, "long-enough-pw")
     store.close()
+
+
+def test_serve_prints_where_the_console_is_and_how_to_log_in(tmp_path) -> None:
+    """`dicom-node serve` on a fresh storage: the console's address, the first admin's one-time password
+    once in the log, and a login with it that must change the password."""
+    import subprocess
+    import sys
+
+    import requests
+    import yaml
+
+    cfg = {"port": 0, "bind_address": "127.0.0.1", "storage": str(tmp_path / "var"), "quiet_period_s": 3600,
+           "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}}, "workers": 1,
+           "http": {"port": 0}, "log_level": "INFO"}
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "node.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(tmp_path / "node.yaml")],
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert "listening as DICOMNODE" in lines[0], lines
+        m = re.match(r"dicom-node: console at (http://127\.0\.0\.1:\d+/): log in as 'admin' with the one-time "
+                     r"password in the log above", lines[1])
+        assert m, lines
+        found = re.findall(r"created user 'admin' with the one-time password (\S+) ", log.read_text())
+        assert len(found) == 1, log.read_text()[-2000:]
+        url = m.group(1).rstrip("/")
+        assert requests.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+        s = login(url, "admin", found[0])
+        assert s.get(url + "/api/v1/health", timeout=10).status_code == 403  # the password must change first
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_https_with_a_certificate_and_secure_cookies(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    import pytest
+    import requests
+    from console_helpers import start_console_node
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "console.pem", tmp_path / "console.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    node = start_console_node(tmp_path / "var", users=("viewer",), quiet_period_s=3600,
+                              http={"certificate": str(cert), "key": str(key)})
+    try:
+        assert node.url.startswith("https://127.0.0.1:")
+        s = requests.Session()
+        s.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override verify
+        s.verify = str(cert)
+        page = s.get(node.url + "/login", timeout=10)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]  # the form has one
+        r = s.post(node.url + "/login", data={"username": "viewer", "password": "viewer-pass-1234", "csrf_token": csrf},
+                   allow_redirects=False, timeout=10)
+        assert r.status_code == 303
+        cookie = r.headers["set-cookie"]
+        assert "dn_session=" in cookie and "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert s.get(node.url + "/api/v1/session", timeout=10).json()["username"] == "viewer"
+        with pytest.raises(requests.ConnectionError):  # plain http to the https port
+            requests.get(node.url.replace("https://", "http://") + "/healthz", timeout=5)
+    finally:
+        node.service.stop()

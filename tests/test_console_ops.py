@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import shutil
 import socket
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from node.config import NodeConfig
 from node.console.auth import verify_password
 from node.dispatcher import Dispatcher
+from node.metrics import REGISTRY
 from node.store import InstanceRecord, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +161,15 @@ def test_dispatcher_skips_paused_destinations(tmp_path: Path) -> None:
     store.set_destination_paused("pacs", True, by="test")
     assert store.paused_destinations() == {"pacs"}
     dispatcher = Dispatcher(config, store)
+
+    def attempts_counted(dest: str) -> float:
+        return sum(REGISTRY.get_sample_value("dicomnode_dispatch_attempts_total",
+                                             {"outcome": o, "destination": dest, "kind": "dicom"}) or 0.0
+                   for o in ("sent", "retry", "failed"))
+
+    counted = attempts_counted("other"), attempts_counted("pacs")
     assert dispatcher.run_due() == 1  # only the other destination's
+    assert (attempts_counted("other"), attempts_counted("pacs")) == (counted[0] + 1, counted[1])
     p, o = store.get_dispatch(paused), store.get_dispatch(other)
     assert p is not None and p.attempts == 0 and p.state == "pending"
     assert o is not None and o.attempts == 1
@@ -266,3 +276,15 @@ def test_users_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypat
     assert user is not None and verify_password(user.password_hash, "dave-strong-pw") and not user.must_change
     assert ("user.add", "shell") == actions[-1][:2] and actions[-1][2].startswith("shell:")
     assert ("user.password.reset", "shell") in [a[:2] for a in actions]
+
+
+def test_health_shows_slots_and_last_errors(ops_node: ConsoleNode) -> None:
+    logging.getLogger("node.test").error("console health test: something broke")
+    h = ops_node.client("viewer").get("/api/v1/health").json()
+    assert h["receiver"]["up"] is True and h["receiver"]["port"] == ops_node.service.port
+    assert h["receiver"]["associations_now"] == 0 and h["spool"]["free_bytes"] > 0
+    assert [s["slot"] for s in h["queue"]["slots"]] == ["cpu0"]
+    assert h["last_errors"][-1]["message"] == "console health test: something broke"
+    assert h["last_errors"][-1]["logger"] == "node.test"
+    page = ops_node.client("viewer").get("/")
+    assert "console health test: something broke" in page.text and "cpu0" in page.text
