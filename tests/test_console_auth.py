@@ -27,6 +27,10 @@ def test_login_session_and_csrf(console_node: ConsoleNode) -> None:
 
 def test_anonymous_and_roles(console_node: ConsoleNode) -> None:
     anon = console_node.anonymous()
+    login_page = anon.get("/login")
+    csp = login_page.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+    assert login_page.headers["X-Frame-Options"] == "DENY" and login_page.headers["Cache-Control"] == "no-store"
     r = anon.get("/api/v1/health")
     assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
     r = anon.get("/")

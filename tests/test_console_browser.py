@@ -25,11 +25,22 @@ def fresh_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleNode
 
 
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
+def page(browser: Any, fresh_node: ConsoleNode) -> Iterator[Any]:
+    """A page that records every request it makes and every console error (a CSP violation is one)."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     p = context.new_page()
+    p.requests_made = []
+    p.errors = []
+    p.on("request", lambda r: p.requests_made.append(r.url))
+    p.on("console", lambda m: p.errors.append(m.text) if m.type == "error" else None)
+    p.on("pageerror", lambda e: p.errors.append(str(e)))
     try:
         yield p
+        # nothing from anywhere but the console itself; no script error, no blocked resource
+        assert all(u.startswith(fresh_node.url + "/") for u in p.requests_made), p.requests_made
+        intended = ("status of 401", "status of 403")  # the wrong password and the viewer refused, on purpose
+        assert not [e for e in p.errors if not e.endswith(tuple(f"{i} (Unauthorized)" for i in intended))
+                    and not e.endswith(tuple(f"{i} (Forbidden)" for i in intended))], p.errors
     finally:
         context.close()
 
@@ -75,10 +86,20 @@ def test_first_admin_forced_change_then_pages(fresh_node: ConsoleNode, page: Any
     screenshot(page, "account-token")
     page.goto(url + "/account")
     assert token not in page.content()
+    # an admin adds a user (one-time password shown) and removes it after confirming
+    page.goto(url + "/users")
+    page.fill("input[name=username]", "tmpuser")
+    page.click("text=Add with a one-time password")
+    page.wait_for_load_state()
+    assert len(page.locator("#one-time").inner_text().strip()) >= 12
+    page.once("dialog", lambda d: d.accept())
+    page.click("form[action='/users/tmpuser/remove'] button")
+    page.wait_for_load_state()
+    assert "User tmpuser removed." in page.content()
     # the audit log shows the failed and the successful login, the password change and the token
     page.goto(url + "/audit")
     text = page.locator("#audit").inner_text()
-    for action in ("login.failed", "login.success", "user.password", "token.create"):
+    for action in ("login.failed", "login.success", "user.password", "token.create", "user.add", "user.remove"):
         assert action in text, action
     # log out: the pages need a login again
     page.click("text=Log out")

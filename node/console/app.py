@@ -23,7 +23,7 @@ from node.console.auth import LoginRequired, PasswordChangeRequired, Role, is_ap
 from node.console.context import ConsoleContext
 from node.console.web import STATIC_DIR, render
 
-__all__ = ["create_app", "walk_routes", "RouteInfo", "ROUTER_MODULES", "PUBLIC_PATHS"]
+__all__ = ["create_app", "walk_routes", "RouteInfo", "ROUTER_MODULES", "PUBLIC_PATHS", "SECURITY_HEADERS"]
 
 # ---- feature routers: ONE LINE EACH, in nav order (other features append their module here) ----
 ROUTER_MODULES: list[str] = [
@@ -40,6 +40,17 @@ ROUTER_MODULES: list[str] = [
     "node.console.routes_meta",
 ]
 # ---- end of feature routers ----
+
+#: on every answer: the browser loads scripts, styles, images and frames from the console only
+#: (no inline scripts: put them in static/console.js), never frames it, never sniffs types
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 #: routes anyone may call without logging in (liveness probes, the login page, static files)
 PUBLIC_PATHS = frozenset({"/login", "/healthz", "/readyz"})
@@ -62,6 +73,15 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
+        if not request.url.path.startswith("/static/"):
+            response.headers.setdefault("Cache-Control", "no-store")  # pages and answers hold patient data
+        return response
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, _exc: LoginRequired) -> Response:

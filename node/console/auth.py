@@ -39,6 +39,7 @@ __all__ = [
     "MIN_PASSWORD_LENGTH",
     "hash_password",
     "verify_password",
+    "burn_verification",
     "check_new_password",
     "new_token",
     "token_hash",
@@ -57,6 +58,7 @@ SESSION_COOKIE = "dn_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 MIN_PASSWORD_LENGTH = 10
+MAX_PASSWORD_LENGTH = 1024
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: paths a user who must change the password may still use
 _PASSWORD_CHANGE_PATHS = frozenset({"/account/password", "/logout", "/api/v1/session", "/api/v1/account/password"})
@@ -111,6 +113,8 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password_hash: str, password: str) -> bool:
+    if len(password) > MAX_PASSWORD_LENGTH:  # hashing megabytes per try would be a denial of service
+        return False
     try:
         return bool(_hasher.verify(password_hash, password))
     except (VerificationError, InvalidHashError):
@@ -118,11 +122,21 @@ def verify_password(password_hash: str, password: str) -> bool:
 
 
 def check_new_password(password: str, *, username: str = "") -> None:
-    """Raise ``ValueError`` with the reason when ``password`` is too weak to set."""
+    """Raise ``ValueError`` with the reason when ``password`` is too weak (or too long) to set."""
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValueError(f"a password needs at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise ValueError(f"a password has at most {MAX_PASSWORD_LENGTH} characters")
     if username and password.lower() == username.lower():
         raise ValueError("the password must not be the user name")
+
+
+#: verified against when the user does not exist, so that an unknown name costs as long as a wrong password
+_DUMMY_HASH = _hasher.hash("no such user: dummy password")
+
+
+def burn_verification(password: str) -> None:
+    verify_password(_DUMMY_HASH, password)
 
 
 def new_token() -> str:

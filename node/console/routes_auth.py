@@ -23,6 +23,7 @@ from node.console.auth import (
     SESSION_COOKIE,
     Principal,
     Role,
+    burn_verification,
     check_new_password,
     client_address,
     hash_password,
@@ -90,7 +91,10 @@ def login(request: Request, username: str = Form(""), password: str = Form(""), 
         log.warning("console login of %r from %s refused: too many failed logins", username, client)
         return _login_page(request, next_, error="Too many failed logins; wait a few minutes.", username=username,
                            status_code=429)
+    username = username[:100]  # what an anonymous caller can write into the audit log
     user = ctx.store.get_user(username) if username else None
+    if user is None:
+        burn_verification(password)
     if user is None or not verify_password(user.password_hash, password):
         ctx.store.add_audit("login.failed", username=username or None, client=client,
                             detail={"reason": "unknown user" if user is None else "wrong password"})
