@@ -288,3 +288,47 @@ def test_health_shows_slots_and_last_errors(ops_node: ConsoleNode) -> None:
     assert h["last_errors"][-1]["logger"] == "node.test"
     page = ops_node.client("viewer").get("/")
     assert "console health test: something broke" in page.text and "cpu0" in page.text
+
+
+@pytest.mark.slow
+@needs_dcmtk
+@needs_data
+def test_metrics_of_a_job_and_its_dispatch(tmp_path: Path) -> None:
+    """A real series through a real job: series completed, the try's duration and stage histograms,
+    the jobs gauge, and the dispatch attempt to a destination nobody listens on."""
+    import yaml
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"rules": [{"name": "ct-bones", "match": {"Modality": "CT"}, "profile": "bones",
+                                                "destinations": ["pacs"]}]}))
+    node = start_console_node(tmp_path / "var", users=("viewer",), quiet_period_s=1, early_start_s=0, rules=str(rules),
+                              destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": _free_port()}},
+                              dispatch_retry={"max_attempts": 5, "backoff_base_s": 60})
+    try:
+        before = _metrics(node)
+        subprocess.run(["storescu", "-xv", "-aec", "DICOMNODE", "127.0.0.1", str(node.service.port),
+                        *map(str, sorted(SERIES.glob("*.dcm")))], check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            jobs = node.store.list_jobs()
+            if jobs and jobs[0].state in ("done", "failed") and node.store.dispatch_attempts(job_id=jobs[0].id):
+                break
+            time.sleep(0.5)
+        jobs = node.store.list_jobs()
+        assert jobs and jobs[0].state == "done", [(j.state, j.error) for j in jobs]
+        after = _metrics(node)
+
+        def grew(name: str, **labels: str) -> float:
+            return _get(after, name, **labels) - _get(before, name, **labels)
+
+        assert grew("dicomnode_series_completed_total") == 1
+        assert grew("dicomnode_job_tries_total", backend="hu_based", outcome="done") == 1
+        assert grew("dicomnode_job_duration_seconds_count", backend="hu_based", outcome="done") == 1
+        assert grew("dicomnode_job_duration_seconds_sum", backend="hu_based", outcome="done") > 0
+        stages = {dict(labels)["stage"] for name, labels in after if name == "dicomnode_job_stage_duration_seconds_count"}
+        assert {"load", "segment"} & stages, stages
+        assert _get(after, "dicomnode_jobs", state="done", backend="hu_based") == 1
+        assert grew("dicomnode_dispatch_attempts_total", outcome="retry", destination="pacs", kind="dicom") >= 1
+        assert _get(after, "dicomnode_dispatches", state="pending", destination="pacs") >= 1
+    finally:
+        node.service.stop()
