@@ -70,12 +70,24 @@ def test_first_admin_forced_change_then_pages(fresh_node: ConsoleNode, page: Any
     assert page.locator("text=Password changed.").count() == 1
     assert page.locator("text=Receiver").count() >= 1
     screenshot(page, "health")
+    with page.expect_request(lambda r: r.headers.get("hx-request") == "true", timeout=10000) as refresh:
+        pass  # htmx refreshes the health figures every 5 s
+    assert refresh.value.url == url + "/"
     for path, name, expect in (("/destinations", "destinations", "Calling AEs allowed"), ("/users", "users", "Add a user"),
                                ("/audit", "audit", "login.success"), ("/api", "api", "/api/v1/health"),
                                ("/account", "account", "API tokens")):
         page.goto(url + path)
         assert expect in page.content(), path
         screenshot(page, name)
+    # C-ECHO through htmx: the answer lands beside the button (the CSRF token goes in htmx's header)
+    page.goto(url + "/destinations")
+    with page.expect_response(lambda r: r.url.endswith("/destinations/pacs/echo")) as echo:
+        page.click("form[action='/destinations/pacs/echo'] button")
+    assert echo.value.status == 200
+    assert echo.value.request.headers.get("x-csrf-token")
+    page.wait_for_selector("#echo-pacs span")
+    assert page.locator("#echo-pacs").inner_text().startswith("C-ECHO pacs: ")
+    screenshot(page, "destinations-echo")
     # an API token, shown once
     page.goto(url + "/account")
     page.fill("input[name=name]", "prometheus")

@@ -10,7 +10,8 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from markupsafe import escape
 
 from node.config import StowDestination
 from node.console.auth import Principal, Role, client_address, require
@@ -131,7 +132,10 @@ def _back(message: str, ok: bool = True) -> RedirectResponse:
 def echo_page(name: str, request: Request, p: Principal = Depends(_operator),
               ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     r = _echo(ctx, p, client_address(request), name)
-    return _back(f"C-ECHO {name}: {'OK' if r['ok'] else 'failed'} ({r['detail']}, {r['seconds']} s)", r["ok"])
+    message = f"C-ECHO {name}: {'OK' if r['ok'] else 'failed'} ({r['detail']}, {r['seconds']} s)"
+    if request.headers.get("hx-request"):  # htmx: only the answer, put beside the button
+        return HTMLResponse(f'<span class="{"ok" if r["ok"] else "err"}" role="status">{escape(message)}</span>')
+    return _back(message, r["ok"])
 
 
 @router.post("/destinations/{name}/pause", include_in_schema=False)
