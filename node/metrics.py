@@ -9,8 +9,7 @@ bytes), ``_total`` counters, no UIDs or patient data in labels.
 
 from __future__ import annotations
 
-import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -64,15 +63,15 @@ def observe_stage_timings(timings_s: Mapping[str, Any]) -> None:
 
 class StoreCollector(Collector):
     """Gauges read from the store at scrape time (:meth:`node.store.Store.gauges`): jobs by state and
-    backend, queued jobs per slot kind, dispatches by state and destination, spool bytes."""
+    backend, queued jobs per slot kind, dispatches by state and destination; spool bytes from
+    ``spool_bytes()`` (the console caches it: it reads every instance row)."""
 
-    def __init__(self, store: Any, retention_days: float = 0.0) -> None:  # node.store.Store
+    def __init__(self, store: Any, spool_bytes: Callable[[], int]) -> None:  # node.store.Store
         self.store = store
-        self.retention_days = retention_days
+        self.spool_bytes = spool_bytes
 
     def collect(self) -> Iterable[Metric]:
-        cutoff = time.time() - self.retention_days * 86400.0 if self.retention_days > 0 else None
-        g = self.store.gauges(retention_cutoff=cutoff)
+        g = self.store.gauges()
         jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs in the store by state and backend", labels=["state", "backend"])
         for state, backend, n in g["jobs"]:
             jobs.add_metric([state, backend], float(n))
@@ -88,4 +87,4 @@ class StoreCollector(Collector):
             disp.add_metric([state, dest], float(n))
         yield disp
         yield GaugeMetricFamily("dicomnode_spool_bytes", "Bytes of the received instances still in the spool",
-                                value=float(g["spool_bytes"]))
+                                value=float(self.spool_bytes()))

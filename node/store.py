@@ -1753,12 +1753,18 @@ class Store:
                               (int(version_id),)).fetchone()
         return RuleVersion._from(r) if r else None
 
-    def gauges(self, *, retention_cutoff: float | None = None) -> dict[str, Any]:
-        """Counts for health and metrics: ``jobs`` [(state, backend, n)], ``queued`` [(resource, n)],
-        ``dispatches`` [(state, destination, n)], ``spool_bytes`` (instances still in the spool: of
-        series not done before ``retention_cutoff``, whose files retention deletes)."""
-        c = self.conn
+    def spool_bytes(self, *, retention_cutoff: float | None = None) -> int:
+        """Bytes of the instances still in the spool: all but those of series done before
+        ``retention_cutoff``, whose files retention deletes.  Reads every instance row: cache it."""
         cutoff = retention_cutoff if retention_cutoff is not None else float("-inf")
+        return int(self.conn.execute(
+            "SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series s ON s.series_uid = i.series_uid"
+            " WHERE NOT (s.state = 'done' AND s.state_changed_at <= ?)", (cutoff,)).fetchone()[0])
+
+    def gauges(self) -> dict[str, Any]:
+        """Counts for health and metrics: ``jobs`` [(state, backend, n)], ``queued`` [(resource, n)],
+        ``dispatches`` [(state, destination, n)]."""
+        c = self.conn
         return {
             "jobs": [(str(s), str(b), int(n)) for s, b, n in
                      c.execute("SELECT state, backend, COUNT(*) FROM jobs GROUP BY state, backend")],
@@ -1767,9 +1773,6 @@ class Store:
                                  " WHERE state = 'queued' GROUP BY 1")],
             "dispatches": [(str(s), str(d), int(n)) for s, d, n in
                            c.execute("SELECT state, destination, COUNT(*) FROM dispatches GROUP BY state, destination")],
-            "spool_bytes": int(c.execute(
-                "SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series s ON s.series_uid = i.series_uid"
-                " WHERE NOT (s.state = 'done' AND s.state_changed_at <= ?)", (cutoff,)).fetchone()[0]),
         }
 
     def destination_stats(self) -> dict[str, dict[str, Any]]:

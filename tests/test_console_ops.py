@@ -97,6 +97,7 @@ def test_metrics_count_what_the_receiver_saw(ops_node: ConsoleNode) -> None:
                    check=True, capture_output=True, timeout=60)
     # the calling AE is not on the allow-list: A-ASSOCIATE-RJ
     subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1", port], capture_output=True, timeout=30)
+    ops_node.service.console.ctx.clear_cache()  # the spool bytes are cached for 15 s
     after = _metrics(ops_node)
     stored = _get(after, "dicomnode_received_instances_total", outcome="stored") - \
         _get(before, "dicomnode_received_instances_total", outcome="stored")
@@ -332,3 +333,16 @@ def test_metrics_of_a_job_and_its_dispatch(tmp_path: Path) -> None:
         assert _get(after, "dicomnode_dispatches", state="pending", destination="pacs") >= 1
     finally:
         node.service.stop()
+
+
+def test_spool_bytes_leave_out_series_retention_cleaned(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    _queue_dispatch(store, "pacs")  # one instance of size 1 in a receiving series
+    assert store.spool_bytes() == 1
+    # the series went done two days ago: with a retention of one day its files are gone
+    store.conn.execute("UPDATE series SET state = 'done', state_changed_at = ?", (time.time() - 2 * 86400,))
+    assert store.spool_bytes(retention_cutoff=time.time() - 86400) == 0
+    assert store.spool_bytes(retention_cutoff=time.time() - 3 * 86400) == 1
+    g = store.gauges()
+    assert g["jobs"] == [("queued", "hu_based", 1)] and g["dispatches"] == [("pending", "pacs", 1)]
+    store.close()

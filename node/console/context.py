@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from fastapi import Request
 
@@ -54,9 +54,35 @@ class ConsoleContext:
     #: recent error lines of the node (filled by a logging handler, shown on the health page)
     last_errors: list[dict[str, Any]] = field(default_factory=list)
 
+    #: :meth:`cached` values: key -> (time computed, value)
+    _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+
     @property
     def https(self) -> bool:
         return self.config.http.certificate is not None
+
+    def cached(self, key: str, ttl_s: float, compute: Callable[[], Any]) -> Any:
+        """``compute()``, reused for ``ttl_s`` seconds (figures that read a whole table, per page refresh
+        or scrape)."""
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < ttl_s:
+            return hit[1]
+        value = compute()
+        self._cache[key] = (now, value)
+        return value
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def spool_bytes(self) -> int:
+        """The store's :meth:`~node.store.Store.spool_bytes` under the retention setting, cached 15 s."""
+        days = self.config.spool_retention_days
+
+        def compute() -> int:
+            return self.store.spool_bytes(retention_cutoff=time.time() - days * 86400.0 if days > 0 else None)
+
+        return int(self.cached("spool_bytes", 15.0, compute))
 
 
 def get_ctx(request: Request) -> ConsoleContext:

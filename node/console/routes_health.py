@@ -69,8 +69,7 @@ def health_report(ctx: ConsoleContext) -> dict[str, Any]:
         disk = {"free_bytes": usage.free, "total_bytes": usage.total}
     except OSError:
         disk = {"free_bytes": None, "total_bytes": None}
-    cutoff = time.time() - cfg.spool_retention_days * 86400.0 if cfg.spool_retention_days > 0 else None
-    gauges = ctx.store.gauges(retention_cutoff=cutoff)
+    gauges = ctx.store.gauges()
     by_state = {s.value: 0 for s in JobState}
     for state, _backend, n in gauges["jobs"]:
         by_state[state] = by_state.get(state, 0) + n
@@ -87,7 +86,7 @@ def health_report(ctx: ConsoleContext) -> dict[str, Any]:
             "max_associations": cfg.max_associations,
             "stats": dict(getattr(receiver, "stats", {}) or {}),
         },
-        "spool": {"path": str(cfg.spool_dir), "bytes": gauges["spool_bytes"], **disk,
+        "spool": {"path": str(cfg.spool_dir), "bytes": ctx.spool_bytes(), **disk,
                   "reserve_bytes": cfg.disk.reserve_free_mib * 1024 * 1024},
         "jobs_by_state": by_state,
         "queue": {"by_resource": queued, "slots": slots},

@@ -19,6 +19,6 @@ router = APIRouter()
 def metrics(_p: Principal = Depends(require(Role.VIEWER)), ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     """Prometheus text format: counters and histograms of this process, gauges of the store."""
     gauges = CollectorRegistry(auto_describe=False)
-    gauges.register(StoreCollector(ctx.store, ctx.config.spool_retention_days))
+    gauges.register(StoreCollector(ctx.store, ctx.spool_bytes))
     body = generate_latest(REGISTRY) + generate_latest(gauges)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
