@@ -1788,7 +1788,8 @@ class Store:
 
         c = self.conn
         for dest, pending, failed, last_sent in c.execute(
-                "SELECT destination, SUM(state = 'pending'), SUM(state = 'failed'), MAX(sent_at) FROM dispatches"
+                "SELECT destination, SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END), MAX(sent_at) FROM dispatches"
                 " GROUP BY destination"):
             e = entry(str(dest))
             e.update(pending=int(pending or 0), failed=int(failed or 0), last_success=last_sent)
