@@ -151,3 +151,16 @@ def test_https_with_a_certificate_and_secure_cookies(tmp_path) -> None:
             requests.get(node.url.replace("https://", "http://") + "/healthz", timeout=5)
     finally:
         node.service.stop()
+
+
+def test_openapi_and_api_page_are_served_locally(console_node: ConsoleNode) -> None:
+    viewer = console_node.client("viewer")
+    schema = viewer.get("/api/v1/openapi.json").json()
+    assert schema["openapi"].startswith("3.") and "/api/v1/health" in schema["paths"]
+    assert console_node.anonymous().get("/api/v1/openapi.json").status_code == 401
+    page = viewer.get("/api").text
+    assert re.search(r"/api/v1/destinations/\{name\}/echo</td><td>operator</td>", page)
+    assert re.search(r"/api/v1/users</td><td>admin</td>", page)
+    assert "http://" not in page.replace(console_node.url, "") and "https://" not in page
+    for gone in ("/docs", "/redoc", "/openapi.json"):  # FastAPI's pages would load scripts from a CDN
+        assert viewer.get(gone).status_code == 404

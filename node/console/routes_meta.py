@@ -23,10 +23,14 @@ def openapi(request: Request, _p: Principal = Depends(_viewer)) -> dict[str, Any
 
 @router.get("/api", include_in_schema=False)
 def api_page(request: Request, _p: Principal = Depends(_viewer)) -> Response:
+    from node.console.app import walk_routes  # app imports this module
+
     schema = request.app.openapi()
+    roles = {(r.method, r.path): r.role.label if r.role is not None else "none" for r in walk_routes(request.app)}
     endpoints = []
     for path, ops in sorted(schema.get("paths", {}).items()):
         for method, op in ops.items():
             endpoints.append({"method": method.upper(), "path": path, "summary": op.get("summary", ""),
-                              "description": (op.get("description") or "").strip(), "tags": op.get("tags", [])})
+                              "description": (op.get("description") or "").strip().replace("``", ""),
+                              "tags": op.get("tags", []), "role": roles.get((method.upper(), path), "?")})
     return render(request, "api.html", {"endpoints": endpoints, "title": "API", "version": schema["info"]["version"]})
