@@ -164,3 +164,15 @@ def test_openapi_and_api_page_are_served_locally(console_node: ConsoleNode) -> N
     assert "http://" not in page.replace(console_node.url, "") and "https://" not in page
     for gone in ("/docs", "/redoc", "/openapi.json"):  # FastAPI's pages would load scripts from a CDN
         assert viewer.get(gone).status_code == 404
+
+
+def test_expired_sessions_are_refused_and_dropped(console_node: ConsoleNode) -> None:
+    store = console_node.store
+    create_user(store, "expiring", Role.VIEWER, "expiring-pass-1")  # its own user: the shared clients keep theirs
+    s = login(console_node.url, "expiring", "expiring-pass-1")
+    assert s.get(console_node.url + "/api/v1/session", timeout=10).status_code == 200
+    store.conn.execute("UPDATE console_sessions SET expires_at = 1 WHERE user_id = (SELECT id FROM console_users"
+                       " WHERE username = 'expiring')")
+    assert s.get(console_node.url + "/api/v1/session", timeout=10).status_code == 401
+    login(console_node.url, "expiring", "expiring-pass-1")  # a login drops expired sessions
+    assert store.conn.execute("SELECT COUNT(*) FROM console_sessions WHERE expires_at <= 1").fetchone()[0] == 0

@@ -262,5 +262,6 @@ def ensure_first_admin(store: Store) -> str | None:
 def start_session(ctx: ConsoleContext, user: ConsoleUser, client: str) -> tuple[str, str]:
     """Create a server-side session; returns (signed cookie value, CSRF token)."""
     sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    ctx.store.end_sessions()  # drops the expired ones, so the table does not grow with every login
     ctx.store.add_session(sid, user.id, csrf, client, time.time() + ctx.config.http.session_max_age_s)
     return _serializer(ctx).dumps(sid), csrf
