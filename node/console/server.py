@@ -107,4 +107,7 @@ def start_console(config: NodeConfig, store: Store, node: NodeHandle | None) -> 
     logging.getLogger().addHandler(handler)
     server._log_handler = handler
     log.info("console listening on %s", server.url)
+    if not ctx.https and config.http.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("console: listening on %s without HTTPS: passwords, tokens and patient data cross the network in"
+                    " clear (set http.certificate and http.key)", config.http.host)
     return server
