@@ -176,3 +176,29 @@ def test_expired_sessions_are_refused_and_dropped(console_node: ConsoleNode) -> 
     assert s.get(console_node.url + "/api/v1/session", timeout=10).status_code == 401
     login(console_node.url, "expiring", "expiring-pass-1")  # a login drops expired sessions
     assert store.conn.execute("SELECT COUNT(*) FROM console_sessions WHERE expires_at <= 1").fetchone()[0] == 0
+
+
+def test_http_section_is_validated_at_the_door(tmp_path) -> None:
+    import pytest
+
+    from node.config import ConfigError, load_config
+
+    def load(text: str):
+        p = tmp_path / "node.yaml"
+        p.write_text(text)
+        return load_config(p)
+
+    cfg = load("destinations: {}\n")
+    assert (cfg.http.enabled, cfg.http.host, cfg.http.port, cfg.http.certificate) == (True, "127.0.0.1", 8080, None)
+    (tmp_path / "c.pem").write_text("x")
+    for text, where in (("http: {port: 70000}\n", "http.port: must be 1..65535"),
+                        ("http: {certificate: c.pem}\n", "http: give both certificate and key"),
+                        ("http: {certificate: c.pem, key: missing.key}\n", "http.key: no such file"),
+                        ("http: {hots: 0.0.0.0}\n", "http.hots: unknown key"),
+                        ("http: {login_max_failures: 0}\n", "http.login_max_failures")):
+        with pytest.raises(ConfigError) as exc:
+            load(text)
+        assert where in str(exc.value), (text, str(exc.value))
+    (tmp_path / "c.key").write_text("x")
+    cfg = load("http: {certificate: c.pem, key: c.key, host: 0.0.0.0, enabled: false}\n")
+    assert cfg.http.key == tmp_path / "c.key" and not cfg.http.enabled
