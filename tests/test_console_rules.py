@@ -243,6 +243,9 @@ def test_rules_page_in_chromium(rules_node, browser):
         assert issue.get_attribute("data-line") == str(first + 4)
         assert "unknown profile 'bonez' (did you mean 'bones'?)" in issue.inner_text()
         assert page.locator(f"#line-{first + 4}.bad").inner_text().endswith("profile: bonez")
+        issue.click()  # puts the cursor on the issue's line of the text area (static/console.js: no inline scripts)
+        cursor = page.evaluate("document.getElementById('rules-text').selectionStart")
+        assert page.input_value("#rules-text")[:cursor].count("\n") == 4
         screenshot(page, "rules-typo")
         page.click("#btn-apply")
         page.wait_for_selector(".flash.error")
