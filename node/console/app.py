@@ -69,7 +69,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
                     "`Authorization: Bearer <token>` (tokens: /account/tokens).",
         docs_url=None,  # FastAPI's docs pages load scripts from a CDN: the description is served as JSON
         redoc_url=None,
-        openapi_url=None,  # served below, behind login
+        openapi_url=None,  # served by routes_meta.py, behind login
     )
     app.state.ctx = ctx
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
