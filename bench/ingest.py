@@ -29,8 +29,9 @@ Prints figures only; no assertion on timing.  Targets from the issue: node >=
 ``--console-load`` instead compares the node's receive with its operations console (a) off
 (``http.enabled: false``), (b) on and idle, (c) on and under load: ``--console-clients``
 threads loop over API and page requests (health, jobs/series lists where present, metrics,
-destinations, audit) with an API token for the whole send.  Each repeat runs the three in a
-rotated order, each on a fresh node whose series never complete (no job competes for the CPU).
+destinations, audit) with an API token for the whole send (``--console-think`` seconds between
+requests; default none).  Each repeat runs the three in a rotated order, each on a fresh node
+whose series never complete (no job competes for the CPU), sending once the node is idle.
 """
 
 from __future__ import annotations
@@ -164,10 +165,10 @@ CONSOLE_PATHS = ("/api/v1/health", "/", "/metrics", "/api/v1/destinations", "/de
 class ConsoleLoad:
     """``clients`` threads requesting :data:`CONSOLE_PATHS` in a loop until stopped."""
 
-    def __init__(self, url: str, token: str, clients: int) -> None:
+    def __init__(self, url: str, token: str, clients: int, think_s: float = 0.0) -> None:
         import threading
 
-        self.url, self.token = url, token
+        self.url, self.token, self.think_s = url, token, think_s
         self.stop_flag = threading.Event()
         self.latencies: list[float] = []
         self.errors = 0
@@ -190,6 +191,8 @@ class ConsoleLoad:
                 ok = False
             self.latencies.append(time.perf_counter() - t)
             self.errors += 0 if ok else 1
+            if self.think_s:
+                self.stop_flag.wait(self.think_s)
 
     def __enter__(self) -> "ConsoleLoad":
         for t in self.threads:
@@ -202,7 +205,33 @@ class ConsoleLoad:
             t.join(timeout=60)
 
 
-def console_load(files: list[Path], repeat: int, clients: int, base: Path, mb: float) -> None:
+def settle(proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    """Wait until the node and its children are idle (under 10 % of a CPU over 1 s): the worker pool's
+    forkserver preloads the pipeline modules in the background after the node listens, for several
+    seconds on a busy machine; the arm whose node was ready soonest (console off) sent during it."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    root = psutil.Process(proc.pid)
+    while time.monotonic() < deadline:
+        procs = [root, *root.children(recursive=True)]
+        for p in procs:
+            try:
+                p.cpu_percent(None)
+            except psutil.Error:
+                pass
+        time.sleep(1.0)
+        busy = 0.0
+        for p in procs:
+            try:
+                busy += p.cpu_percent(None)
+            except psutil.Error:
+                pass
+        if busy < 10.0:
+            return
+
+
+def console_load(files: list[Path], repeat: int, clients: int, base: Path, mb: float, think_s: float = 0.0) -> None:
     arms = ["off", "idle", "loaded"]
     times: dict[str, list[float]] = {a: [] for a in arms}
     served: list[tuple[int, float, list[float], int]] = []
@@ -212,9 +241,10 @@ def console_load(files: list[Path], repeat: int, clients: int, base: Path, mb: f
             work = base / f"console-{r}-{arm}"
             work.mkdir()
             proc, port, url, token = start_console_node(work, console=arm != "off")
+            settle(proc)  # the node's start-up work (the forkserver's preload) is over in every arm
             try:
                 if arm == "loaded":
-                    with ConsoleLoad(url, token, clients) as load:
+                    with ConsoleLoad(url, token, clients, think_s) as load:
                         time.sleep(1.0)  # the load is on before the send starts
                         before = len(load.latencies)
                         dt = storescu(port, "DICOMNODE", files)
@@ -293,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--console-load", action="store_true",
                     help="instead: the node's receive with its console off, idle and under load")
     ap.add_argument("--console-clients", type=int, default=4, help="request loops of --console-load")
+    ap.add_argument("--console-think", type=float, default=0.0,
+                    help="seconds each --console-load loop waits between requests (0: back to back)")
     args = ap.parse_args(argv)
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -311,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="dicom-node-bench-run-"))
     if args.console_load:
         try:
-            console_load(files, max(1, args.repeat), args.console_clients, base, mb)
+            console_load(files, max(1, args.repeat), args.console_clients, base, mb, args.console_think)
         finally:
             shutil.rmtree(base, ignore_errors=True)
         return 0

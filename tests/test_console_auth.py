@@ -202,3 +202,25 @@ def test_http_section_is_validated_at_the_door(tmp_path) -> None:
     (tmp_path / "c.key").write_text("x")
     cfg = load("http: {certificate: c.pem, key: c.key, host: 0.0.0.0, enabled: false}\n")
     assert cfg.http.key == tmp_path / "c.key" and not cfg.http.enabled
+
+
+def test_console_threads_run_at_a_lower_priority(console_node: ConsoleNode) -> None:
+    """The console's threads (its event loop, and the worker threads that run its routes) are niced,
+    so that under CPU contention the receiver's threads come first."""
+    import os
+    import threading
+    from pathlib import Path
+
+    from node.console.server import CONSOLE_NICENESS
+
+    def nice(tid: int) -> int:
+        stat = Path(f"/proc/{os.getpid()}/task/{tid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5), counted after the command name
+
+    assert console_node.client("viewer").get("/api/v1/health").status_code == 200  # a route ran on a worker thread
+    console = [t for t in threading.enumerate() if t.name == "console-http"]
+    assert console and nice(console[0].native_id or 0) == os.nice(0) + CONSOLE_NICENESS
+    workers = [t for t in threading.enumerate() if t.name.startswith("AnyIO worker thread")]
+    assert workers and all(nice(t.native_id or 0) == os.nice(0) + CONSOLE_NICENESS for t in workers)
+    receivers = [t for t in threading.enumerate() if t.name.startswith("receiver:")]
+    assert receivers and all(nice(t.native_id or 0) == os.nice(0) for t in receivers)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -21,6 +22,8 @@ from node.store import Store
 __all__ = ["ConsoleServer", "start_console", "LAST_ERRORS_KEPT"]
 
 LAST_ERRORS_KEPT = 20
+#: how much lower the console's threads run than the node's (nice increment, Linux)
+CONSOLE_NICENESS = 10
 
 log = logging.getLogger("node.console")
 
@@ -51,9 +54,18 @@ class ConsoleServer:
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
         return f"{'https' if self.ctx.https else 'http'}://{shown}:{self.port}/"
 
+    def _run(self) -> None:
+        # The console must not slow the receiver: its thread, and the worker threads it starts (they
+        # inherit it), run at a lower CPU priority than the node's own threads (Linux: per thread).
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CONSOLE_NICENESS)
+        except (OSError, AttributeError):  # not Linux, or not permitted: run at the node's priority
+            log.debug("console: cannot lower its thread priority", exc_info=True)
+        self._server.run()
+
     def start(self, timeout_s: float = 15.0) -> None:
         """Start serving in a daemon thread; raises ``RuntimeError`` when it does not listen in time."""
-        self._thread = threading.Thread(target=self._server.run, name="console-http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="console-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
