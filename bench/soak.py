@@ -23,6 +23,7 @@ workers keeping the CPUs busy.  See bench/README.md for measured figures.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -101,6 +102,14 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # made at import
 
+    # what pynetdicom says in the sender (a response its reactor thread took: see keep_responses)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage()[:120])  # type: ignore[method-assign]  # a collector
+    logging.getLogger("pynetdicom").addHandler(handler)
+    guard = os.environ.get("SOAK_SENDER_RACE") != "1"  # 1: the plain pynetdicom SCU, to compare
+    if guard:
+        from node.scp.sender import keep_responses
     template = [dcmread(f) for f in files]
     ae = AE(ae_title=f"SOAK{idx:02d}")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -118,6 +127,8 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
             time.sleep(0.5)
             continue
         series.append(ser)
+        if guard:
+            keep_responses(assoc)
         for ds in template:
             if not assoc.is_established:  # aborted: the rest of this series is not sent
                 failed += 1
@@ -140,7 +151,7 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
             assoc.release()
         elif not aborts or aborts[-1] != "aborted":
             aborts.append("aborted")
-    out.put((idx, times, acked, failed, series, aborts))
+    out.put((idx, times, acked, failed, series, aborts, warnings))
 
 
 # -- hostile connections ----------------------------------------------------------------------
@@ -226,6 +237,19 @@ def series_states(db: Path, uids: list[str]) -> dict[str, int]:
     return out
 
 
+def print_node_side(log: Path) -> None:
+    """The node's own view: its C-STORE times by part (node/scp/timing.py), slow C-STOREs, and
+    associations it ended for want of data (pynetdicom's network timeout)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = text.splitlines()
+    since = [ln for ln in lines if "receiver, since start:" in ln]
+    if since:
+        print("node:", since[-1].split("receiver, since start: ", 1)[1])
+    print(f"node: {sum('slow C-STORE handler' in ln for ln in lines)} slow C-STORE handler(s) (> 1 s), "
+          f"{sum('slow C-STORE from' in ln for ln in lines)} C-STORE(s) > 1 s received-to-answered, "
+          f"{sum('Network timeout reached' in ln for ln in lines)} network timeout(s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--senders", type=int, default=16)
@@ -272,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         refused = sum(r[3] for r in results)
         series = [u for r in results for u in r[4]]
         aborts = [a for r in results for a in r[5]]
+        warned = [w for r in results for w in r[6]]
         print(f"C-STORE: {len(times)} sent, {len(acked)} acknowledged 0x0000, {refused} not acknowledged; "
               f"{len(aborts)} association(s) aborted{': ' + aborts[0] if aborts else ''}")
+        stolen = sum("Received unexpected C-STORE" in w for w in warned)
+        print(f"senders: {len(warned)} pynetdicom warning(s), {stolen} C-STORE response(s) taken by the sender's "
+              f"own reactor thread{' (keep_responses off)' if os.environ.get('SOAK_SENDER_RACE') == '1' else ''}")
         if times:
             p50 = statistics.median(times) * 1000
             p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1000
@@ -300,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        print_node_side(work / "node.log")
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
