@@ -149,6 +149,9 @@ class GuardedAssociationSocket(AssociationSocket):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._outgoing = assoc.dul.to_provider_queue = _WakingQueue(self._wake)
+        # the network thread's pause between loops: after a wake-up for an answer to send, its
+        # 1 ms default delayed every answer by that much (its idle wait is the select below)
+        assoc.dul._run_loop_delay = 0.0001
         dimse = assoc.dimse
         get_msg = dimse.get_msg
 
