@@ -8,7 +8,8 @@
    locally, no destinations), ``quiet_period_s`` 3, so the worker pool keeps the CPUs busy.
 3. ``--senders`` processes each send that series again and again, under fresh Study/Series/SOP
    UIDs every time (one association per series), for ``--minutes``; each C-STORE's response time
-   is measured in the sender.
+   is measured in the sender, from sending the request (the instance already encoded to a file)
+   to the answer.
 4. Every ``--hostile-every`` seconds a hostile connection (node/scp/guard.py's cases): a stalled
    partial PDU, a 4 GiB length claim, an unknown first PDU, one byte per second, a truncated data
    set over a real association.
@@ -99,7 +100,7 @@ def start_node(work: Path, workers: int | None) -> tuple[subprocess.Popen[bytes]
 def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> None:
     from pydicom import dcmread
     from pydicom.uid import generate_uid
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # made at import
 
     # what pynetdicom says in the sender (a response its reactor thread took: see keep_responses)
@@ -111,6 +112,11 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
     if guard:
         from node.scp.sender import keep_responses
     template = [dcmread(f) for f in files]
+    # each instance is encoded to a file before its C-STORE is timed (then sent as its bytes are):
+    # the figure is the time from sending the request to the answer, not the client's encoding
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    scratch = Path(tempfile.mkdtemp(prefix=f"dicom-node-soak-sender{idx:02d}-"))
+    current = scratch / "instance.dcm"
     ae = AE(ae_title=f"SOAK{idx:02d}")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
@@ -135,9 +141,10 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
                 continue
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, ser
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(current, enforce_file_format=True)
             t = time.perf_counter()
             try:
-                status = assoc.send_c_store(ds)
+                status = assoc.send_c_store(current)
             except Exception as exc:  # noqa: BLE001 - counted; the association is gone
                 aborts.append(f"{type(exc).__name__}: {exc}"[:200])
                 failed += 1
@@ -151,6 +158,7 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
             assoc.release()
         elif not aborts or aborts[-1] != "aborted":
             aborts.append("aborted")
+    shutil.rmtree(scratch, ignore_errors=True)
     out.put((idx, times, acked, failed, series, aborts, warnings))
 
 
