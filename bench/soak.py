@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         stolen = sum("Received unexpected C-STORE" in w for w in warned)
         print(f"senders: {len(warned)} pynetdicom warning(s), {stolen} C-STORE response(s) taken by the sender's "
               f"own reactor thread{' (keep_responses off)' if os.environ.get('SOAK_SENDER_RACE') == '1' else ''}")
+        for text in sorted(set(warned) | set(aborts))[:8]:
+            print(f"senders:   {text}")
         if times:
             p50 = statistics.median(times) * 1000
             p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1000
