@@ -8,7 +8,8 @@
    locally, no destinations), ``quiet_period_s`` 3, so the worker pool keeps the CPUs busy.
 3. ``--senders`` processes each send that series again and again, under fresh Study/Series/SOP
    UIDs every time (one association per series), for ``--minutes``; each C-STORE's response time
-   is measured in the sender.
+   is measured in the sender, from sending the request (the instance already encoded to a file)
+   to the answer.
 4. Every ``--hostile-every`` seconds a hostile connection (node/scp/guard.py's cases): a stalled
    partial PDU, a 4 GiB length claim, an unknown first PDU, one byte per second, a truncated data
    set over a real association.
@@ -23,6 +24,7 @@ workers keeping the CPUs busy.  See bench/README.md for measured figures.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -98,10 +100,23 @@ def start_node(work: Path, workers: int | None) -> tuple[subprocess.Popen[bytes]
 def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> None:
     from pydicom import dcmread
     from pydicom.uid import generate_uid
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # made at import
 
+    # what pynetdicom says in the sender (a response its reactor thread took: see keep_responses)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage()[:120])  # type: ignore[method-assign]  # a collector
+    logging.getLogger("pynetdicom").addHandler(handler)
+    guard = os.environ.get("SOAK_SENDER_RACE") != "1"  # 1: the plain pynetdicom SCU, to compare
+    if guard:
+        from node.scp.sender import keep_responses
     template = [dcmread(f) for f in files]
+    # each instance is encoded to a file before its C-STORE is timed (then sent as its bytes are):
+    # the figure is the time from sending the request to the answer, not the client's encoding
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    scratch = Path(tempfile.mkdtemp(prefix=f"dicom-node-soak-sender{idx:02d}-"))
+    current = scratch / "instance.dcm"
     ae = AE(ae_title=f"SOAK{idx:02d}")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
@@ -118,15 +133,18 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
             time.sleep(0.5)
             continue
         series.append(ser)
+        if guard:
+            keep_responses(assoc)
         for ds in template:
             if not assoc.is_established:  # aborted: the rest of this series is not sent
                 failed += 1
                 continue
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, ser
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(current, enforce_file_format=True)
             t = time.perf_counter()
             try:
-                status = assoc.send_c_store(ds)
+                status = assoc.send_c_store(current)
             except Exception as exc:  # noqa: BLE001 - counted; the association is gone
                 aborts.append(f"{type(exc).__name__}: {exc}"[:200])
                 failed += 1
@@ -140,7 +158,8 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
             assoc.release()
         elif not aborts or aborts[-1] != "aborted":
             aborts.append("aborted")
-    out.put((idx, times, acked, failed, series, aborts))
+    shutil.rmtree(scratch, ignore_errors=True)
+    out.put((idx, times, acked, failed, series, aborts, warnings))
 
 
 # -- hostile connections ----------------------------------------------------------------------
@@ -226,6 +245,19 @@ def series_states(db: Path, uids: list[str]) -> dict[str, int]:
     return out
 
 
+def print_node_side(log: Path) -> None:
+    """The node's own view: its C-STORE times by part (node/scp/timing.py), slow C-STOREs, and
+    associations it ended for want of data (pynetdicom's network timeout)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = text.splitlines()
+    since = [ln for ln in lines if "receiver, since start:" in ln]
+    if since:
+        print("node:", since[-1].split("receiver, since start: ", 1)[1])
+    print(f"node: {sum('slow C-STORE handler' in ln for ln in lines)} slow C-STORE handler(s) (> 1 s), "
+          f"{sum('slow C-STORE from' in ln for ln in lines)} C-STORE(s) > 1 s received-to-answered, "
+          f"{sum('Network timeout reached' in ln for ln in lines)} network timeout(s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--senders", type=int, default=16)
@@ -272,8 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         refused = sum(r[3] for r in results)
         series = [u for r in results for u in r[4]]
         aborts = [a for r in results for a in r[5]]
+        warned = [w for r in results for w in r[6]]
         print(f"C-STORE: {len(times)} sent, {len(acked)} acknowledged 0x0000, {refused} not acknowledged; "
               f"{len(aborts)} association(s) aborted{': ' + aborts[0] if aborts else ''}")
+        stolen = sum("Received unexpected C-STORE" in w for w in warned)
+        print(f"senders: {len(warned)} pynetdicom warning(s), {stolen} C-STORE response(s) taken by the sender's "
+              f"own reactor thread{' (keep_responses off)' if os.environ.get('SOAK_SENDER_RACE') == '1' else ''}")
+        for text in sorted(set(warned) | set(aborts))[:8]:
+            print(f"senders:   {text}")
         if times:
             p50 = statistics.median(times) * 1000
             p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1000
@@ -300,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        print_node_side(work / "node.log")
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:

@@ -403,6 +403,10 @@ class NodeConfig(_Model):
     gpus: list[int] = Field(default_factory=list)
     """GPU ids (CUDA device numbers) with one model job slot each, beside the CPU slots; [] = no GPU."""
     job_timeout_s: float = Field(3600.0, gt=0)
+    job_nice: int = Field(10, ge=0, le=19)
+    """Niceness of job and slot processes (and the processes they start), with the lowest I/O
+    priority of the best-effort class when above 0: receiving and the node's own work come first
+    when the CPUs or the disk are busy (bench/README.md, soak).  0 = as the node."""
     job_retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(max_attempts=3, backoff_base_s=30, backoff_max_s=900))
     dispatch_retry: RetryPolicy = Field(
         default_factory=lambda: RetryPolicy(max_attempts=10, backoff_base_s=30, backoff_max_s=3600)

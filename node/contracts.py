@@ -249,6 +249,7 @@ class ProcessInfo:
     node_pid: int  #: the node process, watched by the job process (with its start time)
     node_started: float
     log_phi: bool = False  #: node.yaml's ``log_phi``
+    nice: int = 0  #: node.yaml's ``job_nice``: the process lowers its CPU and I/O priority by this
 
 
 @dataclass(frozen=True)

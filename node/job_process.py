@@ -18,6 +18,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
+
 from node import logsafe
 from node.config import ModelsConfig
 from node.contracts import FailureKind, JobResult, JobSpec, ProcessInfo
@@ -249,6 +251,18 @@ class _JobIdFilter(logging.Filter):
         return True
 
 
+def _lower_priority(nice: int) -> None:
+    """Run below the node: ``nice`` more, and the lowest best-effort I/O priority (inherited by the
+    decoders and decimators this process starts)."""
+    if nice <= 0:
+        return
+    try:
+        os.nice(nice)
+        psutil.Process().ionice(psutil.IOPRIO_CLASS_BE, 7)
+    except (OSError, AttributeError, ValueError):  # not Linux, or not allowed: run at the node's priority
+        logging.getLogger(__name__).debug("cannot lower the job process's priority", exc_info=True)
+
+
 def _setup_process(info: ProcessInfo, slot_label: str) -> None:
     """Common start of a job/slot process: own session, slot env, node watch, logging."""
     try:
@@ -256,6 +270,7 @@ def _setup_process(info: ProcessInfo, slot_label: str) -> None:
     except OSError:
         pass
     _apply_env(dict(info.env))
+    _lower_priority(info.nice)
     _watch_node(info.node_pid, info.node_started)
     fmt = f"%(asctime)s %(levelname)s %(name)s [{slot_label}job %(job)s]: %(message)s"
     logging.basicConfig(level=info.log_level, format=fmt)

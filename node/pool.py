@@ -389,7 +389,8 @@ class WorkerPool:
 
     def _process_info(self, slot: _Slot) -> ProcessInfo:
         return ProcessInfo(slot=slot.name, env=dict(slot.env), log_level=self.config.log_level,
-                           node_pid=os.getpid(), node_started=self._node_started, log_phi=self.config.log_phi)
+                           node_pid=os.getpid(), node_started=self._node_started, log_phi=self.config.log_phi,
+                           nice=self.config.job_nice)
 
     def _forget_slot_process(self, slot: _Slot) -> None:
         if slot.conn is not None:

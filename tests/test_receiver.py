@@ -377,3 +377,72 @@ def test_sender_rejected_is_transient_error(receiver):
     # and to our own receiver it works end to end
     result = send_datasets(sorted(J2K.glob("*.dcm"))[:2], ("DICOMNODE", "127.0.0.1", rx.port), timeouts=5)
     assert result.ok and len(list(rx.spool.spool_dir.rglob("*.dcm"))) == 2
+
+
+# ---------------------------------------------------------------------------
+# threads of an association (bench/README.md, soak)
+
+
+def test_sender_reactor_leaves_responses_to_the_waiting_call(receiver):
+    """pynetdicom's requestor reactor polls the DIMSE queue too and, under load, took C-STORE
+    responses meant for the waiting send_c_store (which then aborted after its DIMSE timeout):
+    on an association the node opens only the waiting call takes them."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from node.scp.sender import _associate
+
+    rx, _ = receiver
+    answer = C_STORE()
+    answer.MessageIDBeingRespondedTo, answer.Status = 1, 0x0000
+
+    plain = pynet_ae().associate("127.0.0.1", rx.port, ae_title="DICOMNODE")
+    assert plain.is_established
+    try:  # the race as pynetdicom has it: its reactor takes an answer nobody paused it for
+        plain.dimse.msg_queue.put((1, answer))  # as the network thread does when an answer arrives
+        deadline = time.monotonic() + 5
+        while not plain.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert plain.dimse.msg_queue.empty(), "pynetdicom's reactor no longer takes answers: keep_responses may go"
+    finally:
+        plain.release()
+
+    ours = _associate(pynet_ae(), ("DICOMNODE", "127.0.0.1", rx.port), "PYTEST")
+    try:
+        ours.dimse.msg_queue.put((1, answer))
+        time.sleep(0.3)  # the reactor looks at the queue every millisecond
+        cx, msg = ours.dimse.get_msg(block=True)
+        assert (cx, msg) == (1, answer)
+    finally:
+        ours.release()
+
+
+def test_idle_association_threads_wait_instead_of_polling(receiver):
+    """The receiver's two threads per association sit in a wait (select on the socket, the
+    message queue), not in pynetdicom's 1 ms polling sleeps; and still answer at once."""
+    import sys
+
+    rx, _ = receiver
+    assoc = pynet_ae().associate("127.0.0.1", rx.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        deadline = time.monotonic() + 5
+        while not rx._server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (server_side,) = rx._server.active_associations
+
+        def where(ident: int) -> list[str]:
+            f, names = sys._current_frames().get(ident), []
+            while f is not None:
+                names.append(f.f_code.co_name)
+                f = f.f_back
+            return names
+
+        network = reactor = 0
+        for _ in range(20):
+            network += "ready" in where(server_side.dul.ident) and "sleep" not in where(server_side.dul.ident)[:1]
+            reactor += "wait_for_msg" in where(server_side.ident)
+            time.sleep(0.013)
+        assert network >= 10 and reactor >= 10, (network, reactor)
+        assert assoc.send_c_echo().Status == 0x0000  # a request wakes them
+    finally:
+        assoc.release()

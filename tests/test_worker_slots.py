@@ -420,3 +420,41 @@ def test_gpu_slots_mark_their_processes(setup):
     gpu_envs = [s.env for s in pool.slots if s.kind == "gpu"]
     assert gpu_envs == [{"CUDA_VISIBLE_DEVICES": "0", GPU_SLOT_ENV: "0"}, {"CUDA_VISIBLE_DEVICES": "2", GPU_SLOT_ENV: "2"}]
     assert all(GPU_SLOT_ENV not in s.env for s in pool.slots if s.kind == "cpu")
+
+
+# ------------------------------------------------------------------------------- priority
+
+
+def _report_priority(conn: Any, info: Any) -> None:
+    """What a job or slot process runs first (node.job_process._setup_process), then its priority."""
+    from node.job_process import _setup_process
+
+    _setup_process(info, "")
+    conn.send((os.getpriority(os.PRIO_PROCESS, 0), tuple(psutil.Process().ionice())))
+    conn.close()
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_job_processes_run_below_the_node(setup, nice):
+    """``job_nice``: job and slot processes (forkserver children, as the pool starts them) lower
+    their CPU priority by it and take the lowest best-effort I/O priority, so the receiver keeps
+    the CPU and the disk it needs while jobs run (bench/README.md, soak)."""
+    store, config, _job = setup
+    assert NodeConfig(storage=Path("var")).job_nice == 10  # on by default
+    pool = WorkerPool(config(job_nice=nice), store)
+    info = pool._process_info(pool.slots[0])
+    ctx = mp.get_context("forkserver")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_report_priority, args=(child, info))
+    proc.start()
+    child.close()
+    got_nice, (io_class, io_level) = parent.recv()
+    proc.join(10)
+    node_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    node_io = psutil.Process().ionice()
+    if nice:
+        assert got_nice == min(19, node_nice + nice)
+        assert (io_class, io_level) == (psutil.IOPRIO_CLASS_BE, 7)
+    else:
+        assert got_nice == node_nice
+        assert (io_class, io_level) == tuple(node_io)

@@ -20,18 +20,28 @@ the server's accept (socketserver's ``verify_request`` and ``get_request`` hooks
   one), so they never take the association slots counted by the policy.
 
 Everything refused here is logged at WARNING with the peer address.
+
+Waiting instead of polling: pynetdicom runs two threads per association that each wake every
+millisecond to look for work (the network thread polls the socket and its send queue, the
+association thread its message queue): with 16 associations that is 32,000 wake-ups a second, each
+taking the GIL from the thread that is storing an instance.  Here the network thread waits in
+``select`` on the socket and a wake-up socket that the send queue signals, and the association
+thread waits on its message queue; both still look at their timers at least every
+:data:`IDLE_WAIT_S` (bench/README.md, soak).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import select
 import socket
 import ssl
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -52,6 +62,21 @@ _ABORT_UNRECOGNISED = 0x01
 _ABORT_INVALID_PARAMETER = 0x06
 #: Linux only; the setting does not stick, so it is set again after every read
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+#: longest an association's threads wait for data or work before they look at their timers again
+IDLE_WAIT_S = 0.02
+
+
+class _WakingQueue(queue.Queue):
+    """The network thread's queue of primitives to send: a put also wakes that thread's wait in
+    :attr:`GuardedAssociationSocket.ready`."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,9 @@ class GuardedAssociationSocket(AssociationSocket):
     _deadline: float
     _dropped: bool
     _peer: str
+    _wake_r: socket.socket | None
+    _wake_w: socket.socket | None
+    _outgoing: queue.Queue[Any] | None
 
     @classmethod
     def adopt(cls, sock: AssociationSocket, server: GuardedServer, peer: str) -> GuardedAssociationSocket:
@@ -107,10 +135,66 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._deadline = 0.0
         guarded._dropped = False
         guarded._peer = peer
+        guarded._wake_r = guarded._wake_w = guarded._outgoing = None
         if guarded.socket is not None:
             guarded.socket.settimeout(server.limits.network_s)  # sends: a peer that never reads is dropped
             guarded.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return guarded
+
+    def wait_instead_of_polling(self, assoc: Any) -> None:
+        """Make ``assoc``'s two threads wait for work rather than poll every millisecond (module doc).
+
+        Called before the association's threads start (nothing is queued yet)."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._outgoing = assoc.dul.to_provider_queue = _WakingQueue(self._wake)
+        # the network thread's pause between loops: after a wake-up for an answer to send, its
+        # 1 ms default delayed every answer by that much (its idle wait is the select below)
+        assoc.dul._run_loop_delay = 0.0001
+        dimse = assoc.dimse
+        get_msg = dimse.get_msg
+
+        def wait_for_msg(block: bool = False) -> tuple[Any, Any]:
+            if block:
+                return get_msg(block=True)
+            try:
+                return dimse.msg_queue.get(timeout=IDLE_WAIT_S)
+            except queue.Empty:
+                return None, None
+
+        dimse.get_msg = wait_for_msg
+
+    def _wake(self) -> None:
+        w = self._wake_w
+        if w is not None:
+            try:
+                w.send(b"\0")
+            except OSError:  # full (a wake-up is pending anyway) or closed
+                pass
+
+    @property
+    def ready(self) -> bool:
+        """Whether data can be read; waits up to :data:`IDLE_WAIT_S` for it unless something is
+        queued to be sent (a put on that queue ends the wait at once)."""
+        raw, wake = self.socket, self._wake_r
+        if wake is None or raw is None or self._is_connected is False:
+            return bool(super().ready)
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return True
+        if self._outgoing is not None and not self._outgoing.empty():
+            return bool(super().ready)
+        try:
+            readable, _, _ = select.select([raw, wake], [], [], IDLE_WAIT_S)
+        except (OSError, ValueError):  # closed meanwhile: pynetdicom's check reports it its way
+            return bool(super().ready)
+        if wake in readable:
+            try:
+                while wake.recv(4096):
+                    pass
+            except OSError:  # drained (BlockingIOError) or closed
+                pass
+        return raw in readable
 
     @property
     def pending(self) -> bool:
@@ -207,6 +291,9 @@ class GuardedAssociationSocket(AssociationSocket):
     def close(self) -> None:
         self._server.forget(self)
         super().close()
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
 
 
 @dataclass(eq=False)
@@ -270,6 +357,7 @@ class GuardedRequestHandler(RequestHandler):
         plain = assoc.dul.socket
         assert plain is not None  # set by the handler just before
         sock = GuardedAssociationSocket.adopt(plain, self.server, str(self.client_address[0]))
+        sock.wait_instead_of_polling(assoc)
         self.server.attach(self.request, sock)
         return assoc
 

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import threading
 import time
+import weakref
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from node.logsafe import log_context
 from node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED
 from node.scp.guard import ConnectionLimits, GuardedServer
 from node.scp.policy import AssociationPolicy
+from node.scp.timing import SLOW_S, StoreTimes
 from node.scp.tls import server_context
 from node.spool import Spool, missing_uids
 from node.store import InstanceRecord, Store
@@ -58,6 +60,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("node.scp.receiver")
+
+#: how often (seconds) the receiver logs its C-STORE times of the last window
+TIMES_LOG_S = 60.0
 
 STATUS_SUCCESS = 0x0000
 STATUS_DATASET_MISMATCH = 0xA900
@@ -132,6 +137,12 @@ class Receiver:
         self._stats_lock = threading.Lock()
         #: counters since start: stored, duplicates, refused, index_errors
         self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0, "index_errors": 0}
+        #: C-STORE times by part (node/scp/timing.py), logged every ``TIMES_LOG_S`` while receiving
+        self.times = StoreTimes()
+        self._times_logged = time.monotonic()
+        # per association: when its current message was complete, when its C-STORE answer was ready
+        self._recv_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._answered: weakref.WeakKeyDictionary[Any, tuple[float, float]] = weakref.WeakKeyDictionary()
 
     # -- lifecycle -------------------------------------------------------
     def build_ae(self) -> AE:
@@ -161,6 +172,8 @@ class Receiver:
         handlers = list(self.policy.handlers()) + [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_DIMSE_RECV, self._on_message),
+            (evt.EVT_PDU_SENT, self._on_pdu_sent),
         ]
         tls = self.config.tls
         if tls is None or tls.plain_port:
@@ -196,6 +209,8 @@ class Receiver:
         return server
 
     def stop(self) -> None:
+        if self._servers:
+            self.log_times()
         for server in self._servers:
             server.shutdown()
         self._servers = []
@@ -242,15 +257,48 @@ class Receiver:
     def _on_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
+    def _on_message(self, event: Any) -> None:
+        # the network thread decoded a whole DIMSE message: the C-STORE's clock starts here
+        self._recv_at[event.assoc] = time.monotonic()
+
+    def _on_pdu_sent(self, event: Any) -> None:
+        # the network thread wrote a PDU: the first one after a C-STORE's answer is that answer
+        answered = self._answered.pop(event.assoc, None)
+        if answered is None:
+            return
+        now = time.monotonic()
+        began, ready = answered
+        self.times.add(reply=now - ready, total=now - began)
+        if now - began > SLOW_S:
+            log.warning("slow C-STORE from %s: %.2f s from received to answered (the answer waited %.2f s to be "
+                        "sent)", event.assoc.requestor.address, now - began, now - ready)
+        if now - self._times_logged >= TIMES_LOG_S:
+            self._times_logged = now
+            log.info("receiver, last %.0f s: %s", TIMES_LOG_S, StoreTimes.summary(self.times.take_window()))
+
+    def log_times(self) -> None:
+        """Log the C-STORE times since start (at stop)."""
+        log.info("receiver, since start: %s", StoreTimes.summary(self.times.since_start()))
+
     def _on_store(self, event: Any) -> int:
+        entered = time.monotonic()
+        began = self._recv_at.pop(event.assoc, entered)
+        parts: dict[str, float] = {"queued": entered - began}
         # library log lines caused by this instance (pydicom's value warnings) name it
         with log_context(f"SOP instance {str(event.request.AffectedSOPInstanceUID or '')[:64]}"):
             try:
-                return self._store(event)
+                status = self._store(event, parts)
             finally:
                 BYTES_RECEIVED.inc(len(event.request.DataSet.getvalue()))
+        ready = time.monotonic()
+        self.times.add(**parts)
+        self._answered[event.assoc] = (began, ready)
+        if ready - began > SLOW_S:
+            log.warning("slow C-STORE handler for SOP instance %s: %s", str(event.request.AffectedSOPInstanceUID)[:64],
+                        ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
+        return status
 
-    def _store(self, event: Any) -> int:
+    def _store(self, event: Any, parts: dict[str, float]) -> int:
         req = event.request
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title or "").strip()
@@ -261,6 +309,7 @@ class Receiver:
         ts = str(event.context.transfer_syntax)
         received_at = time.time()
 
+        t_check = time.monotonic()
         raw = req.DataSet.getvalue()
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = calling or "UNKNOWN"
@@ -320,6 +369,8 @@ class Receiver:
 
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         duplicate_file = path.exists()
+        t_spool = time.monotonic()
+        parts["check"] = t_spool - t_check
         replacing = False
         differs: list[str] = []
         if duplicate_file:
@@ -353,6 +404,9 @@ class Receiver:
                 return self._refuse_for_resources(who, sop_uid, series_uid, study_uid, f"cannot write {path}: {exc}")
 
         # the file is durable: from here on the answer is success
+        t_index = time.monotonic()
+        parts["spool"] = t_index - t_spool
+        outcome: str
         try:
             rec = InstanceRecord(
                 sop_instance_uid=sop_uid,
@@ -371,17 +425,19 @@ class Receiver:
             )
             if replacing:
                 self.store.record_conflict(series_uid, replacement=rec)
-                return STATUS_SUCCESS
-            outcome = self.store.record_instance(rec)
+                outcome = "replaced"
+            else:
+                outcome = self.store.record_instance(rec)
         except Exception:  # the rescan at next start indexes the file
             self._count("index_errors")
             log.exception("C-STORE %s: stored %s but could not index it (will be indexed on rescan)", who, path)
-            return STATUS_SUCCESS
+            outcome = "not indexed"
+        parts["index"] = time.monotonic() - t_index
         if outcome == "duplicate":
             self._count("duplicates")
             if not differs:
                 log.info("C-STORE %s: duplicate SOP instance %s (same content, kept once)", who, sop_uid)
-        else:
+        elif outcome == "new":
             self._count("stored")
             log.debug("C-STORE %s: stored %s", who, path)
         return STATUS_SUCCESS

@@ -28,6 +28,7 @@ __all__ = [
     "SendResult",
     "send_datasets",
     "echo",
+    "keep_responses",
 ]
 
 log = logging.getLogger("node.scp.sender")
@@ -137,6 +138,27 @@ def _describe(item: str | Path | Dataset) -> _Item:
     return _Item(path, str(path), sop_class, sop_inst, str(meta.TransferSyntaxUID))
 
 
+def keep_responses(assoc: Any) -> Any:
+    """Let only a waiting ``send_*`` call take the peer's answers off ``assoc``'s DIMSE queue.
+
+    pynetdicom's requestor runs a reactor thread that polls the same queue (for requests the peer
+    might send) and each ``send_*`` call pauses it with a check that races: on a busy machine the
+    reactor can take the C-STORE response itself, log "Received unexpected C-STORE service message"
+    and drop it; the ``send_*`` call then waits out its DIMSE timeout and aborts (pynetdicom issue
+    875; in bench/soak.py it ended a few associations per run, the node logging "Network timeout
+    reached" 10 s after its answer).  An association we open serves no requests, so the reactor's
+    non-blocking reads get nothing.  Returns ``assoc``.
+    """
+    dimse = assoc.dimse
+    blocking_get = dimse.get_msg
+
+    def get_msg(block: bool = False) -> tuple[Any, Any]:
+        return blocking_get(block=True) if block else (None, None)
+
+    dimse.get_msg = get_msg
+    return assoc
+
+
 def _associate(ae: AE, dest: tuple[str, str, int], calling_ae: str, tls: ssl.SSLContext | None = None,
                server_name: str | None = None) -> Any:
     ae_title, host, port = dest
@@ -146,7 +168,7 @@ def _associate(ae: AE, dest: tuple[str, str, int], calling_ae: str, tls: ssl.SSL
     except OSError as exc:  # pragma: no cover - pynetdicom normally reports this as not established
         raise DestinationUnavailable(f"{ae_title}@{host}:{port}: cannot connect: {exc}") from None
     if assoc.is_established:
-        return assoc
+        return keep_responses(assoc)
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         codes = (
