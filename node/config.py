@@ -238,6 +238,28 @@ class ModelsConfig(_Model):
     """TotalSegmentator home with config.json (TOTALSEG_HOME_DIR); default under ``root``."""
 
 
+class ExecutorConfig(_Model):
+    """Where jobs run: ``local`` (processes on this host, the default) or ``dask`` (a Dask distributed
+    cluster, docs/scaling.md)."""
+
+    kind: Literal["local", "dask"] = "local"
+    scheduler: str | None = None
+    """The Dask scheduler's address, ``tcp://host:8786`` (``tls://`` with ``security``); ``kind: dask`` only."""
+    connect_timeout_s: float = Field(30.0, gt=0)
+    """How long the node waits for the scheduler at start (it keeps receiving meanwhile and after)."""
+
+    @model_validator(mode="after")
+    def _scheduler_for_dask(self) -> "ExecutorConfig":
+        if self.kind == "dask":
+            if not self.scheduler:
+                raise ValueError("kind: dask needs scheduler: tcp://host:8786 (the Dask scheduler's address)")
+            if "://" not in self.scheduler or not self.scheduler.split("://", 1)[1]:
+                raise ValueError(f"scheduler must be an address like tcp://host:8786 (got {self.scheduler!r})")
+        elif self.scheduler:
+            raise ValueError("scheduler is only used with kind: dask")
+        return self
+
+
 class NetworkTimeouts(_Model):
     """pynetdicom timeouts in seconds (ACSE = association negotiation, DIMSE = message, network = idle)."""
 
@@ -441,6 +463,15 @@ class NodeConfig(_Model):
     again before it is completed anyway, marked incomplete."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    """Where jobs run (``kind: local``: the worker pool's processes; ``kind: dask``: a Dask cluster)."""
+
+    @model_validator(mode="after")
+    def _gpus_belong_to_dask_workers(self) -> "NodeConfig":
+        if self.executor.kind == "dask" and self.gpus:
+            raise ValueError("gpus: with executor kind dask the GPUs belong to the Dask workers "
+                             "(dicom-node worker --gpus N); remove gpus from node.yaml")
+        return self
 
     @property
     def early_start_enabled(self) -> bool:

@@ -106,12 +106,28 @@ class SlotInfo:
     process: str  #: 'slot' (the slot's long-lived process) | 'job' (a process of its own)
     device: str | None  #: models.device given to the process
     cuda_visible_devices: str | None  #: None: the environment was left as it was
+    host: str | None = None  #: the host the try ran on (Dask: the worker's; local: None, the node's)
+    worker: str | None = None  #: the Dask worker's address (None: a local slot)
 
     def to_json(self) -> dict[str, Any]:
         """Without the None values: the store merges it with SQLite's json_patch, which drops them."""
         d = {"name": self.name, "kind": str(self.kind), "gpu": self.gpu, "pid": self.pid, "process": self.process,
-             "device": self.device, "cuda_visible_devices": self.cuda_visible_devices}
+             "device": self.device, "cuda_visible_devices": self.cuda_visible_devices, "host": self.host,
+             "worker": self.worker}
         return {k: v for k, v in d.items() if v is not None}
+
+    def where(self) -> str:
+        """Where the try ran, in one line (``jobs show``)."""
+        parts = [f"slot {self.name}"]
+        if self.host:
+            parts.append(f"host {self.host}")
+        if self.worker:
+            parts.append(f"Dask worker {self.worker}")
+        if self.gpu is not None:
+            parts.append(f"GPU {self.gpu}")
+        if self.pid:
+            parts.append(f"pid {self.pid}" + (" (long-lived)" if self.process == "slot" else ""))
+        return ", ".join(parts)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SlotInfo:
@@ -119,7 +135,8 @@ class SlotInfo:
         return cls(name=str(d.get("name") or ""), kind=Resource(d.get("kind") or Resource.CPU),
                    gpu=int(gpu) if gpu is not None else None, pid=int(d.get("pid") or 0),
                    process=str(d.get("process") or ""), device=_str(d.get("device")),
-                   cuda_visible_devices=None if cuda is None else str(cuda))
+                   cuda_visible_devices=None if cuda is None else str(cuda), host=_str(d.get("host")),
+                   worker=_str(d.get("worker")))
 
 
 @dataclass(frozen=True)

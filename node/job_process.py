@@ -147,6 +147,13 @@ def _backend_info(model_type: str, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _try_tag() -> str:
+    """``<host>-<pid>``: names this try's temporary files apart from any other's on shared storage."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _run_spec(spec: JobSpec) -> JobResult:
     """Run the pipeline for one job (in the job process, or in a long-lived slot process)."""
     from node.durable import atomic_write, fsync_dir, makedirs_durable, set_modes
@@ -166,7 +173,8 @@ def _run_spec(spec: JobSpec) -> JobResult:
     makedirs_durable(final.parent)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier try
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    # host and pid: on shared storage two hosts may run a try of the same job (a Dask re-run)
+    tmp = final.parent / f".{final.name}.tmp-{_try_tag()}"
     early = early_seg_path(final)
 
     def on_seg(path: Path, uid: str) -> None:
@@ -176,7 +184,7 @@ def _run_spec(spec: JobSpec) -> JobResult:
             return
         _stop_if_node_gone("the early SEG")
         try:
-            link = final.parent / f".{early.name}.tmp-{os.getpid()}"
+            link = final.parent / f".{early.name}.tmp-{_try_tag()}"
             link.unlink(missing_ok=True)
             try:
                 os.link(path, link)  # same folder tree: no copy

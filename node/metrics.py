@@ -42,7 +42,7 @@ ASSOCIATIONS = Counter(
 SERIES_COMPLETED = Counter("dicomnode_series_completed", "Series completed by the quiet-period sweep", registry=REGISTRY)
 _DURATION_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 JOB_DURATION = Histogram(
-    "dicomnode_job_duration_seconds", "Wall time of one job try, by backend and outcome (done, failed, timeout, died)",
+    "dicomnode_job_duration_seconds", "Wall time of one job try, by backend and outcome (done, failed, timeout, died, lost: by a Dask cluster)",
     ["backend", "outcome"], buckets=_DURATION_BUCKETS, registry=REGISTRY)
 STAGE_DURATION = Histogram(
     "dicomnode_job_stage_duration_seconds", "Time of one pipeline stage of a successful try (the report's timings_s)",

@@ -18,7 +18,7 @@ from node import __version__, logsafe
 from node.errors import NodeError
 
 #: command modules, in the order they appear in ``--help``
-COMMAND_MODULES = ("run", "profiles", "serve", "users", "rules", "jobs", "synth", "dataset", "train")
+COMMAND_MODULES = ("run", "profiles", "serve", "worker", "users", "rules", "jobs", "synth", "dataset", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         ("rule", job.rule), ("rules version", job.rules_version), ("profile", job.profile),
         ("backend", job.backend), ("attempts", f"{job.attempts}/{job.max_attempts}"),
         ("next attempt", _ts(job.next_attempt_at)), ("worker", job.worker or "-"),
+        ("ran on", job.params.slot.where() if job.params.slot else "-"),
         ("created", _ts(job.created_at)), ("started", _ts(job.started_at)), ("finished", _ts(job.finished_at)),
         ("SEG series UID", job.seg_series_uid or "-"),
     ]
