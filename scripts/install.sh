@@ -6,6 +6,7 @@
 #                                    #   Chromium for the OHIF viewer test) and test tools
 #   bash scripts/install.sh --no-ai  # without TotalSegmentator/nnU-Net/MONAI (HU backend only)
 #   bash scripts/install.sh --postgres  # + psycopg, for a job store on PostgreSQL (docs/scaling.md)
+#   bash scripts/install.sh --no-dask  # without Dask distributed (executor kind dask, docs/scaling.md)
 #
 # The AI extras are installed against constraints.txt, which pins torch==2.13.0
 # (the CPU build is installed first): without it nnunetv2 -> timm -> torchvision
@@ -19,12 +20,14 @@ cd "$(dirname "$0")/.."
 TEST=0
 AI=1
 PG=0
+DASK=1
 for arg in "$@"; do
   case "$arg" in
     --test) TEST=1 ;;
     --no-ai) AI=0 ;;
     --postgres) PG=1 ;;
-    *) echo "usage: $0 [--test] [--no-ai] [--postgres]" >&2; exit 2 ;;
+    --no-dask) DASK=0 ;;
+    *) echo "usage: $0 [--test] [--no-ai] [--postgres] [--no-dask]" >&2; exit 2 ;;
   esac
 done
 
@@ -56,6 +59,7 @@ fi
 extras=()
 [ "$TEST" = 1 ] && extras+=(test)
 [ "$PG" = 1 ] && extras+=(postgres)
+[ "$DASK" = 1 ] && extras+=(dask)
 if [ "$AI" = 1 ]; then
   extras+=(ai)
   .venv/bin/python -m pip install -q torch==2.13.0

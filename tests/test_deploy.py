@@ -38,3 +38,72 @@ def test_embedded_defaults_accept_the_shipped_rules(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None)
     load_rules(cfg.rules, known_profiles=set(list_profiles(cfg.profiles)), known_destinations=set(cfg.destinations))
+
+
+def _unit(name: str) -> dict[str, dict[str, str]]:
+    """A systemd unit's sections and keys (the last value of a key wins, as systemd's for ExecStart=)."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in (REPO / "deploy" / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        else:
+            assert current is not None and "=" in line, line
+            key, value = line.split("=", 1)
+            current[key] = value
+    return sections
+
+
+def test_dask_scheduler_unit_runs_a_dask_scheduler_with_options_it_knows():
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path as P
+
+    unit = _unit("dicom-node-scheduler.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert argv[0] == "/opt/dicom-node/.venv/bin/dask" and argv[1] == "scheduler" and "--port" in argv
+    assert unit["Service"]["Restart"] == "always" and unit["Install"]["WantedBy"] == "multi-user.target"
+    dask = P(sys.executable).with_name("dask")
+    if dask.exists():  # every option of the unit is one `dask scheduler` accepts
+        helptext = subprocess.run([str(dask), "scheduler", "--help"], capture_output=True, text=True, timeout=60).stdout
+        for opt in (a for a in argv[2:] if a.startswith("--")):
+            assert opt in helptext, opt
+
+
+def test_dask_worker_unit_runs_dicom_node_worker_with_valid_arguments():
+    import shlex
+
+    from node.cli import build_parser
+
+    unit = _unit("dicom-node-worker.service")
+    svc = unit["Service"]
+    env = {"DICOM_NODE_SCHEDULER": "tcp://10.1.2.40:8786", "DICOM_NODE_WORKER_GPUS": "1"}  # as the unit's comment writes them
+    assert svc["EnvironmentFile"] == "/etc/dicom-node/worker.env" and svc["Restart"] == "always"
+    argv = shlex.split(svc["ExecStart"])
+    assert argv[0] == "/opt/dicom-node/.venv/bin/dicom-node" and argv[1] == "worker"
+    for k, v in env.items():
+        argv = [a.replace("${" + k + "}", v) for a in argv]
+    args = build_parser().parse_args(argv[1:])
+    assert (args.scheduler, args.gpus, args.once) == ("tcp://10.1.2.40:8786", 1, True)
+    assert svc["KillMode"] == "mixed"  # the tries are child processes of the worker
+    assert "/var/lib/dicom-node" in svc["ReadWritePaths"]
+
+
+def test_example_node_yaml_with_the_dask_executor_is_valid(tmp_path):
+    """The commented executor block of the example, uncommented (and gpus removed), loads."""
+    text = (REPO / "deploy" / "node.example.yaml").read_text()
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("gpus:"):
+            continue
+        for key in ("# executor:", "#   kind: dask", "#   scheduler:"):
+            if line.startswith(key):
+                line = line.replace("# ", "", 1)
+        lines.append(line)
+    (tmp_path / "node.yaml").write_text("\n".join(lines) + "\n")
+    cfg = load_config(tmp_path / "node.yaml")
+    assert cfg.executor.kind == "dask" and cfg.executor.scheduler == "tcp://10.1.2.40:8786"
