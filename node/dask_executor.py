@@ -73,11 +73,11 @@ class _DaskTry(TryHandle):
             out.append(outcome.message)
             return out
         if status == "error":
-            exc = self.future.exception(timeout=30)
-            name = type(exc).__name__
+            error = self.future.exception(timeout=30)
+            name = type(error).__name__
             if name == "KilledWorker":  # Dask re-ran it on other workers; each of them died under it
-                return [JobFailed(FailureKind.TRANSIENT, f"the Dask workers running it died ({exc})")]
-            return [JobFailed(FailureKind.TRANSIENT, f"Dask task failed: {name}: {exc}")]
+                return [JobFailed(FailureKind.TRANSIENT, f"the Dask workers running it died ({error})")]
+            return [JobFailed(FailureKind.TRANSIENT, f"Dask task failed: {name}: {error}")]
         # cancelled or lost without us asking: the scheduler went away or restarted
         self._lost = f"the Dask cluster lost the try (task {status}: scheduler restarted or connection lost)"
         return []
@@ -91,7 +91,7 @@ class _DaskTry(TryHandle):
         self._ended = True
         try:
             self.future.cancel()
-        except Exception:  # noqa: BLE001 - the client is gone: the scheduler forgets the task with it
+        except Exception:
             log.debug("cancel failed", exc_info=True)
 
     def died(self) -> str:
@@ -240,5 +240,5 @@ class DaskExecutor(Executor):
         if client is not None:
             try:
                 client.close(timeout=10)
-            except Exception:  # noqa: BLE001 - closing a client whose scheduler is gone
+            except Exception:
                 log.debug("closing the Dask client failed", exc_info=True)

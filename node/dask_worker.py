@@ -152,7 +152,7 @@ def run_try(spec: JobSpec, kind: str, persistent: bool, timeout_s: float, log_le
             env = {"CUDA_VISIBLE_DEVICES": str(gpu), GPU_SLOT_ENV: str(gpu)}
         elif gpu_count:
             env = {"CUDA_VISIBLE_DEVICES": ""}  # CPU work on a GPU worker keeps off the GPUs
-        device = spec.models.device
+        device: str = spec.models.device
         if gpu is not None:
             device = os.environ.get(MODEL_DEVICE_ENV) or "cuda"
         nthreads = max(1, int(getattr(worker.state, "nthreads", 1) or 1))
@@ -164,6 +164,7 @@ def run_try(spec: JobSpec, kind: str, persistent: bool, timeout_s: float, log_le
                            log_phi=log_phi)
         pkey = f"gpu{gpu}" if gpu is not None else "cpu"
         conn: Connection
+        proc: BaseProcess
         if persistent:
             got = _STATE.take_process(pkey)
             if got is None:
@@ -239,7 +240,7 @@ def dask_setup(worker: Any) -> None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
-    except Exception:  # noqa: BLE001 - the first task starts it then
+    except Exception:
         log.debug("forkserver warm-up failed", exc_info=True)
     log.info("dicom-node worker ready at %s: %d GPU(s) %s, model device %s", worker.address, gpus, _STATE.gpus,
              os.environ.get(MODEL_DEVICE_ENV) or ("cuda" if gpus else "as node.yaml says"))

@@ -81,6 +81,7 @@ class TryHandle(ABC):
 
     def finish(self) -> None:
         """The outcome was received: release what the handle holds."""
+        return None
 
     def lost(self) -> str | None:
         """Why the executor lost the try through no fault of the job (the pool queues it again without
@@ -107,12 +108,15 @@ class Executor(ABC):
 
     def start(self) -> None:
         """Get ready (called when the pool starts)."""
+        return None
 
     def forget(self, slot: Slot) -> None:
         """The try in ``slot`` was killed or died: drop what the slot keeps for the next one."""
+        return None
 
     def shutdown(self) -> None:
         """Release everything (idle long-lived processes, connections)."""
+        return None
 
     def describe(self) -> str:
         return type(self).__name__
@@ -240,7 +244,7 @@ class LocalExecutor(Executor):
 
         try:
             forkserver.ensure_running()
-        except Exception:  # noqa: BLE001 - the first job starts it then
+        except Exception:
             log.debug("forkserver warm-up failed", exc_info=True)
 
     def _process_info(self, slot: Slot) -> ProcessInfo:

@@ -123,7 +123,7 @@ def series(tmp_path_factory):
     from node.tools.synth_shapes import make_case
 
     root = tmp_path_factory.mktemp("series")
-    out: dict[str, tuple[list[Path], str]] = {}
+    out: dict[str, list[Path]] = {}
     for n, seed in enumerate(HELD_OUT_SEEDS):
         out[f"synth{n}"] = write_case_series(make_case(seed), root / f"synth{n}", series_description=f"synth {n}")
     out["small"] = write_series(SMALL, root / "small", series_description="body small")
@@ -290,8 +290,10 @@ def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, clu
         job = _running_job(node, uid)
         pid = _try_pid(results, job.id)
         try_proc = psutil.Process(pid)
-        worker_proc = try_proc.parent().parent()  # try <- forkserver <- Dask worker process
-        assert "python" in worker_proc.name() or "dask" in " ".join(worker_proc.cmdline())
+        forkserver = try_proc.parent()
+        assert forkserver is not None
+        worker_proc = forkserver.parent()  # try <- forkserver <- Dask worker process
+        assert worker_proc is not None and "python" in worker_proc.name()
         os.kill(worker_proc.pid, signal.SIGKILL)
         try_proc.wait(10)  # the try dies with its worker (it watches the worker process)
         # the HU series meanwhile goes to any worker
