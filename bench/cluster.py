@@ -17,6 +17,7 @@ Orthanc (rule: CT -> bones -> Orthanc, quiet period 1 s, no early start).
 
 The order alternates (local, dask, dask, local, ...) so drift in the machine's load falls on
 both sides.  Prints each run, the median per side and the ratio dask / local (target: <= 1.05).
+Also the round trip of an empty task (Dask's own per-try cost).
 Then the PostgreSQL claims figures of ``bench/claims.py`` when that benchmark exists (the store
 side of the scale-out, issue 13), else says it is missing.  Figures only, no assertions.
 """
@@ -122,6 +123,26 @@ def run_once(kind: str, work: Path, series: list[list[Path]], workers: int, sche
         pacs.stop()
 
 
+def _noop() -> int:
+    return 0
+
+
+def task_round_trip(address: str, n: int = 40) -> tuple[float, float]:
+    """Median and p90 milliseconds of submitting an empty task and getting its result (the per-try
+    cost of Dask itself, without the job)."""
+    from distributed import Client
+
+    with Client(address, timeout=30, set_as_default=False) as client:
+        client.submit(_noop, pure=False).result()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            client.submit(_noop, pure=False).result()
+            times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return statistics.median(times), times[int(0.9 * (len(times) - 1))]
+
+
 def claims_figures() -> None:
     """The PostgreSQL claims benchmark (bench/claims.py) when it exists."""
     claims = REPO / "bench" / "claims.py"
@@ -157,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.workers):
                 cluster.add_worker(f"w{i}", nthreads=1)
             cluster.wait_workers(args.workers)
+            med_ms, p90_ms = task_round_trip(cluster.address)
+            print(f"  empty Dask task round trip: median {med_ms:.1f} ms, p90 {p90_ms:.1f} ms", flush=True)
             order = []
             for r in range(args.rounds):
                 order += ["local", "dask"] if r % 2 == 0 else ["dask", "local"]
@@ -172,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"time to the last SEG, median: local {med['local']:.2f} s, dask {med['dask']:.2f} s, "
               f"ratio dask/local {med['dask'] / med['local']:.3f} (target <= 1.05)")
         if args.json:
-            Path(args.json).write_text(json.dumps({"runs": runs, "median": med}, indent=2))
+            Path(args.json).write_text(json.dumps({"runs": runs, "median": med, "task_ms": [med_ms, p90_ms]}, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if not args.no_claims:
