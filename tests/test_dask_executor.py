@@ -154,6 +154,16 @@ def _node(tmp_path: Path, pacs: Any, cluster: Any, **overrides: Any) -> Any:
     return node
 
 
+def _start(node: Any) -> Any:
+    """Start the node and wait until its Dask client is connected."""
+    node.start()
+    end = time.monotonic() + 60
+    while "connected to the Dask scheduler" not in node.log.read_text():
+        assert time.monotonic() < end, node.log.read_text()[-3000:]
+        time.sleep(0.1)
+    return node
+
+
 def _wait_settled(node: Any, uids: list[str], timeout_s: float) -> dict[str, Any]:
     """series UID -> its job, once every one of them is done or failed."""
     end = time.monotonic() + timeout_s
@@ -193,7 +203,7 @@ def _instances_kept(node: Any, series: dict[str, tuple[list[Path], str]], names:
 def test_hu_anywhere_model_only_on_the_gpu_worker_one_at_a_time(tmp_path, orthanc, cluster, series):
     _skip_without_cluster()
     workers = cluster.wait_workers(2)
-    node = _node(tmp_path, orthanc, cluster).start()
+    node = _start(_node(tmp_path, orthanc, cluster))
     try:
         names = ["synth0", "synth1", "small", "j2k", "mr"]
         for n in names:
@@ -233,8 +243,8 @@ def test_hu_anywhere_model_only_on_the_gpu_worker_one_at_a_time(tmp_path, orthan
 @pytest.mark.slow
 def test_timeout_on_dask_kills_the_try_where_it_runs(tmp_path, orthanc, cluster, series):
     _skip_without_cluster()
-    node = _node(tmp_path, orthanc, cluster, job_timeout_s=1.0,
-                 job_retry={"max_attempts": 2, "backoff_base_s": 0.5, "backoff_max_s": 1}).start()
+    node = _start(_node(tmp_path, orthanc, cluster, job_timeout_s=1.0,
+                        job_retry={"max_attempts": 2, "backoff_base_s": 0.5, "backoff_max_s": 1}))
     try:
         files, uid = series["small"]
         node.send(files)
@@ -282,7 +292,7 @@ def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, clu
     a running job and start it again: the node gets the try back and runs it again.  Every
     acknowledged instance is kept; Orthanc ends with exactly one SEG per series."""
     _skip_without_cluster()
-    node = _node(tmp_path, orthanc, cluster).start()
+    node = _start(_node(tmp_path, orthanc, cluster))
     results = node.storage / "results"
     try:
         files, uid = series["synth0"]
@@ -317,5 +327,35 @@ def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, clu
         _instances_kept(node, series, ["synth0", "small", "j2k"])
         _one_seg_per_series(orthanc, jobs)
         cluster.wait_workers(2)
+    finally:
+        node.stop()
+
+
+@pytest.mark.slow
+def test_early_start_overtaken_on_dask_kills_the_try_on_the_worker(tmp_path, orthanc, cluster, series):
+    """An early start running on a worker when more instances of its series arrive: the node
+    cancels the task, the worker kills the try's process, the job runs again on the whole series
+    once it is quiet, and Orthanc gets one SEG (as with the local pool)."""
+    _skip_without_cluster()
+    node = _start(_node(tmp_path, orthanc, cluster, early_start_s=0.5, quiet_period_s=20))
+    try:
+        files, uid = series["j2k"]
+        node.send(files[:10])
+        job = _running_job(node, uid)
+        pid = _try_pid(node.storage / "results", job.id)
+        node.send(files[10:])
+        try:
+            psutil.Process(pid).wait(30)  # killed on the worker, not left to finish
+        except psutil.NoSuchProcess:  # gone already
+            pass
+        assert "received more instances; it starts again" in node.log.read_text()
+        end = time.monotonic() + 300
+        while not [j for j in node.jobs(series_uid=uid) if j.state == "done" and not j.provisional]:
+            assert time.monotonic() < end, [(j.id, j.state, j.error) for j in node.jobs()]
+            time.sleep(0.3)
+        jobs = _wait_settled(node, [uid], 60)
+        assert jobs[uid].id == job.id and jobs[uid].instances_digest != job.instances_digest  # ran on all 20
+        _instances_kept(node, series, ["j2k"])
+        _one_seg_per_series(orthanc, jobs)
     finally:
         node.stop()
