@@ -39,7 +39,9 @@ def test_anonymous_and_roles(console_node: ConsoleNode) -> None:
     ready = anon.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"store": "ok", "spool": "ok", "receiver": "ok"}
-    assert console_node.client("viewer").get("/api/v1/health").status_code == 200
+    health = console_node.client("viewer").get("/api/v1/health")
+    assert health.status_code == 200
+    assert health.json()["workers"]["executor"].startswith("local: ")  # where tries run (docs/scaling.md)
 
 
 def test_wrong_password_is_audited(console_node: ConsoleNode) -> None:

@@ -91,7 +91,9 @@ def health_report(ctx: ConsoleContext) -> dict[str, Any]:
         "jobs_by_state": by_state,
         "queue": {"by_resource": queued, "slots": slots},
         "workers": {"cpu_slots": cfg.workers, "gpus": list(cfg.gpus),
-                    "processes": [s for s in slots if s["pid"] or s["slot_process"]]},
+                    "processes": [s for s in slots if s["pid"] or s["slot_process"]],
+                    # where tries run: the local slots or the Dask cluster (each job's host/worker/GPU: params.slot)
+                    "executor": pool.executor.describe() if pool is not None else cfg.executor.kind},
         "pid": os.getpid(),
         "checks": _ready_checks(ctx),
         "last_errors": list(ctx.last_errors),
