@@ -19,13 +19,14 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from node.config import NodeConfig
 from node.contracts import FailureKind, JobSpec, Resource, SlotInfo
 from node.executor import Executor, Slot, TryHandle
-from node.job_process import JobFailed, Message
+from node.job_process import JobFailed, Message, SegReady
 
 __all__ = ["DaskExecutor"]
 
@@ -56,8 +57,9 @@ class _DaskTry(TryHandle):
         self._final: SlotInfo | None = None
 
     def poll(self) -> list[Message]:
+        early: list[Message] = list(self.executor.seg_events(str(self.future.key)))
         if self._ended or not self.future.done():
-            return []
+            return early
         self._ended = True
         status = self.future.status
         if status == "finished":
@@ -65,9 +67,9 @@ class _DaskTry(TryHandle):
                 outcome = self.future.result(timeout=30)
             except Exception as exc:  # noqa: BLE001 - the result could not be fetched: the cluster lost it
                 self._lost = f"the Dask cluster lost the try's result ({type(exc).__name__}: {exc})"
-                return []
+                return early
             self._final = outcome.slot
-            out: list[Message] = []
+            out: list[Message] = early
             if outcome.seg_ready is not None:
                 out.append(outcome.seg_ready)
             out.append(outcome.message)
@@ -132,6 +134,7 @@ class DaskExecutor(Executor):
         self._processing: dict[str, str] = {}  # task key -> worker address
         self._processing_at = 0.0
         self._connecting = False
+        self._segs: dict[str, list[SegReady]] = {}  # task key -> SEGs announced by its try (SEG_TOPIC)
 
     def describe(self) -> str:
         return f"Dask cluster at {self.address}"
@@ -159,6 +162,9 @@ class DaskExecutor(Executor):
                 except Exception as exc:  # noqa: BLE001 - the scheduler is not up yet: the node keeps receiving
                     log.warning("Dask scheduler %s not reachable (%s); trying again", self.address, exc)
                     time.sleep(2)
+            from node.dask_worker import SEG_TOPIC
+
+            client.subscribe_topic(SEG_TOPIC, self._on_seg_event)
             self._client = client
             self._slots_at = 0.0
             log.info("connected to the Dask scheduler %s", self.address)
@@ -205,6 +211,20 @@ class DaskExecutor(Executor):
         self._slots = [old.get(n) or Slot(i, Resource.GPU if n.startswith("dask-gpu") else Resource.CPU, None,
                                           label=n) for i, n in enumerate(names)]
         return self._slots
+
+    def _on_seg_event(self, event: Any) -> None:
+        """A try announced its SEG (on the client's event loop): kept for its handle's next poll."""
+        try:
+            _, msg = event
+            seg = SegReady(Path(str(msg["seg_early"])), str(msg["seg_series_uid"]))
+            with self._lock:
+                self._segs.setdefault(str(msg["key"]), []).append(seg)
+        except Exception:  # a malformed event: the SEG comes with the outcome
+            log.debug("ignored SEG event %r", event, exc_info=True)
+
+    def seg_events(self, key: str) -> list[SegReady]:
+        with self._lock:
+            return self._segs.pop(key, [])
 
     def where(self, key: str) -> str | None:
         """The worker address a task is processing on (None: not started or not known)."""

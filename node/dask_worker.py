@@ -27,7 +27,7 @@ from typing import Any
 from node.contracts import FailureKind, JobSpec, ProcessInfo, Resource, SlotInfo
 from node.job_process import JobDone, JobFailed, SegReady, _job_process, _slot_process
 
-__all__ = ["TryOutcome", "run_try", "dask_setup", "dask_teardown", "GPUS_ENV", "MODEL_DEVICE_ENV"]
+__all__ = ["TryOutcome", "run_try", "dask_setup", "dask_teardown", "GPUS_ENV", "MODEL_DEVICE_ENV", "SEG_TOPIC"]
 
 log = logging.getLogger("node.dask_worker")
 
@@ -36,6 +36,9 @@ GPUS_ENV = "DICOM_NODE_GPUS"
 #: ``models.device`` for the model jobs of this worker (default ``cuda`` on a GPU worker); ``cpu``
 #: lets a worker stand in for a GPU one (tests, a CPU-only trial of the cluster)
 MODEL_DEVICE_ENV = "DICOM_NODE_MODEL_DEVICE"
+#: the Dask event topic on which a try says its SEG is ready before its meshes (the node subscribes,
+#: so the SEG goes to the PACS while the meshes are made, as with the local pool)
+SEG_TOPIC = "dicom-node-seg-ready"
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ def run_try(spec: JobSpec, kind: str, persistent: bool, timeout_s: float, log_le
                     m = conn.recv()
                     if isinstance(m, SegReady):
                         seg = m
+                        _announce_seg(worker, key, spec.job_id, m)
                         continue
                     msg = m
                     break
@@ -227,6 +231,15 @@ def run_try(spec: JobSpec, kind: str, persistent: bool, timeout_s: float, log_le
     finally:
         if gpu is not None:
             _STATE.give_gpu(gpu)
+
+
+def _announce_seg(worker: Any, key: str | None, job_id: int, seg: SegReady) -> None:
+    """Tell the node now that the SEG is ready (a Dask event); it also comes with the outcome."""
+    try:
+        worker.log_event(SEG_TOPIC, {"key": key, "job_id": job_id, "seg_early": str(seg.seg_early),
+                                     "seg_series_uid": seg.seg_series_uid})
+    except Exception:  # the SEG then goes with the outcome
+        log.debug("cannot announce the SEG of job %d", job_id, exc_info=True)
 
 
 def dask_setup(worker: Any) -> None:

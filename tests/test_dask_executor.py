@@ -234,6 +234,15 @@ def test_hu_anywhere_model_only_on_the_gpu_worker_one_at_a_time(tmp_path, orthan
         assert first.params.slot.pid == second.params.slot.pid
         assert second.result.backend["model_cache"] == "hit", second.result.backend
         _one_seg_per_series(orthanc, {k: v for k, v in jobs.items() if v.state == "done"})
+        # the SEG went to the PACS while the meshes were still being made (a Dask event from the worker)
+        store = node.store()
+        try:
+            for n in ("small", "j2k"):
+                (seg_dispatch,) = [d for d in store.list_dispatches(job_id=by[n].id) if d.kind == "dicom"]
+                mesh_s = float(by[n].result.timings_s["mesh"])  # meshing left after the SEG was written
+                assert mesh_s > 0 and by[n].finished_at - seg_dispatch.created_at > 0.3 * mesh_s, n
+        finally:
+            store.close()
         shown = node.cli("show", str(by["synth1"].id))
         assert f"Dask worker {gpu_addr}" in shown and "GPU 0" in shown, shown
     finally:
