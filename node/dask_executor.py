@@ -91,6 +91,7 @@ class _DaskTry(TryHandle):
         """Cancel the task: the worker sees it cancelled and kills the try's process group."""
         self._killed = True
         self._ended = True
+        self.executor.seg_events(str(self.future.key))  # a SEG announced meanwhile is not wanted
         try:
             self.future.cancel()
         except Exception:
