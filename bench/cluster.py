@@ -143,15 +143,18 @@ def task_round_trip(address: str, n: int = 40) -> tuple[float, float]:
     return statistics.median(times), times[int(0.9 * (len(times) - 1))]
 
 
-def claims_figures() -> None:
-    """The PostgreSQL claims benchmark (bench/claims.py) when it exists."""
-    claims = REPO / "bench" / "claims.py"
-    print("\nPostgreSQL claims (bench/claims.py):")
-    if not claims.is_file():
-        print("  bench/claims.py is not in this tree yet (the PostgreSQL store's benchmark); run it on its own once merged")
+def claims_figures(rounds: int) -> None:
+    """The store side of the scale-out: :func:`bench.claims.claims` (PostgreSQL against SQLite, 4
+    concurrent claimers), when bench/claims.py is in the tree."""
+    path = REPO / "bench" / "claims.py"
+    print("\nPostgreSQL claims (bench/claims.py):", flush=True)
+    if not path.is_file():
+        print("  bench/claims.py is not in this tree (the PostgreSQL store's benchmark)")
         return
-    r = subprocess.run([sys.executable, str(claims)], capture_output=True, text=True, timeout=900)
-    print("  " + (r.stdout + r.stderr).strip().replace("\n", "\n  "))
+    sys.path.insert(0, str(path.parent))  # by its own name: its claimer processes (spawn) import it again
+    import claims
+
+    claims.claims(jobs=2000, claimers=4, rounds=rounds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if not args.no_claims:
-        claims_figures()
+        claims_figures(args.rounds)
     return 0
 
 
