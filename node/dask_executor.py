@@ -251,7 +251,8 @@ class DaskExecutor(Executor):
         key = f"dicom-node-job-{spec.job_id}-{uuid.uuid4().hex[:12]}"
         resources = {"GPU": 1} if slot.kind == Resource.GPU else None
         future = client.submit(run_try, spec, str(slot.kind), persistent, timeout_s, self.config.log_level,
-                               self.config.log_phi, key=key, pure=False, resources=resources, retries=0)
+                               self.config.log_phi, self.config.job_nice, key=key, pure=False, resources=resources,
+                               retries=0)
         info = SlotInfo(name=slot.name, kind=slot.kind, gpu=None, pid=0, process="slot" if persistent else "job",
                         device=spec.models.device, cuda_visible_devices=None, host=None, worker=None)
         return _DaskTry(self, future, info)

@@ -128,13 +128,13 @@ def _worker_gpu_count(worker: Any) -> int:
 
 
 def run_try(spec: JobSpec, kind: str, persistent: bool, timeout_s: float, log_level: str = "INFO",
-            log_phi: bool = False) -> TryOutcome:
+            log_phi: bool = False, nice: int = 0) -> TryOutcome:
     """The Dask task: run one try of ``spec`` in a child process of this worker, return its outcome.
 
     ``kind`` is the job's resource (``gpu``: the task holds one ``GPU`` resource, and the child
     sees only that GPU).  A timeout (``timeout_s`` from the child's start) or a cancelled task
     kills the child's process group; the outcome then says so (a cancelled task's result is
-    dropped by Dask anyway).
+    dropped by Dask anyway).  ``nice``: node.yaml's ``job_nice`` (the child lowers its priority).
     """
     import psutil
     from distributed import get_worker
@@ -164,7 +164,7 @@ def run_try(spec: JobSpec, kind: str, persistent: bool, timeout_s: float, log_le
         me = psutil.Process(os.getpid())
         label = f"dask-gpu{gpu}" if gpu is not None else "dask-cpu"
         info = ProcessInfo(slot=label, env=env, log_level=log_level, node_pid=me.pid, node_started=me.create_time(),
-                           log_phi=log_phi)
+                           log_phi=log_phi, nice=nice)
         pkey = f"gpu{gpu}" if gpu is not None else "cpu"
         conn: Connection
         proc: BaseProcess

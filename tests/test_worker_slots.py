@@ -442,7 +442,11 @@ def test_job_processes_run_below_the_node(setup, nice):
     store, config, _job = setup
     assert NodeConfig(storage=Path("var")).job_nice == 10  # on by default
     pool = WorkerPool(config(job_nice=nice), store)
-    info = pool._process_info(pool.slots[0])
+    from node.executor import LocalExecutor
+
+    executor = pool.executor  # the local one: its processes start as the pool's did
+    assert isinstance(executor, LocalExecutor)
+    info = executor._process_info(pool.slots[0])
     ctx = mp.get_context("forkserver")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_report_priority, args=(child, info))
