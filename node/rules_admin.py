@@ -38,7 +38,7 @@ from node.routing.rules import (
     RuleSet,
     RulesError,
     _LDict,
-    _LineLoader,
+    _load_yaml,
     _LList,
     parse_rules,
     rules_version,
@@ -234,7 +234,7 @@ def _default_config() -> NodeConfig:
 
 def _parse_tree(text: str) -> tuple[_LList, list[str]]:
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader subclass
+        doc = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise InputError(f"the rule file is not valid YAML ({exc}); fix it first") from None
     rules = doc.get("rules") if isinstance(doc, _LDict) else doc

@@ -104,6 +104,47 @@ class _LineLoader(yaml.SafeLoader):
     pass
 
 
+class _TooComplex(yaml.MarkedYAMLError):
+    pass
+
+
+#: a rule file nested deeper than this, or whose aliases expand to more nodes, is refused before it is
+#: built: PyYAML builds recursively (a file of 5000 ``[`` raised RecursionError: a 500 in the console)
+#: and every walk over the result follows aliases (a "billion laughs" file of 9 aliases per level)
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 200_000
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.load`` with :class:`_LineLoader` after a pass over the parser's events (not recursive)
+    that refuses too deep nesting and alias bombs (:class:`_TooComplex`, a ``MarkedYAMLError``)."""
+    sizes: dict[str, int] = {}  # anchor -> nodes it stands for, aliases expanded
+    open_: list[list[Any]] = []  # [anchor, nodes inside] per collection being read
+    total = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, inside = open_.pop()
+            if anchor:
+                sizes[anchor] = inside + 1
+            continue
+        if not isinstance(ev, yaml.NodeEvent):
+            continue
+        mark: Any = ev.start_mark  # the C parser's Mark type is not yaml.Mark for the stubs
+        n = sizes.get(ev.anchor or "", 1) if isinstance(ev, yaml.AliasEvent) else 1
+        total += n
+        for frame in open_:
+            frame[1] += n
+        if total > MAX_YAML_NODES:
+            raise _TooComplex(None, None, f"more than {MAX_YAML_NODES} values once its aliases are expanded", mark)
+        if isinstance(ev, yaml.ScalarEvent) and ev.anchor:
+            sizes[ev.anchor] = 1
+        elif isinstance(ev, yaml.CollectionStartEvent):
+            open_.append([ev.anchor, 0])
+            if len(open_) > MAX_YAML_DEPTH:
+                raise _TooComplex(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+    return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader subclass
+
+
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _LDict:
     loader.flatten_mapping(node)
     d = _LDict()
@@ -796,7 +837,7 @@ def parse_rules(
     except UnicodeDecodeError as exc:
         raise RulesError([RuleIssue(f"not UTF-8 text: {exc}", None, None, spath)], spath) from None
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader subclass
+        doc = _load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -804,7 +845,7 @@ def parse_rules(
         what = exc.problem or str(exc)
         if exc.context:
             what = f"{exc.context}, {what}"
-        label = "YAML error" if isinstance(exc, _DuplicateKey) else "YAML syntax error"
+        label = "YAML error" if isinstance(exc, (_DuplicateKey, _TooComplex)) else "YAML syntax error"
         raise RulesError([RuleIssue(f"{label}: {what}", line, None, spath, col)], spath) from None
     except yaml.YAMLError as exc:
         raise RulesError([RuleIssue(f"YAML syntax error: {exc}", None, None, spath)], spath) from None
