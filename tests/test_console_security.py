@@ -21,6 +21,7 @@ import urllib3
 from console_helpers import ConsoleNode, browser_login, login, password_of, screenshot, start_console_node
 
 from node.console.app import walk_routes
+from node.console.auth import is_api_path
 
 MAX_BODY_BYTES = 4 << 20  # node/console/app.py (not imported: the test must run on a console without it)
 
@@ -63,6 +64,12 @@ def _raw(node: ConsoleNode, head: bytes, body_chunks: list[bytes] = []) -> str: 
     return data.decode("latin-1")
 
 
+def _pages(node: ConsoleNode) -> list[str]:
+    """Every HTML page without a path parameter (the JSON API and /metrics excepted)."""
+    return [r.path for r in walk_routes(node.service.console.app)
+            if r.method == "GET" and not is_api_path(r.path) and "{" not in r.path and r.role is not None]
+
+
 # ---------------------------------------------------------------------------- headers and CSP
 def test_security_headers_on_every_kind_of_answer(snode: ConsoleNode) -> None:
     admin, anon = snode.client("admin"), snode.anonymous()
@@ -75,7 +82,7 @@ def test_security_headers_on_every_kind_of_answer(snode: ConsoleNode) -> None:
         assert "unsafe-inline" not in csp and "unsafe-eval" not in csp, csp
         assert r.headers.get("x-frame-options") == "DENY", what
         assert r.headers.get("x-content-type-options") == "nosniff", what
-        assert r.headers.get("referrer-policy") == "no-referrer", what
+        assert r.headers.get("referrer-policy") in ("same-origin", "no-referrer"), what
         if what != "static":  # pages and API answers hold patient data: not kept by the browser
             assert r.headers.get("cache-control") == "no-store", (what, r.headers.get("cache-control"))
     assert "strict-transport-security" not in answers["page"].headers  # plain HTTP: only under TLS
@@ -85,8 +92,7 @@ def test_pages_need_no_inline_code_and_load_nothing_from_outside(snode: ConsoleN
     """What the CSP would refuse, found in the HTML itself: inline scripts, style attributes, on*=
     handlers, javascript: URLs, anything loaded from another host."""
     admin = snode.client("admin")
-    pages = [r.path for r in walk_routes(snode.service.console.app)
-             if r.method == "GET" and not r.path.startswith("/api/") and "{" not in r.path and r.role is not None]
+    pages = _pages(snode)
     assert "/rules" in pages and "/" in pages
     for path in pages + ["/login"]:
         html = (admin if path != "/login" else snode.anonymous()).get(path).text
@@ -107,8 +113,7 @@ def test_every_page_works_under_the_csp_in_chromium(snode: ConsoleNode, browser:
     page.on("request", lambda r: problems.append(f"request out: {r.url}")
             if not r.url.startswith((snode.url, "data:")) else None)
     browser_login(page, snode.url, "admin", password_of("admin"))
-    paths = [r.path for r in walk_routes(snode.service.console.app)
-             if r.method == "GET" and not r.path.startswith("/api/") and "{" not in r.path and r.role is not None]
+    paths = _pages(snode)
     for path in paths:
         page.goto(snode.url + path)
         page.wait_for_load_state("load")
@@ -178,6 +183,8 @@ def test_hostile_text_is_shown_not_run(snode: ConsoleNode, browser: Any, tmp_pat
         assert page.locator("main script:not([src^='/static/']), main img[src=x]").count() == 0, path
     assert "<b>AE</b>" in admin.get(f"/series/{uid}").text.replace("&lt;", "<").replace("&gt;", ">")
     assert "<b>AE</b>" not in admin.get(f"/series/{uid}").text
+    metrics = admin.get("/metrics").text  # no UIDs, names or AE titles in the labels
+    assert uid not in metrics and "script" not in metrics and "AE</b>" not in metrics
     assert not ran
 
 

@@ -16,14 +16,17 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node import __version__
 from node.console.auth import LoginRequired, PasswordChangeRequired, Role, is_api_path
 from node.console.context import ConsoleContext
 from node.console.web import STATIC_DIR, render
 
-__all__ = ["create_app", "walk_routes", "RouteInfo", "ROUTER_MODULES", "PUBLIC_PATHS", "SECURITY_HEADERS"]
+__all__ = ["create_app", "walk_routes", "RouteInfo", "ROUTER_MODULES", "PUBLIC_PATHS", "SECURITY_HEADERS",
+           "MAX_BODY_BYTES", "MAX_UPLOAD_BYTES", "UPLOAD_PATHS"]
 
 # ---- feature routers: ONE LINE EACH, in nav order (other features append their module here) ----
 ROUTER_MODULES: list[str] = [
@@ -42,15 +45,81 @@ ROUTER_MODULES: list[str] = [
 # ---- end of feature routers ----
 
 #: on every answer: the browser loads scripts, styles, images and frames from the console only
-#: (no inline scripts: put them in static/console.js), never frames it, never sniffs types
+#: (no inline scripts, no ``style=`` attributes: put them in static/console.js and console.css; an
+#: injected ``<script>`` or ``onerror=`` does not run even where escaping is missed), never frames it,
+#: never sniffs types
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
                                "img-src 'self' data:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
                                "form-action 'self'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
+#: the largest request body (a rule file, a form, JSON); larger: 413, before it is read
+MAX_BODY_BYTES = 4 << 20
+#: the largest body of a dry-run upload (a folder of DICOM files; only their headers are kept)
+MAX_UPLOAD_BYTES = 1 << 30
+UPLOAD_PATHS = frozenset({"/api/v1/rules/dry-run/upload", "/rules/dry-run"})
+
+
+class _SecurityLayer:
+    """ASGI layer around the whole app: adds :data:`SECURITY_HEADERS` (and HSTS under TLS) to every
+    answer, ``Cache-Control: no-store`` to all but /static (pages and answers hold patient data), and
+    caps request bodies: by ``Content-Length``, or counted as they arrive (a chunked body cannot get
+    round it; without a cap Starlette spools any upload to disk, a viewer could fill it)."""
+
+    def __init__(self, app: ASGIApp, *, https: bool) -> None:
+        self.app = app
+        self.https = https
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        limit = MAX_UPLOAD_BYTES if path in UPLOAD_PATHS else MAX_BODY_BYTES
+        started = False
+
+        async def send_secured(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+                if self.https:
+                    headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+                if not path.startswith("/static/"):
+                    headers.setdefault("Cache-Control", "no-store")
+            await send(message)
+
+        async def too_large() -> None:
+            answer = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+            await answer(scope, receive, send_secured)
+
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await too_large()
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # FastAPI and the routes pass an HTTPException on: answered as 413
+                    raise StarletteHTTPException(413, f"request body over {limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, counted, send_secured)
+        except StarletteHTTPException as exc:
+            if exc.status_code != 413 or started:
+                raise
+            await too_large()
+
 
 #: routes anyone may call without logging in (liveness probes, the login page, static files)
 PUBLIC_PATHS = frozenset({"/login", "/healthz", "/readyz"})
@@ -74,14 +143,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     app.state.ctx = ctx
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
 
-    @app.middleware("http")
-    async def _security_headers(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        if not request.url.path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", "no-store")  # pages and answers hold patient data
-        return response
+    app.add_middleware(_SecurityLayer, https=ctx.https)
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, _exc: LoginRequired) -> Response:

@@ -23,6 +23,7 @@ from node.console.auth import (
     SESSION_COOKIE,
     Principal,
     Role,
+    authenticate,
     burn_verification,
     check_new_password,
     client_address,
@@ -100,6 +101,9 @@ def login(request: Request, username: str = Form(""), password: str = Form(""), 
                             detail={"reason": "unknown user" if user is None else "wrong password"})
         log.warning("console login of %r from %s failed", username, client)
         return _login_page(request, next_, error="Wrong user name or password.", username=username, status_code=401)
+    before = authenticate(request, ctx)  # logged in already (this user or another): that session ends
+    if before is not None and before.session_id:
+        ctx.store.end_sessions(session_id=before.session_id)
     cookie_value, _csrf = start_session(ctx, user, client)
     ctx.store.add_audit("login.success", username=user.username, client=client, detail={"role": user.role})
     resp = RedirectResponse("/account/password" if user.must_change else next_, status_code=303)
