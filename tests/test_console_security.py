@@ -345,3 +345,42 @@ def test_receiver_answers_while_the_console_is_flooded(snode: ConsoleNode) -> No
             s.close()
     assert codes and codes.count(200) > 0, codes[:20]
     assert snode.client("viewer").get("/api/v1/session").status_code == 200
+
+
+def _closed_by_server(s: socket.socket, wait_s: float) -> bool:
+    s.settimeout(wait_s)
+    try:
+        return s.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True  # reset: closed too
+
+
+def test_idle_and_excess_connections_are_closed(snode: ConsoleNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that never finishes its request headers is closed after a while, and beyond a
+    cap new connections are closed at once: idle sockets cannot use up the node process's file
+    descriptors (the receiver and the spool need them).  Before: held open for ever."""
+    import node.console.server as server
+
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 1.0)
+    host, port = snode.url.removeprefix("http://").split(":")
+    slow = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
+    try:
+        for s in slow:
+            s.sendall(b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(2.0)
+        assert all(_closed_by_server(s, 3.0) for s in slow)
+    finally:
+        for s in slow:
+            s.close()
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 10)
+    held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(30)]
+    try:
+        closed = sum(_closed_by_server(s, 0.5) for s in held)
+        assert closed >= 20, closed
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
+    assert snode.client("viewer").get("/api/v1/session").status_code == 200

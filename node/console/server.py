@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from node.config import NodeConfig
 from node.console.app import create_app
@@ -19,13 +20,37 @@ from node.console.auth import ensure_first_admin
 from node.console.context import ConsoleContext, NodeHandle
 from node.store import Store
 
-__all__ = ["ConsoleServer", "start_console", "LAST_ERRORS_KEPT"]
+__all__ = ["ConsoleServer", "start_console", "LAST_ERRORS_KEPT", "HEADER_TIMEOUT_S", "MAX_CONNECTIONS"]
 
 LAST_ERRORS_KEPT = 20
 #: how much lower the console's threads run than the node's (nice increment, Linux)
 CONSOLE_NICENESS = 10
 
 log = logging.getLogger("node.console")
+
+
+#: a connection that has not sent a whole request head this long after it opened is closed (uvicorn
+#: has no such limit: idle or trickling sockets were held for ever)
+HEADER_TIMEOUT_S = 10.0
+#: connections the console keeps open at most; more are closed as soon as they are accepted.  The
+#: console shares the node's process: its sockets must not use up the file descriptors the receiver,
+#: the spool and the store need.
+MAX_CONNECTIONS = 256
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with :data:`HEADER_TIMEOUT_S` and :data:`MAX_CONNECTIONS`."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:
+            transport.close()
+            return
+        self.loop.call_later(HEADER_TIMEOUT_S, self._head_due)
+
+    def _head_due(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
 
 
 class ConsoleServer:
@@ -39,7 +64,7 @@ class ConsoleServer:
             self.app, host=http.host, port=http.port, log_level="warning", access_log=False,
             ssl_certfile=str(http.certificate) if http.certificate else None,
             ssl_keyfile=str(http.key) if http.key else None,
-            lifespan="off", server_header=False, timeout_graceful_shutdown=5,
+            lifespan="off", server_header=False, timeout_graceful_shutdown=5, http=_GuardedH11,
         )
         self._server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None
