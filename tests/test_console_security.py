@@ -384,3 +384,49 @@ def test_idle_and_excess_connections_are_closed(snode: ConsoleNode, monkeypatch:
             s.close()
     time.sleep(0.5)
     assert snode.client("viewer").get("/api/v1/session").status_code == 200
+
+
+# ---------------------------------------------------------------------------- CSRF and the audit log
+def test_csrf_token_of_another_session_or_none_is_refused(snode: ConsoleNode) -> None:
+    """A session's changes need its own CSRF token: none, a wrong one, or another session's (even of
+    the same user) is refused; the login form needs its double-submit cookie."""
+    mine = login(snode.url, "operator", password_of("operator"))
+    other = login(snode.url, "operator", password_of("operator"))
+    url = snode.url + "/api/v1/tokens"
+    for token in (None, "x" * 43, other.headers["X-CSRF-Token"]):
+        headers = {"X-CSRF-Token": token} if token is not None else {}
+        r = requests.post(url, json={"name": "csrf"}, cookies=mine.cookies, headers=headers, timeout=10)
+        assert r.status_code == 403 and "CSRF" in r.text, (token, r.status_code)
+        form = requests.post(snode.url + "/account/tokens", data={"name": "csrf", "csrf_token": token or ""},
+                             cookies=mine.cookies, allow_redirects=False, timeout=10)
+        assert form.status_code == 403, (token, form.status_code)
+    assert mine.post(url, json={"name": "csrf"}, timeout=10).status_code == 201  # its own token works
+    page = requests.get(snode.url + "/login", timeout=10)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token
+    r = requests.post(snode.url + "/login", data={"username": "viewer", "password": password_of("viewer"),
+                                                  "csrf_token": token.group(1)}, allow_redirects=False, timeout=10)
+    assert r.status_code == 403  # no login CSRF cookie: a cross-site login form is refused
+
+
+def test_audit_log_lines_cannot_be_forged(snode: ConsoleNode) -> None:
+    """A user name with CR/LF and JSON in a failed login stays one JSON line in the export, and is
+    shown as text on the audit page."""
+    forged = 'x"}\r\n{"action": "login.success", "username": "admin"}\n<script>window.__xss=1</script>'
+    s = requests.Session()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', s.get(snode.url + "/login", timeout=10).text)
+    assert token
+    s.post(snode.url + "/login", data={"username": forged, "password": "wrong-password-1",
+                                       "csrf_token": token.group(1)}, allow_redirects=False, timeout=10)
+    admin = snode.client("admin")
+    export = admin.get("/api/v1/audit/export").text
+    import json
+
+    entries = [json.loads(line) for line in export.splitlines()]
+    assert len(entries) == len(export.strip().split("\n"))
+    failed = [e for e in entries if e["action"] == "login.failed" and "\r\n" in (e.get("username") or "")]
+    assert failed, "the forged name is not one entry"
+    assert not any(e["action"] == "login.success" and e.get("username") == "admin" and e.get("client") is None
+                   for e in entries)
+    page = admin.get("/audit").text
+    assert "<script>window.__xss" not in page and "&lt;script&gt;window.__xss" in page
