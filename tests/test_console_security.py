@@ -430,3 +430,18 @@ def test_audit_log_lines_cannot_be_forged(snode: ConsoleNode) -> None:
                    for e in entries)
     page = admin.get("/audit").text
     assert "<script>window.__xss" not in page and "&lt;script&gt;window.__xss" in page
+
+
+def test_guessing_the_current_password_is_rate_limited(tmp_path: Path) -> None:
+    """A stolen session (or token) guessing the current password to change it: after
+    ``login_max_failures`` wrong ones within the window, refused (429) even with the right one."""
+    node = start_console_node(tmp_path / "var", users=("viewer",), http={"login_max_failures": 3})
+    try:
+        c = node.client("viewer")
+        for k in range(3):
+            r = c.post("/api/v1/account/password", json={"current": f"guess-number-{k}", "new": "another-pass-99"})
+            assert r.status_code == 400, r.text
+        r = c.post("/api/v1/account/password", json={"current": password_of("viewer"), "new": "another-pass-99"})
+        assert r.status_code == 429, r.text
+    finally:
+        node.service.stop()

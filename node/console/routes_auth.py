@@ -135,6 +135,11 @@ def _change_password(ctx: ConsoleContext, p: Principal, client: str, current: st
     user = ctx.store.get_user(user_id=p.user_id)
     if user is None:
         raise HTTPException(404, "no such user")
+    http = ctx.config.http
+    # a stolen session or token must not guess the current password (and take the account for good)
+    if ctx.store.count_audit("user.password.failed", since=time.time() - http.login_window_s,
+                             username=p.username) >= http.login_max_failures:
+        raise HTTPException(429, "too many wrong current passwords; wait a few minutes")
     if not verify_password(user.password_hash, current):
         ctx.store.add_audit("user.password.failed", username=p.username, client=client, target=p.username,
                             detail={"reason": "wrong current password"})
