@@ -445,3 +445,40 @@ def test_guessing_the_current_password_is_rate_limited(tmp_path: Path) -> None:
         assert r.status_code == 429, r.text
     finally:
         node.service.stop()
+
+
+def test_a_backtracking_regex_in_a_dry_run_does_not_stop_the_node(snode: ConsoleNode, tmp_path: Path) -> None:
+    """An operator's draft with a catastrophic pattern, dry-run against an uploaded file whose
+    SeriesDescription feeds it: before, Python's re backtracked for hours holding the GIL (node,
+    receiver and console stood still); now the condition gives up as no match, and C-ECHO and the
+    console answer meanwhile."""
+    if not Path(ECHOSCU).exists():
+        pytest.skip("DCMTK echoscu not installed")
+    import numpy as np
+
+    from node.tools.synth_series import write_series
+
+    vol = np.full((2, 16, 16), 40, dtype=np.int16)
+    f = write_series(vol, tmp_path / "a", series_description="a" * 59 + "!")[0]
+    draft = ('rules:\n  - name: slow\n    match: {SeriesDescription: {regex: "(a|aa)+$"}}\n'
+             '    profile: bones\n')
+    result: dict[str, Any] = {}
+
+    def dry_run() -> None:
+        r = snode.client("operator").post("/api/v1/rules/dry-run/upload", data={"text": draft},
+                                          files={"files": (f.name, f.read_bytes(), "application/dicom")},
+                                          timeout=60)
+        result["status"], result["json"] = r.status_code, r.json()
+
+    t = threading.Thread(target=dry_run)
+    t.start()
+    rx_port = snode.service.receiver.port  # type: ignore[union-attr]  # started node
+    echo = subprocess.run([ECHOSCU, "-to", "10", "-ta", "10", "-td", "10", "-aec", snode.config.ae_title,
+                           "127.0.0.1", str(rx_port)], capture_output=True, text=True, timeout=30)
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    assert snode.client("viewer").get("/healthz", timeout=10).status_code == 200
+    t.join(timeout=90)
+    assert result.get("status") == 200, result
+    (series,) = result["json"]["series"]
+    (rule,) = series["rules"]
+    assert rule["rule"] == "slow" and rule["status"] == "not_matched", rule

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from node.console.auth import Principal, Role, client_address, require
@@ -241,7 +242,7 @@ async def rules_dry_run_upload(request: Request, _p: Principal = Depends(_operat
     ae = form.get("calling_ae")
     with tempfile.TemporaryDirectory(prefix="dn-dry-run-") as tmp:
         await _save_upload(files, Path(tmp))
-        validation, result = _dry_run(request, ctx, text if isinstance(text, str) and text.strip() else None, [],
+        validation, result = await run_in_threadpool(_dry_run, request, ctx, text if isinstance(text, str) and text.strip() else None, [],
                                       None, Path(tmp), ae if isinstance(ae, str) else None)
     if result is None:
         raise HTTPException(422, {"message": "the draft has errors", "validation": validation.to_json()})
@@ -402,7 +403,7 @@ async def rules_validate_page(request: Request, _p: Principal = Depends(_viewer)
     text, rule = _form_text(form, "text"), _form_text(form, "rule") or None
     admin = admin_of(request, ctx)
     try:
-        v = admin.validate(_whole(admin, text, rule))
+        v = await run_in_threadpool(lambda: admin.validate(_whole(admin, text, rule)))
     except InputError as exc:
         return _page(request, ctx, draft=text, rule=rule, error=str(exc), status_code=400)
     flash = None if v.errors else ("Valid" + (f", {len(v.warnings)} warning(s)" if v.warnings else "") + ".")
@@ -426,9 +427,9 @@ async def rules_dry_run_page(request: Request, _p: Principal = Depends(_operator
         if files:
             with tempfile.TemporaryDirectory(prefix="dn-dry-run-") as tmp:
                 await _save_upload(files, Path(tmp))
-                v, result = _dry_run(request, ctx, whole, [], None, Path(tmp), _form_text(form, "calling_ae"))
+                v, result = await run_in_threadpool(_dry_run, request, ctx, whole, [], None, Path(tmp), _form_text(form, "calling_ae"))
         else:
-            v, result = _dry_run(request, ctx, whole, uids, last)
+            v, result = await run_in_threadpool(_dry_run, request, ctx, whole, uids, last)
     except (InputError, ValueError) as exc:
         return _page(request, ctx, draft=text, rule=rule, error=str(exc), status_code=400, dry=dry)
     except HTTPException as exc:
@@ -472,14 +473,14 @@ async def rules_apply_page(request: Request, p: Principal = Depends(_admin),
     form = await request.form()
     text, rule = _form_text(form, "text"), _form_text(form, "rule") or None
     comment, expected = _form_text(form, "comment") or None, _form_text(form, "expected_version") or None
-    return _page_change(request, ctx, p, "rules.apply", lambda a: a.apply(
+    return await run_in_threadpool(_page_change, request, ctx, p, "rules.apply", lambda a: a.apply(
         _whole(a, text, rule), user=p.username, comment=comment, expected_version=expected), draft=text, rule=rule)
 
 
 @router.post("/rules/rollback/{version_id}", include_in_schema=False)
 async def rules_rollback_page(version_id: int, request: Request, p: Principal = Depends(_admin),
                               ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    return _page_change(request, ctx, p, "rules.rollback", lambda a: a.rollback(version_id, user=p.username))
+    return await run_in_threadpool(_page_change, request, ctx, p, "rules.rollback", lambda a: a.rollback(version_id, user=p.username))
 
 
 @router.post("/rules/rule/{name}/move", include_in_schema=False)
@@ -490,16 +491,16 @@ async def rules_move_page(name: str, request: Request, p: Principal = Depends(_a
         position = int(_form_text(form, "position"))
     except ValueError:
         return _redirect(error="position must be a number")
-    return _page_change(request, ctx, p, "rules.reorder", lambda a: a.move(name, position, user=p.username))
+    return await run_in_threadpool(_page_change, request, ctx, p, "rules.reorder", lambda a: a.move(name, position, user=p.username))
 
 
 @router.post("/rules/rule/{name}/enable", include_in_schema=False)
 async def rules_enable_page(name: str, request: Request, p: Principal = Depends(_admin),
                             ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    return _page_change(request, ctx, p, "rules.enable", lambda a: a.set_enabled(name, True, user=p.username))
+    return await run_in_threadpool(_page_change, request, ctx, p, "rules.enable", lambda a: a.set_enabled(name, True, user=p.username))
 
 
 @router.post("/rules/rule/{name}/disable", include_in_schema=False)
 async def rules_disable_page(name: str, request: Request, p: Principal = Depends(_admin),
                              ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    return _page_change(request, ctx, p, "rules.disable", lambda a: a.set_enabled(name, False, user=p.username))
+    return await run_in_threadpool(_page_change, request, ctx, p, "rules.disable", lambda a: a.set_enabled(name, False, user=p.username))

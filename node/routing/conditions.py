@@ -8,10 +8,13 @@ and a one-line reason naming the condition that decided it (operator semantics: 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import regex as _regex
 
 
 class _Missing:
@@ -191,21 +194,39 @@ class OneOf(Operator):
         return any(_scalar_equal(v, value, self.ignore_case) for v in self.values)
 
 
+#: a ``regex`` condition gives up (no match, a warning) after this long on one value.  Rule patterns
+#: run with the ``regex`` package, not ``re``: it takes a timeout and lets go of the GIL while it
+#: matches.  With ``re`` a pattern like ``(a|aa)+$`` (written by mistake, or an operator's dry-run
+#: draft) backtracked for hours on a 64-character value while holding the GIL: the whole node,
+#: receiver included, stood still.
+REGEX_TIMEOUT_S = 0.1
+
+_log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class Regex(Operator):
     pattern: str
     ignore_case: bool = False
-    _re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _re: Any = field(init=False, repr=False, compare=False)  # a regex.Pattern
     name = "regex"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_re", re.compile(self.pattern, re.IGNORECASE if self.ignore_case else 0))
+        try:  # VERSION0: the same syntax and meaning as Python's re
+            compiled = _regex.compile(self.pattern, (_regex.IGNORECASE if self.ignore_case else 0) | _regex.VERSION0)
+        except _regex.error as exc:  # the rule parser reports re.error at the rule's line
+            raise re.error(str(exc)) from None
+        object.__setattr__(self, "_re", compiled)
 
     def describe(self) -> str:
         return f"regex '{self.pattern}'" + (" (ignore case)" if self.ignore_case else "")
 
     def test(self, value: Any) -> bool:
-        return self._re.search(as_text(value)) is not None
+        try:
+            return self._re.search(as_text(value), timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            _log.warning("regex %r gave up after %.1f s on a value: taken as no match", self.pattern, REGEX_TIMEOUT_S)
+            return False
 
 
 @dataclass(frozen=True)
