@@ -482,3 +482,22 @@ def test_a_backtracking_regex_in_a_dry_run_does_not_stop_the_node(snode: Console
     (series,) = result["json"]["series"]
     (rule,) = series["rules"]
     assert rule["rule"] == "slow" and rule["status"] == "not_matched", rule
+
+
+def test_no_file_outside_static_and_no_anonymous_api_description(snode: ConsoleNode) -> None:
+    """Raw paths (not normalised by a client) cannot climb out of /static or a job's QC folder; the
+    API description needs a login and FastAPI's CDN-loading docs pages do not exist."""
+    for path in ("/static/../app.py", "/static/..%2fapp.py", "/static/%2e%2e/%2e%2e/config.py",
+                 "/static//etc/passwd", "/static/%2fetc%2fpasswd"):
+        answer = _raw(snode, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status = answer.split(" ", 2)[1]
+        assert status in ("400", "404"), (path, answer[:200])
+        assert "import" not in answer and "root:" not in answer, path
+    viewer = snode.client("viewer")
+    for name in ("..%2f..%2freport.json", "..%2f..%2f..%2f..%2fetc%2fpasswd", "%2e%2e"):
+        r = viewer.get(f"/api/v1/jobs/1/qc/{name}")
+        assert r.status_code == 404, (name, r.status_code)
+    anon = snode.anonymous()
+    assert anon.get("/api/v1/openapi.json").status_code == 401
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert anon.get(path).status_code == 404, path
