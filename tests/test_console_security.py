@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -166,7 +167,12 @@ def test_hostile_text_is_shown_not_run(snode: ConsoleNode, browser: Any, tmp_pat
 
     page = browser.new_page()
     ran: list[str] = []
-    page.on("dialog", lambda d: (ran.append(d.message), d.dismiss()))
+
+    def on_dialog(d: Any) -> None:
+        ran.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", on_dialog)
     page.goto(snode.url + "/login")
     page.fill("input[name=username]", HOSTILE)
     page.fill("input[name=password]", "wrong-password-1")
@@ -175,7 +181,7 @@ def test_hostile_text_is_shown_not_run(snode: ConsoleNode, browser: Any, tmp_pat
     assert page.evaluate("() => window.__xss") is None
     browser_login(page, snode.url, "admin", password_of("admin"))
     for path, shown in [(f"/series/{uid}", HOSTILE), ("/series", HOSTILE), ("/rules", HOSTILE),
-                        ("/quarantine?msg=" + requests.utils.quote(HOSTILE), HOSTILE)]:
+                        ("/quarantine?msg=" + quote(HOSTILE), HOSTILE)]:
         page.goto(snode.url + path)
         page.wait_for_load_state("load")
         assert page.evaluate("() => window.__xss") is None, f"script ran on {path}"
@@ -193,7 +199,7 @@ def test_request_bodies_are_capped(snode: ConsoleNode) -> None:
     """A declared huge body is refused before it is read; a chunked one (no length) when it passes the cap."""
     viewer = snode.client("viewer")
     cookie = "; ".join(f"{c.name}={c.value}" for c in viewer.cookies)
-    csrf = viewer.headers["X-CSRF-Token"]
+    csrf = str(viewer.headers["X-CSRF-Token"])
     head = (f"POST /api/v1/rules/validate HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nX-CSRF-Token: {csrf}\r\n"
             "Content-Type: application/json\r\n")
     answer = _raw(snode, (head + f"Content-Length: {10**10}\r\nConnection: close\r\n\r\n").encode())
@@ -317,7 +323,7 @@ def test_receiver_answers_while_the_console_is_flooded(snode: ConsoleNode) -> No
         s.sendall(b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\n")  # never finished: a slow client
         socks.append(s)
     viewer = snode.client("viewer")
-    cookies = {c.name: c.value for c in viewer.cookies}
+    cookies = {c.name: str(c.value) for c in viewer.cookies}
     codes: list[int] = []
 
     def hammer() -> None:
@@ -402,10 +408,10 @@ def test_csrf_token_of_another_session_or_none_is_refused(snode: ConsoleNode) ->
         assert form.status_code == 403, (token, form.status_code)
     assert mine.post(url, json={"name": "csrf"}, timeout=10).status_code == 201  # its own token works
     page = requests.get(snode.url + "/login", timeout=10)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert token
+    field = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert field
     r = requests.post(snode.url + "/login", data={"username": "viewer", "password": password_of("viewer"),
-                                                  "csrf_token": token.group(1)}, allow_redirects=False, timeout=10)
+                                                  "csrf_token": field.group(1)}, allow_redirects=False, timeout=10)
     assert r.status_code == 403  # no login CSRF cookie: a cross-site login form is refused
 
 
