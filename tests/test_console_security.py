@@ -310,11 +310,19 @@ def test_tls_cookies_are_secure(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the receiver under a flood
-def test_receiver_answers_while_the_console_is_flooded(snode: ConsoleNode) -> None:
+def test_receiver_answers_while_the_console_is_flooded(snode: ConsoleNode, tmp_path: Path) -> None:
     """200 concurrent connections held open (headers trickled) plus 200 concurrent page requests:
-    C-ECHO is still answered, and the console serves again afterwards."""
-    if not Path(ECHOSCU).exists():
-        pytest.skip("DCMTK echoscu not installed")
+    C-ECHO and C-STORE (storescu, a small synthetic series) are still answered, and the console
+    serves again afterwards."""
+    if not Path(ECHOSCU).exists() or not Path("/usr/bin/storescu").exists():
+        pytest.skip("DCMTK echoscu/storescu not installed")
+    import numpy as np
+
+    from node.tools.synth_series import write_series
+
+    vol = np.full((3, 24, 24), -1000, dtype=np.int16)
+    vol[:, 6:18, 6:18] = 300
+    files = write_series(vol, tmp_path / "flood", series_description="CT flood")
     host, port = snode.url.removeprefix("http://").split(":")
     stop = threading.Event()
     socks: list[socket.socket] = []
@@ -343,6 +351,9 @@ def test_receiver_answers_while_the_console_is_flooded(snode: ConsoleNode) -> No
             r = subprocess.run([ECHOSCU, "-to", "10", "-ta", "10", "-td", "10", "-aec", snode.config.ae_title,
                                 "127.0.0.1", str(rx_port)], capture_output=True, text=True, timeout=30)
             assert r.returncode == 0, r.stdout + r.stderr
+        r = subprocess.run(["/usr/bin/storescu", "-aec", snode.config.ae_title, "-aet", "FLOOD", "127.0.0.1",
+                            str(rx_port), *map(str, files)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
     finally:
         stop.set()
         for t in threads:
@@ -351,6 +362,11 @@ def test_receiver_answers_while_the_console_is_flooded(snode: ConsoleNode) -> No
             s.close()
     assert codes and codes.count(200) > 0, codes[:20]
     assert snode.client("viewer").get("/api/v1/session").status_code == 200
+    import pydicom
+
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    stored = snode.client("viewer").get(f"/api/v1/series/{uid}")
+    assert stored.status_code == 200 and stored.json()["instances"] == len(files), stored.text[:300]
 
 
 def _closed_by_server(s: socket.socket, wait_s: float) -> bool:
