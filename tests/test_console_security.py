@@ -179,8 +179,7 @@ def test_hostile_text_is_shown_not_run(snode: ConsoleNode, browser: Any, tmp_pat
     page.wait_for_load_state()
     assert page.evaluate("() => window.__xss") is None
     browser_login(page, snode.url, "admin", password_of("admin"))
-    for path, shown in [(f"/series/{uid}", HOSTILE), ("/series", HOSTILE), ("/rules", HOSTILE),
-                        ("/quarantine?msg=" + quote(HOSTILE), HOSTILE)]:
+    for path, shown in [(f"/series/{uid}", HOSTILE), ("/series", HOSTILE), ("/rules", HOSTILE)]:
         page.goto(snode.url + path)
         page.wait_for_load_state("load")
         assert page.evaluate("() => window.__xss") is None, f"script ran on {path}"
@@ -191,6 +190,44 @@ def test_hostile_text_is_shown_not_run(snode: ConsoleNode, browser: Any, tmp_pat
     metrics = admin.get("/metrics").text  # no UIDs, names or AE titles in the labels
     assert uid not in metrics and "script" not in metrics and "AE</b>" not in metrics
     assert not ran
+
+
+# ---------------------------------------------------------------------------- messages after actions
+SPOOF = "Rule applied: all series now go to evil-pacs"
+SPOOFS = [f"/jobs/1?msg={quote(SPOOF)}&ok=1", f"/quarantine?msg={quote(SPOOF)}&ok=1", f"/series/1.2.3?msg={quote(SPOOF)}&ok=1",
+          f"/destinations?flash={quote(SPOOF)}&kind=ok", f"/rules?flash={quote(SPOOF)}", f"/rules?error={quote(SPOOF)}",
+          "/?changed=password"]
+
+
+def test_links_cannot_put_messages_on_pages(snode: ConsoleNode) -> None:
+    """A crafted link (``?msg=``, ``?flash=``, ``?error=``) shows no text of its own on a real page; a
+    real action's message reaches the next page once, in a signed session-bound cookie, and only there."""
+    operator = snode.client("operator")
+    for path in SPOOFS:
+        r = operator.get(snode.url + path, timeout=10)
+        assert SPOOF not in r.text and "Password changed" not in r.text, path
+        assert 'class="flash ok"' not in r.text, path
+    # a real action: the redirect names no message, the cookie carries it, the next page shows it once
+    r = operator.post(snode.url + "/destinations/pacs/pause", allow_redirects=False, timeout=10)
+    assert r.status_code == 303 and r.headers["location"] == "/destinations", r.headers
+    set_cookie = r.headers["set-cookie"].lower()
+    assert "dn_flash=" in set_cookie and "httponly" in set_cookie and "samesite=strict" in set_cookie, set_cookie
+    stolen = r.cookies["dn_flash"]
+    page = operator.get(snode.url + "/destinations", timeout=10)
+    assert "Dispatch to pacs paused." in page.text and 'class="flash ok"' in page.text
+    assert "Dispatch to pacs paused." not in operator.get(snode.url + "/destinations", timeout=10).text  # shown once
+    # the cookie is bound to the session: another user's session (or a forged value) shows nothing
+    viewer = snode.client("viewer")
+    for value in (stolen, stolen[:-2] + ("AA" if not stolen.endswith("AA") else "BB")):
+        viewer.cookies.set("dn_flash", value)
+        assert "Dispatch to pacs paused." not in viewer.get(snode.url + "/destinations", timeout=10).text
+    # an error outcome shows red, and a form page (rules) shows its message the same way
+    admin = snode.client("admin")
+    r = admin.post(snode.url + "/rules/rule/anything/move", data={"position": "x"}, allow_redirects=True, timeout=10)
+    assert r.url == snode.url + "/rules", (r.status_code, r.text[-600:])
+    assert "position must be a number" in r.text and 'class="flash error"' in r.text
+    r = operator.post(snode.url + "/destinations/pacs/resume", allow_redirects=True, timeout=10)
+    assert r.url == snode.url + "/destinations" and "Dispatch to pacs resumed." in r.text
 
 
 # ---------------------------------------------------------------------------- bodies and YAML

@@ -35,7 +35,7 @@ from node.console.auth import (
     verify_password,
 )
 from node.console.context import ConsoleContext, get_ctx
-from node.console.web import render
+from node.console.web import redirect_with_message, render
 
 router = APIRouter()
 log = logging.getLogger("node.console")
@@ -176,7 +176,7 @@ def password_submit(request: Request, current: str = Form(""), new: str = Form("
     except HTTPException as exc:
         return render(request, "password.html", {"min_length": MIN_PASSWORD_LENGTH, "error": exc.detail,
                                                  "title": "Change password"}, status_code=exc.status_code)
-    return RedirectResponse("/?changed=password", status_code=303)
+    return redirect_with_message(request, "/", "Password changed.")
 
 
 class PasswordChange(BaseModel):

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from markupsafe import escape
 
 from node.config import StowDestination
 from node.console.auth import Principal, Role, client_address, require
 from node.console.context import ConsoleContext, get_ctx
-from node.console.web import render
+from node.console.web import redirect_with_message, render
 from node.routing.rules import ORIGIN
 from node.scp.sender import DestinationUnavailable, echo
 from node.scp.tls import client_context
@@ -118,14 +117,11 @@ def resume_api(name: str, request: Request, p: Principal = Depends(_operator),
 @router.get("/destinations", include_in_schema=False)
 def destinations_page(request: Request, _p: Principal = Depends(_viewer),
                       ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    q = request.query_params
-    flash = q.get("flash")
-    return render(request, "destinations.html", {"r": destinations_report(ctx), "title": "Destinations",
-                                                 "flash": flash, "flash_kind": q.get("kind", "ok")})
+    return render(request, "destinations.html", {"r": destinations_report(ctx), "title": "Destinations"})
 
 
-def _back(message: str, ok: bool = True) -> RedirectResponse:
-    return RedirectResponse(f"/destinations?flash={quote(message)}&kind={'ok' if ok else 'error'}", status_code=303)
+def _back(request: Request, message: str, ok: bool = True) -> Response:
+    return redirect_with_message(request, "/destinations", message, ok)
 
 
 @router.post("/destinations/{name}/echo", include_in_schema=False)
@@ -135,18 +131,18 @@ def echo_page(name: str, request: Request, p: Principal = Depends(_operator),
     message = f"C-ECHO {name}: {'OK' if r['ok'] else 'failed'} ({r['detail']}, {r['seconds']} s)"
     if request.headers.get("hx-request"):  # htmx: only the answer, put beside the button
         return HTMLResponse(f'<span class="{"ok" if r["ok"] else "err"}" role="status">{escape(message)}</span>')
-    return _back(message, r["ok"])
+    return _back(request, message, r["ok"])
 
 
 @router.post("/destinations/{name}/pause", include_in_schema=False)
 def pause_page(name: str, request: Request, p: Principal = Depends(_operator),
                ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     _pause(ctx, p, client_address(request), name, True)
-    return _back(f"Dispatch to {name} paused.")
+    return _back(request, f"Dispatch to {name} paused.")
 
 
 @router.post("/destinations/{name}/resume", include_in_schema=False)
 def resume_page(name: str, request: Request, p: Principal = Depends(_operator),
                 ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     _pause(ctx, p, client_address(request), name, False)
-    return _back(f"Dispatch to {name} resumed.")
+    return _back(request, f"Dispatch to {name} resumed.")

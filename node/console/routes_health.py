@@ -108,5 +108,4 @@ def health_api(_p: Principal = Depends(_viewer), ctx: ConsoleContext = Depends(g
 
 @router.get("/", include_in_schema=False)
 def health_page(request: Request, _p: Principal = Depends(_viewer), ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    flash = "Password changed." if request.query_params.get("changed") == "password" else None
-    return render(request, "health.html", {"h": health_report(ctx), "title": "Health", "flash": flash})
+    return render(request, "health.html", {"h": health_report(ctx), "title": "Health"})

@@ -14,11 +14,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, Response
 
 from node.console.auth import Principal, Role, client_address, require
 from node.console.context import ConsoleContext, get_ctx
-from node.console.web import render
+from node.console.web import redirect_with_message, render
 from node.contracts import JobState
 from node.operations import Outcome, cancel, retry
 from node.store import Job, JobQuery
@@ -231,20 +231,18 @@ def jobs_page(request: Request, _p: Principal = Depends(_viewer), ctx: ConsoleCo
 @router.get("/jobs/{job_id}")
 def job_page(job_id: int, request: Request, _p: Principal = Depends(_viewer),
              ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    q = request.query_params
-    return render(request, "job.html", {"title": f"Job {job_id}", "job": job_detail(ctx, job_id),
-                                        "flash": q.get("msg"), "flash_kind": "ok" if q.get("ok") == "1" else "error"})
+    return render(request, "job.html", {"title": f"Job {job_id}", "job": job_detail(ctx, job_id)})
 
 
 @router.post("/jobs/{job_id}/retry")
 def job_retry_form(job_id: int, request: Request, p: Principal = Depends(_operator),
                    ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     out = _act(ctx, request, p, job_id, "retry")
-    return RedirectResponse(f"/jobs/{job_id}?{urlencode({'msg': out.message, 'ok': int(out.ok)})}", status_code=303)
+    return redirect_with_message(request, f"/jobs/{job_id}", out.message, out.ok)
 
 
 @router.post("/jobs/{job_id}/cancel")
 def job_cancel_form(job_id: int, request: Request, p: Principal = Depends(_operator),
                     ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     out = _act(ctx, request, p, job_id, "cancel")
-    return RedirectResponse(f"/jobs/{job_id}?{urlencode({'msg': out.message, 'ok': int(out.ok)})}", status_code=303)
+    return redirect_with_message(request, f"/jobs/{job_id}", out.message, out.ok)

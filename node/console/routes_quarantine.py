@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 
 from node.console.auth import Principal, Role, client_address, require
 from node.console.context import ConsoleContext, get_ctx
-from node.console.web import render
+from node.console.web import redirect_with_message, render
 from node.operations import Outcome, delete_quarantined, release
 from node.spool import Spool
 
@@ -64,20 +63,18 @@ def api_delete(name: str, request: Request, p: Principal = Depends(_operator),
 @router.get("/quarantine")
 def quarantine_page(request: Request, _p: Principal = Depends(_viewer),
                     ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    q = request.query_params
-    return render(request, "quarantine.html", {"title": "Quarantine", "entries": quarantine_list(ctx),
-                                               "flash": q.get("msg"), "flash_kind": "ok" if q.get("ok") == "1" else "error"})
+    return render(request, "quarantine.html", {"title": "Quarantine", "entries": quarantine_list(ctx)})
 
 
 @router.post("/quarantine/{name}/release")
 def release_form(name: str, request: Request, p: Principal = Depends(_operator),
                  ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     out = _act(ctx, request, p, name, "release")
-    return RedirectResponse(f"/quarantine?{urlencode({'msg': out.message, 'ok': int(out.ok)})}", status_code=303)
+    return redirect_with_message(request, "/quarantine", out.message, out.ok)
 
 
 @router.post("/quarantine/{name}/delete")
 def delete_form(name: str, request: Request, p: Principal = Depends(_operator),
                 ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     out = _act(ctx, request, p, name, "delete")
-    return RedirectResponse(f"/quarantine?{urlencode({'msg': out.message, 'ok': int(out.ok)})}", status_code=303)
+    return redirect_with_message(request, "/quarantine", out.message, out.ok)

@@ -14,17 +14,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from node.console.auth import Principal, Role, client_address, require
 from node.console.context import ConsoleContext, get_ctx
-from node.console.web import render
+from node.console.web import redirect_with_message, render
 from node.errors import InputError
 from node.routing.rules import RuleSet, RulesError, parse_rules
 from node.rules_admin import (
@@ -371,8 +370,8 @@ def _page(request: Request, ctx: ConsoleContext, *, draft: str | None = None, ru
         "title": "Rules", "live": live, "loaded": _loaded(ctx), "rules": _rules_table(live.validation.ruleset),
         "history": admin.history(20), "draft": text, "rule": rule, "first_line": first,
         "validation": validation, "listing": _numbered(text, validation, first) if validation else None,
-        "result": result, "flash": flash or request.query_params.get("flash"),
-        "error": error or request.query_params.get("error"), "dry": dry or {"last": 5, "uids": ""},
+        "result": result, "flash": flash,
+        "error": error, "dry": dry or {"last": 5, "uids": ""},
         "recent": ctx.store.recent_series(10),
     }
     return render(request, "rules.html", context, status_code=status_code)
@@ -441,9 +440,8 @@ async def rules_dry_run_page(request: Request, _p: Principal = Depends(_operator
                  flash=f"Dry run of the draft on {len(result.series)} series: nothing was changed.")
 
 
-def _redirect(flash: str | None = None, error: str | None = None) -> Response:
-    q = f"flash={quote(flash)}" if flash else f"error={quote(error or '')}"
-    return RedirectResponse(f"/rules?{q}", status_code=303)
+def _redirect(request: Request, flash: str | None = None, error: str | None = None) -> Response:
+    return redirect_with_message(request, "/rules", flash or error or "", ok=bool(flash))
 
 
 def _page_change(request: Request, ctx: ConsoleContext, p: Principal, action: str,
@@ -459,12 +457,12 @@ def _page_change(request: Request, ctx: ConsoleContext, p: Principal, action: st
         if draft is not None:
             return _page(request, ctx, draft=draft, rule=rule, error=f"Not applied: {exc}", status_code=409
                          if isinstance(exc, RulesConflict) else 400)
-        return _redirect(error=f"Not applied: {exc}")
+        return _redirect(request, error=f"Not applied: {exc}")
     _audit(request, ctx, p, action, out)
     if not out.changed:
-        return _redirect(flash="No change: the file already is this version.")
+        return _redirect(request, flash="No change: the file already is this version.")
     assert out.version is not None
-    return _redirect(flash=f"Applied version {out.version.version[:12]} (#{out.version.id}); the node uses it now.")
+    return _redirect(request, flash=f"Applied version {out.version.version[:12]} (#{out.version.id}); the node uses it now.")
 
 
 @router.post("/rules/apply", include_in_schema=False)
@@ -490,7 +488,7 @@ async def rules_move_page(name: str, request: Request, p: Principal = Depends(_a
     try:
         position = int(_form_text(form, "position"))
     except ValueError:
-        return _redirect(error="position must be a number")
+        return _redirect(request, error="position must be a number")
     return await run_in_threadpool(_page_change, request, ctx, p, "rules.reorder", lambda a: a.move(name, position, user=p.username))
 
 

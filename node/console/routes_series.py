@@ -10,12 +10,12 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 
 from node.console.auth import Principal, Role, client_address, require
 from node.console.context import ConsoleContext, get_ctx
 from node.console.routes_jobs import _epoch, _limit, _states, _wake, job_summary
-from node.console.web import render
+from node.console.web import redirect_with_message, render
 from node.contracts import SeriesState
 from node.operations import Outcome, current_rules, rerun, route_now
 from node.profiles import list_profiles
@@ -156,17 +156,14 @@ def series_page(request: Request, _p: Principal = Depends(_viewer), ctx: Console
 @router.get("/series/{uid}")
 def series_one_page(uid: str, request: Request, _p: Principal = Depends(_viewer),
                     ctx: ConsoleContext = Depends(get_ctx)) -> Response:
-    q = request.query_params
-    return render(request, "series_one.html", {"title": "Series", "s": series_detail(ctx, uid), "flash": q.get("msg"),
-                                               "flash_kind": "ok" if q.get("ok") == "1" else "error"})
+    return render(request, "series_one.html", {"title": "Series", "s": series_detail(ctx, uid)})
 
 
 async def _form_action(uid: str, request: Request, p: Principal, ctx: ConsoleContext, what: str) -> Response:
     out = _act(ctx, request, p, uid, what, await _body(request))
     if out.ok and out.job_id is not None:
-        return RedirectResponse(f"/jobs/{out.job_id}?{urlencode({'msg': out.message, 'ok': 1})}", status_code=303)
-    return RedirectResponse(f"/series/{quote(uid)}?{urlencode({'msg': out.message, 'ok': int(out.ok)})}",
-                            status_code=303)
+        return redirect_with_message(request, f"/jobs/{out.job_id}", out.message, True)
+    return redirect_with_message(request, f"/series/{quote(uid)}", out.message, out.ok)
 
 
 @router.post("/series/{uid}/rerun")
