@@ -22,6 +22,7 @@ from console_helpers import ConsoleNode, browser_login, login, password_of, scre
 
 from node.console.app import walk_routes
 from node.console.auth import is_api_path
+from node.store import InstanceRecord
 
 MAX_BODY_BYTES = 4 << 20  # node/console/app.py (not imported: the test must run on a console without it)
 
@@ -194,17 +195,24 @@ def test_hostile_text_is_shown_not_run(snode: ConsoleNode, browser: Any, tmp_pat
 
 # ---------------------------------------------------------------------------- messages after actions
 SPOOF = "Rule applied: all series now go to evil-pacs"
-SPOOFS = [f"/jobs/1?msg={quote(SPOOF)}&ok=1", f"/quarantine?msg={quote(SPOOF)}&ok=1", f"/series/1.2.3?msg={quote(SPOOF)}&ok=1",
-          f"/destinations?flash={quote(SPOOF)}&kind=ok", f"/rules?flash={quote(SPOOF)}", f"/rules?error={quote(SPOOF)}",
-          "/?changed=password"]
 
 
 def test_links_cannot_put_messages_on_pages(snode: ConsoleNode) -> None:
     """A crafted link (``?msg=``, ``?flash=``, ``?error=``) shows no text of its own on a real page; a
     real action's message reaches the next page once, in a signed session-bound cookie, and only there."""
+    uid = f"1.2.826.0.1.3680043.8.498.{time.time_ns()}"  # a series and a job, so their pages exist
+    snode.store.record_instance(InstanceRecord(
+        sop_instance_uid=uid + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid=uid, study_uid=uid + ".9",
+        path="/nonexistent.dcm", transfer_syntax="1.2.840.10008.1.2.1", size=1, calling_ae="MODALITY",
+        called_ae="DICOMNODE", peer_address="127.0.0.1", tags={}))
+    job_id, _ = snode.store.create_job(uid, "r", profile="bones", backend="hu_based", rules_version="v", generation=1)
+    spoofs = [f"/jobs/{job_id}?msg={quote(SPOOF)}&ok=1", f"/quarantine?msg={quote(SPOOF)}&ok=1",
+              f"/series/{uid}?msg={quote(SPOOF)}&ok=1", f"/destinations?flash={quote(SPOOF)}&kind=ok",
+              f"/rules?flash={quote(SPOOF)}", f"/rules?error={quote(SPOOF)}", "/?changed=password"]
     operator = snode.client("operator")
-    for path in SPOOFS:
+    for path in spoofs:
         r = operator.get(snode.url + path, timeout=10)
+        assert r.status_code == 200, (path, r.status_code)
         assert SPOOF not in r.text and "Password changed" not in r.text, path
         assert 'class="flash ok"' not in r.text, path
     # a real action: the redirect names no message, the cookie carries it, the next page shows it once
