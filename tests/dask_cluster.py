@@ -3,7 +3,7 @@ started with ``dicom-node worker`` (which restarts its Dask worker when it ends,
 
     with DaskCluster(tmp_path / "dask") as cluster:
         cluster.add_worker("gpu", gpus=1, model_device="cpu")   # stands in for a GPU worker
-        cluster.add_worker("cpu")
+        cluster.add_worker("cpu")                               # (both: add_gpu_and_cpu_workers())
         cluster.wait_workers(2); cluster.address                # tcp://127.0.0.1:<port>
         cluster.kill_scheduler(); cluster.start_scheduler()     # SIGKILL, then the same port again
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DaskCluster"]
+__all__ = ["DaskCluster", "try_pid"]
 
 BIN = Path(sys.executable).parent
 
@@ -31,6 +31,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def try_pid(results: Path, job_id: int, timeout_s: float = 120) -> int:
+    """The pid of the process running job ``job_id``'s try (from its ``.<id>.tmp-<host>-<pid>``
+    folder in the results folder); the process tree is try <- forkserver <- Dask worker."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        tmp = list(results.glob(f".{job_id}.tmp-*"))
+        if tmp:
+            return int(tmp[0].name.rsplit("-", 1)[1])
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id}'s try did not start")
 
 
 class DaskCluster:
@@ -78,6 +90,13 @@ class DaskCluster:
             cmd += ["--model-device", model_device]
         cmd += ["--", "--dashboard-address", ":0", "--death-timeout", "60"]
         self.workers[name] = self._popen(f"worker-{name}", cmd)
+
+    def add_gpu_and_cpu_workers(self) -> dict[str, dict[str, Any]]:
+        """The tests' cluster: worker ``gpu`` with one GPU resource (its model jobs run on the CPU)
+        and worker ``cpu`` without; returns :meth:`wait_workers`'s record once both have joined."""
+        self.add_worker("gpu", gpus=1, nthreads=1, model_device="cpu")
+        self.add_worker("cpu", nthreads=1)
+        return self.wait_workers(2)
 
     def client(self) -> Any:
         from distributed import Client

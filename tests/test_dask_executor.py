@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from dask_cluster import try_pid
 from pydicom import dcmread
 
 from node.config import ConfigError, NodeConfig, load_config
@@ -107,9 +108,7 @@ def cluster(tmp_path_factory):
     from dask_cluster import DaskCluster
 
     with DaskCluster(tmp_path_factory.mktemp("dask")) as c:
-        c.add_worker("gpu", gpus=1, nthreads=1, model_device="cpu")
-        c.add_worker("cpu", nthreads=1)
-        c.wait_workers(2)
+        c.add_gpu_and_cpu_workers()
         yield c
 
 
@@ -134,16 +133,10 @@ def series(tmp_path_factory):
 
 
 def _node(tmp_path: Path, pacs: Any, cluster: Any, **overrides: Any) -> Any:
-    from ai_helpers import NNUNET_TINY, SYNTH_TISSUES
+    from multinode_helpers import ai_profiles
     from test_node_flow import Node
 
-    profiles = tmp_path / "profiles"
-    profiles.mkdir(exist_ok=True)
-    for f in (REPO / "profiles").glob("*.yaml"):
-        shutil.copy(f, profiles / f.name)
-    (profiles / "synth.yaml").write_text(yaml.safe_dump({
-        "name": "synth", "description": "synthetic organ and bone (tiny nnU-Net)", "model_type": "hu_based",
-        "model": {"folder": str(NNUNET_TINY), "folds": [0]}, "tissues": SYNTH_TISSUES}, sort_keys=False))
+    profiles = ai_profiles(tmp_path / "profiles")
     cfg = {"profiles": str(profiles), "executor": {"kind": "dask", "scheduler": cluster.address},
            "destinations": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
            "dispatch_retry": {"max_attempts": 30, "backoff_base_s": 1, "backoff_max_s": 2},
@@ -273,17 +266,6 @@ def test_timeout_on_dask_kills_the_try_where_it_runs(tmp_path, orthanc, cluster,
         node.stop()
 
 
-def _try_pid(results: Path, job_id: int, timeout_s: float = 120) -> int:
-    """The pid of the process running job ``job_id``'s try (from its ``.<id>.tmp-<host>-<pid>`` folder)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        tmp = list(results.glob(f".{job_id}.tmp-*"))
-        if tmp:
-            return int(tmp[0].name.rsplit("-", 1)[1])
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id}'s try did not start")
-
-
 def _running_job(node: Any, uid: str, timeout_s: float = 120) -> Any:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -307,7 +289,7 @@ def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, clu
         files, uid = series["synth0"]
         node.send(files)
         job = _running_job(node, uid)
-        pid = _try_pid(results, job.id)
+        pid = try_pid(results, job.id)
         try_proc = psutil.Process(pid)
         forkserver = try_proc.parent()
         assert forkserver is not None
@@ -324,7 +306,7 @@ def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, clu
         files2, uid2 = series["j2k"]
         node.send(files2)
         job2 = _running_job(node, uid2)
-        _try_pid(results, job2.id)
+        try_pid(results, job2.id)
         cluster.kill_scheduler()
         time.sleep(1.0)
         cluster.start_scheduler()
@@ -349,7 +331,7 @@ def test_early_start_overtaken_on_dask_kills_the_try_on_the_worker(tmp_path, ort
         files, uid = series["j2k"]
         node.send(files[:10])
         job = _running_job(node, uid)
-        pid = _try_pid(node.storage / "results", job.id)
+        pid = try_pid(node.storage / "results", job.id)
         node.send(files[10:])
         try:
             psutil.Process(pid).wait(30)  # killed on the worker, not left to finish

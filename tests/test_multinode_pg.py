@@ -10,20 +10,14 @@ claim has run out, and Orthanc still ends with exactly one SEG.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydicom import dcmread
-from test_e2e_orthanc import DATA, DICOM_NODE, J2K, Node
-
-from node.store import Store
+from multinode_helpers import SharedNode, check_one_of_each, send, send_split, series_uid, start_all, wait_settled
+from test_e2e_orthanc import DATA, DICOM_NODE, J2K
 
 SMALL_CT = DATA / "ct-body-3mm-small" / "ct.nii.gz"
 
@@ -35,107 +29,17 @@ pytestmark = [
 ]
 
 
-class SharedNode(Node):
-    """A node of the group: its own port, AE title and storage; the group's store and shared folder."""
-
-    def __init__(self, workdir: Path, pacs: Any, *, ae: str, shared: Path, store_url: str) -> None:
-        workdir.mkdir(parents=True)
-        super().__init__(workdir, pacs, quiet_period_s=4.0)
-        self.ae = ae
-        self.config.update({
-            "ae_title": ae,
-            "shared_storage": str(shared),
-            "store": {"url": store_url, "job_lease_s": 6, "work_lease_s": 4},
-            "early_start_s": 1.0,
-            "share": {"root": str(shared / "share")},
-        })
-        import yaml
-
-        self.config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
-        self.store_url = store_url
-
-    @property
-    def store(self) -> Store:
-        return Store(self.store_url, migrate=False)
-
-    def kill(self) -> None:
-        """SIGKILL the node process alone (its job processes notice and end themselves)."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-
-def send(node: SharedNode, files: list[Path]) -> None:
-    cmd = ["storescu", "-xv", "-aet", "MODALITY", "-aec", node.ae, "127.0.0.1", str(node.port), *map(str, files)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def send_split(nodes: list[SharedNode], files: list[Path]) -> None:
-    """Every other file to each node, both associations at once."""
-    threads = [threading.Thread(target=send, args=(n, files[i::len(nodes)])) for i, n in enumerate(nodes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
-def series_uid(files: list[Path]) -> str:
-    return str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-
-
 @pytest.fixture
 def group(tmp_path, orthanc, pg_url):
     shared = tmp_path / "shared"
     nodes = [SharedNode(tmp_path / name, orthanc, ae=ae, shared=shared, store_url=pg_url)
              for name, ae in (("a", "NODEA"), ("b", "NODEB"))]
-    threads = [threading.Thread(target=n.start) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    start_all(nodes)
     try:
-        assert all(n.proc is not None for n in nodes), "a node did not start"
         yield nodes, orthanc, shared
     finally:
         for n in nodes:
             n.stop()
-
-
-def wait_settled(store: Store, uids: list[str], timeout_s: float, nodes: list[SharedNode]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        jobs = [j for u in uids for j in store.list_jobs(series_uid=u)]
-        ds = store.list_dispatches()
-        if (jobs and all(j.state == "done" for j in jobs) and len({j.series_uid for j in jobs}) == len(uids)
-                and ds and all(d.state == "sent" for d in ds)):
-            return
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {n.ae}\n{n.log()[-4000:]}" for n in nodes)
-    raise AssertionError(f"not settled: {[(j.id, j.state, j.worker, j.error) for j in store.list_jobs()]}\n{logs}")
-
-
-def check_one_of_each(store: Store, pacs: Any, sent: dict[str, int], shared: Path) -> None:
-    """One series, one job, one sent dispatch per destination, one SEG instance in the PACS, per series."""
-    segs = pacs.seg_series()
-    assert len(segs) == len(sent), [s["MainDicomTags"] for s in segs]
-    seg_uids = {s["MainDicomTags"]["SeriesInstanceUID"] for s in segs}
-    for s in segs:
-        assert len(pacs.series_instances(s["ID"])) == 1
-    assert {s.series_uid for s in store.list_series()} == set(sent)
-    for uid, n in sent.items():
-        series = store.get_series(uid)
-        assert series is not None and series.instance_count == n and series.state == "done", series
-        insts = store.series_instances(uid)
-        assert len(insts) == n and all(Path(i.path).is_file() for i in insts)
-        assert all(Path(i.path).is_relative_to(shared / "spool") for i in insts)
-        assert {i.called_ae for i in insts} == {"NODEA", "NODEB"}  # both nodes took part of it
-        (job,) = store.list_jobs(series_uid=uid)
-        assert job.state == "done" and job.seg_series_uid in seg_uids
-        for d in store.list_dispatches(job_id=job.id):
-            sent_attempts = [a for a in store.dispatch_attempts(dispatch_id=d.id) if a["outcome"] == "sent"]
-            assert d.state == "sent" and len(sent_attempts) == 1, (d, sent_attempts)
 
 
 def test_two_nodes_share_store_and_spool(group, tmp_path):
