@@ -281,7 +281,8 @@ def test_kill_9_a_node_mid_receive(group, series, tmp_path):
         resend = threading.Thread(target=send, args=(survivor, files[::-1]))
         resend.start()
         acked = acknowledged_files(out)
-        assert acknowledged(out) == len(acked) and 6 <= len(acked) < len(files), out[-2000:]
+        # the node may have stored an instance it had no time to acknowledge; never the reverse
+        assert acknowledged(out) == len(acked) and 0 < len(acked) <= len(kept) < len(files), out[-2000:]
         acked_sops = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in acked}
         assert acked_sops <= set(kept)  # nothing acknowledged is lost ...
         assert all(p.is_file() and p.is_relative_to(shared / "spool") for p in kept.values())  # ... on disk too
