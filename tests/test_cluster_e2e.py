@@ -188,6 +188,9 @@ def test_kill_9_a_dask_worker_mid_job(group, cluster, series):
         check_one_of_each(store, pacs, {uid: acked}, shared)
         (done,) = store.list_jobs(series_uid=uid)
         assert done.params.slot.pid != pid and done.attempts == 1, done.params.slot
+        # ran again on the restarted GPU worker (a new Dask worker address), on its GPU slot
+        slot = done.params.slot
+        assert (slot.worker, slot.kind) == (cluster.wait_workers(2)["gpu"]["address"], "gpu"), slot
     finally:
         store.close()
         cluster.wait_workers(2)
@@ -220,12 +223,13 @@ def test_kill_9_a_node_mid_job(group, cluster, series):
     """SIGKILL the node whose pool claimed the running job: its claim runs out (job_lease_s) and the
     other node runs the job again on the cluster; one SEG."""
     nodes, pacs, shared = group
-    files = series["small"]
+    files = series["j2k"]
     uid = series_uid(files)
     acked = send_split(nodes, files)
     store = nodes[0].store
     try:
         job = running_job(store, uid)
+        try_pid(shared / "results", job.id)  # the try is running on a worker
         assert job.worker, job
         pid = int(job.worker.split(":")[1])
         (victim,) = [n for n in nodes if n.proc is not None and n.proc.pid == pid]
