@@ -100,7 +100,7 @@ def group(tmp_path, orthanc, pg_url, cluster):
     profiles = ai_profiles(tmp_path / "profiles")
     extra = {"executor": {"kind": "dask", "scheduler": cluster.address}, "profiles": str(profiles),
              "early_start_s": 0}
-    nodes = [SharedNode(tmp_path / name, orthanc, ae=ae, shared=shared, store_url=pg_url, quiet_period_s=2.0,
+    nodes = [SharedNode(tmp_path / name, orthanc, ae=ae, shared=shared, store_url=pg_url, quiet_period_s=4.0,
                         extra=extra, rules=RULES)
              for name, ae in (("a", "NODEA"), ("b", "NODEB"))]
     start_all(nodes)
