@@ -91,10 +91,12 @@ def run_once(kind: str, work: Path, series: list[list[Path]], workers: int, sche
         time.sleep(2.0)  # the local forkserver's preload (background) is done; both sides start warm
         t0 = time.monotonic()
         senders = [subprocess.Popen([STORESCU, "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for files in series]
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for files in series]
         for s in senders:
-            if s.wait(300) != 0:
-                raise RuntimeError("storescu failed")
+            out, _ = s.communicate(timeout=300)
+            if s.returncode != 0:
+                raise RuntimeError(f"storescu failed ({s.returncode}): {out[-2000:]}\nnode log:\n"
+                                   f"{(work / 'node.log').read_text(errors='replace')[-3000:]}")
         sent = time.monotonic() - t0
         end = time.monotonic() + 900
         while len(pacs.seg_series()) < len(series):

@@ -194,6 +194,28 @@ def test_unknown_or_out_of_order_first_pdu_is_aborted_and_closed(node, caplog, f
     assert good_echo(rx.port) == 0x0000
 
 
+def test_a_quick_peers_first_p_data_is_not_taken_for_a_first_pdu(node, caplog):
+    """The association thread marks itself established only after the A-ASSOCIATE-AC went out
+    (pynetdicom triggers EVT_ACCEPTED in between); a peer that sends its first P-DATA at once
+    must not be dropped as "first PDU is not an A-ASSOCIATE-RQ" (found under load: 6 senders at
+    once, one aborted).  A slow EVT_ACCEPTED handler holds that window open."""
+    from pynetdicom import evt
+
+    rx, _ = node
+    caplog.set_level(logging.WARNING, logger="node.scp.guard")
+    assert rx._server is not None
+
+    def slow_accept(event: Any) -> None:
+        time.sleep(0.5)
+
+    rx._server.bind(evt.EVT_ACCEPTED, slow_accept)
+    try:
+        assert good_echo(rx.port) == 0x0000
+    finally:
+        rx._server.unbind(evt.EVT_ACCEPTED, slow_accept)
+    assert "not an A-ASSOCIATE-RQ" not in caplog.text
+
+
 def test_per_peer_connection_limit(tmp_path, caplog):
     rx, store = make_receiver(tmp_path, limits={"max_pending_connections": 20, "max_connections_per_peer": 5})
     caplog.set_level(logging.WARNING, logger="node.scp.guard")

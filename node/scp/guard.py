@@ -113,6 +113,7 @@ class GuardedAssociationSocket(AssociationSocket):
     _server: GuardedServer
     _connected_at: float
     _associated: bool
+    _rq_seen: bool
     _want_header: bool
     _deadline: float
     _dropped: bool
@@ -131,6 +132,7 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._server = server
         guarded._connected_at = time.monotonic()
         guarded._associated = False
+        guarded._rq_seen = False
         guarded._want_header = True
         guarded._deadline = 0.0
         guarded._dropped = False
@@ -259,8 +261,11 @@ class GuardedAssociationSocket(AssociationSocket):
         lim = self._limits
         try:
             if self._want_header:
-                first_pdu = not self._associated and not self.assoc.is_established
-                if not first_pdu:
+                # "first" is what this socket has read, not the association's state: the
+                # association thread marks itself established only after the A-ASSOCIATE-AC is
+                # queued, and a quick peer's first P-DATA can arrive before it does
+                first_pdu = not self._rq_seen
+                if not first_pdu and self.assoc.is_established:
                     self._associated = True
                 now = time.monotonic()
                 self._deadline = self._connected_at + lim.acse_s if first_pdu else now + lim.network_s
@@ -271,6 +276,7 @@ class GuardedAssociationSocket(AssociationSocket):
                 if first_pdu and pdu_type != _PDU_ASSOCIATE_RQ:
                     raise _Violation(f"first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ",
                                      _ABORT_UNRECOGNISED)
+                self._rq_seen = True
                 if pdu_type not in _ACCEPTOR_PDUS:
                     raise _Violation(f"unknown PDU type 0x{pdu_type:02X}", _ABORT_UNRECOGNISED)
                 cap = (lim.max_request_pdu if pdu_type == _PDU_ASSOCIATE_RQ
