@@ -11,14 +11,13 @@ import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 
 from node.console.auth import Principal, Role, client_address, require
 from node.console.context import ConsoleContext, get_ctx
-from node.console.web import redirect_with_message, render
+from node.console.web import list_filters, redirect_with_message, render
 from node.contracts import JobState
 from node.operations import Outcome, cancel, retry
 from node.store import Job, JobQuery
@@ -222,8 +221,7 @@ def api_cancel(job_id: int, request: Request, p: Principal = Depends(_operator),
 @router.get("/jobs")
 def jobs_page(request: Request, _p: Principal = Depends(_viewer), ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     data = jobs_list(ctx, request)
-    args = {k: v for k, v in request.query_params.items() if k != "after" and v}
-    nxt = f"/jobs?{urlencode({**args, 'after': data['next']})}" if data["next"] else None
+    args, nxt = list_filters(request, "/jobs", data["next"])
     return render(request, "jobs.html", {"title": "Jobs", "jobs": data["items"], "next_url": nxt, "f": args,
                                          "states": [s.value for s in JobState]})
 

@@ -7,7 +7,7 @@ chosen rule (``POST /api/v1/series/{uid}/route``); operator and up, every change
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from node.console.auth import Principal, Role, client_address, require
 from node.console.context import ConsoleContext, get_ctx
 from node.console.routes_jobs import _epoch, _limit, _states, _wake, job_summary
-from node.console.web import redirect_with_message, render
+from node.console.web import list_filters, redirect_with_message, render
 from node.contracts import SeriesState
 from node.operations import Outcome, current_rules, rerun, route_now
 from node.profiles import list_profiles
@@ -147,8 +147,7 @@ async def api_route(uid: str, request: Request, p: Principal = Depends(_operator
 @router.get("/series")
 def series_page(request: Request, _p: Principal = Depends(_viewer), ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     data = series_list(ctx, request)
-    args = {k: v for k, v in request.query_params.items() if k != "after" and v}
-    nxt = f"/series?{urlencode({**args, 'after': data['next']})}" if data["next"] else None
+    args, nxt = list_filters(request, "/series", data["next"])
     return render(request, "series.html", {"title": "Series", "series": data["items"], "next_url": nxt, "f": args,
                                            "states": [s.value for s in SeriesState]})
 

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlencode
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -20,7 +21,8 @@ from markupsafe import Markup, escape
 
 from node.console.auth import CSRF_FIELD, Principal, Role
 
-__all__ = ["NavItem", "NAV", "TEMPLATES", "STATIC_DIR", "HTMX", "FLASH_COOKIE", "render", "redirect_with_message"]
+__all__ = ["NavItem", "NAV", "TEMPLATES", "STATIC_DIR", "HTMX", "FLASH_COOKIE", "render", "redirect_with_message",
+           "list_filters"]
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -63,6 +65,13 @@ TEMPLATES.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_
 FLASH_COOKIE = "dn_flash"
 #: long enough for the browser to follow the redirect; a message never outlives this
 FLASH_MAX_AGE_S = 60
+
+
+def list_filters(request: Request, path: str, after: Any) -> tuple[dict[str, str], str | None]:
+    """A list page's filters (its non-empty query arguments but the page key) and the URL of its
+    next page (``after``: the keyset the list query returned; none: no next page)."""
+    args = {k: v for k, v in request.query_params.items() if k != "after" and v}
+    return args, (f"{path}?{urlencode({**args, 'after': after})}" if after else None)
 
 
 def _flash_serializer(request: Request) -> URLSafeTimedSerializer:
