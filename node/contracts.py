@@ -264,7 +264,7 @@ class ProcessInfo:
     env: Mapping[str, str]  #: set before anything imports torch (``CUDA_VISIBLE_DEVICES``)
     log_level: str
     node_pid: int  #: the node process, watched by the job process (with its start time)
-    node_started: float
+    node_started: float  #: seconds after boot (:func:`node.job_process.process_started`), not wall clock
     log_phi: bool = False  #: node.yaml's ``log_phi``
     nice: int = 0  #: node.yaml's ``job_nice``: the process lowers its CPU and I/O priority by this
 

@@ -25,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from node.contracts import FailureKind, JobSpec, ProcessInfo, Resource, SlotInfo
-from node.job_process import JobDone, JobFailed, SegReady, _job_process, _slot_process
+from node.job_process import JobDone, JobFailed, SegReady, _job_process, _slot_process, process_started
 
 __all__ = ["TryOutcome", "run_try", "dask_setup", "dask_teardown", "GPUS_ENV", "MODEL_DEVICE_ENV", "SEG_TOPIC"]
 
@@ -163,7 +163,7 @@ def run_try(spec: JobSpec, kind: str, persistent: bool, timeout_s: float, log_le
                                    decode_workers=max(1, (os.cpu_count() or 1) // nthreads))
         me = psutil.Process(os.getpid())
         label = f"dask-gpu{gpu}" if gpu is not None else "dask-cpu"
-        info = ProcessInfo(slot=label, env=env, log_level=log_level, node_pid=me.pid, node_started=me.create_time(),
+        info = ProcessInfo(slot=label, env=env, log_level=log_level, node_pid=me.pid, node_started=process_started(me.pid),
                            log_phi=log_phi, nice=nice)
         pkey = f"gpu{gpu}" if gpu is not None else "cpu"
         conn: Connection

@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 
 from node.config import NodeConfig
 from node.contracts import JobSpec, ProcessInfo, Resource, SlotInfo
-from node.job_process import Message, _job_process, _slot_process
+from node.job_process import Message, _job_process, _slot_process, process_started
 from node.pipeline.ai.common import GPU_SLOT_ENV
 
 __all__ = ["Slot", "TryHandle", "Executor", "LocalExecutor", "kill_tree"]
@@ -218,9 +218,7 @@ class LocalExecutor(Executor):
         self._slots: list[Slot] = [Slot(i, Resource.CPU, None, dict(cpu_env)) for i in range(self.size)]
         self._slots += [Slot(self.size + n, Resource.GPU, g, {"CUDA_VISIBLE_DEVICES": str(g), GPU_SLOT_ENV: str(g)})
                         for n, g in enumerate(self.gpus)]
-        import psutil
-
-        self._node_started: float = psutil.Process(os.getpid()).create_time()
+        self._node_started: float = process_started(os.getpid())
 
     def describe(self) -> str:
         return (f"local: {self.size} CPU slot(s), {len(self.gpus)} GPU slot(s)"

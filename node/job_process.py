@@ -25,7 +25,7 @@ from node.config import ModelsConfig
 from node.contracts import FailureKind, JobResult, JobSpec, ProcessInfo
 from node.jobs import early_seg_path
 
-__all__ = ["JobDone", "JobFailed", "SegReady", "Message"]
+__all__ = ["JobDone", "JobFailed", "SegReady", "Message", "process_started"]
 
 log = logging.getLogger("node.job_process")
 
@@ -61,13 +61,33 @@ _PROC: dict[str, Any] = {"slot": None, "persistent": False, "jobs": 0, "job_id":
                          "node": None}  # node: (pid, start time) of the node that started this process
 
 
+def process_started(pid: int) -> float:
+    """When process *pid* started, in seconds since boot: with the pid, what tells a process
+    apart from a later one that got the same pid.
+
+    Not ``psutil.Process.create_time()``: on Linux that adds ``/proc/stat``'s ``btime``, which
+    the kernel recomputes from the wall clock on every read, so an NTP adjustment moves it by
+    a second (psutil issues 2526 and 2541) and a job took its live node for gone and killed
+    itself.  The start in clock ticks since boot (``/proc/<pid>/stat``) never moves.
+
+    Raises:
+        psutil.NoSuchProcess: there is no such process.
+    """
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir() and Path("/proc/self/stat").is_file():
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name may hold spaces and ')'
+        except OSError:
+            raise psutil.NoSuchProcess(pid) from None
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime) of proc_pid_stat(5)
+    return float(psutil.Process(pid).create_time())  # elsewhere: the wall-clock start
+
+
 def _node_alive(node_pid: int, node_started: float) -> bool:
     """Whether the node process (pid *and* start time, so a recycled pid is not mistaken
     for it) is still running."""
-    import psutil
-
     try:
-        return bool(abs(psutil.Process(node_pid).create_time() - node_started) < 1e-3)
+        return process_started(node_pid) == node_started
     except psutil.Error:
         return False
 

@@ -199,7 +199,12 @@ def kill_inside_pipeline(node: Node, job_id: int) -> tuple[list[int], int]:
     node's descendants at the kill and the job's pid.
     """
     results = node.storage / "results"
-    tmp = wait_for(lambda: list(results.glob(f".{job_id}.tmp-*")), 60, "the pipeline to start", 0.01)[0]
+    try:
+        tmp = wait_for(lambda: list(results.glob(f".{job_id}.tmp-*")), 60, "the pipeline to start", 0.01)[0]
+    except AssertionError as exc:  # say what the job did instead
+        job = next((j for j in node.jobs() if j.id == job_id), None)
+        raise AssertionError(f"{exc}; job {job_id}: {job and (job.state, job.attempts, job.error)}; node log:\n"
+                             f"{node.log.read_text()[-4000:]}") from None
     job_pid = int(tmp.name.rsplit("-", 1)[1])
     os.killpg(job_pid, signal.SIGSTOP)
     try:
@@ -331,7 +336,6 @@ def test_sigkill_while_job_runs_completes_once(node_factory):
 _PUBLISH_AFTER_NODE_DIED = r"""
 import json, os, subprocess, sys, time
 from pathlib import Path
-import psutil
 from node import job_process
 from node.config import ModelsConfig
 from node.contracts import JobSpec
@@ -340,7 +344,7 @@ d = json.loads(sys.argv[1])
 spec = JobSpec(**{**d, "paths": tuple(d["paths"]), "profiles_dir": Path(d["profiles_dir"]),
                   "output_dir": Path(d["output_dir"]), "models": ModelsConfig()})
 node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-job_process._PROC.update(job_id=spec.job_id, node=(node.pid, psutil.Process(node.pid).create_time()))
+job_process._PROC.update(job_id=spec.job_id, node=(node.pid, job_process.process_started(node.pid)))
 
 def notify(msg):
     print("NOTIFY", type(msg).__name__, flush=True)
