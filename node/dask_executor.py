@@ -152,8 +152,12 @@ class DaskExecutor(Executor):
         threading.Thread(target=self._connect, name="dask-connect", daemon=True).start()
 
     def _connect(self) -> None:
+        import dask
         from distributed import Client
 
+        from node.dask_worker import QUIET_DASK_CONFIG
+
+        dask.config.set(QUIET_DASK_CONFIG)  # the node's own Dask client (this process uses Dask for nothing else)
         try:
             while True:
                 try:

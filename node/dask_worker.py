@@ -27,7 +27,8 @@ from typing import Any
 from node.contracts import FailureKind, JobSpec, ProcessInfo, Resource, SlotInfo
 from node.job_process import JobDone, JobFailed, SegReady, _job_process, _slot_process, process_started
 
-__all__ = ["TryOutcome", "run_try", "dask_setup", "dask_teardown", "GPUS_ENV", "MODEL_DEVICE_ENV", "SEG_TOPIC"]
+__all__ = ["TryOutcome", "run_try", "dask_setup", "dask_teardown", "GPUS_ENV", "MODEL_DEVICE_ENV", "SEG_TOPIC",
+           "QUIET_DASK_CONFIG", "quiet_dask_env"]
 
 log = logging.getLogger("node.dask_worker")
 
@@ -39,6 +40,25 @@ MODEL_DEVICE_ENV = "DICOM_NODE_MODEL_DEVICE"
 #: the Dask event topic on which a try says its SEG is ready before its meshes (the node subscribes,
 #: so the SEG goes to the PACS while the meshes are made, as with the local pool)
 SEG_TOPIC = "dicom-node-seg-ready"
+
+#: Dask's diagnostic timers, slowed down, for the scheduler, the workers and the node's client: the
+#: event loop's tick monitor (20 ms by default), the workers' statistical profiler (10 ms), their memory
+#: monitor (100 ms) and the system monitor (500 ms) wake every process of the cluster dozens of times a
+#: second.  They feed Dask's dashboard and its "event loop unresponsive" warnings, nothing the node
+#: relies on, and the CPU they take is taken from the jobs on the same hosts (bench/README.md, cluster).
+QUIET_DASK_CONFIG: dict[str, Any] = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.profile.enabled": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
+
+def quiet_dask_env() -> dict[str, str]:
+    """:data:`QUIET_DASK_CONFIG` as the environment variables Dask reads at start
+    (``distributed.admin.tick.interval`` -> ``DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL``)."""
+    return {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+            for key, value in QUIET_DASK_CONFIG.items()}
 
 
 @dataclass(frozen=True)

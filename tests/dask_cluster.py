@@ -1,5 +1,5 @@
-"""Test helper: a real Dask distributed cluster on this machine: ``dask scheduler`` and workers
-started with ``dicom-node worker`` (which restarts its Dask worker when it ends, as systemd would).
+"""Test helper: a real Dask distributed cluster on this machine: ``dicom-node scheduler`` (which runs
+``dask scheduler``) and workers started with ``dicom-node worker`` (which restarts its Dask worker when it ends, as systemd would).
 
     with DaskCluster(tmp_path / "dask") as cluster:
         cluster.add_worker("gpu", gpus=1, model_device="cpu")   # stands in for a GPU worker
@@ -69,7 +69,7 @@ class DaskCluster:
             log.close()
 
     def start_scheduler(self, timeout_s: float = 60) -> None:
-        self.scheduler = self._popen("scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",
+        self.scheduler = self._popen("scheduler", [str(BIN / "dicom-node"), "scheduler", "--host", "127.0.0.1",
                                                    "--port", str(self.port), "--dashboard-address", ":0"])
         end = time.monotonic() + timeout_s
         while "Scheduler at:" not in self.log("scheduler"):

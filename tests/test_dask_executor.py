@@ -76,6 +76,21 @@ def test_worker_command_line(tmp_path):
     assert "--resources" not in cmd
 
 
+def test_dask_timers_are_slowed_unless_the_operator_sets_them(monkeypatch):
+    from node.cli.worker import scheduler_command, worker_command
+    from node.dask_worker import QUIET_DASK_CONFIG, quiet_dask_env
+
+    quiet = quiet_dask_env()
+    assert quiet["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"] == "1s"
+    assert quiet["DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL"] == "1s"  # '-' is '_' for Dask
+    assert len(quiet) == len(QUIET_DASK_CONFIG)
+    for _, env in (worker_command("tcp://h:8786"), scheduler_command(host="0.0.0.0", port=8786, dashboard_address=":0")):
+        assert quiet.items() <= env.items()
+    monkeypatch.setenv("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", "20ms")  # the operator's own choice stays
+    _, env = worker_command("tcp://h:8786")
+    assert "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL" not in env and "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED" in env
+
+
 def test_slot_info_where_is_shown():
     from node.contracts import JobParams, Resource, SlotInfo
 
@@ -348,3 +363,21 @@ def test_early_start_overtaken_on_dask_kills_the_try_on_the_worker(tmp_path, ort
         _one_seg_per_series(orthanc, jobs)
     finally:
         node.stop()
+
+
+@pytest.mark.slow
+def test_the_cluster_runs_with_dasks_timers_slowed(cluster):
+    """The scheduler (``dicom-node scheduler``) and the workers (``dicom-node worker``) run with
+    :data:`node.dask_worker.QUIET_DASK_CONFIG`: Dask's diagnostic timers woke every process of the
+    cluster dozens of times a second, CPU taken from the jobs (bench/README.md, cluster)."""
+    import dask
+
+    from node.dask_worker import QUIET_DASK_CONFIG
+
+    def config() -> dict:
+        return {k: dask.config.get(k) for k in QUIET_DASK_CONFIG}
+
+    client = cluster.client()
+    assert client.run_on_scheduler(config) == QUIET_DASK_CONFIG
+    seen = client.run(config)
+    assert len(seen) == 2 and all(c == QUIET_DASK_CONFIG for c in seen.values()), seen

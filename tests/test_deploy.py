@@ -63,14 +63,20 @@ def test_dask_scheduler_unit_runs_a_dask_scheduler_with_options_it_knows():
     import sys
     from pathlib import Path as P
 
+    from node.cli import build_parser
+    from node.cli.worker import scheduler_command
+
     unit = _unit("dicom-node-scheduler.service")
     argv = shlex.split(unit["Service"]["ExecStart"])
-    assert argv[0] == "/opt/dicom-node/.venv/bin/dask" and argv[1] == "scheduler" and "--port" in argv
+    assert argv[0] == "/opt/dicom-node/.venv/bin/dicom-node" and argv[1] == "scheduler" and "--port" in argv
     assert unit["Service"]["Restart"] == "always" and unit["Install"]["WantedBy"] == "multi-user.target"
+    args = build_parser().parse_args(argv[1:])
+    cmd, env = scheduler_command(host=args.host, port=args.port, dashboard_address=args.dashboard_address)
+    assert cmd[-6:] == ["--host", "0.0.0.0", "--port", "8786", "--dashboard-address", ":8787"]
     dask = P(sys.executable).with_name("dask")
-    if dask.exists():  # every option of the unit is one `dask scheduler` accepts
+    if dask.exists():  # every option it runs `dask scheduler` with is one `dask scheduler` accepts
         helptext = subprocess.run([str(dask), "scheduler", "--help"], capture_output=True, text=True, timeout=60).stdout
-        for opt in (a for a in argv[2:] if a.startswith("--")):
+        for opt in (a for a in cmd if a.startswith("--")):
             assert opt in helptext, opt
 
 

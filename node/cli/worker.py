@@ -1,9 +1,12 @@
 """``dicom-node worker --scheduler tcp://host:8786 [--gpus N]``: a Dask worker for
 ``executor: {kind: dask}`` with the node's task code preloaded (:mod:`node.dask_worker`), the
 ``GPU`` resource when the host has GPUs, and a nanny that restarts it when it dies.
+``dicom-node scheduler [--port 8786]``: the cluster's Dask scheduler.
 
-It runs ``dask worker`` (``distributed``'s own command) with those options; the command line it
-runs is printed first, so it can be used as it is (docs/scaling.md).
+Each runs Dask's own command (``dask worker``, ``dask scheduler``) with those options and
+Dask's diagnostic timers slowed (:data:`node.dask_worker.QUIET_DASK_CONFIG`, unless the
+environment already sets them); the command line and environment are printed first, so they
+can be used as they are (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ def worker_command(scheduler: str, *, gpus: int = 0, nthreads: int | None = None
     if gpus < 0:
         raise InputError(f"--gpus must be >= 0 (got {gpus})")
     cpu = nthreads if nthreads is not None else max(1, (os.cpu_count() or 1) - gpus)
-    dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or shutil.which("dask")
-    base = [dask] if dask else [sys.executable, "-m", "distributed.cli.dask_worker"]
-    cmd = base + (["worker"] if dask else []) + [
+    cmd = _dask("worker", "distributed.cli.dask_worker") + [
         scheduler, "--nthreads", str(cpu + gpus), "--nworkers", "1", "--preload", "node.dask_worker",
     ]
     if gpus:
@@ -37,8 +38,44 @@ def worker_command(scheduler: str, *, gpus: int = 0, nthreads: int | None = None
     if name:
         cmd += ["--name", name]
     cmd += list(extra or ())
-    env = {"DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    env = {**_quiet_env(), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     return cmd, env
+
+
+def scheduler_command(*, host: str, port: int, dashboard_address: str,
+                      extra: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The ``dask scheduler`` command line and the environment of ``dicom-node scheduler``."""
+    cmd = _dask("scheduler", "distributed.cli.dask_scheduler") + [
+        "--host", host, "--port", str(port), "--dashboard-address", dashboard_address, *(extra or ())]
+    return cmd, _quiet_env()
+
+
+def _dask(command: str, module: str) -> list[str]:
+    dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or shutil.which("dask")
+    return [dask, command] if dask else [sys.executable, "-m", module]
+
+
+def _quiet_env() -> dict[str, str]:
+    """Dask's diagnostic timers slowed, except those the operator's environment sets."""
+    from node.dask_worker import quiet_dask_env
+
+    return {k: v for k, v in quiet_dask_env().items() if k not in os.environ}
+
+
+def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Print the command line, then replace this process by it (signals and exit code are its own)."""
+    print(f"dicom-node {what}: " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd), flush=True)
+    os.environ.update(env)
+    os.execv(cmd[0], cmd)
+
+
+def _cmd_scheduler(args: argparse.Namespace) -> int:
+    extra = list(args.dask_args or ())
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    cmd, env = scheduler_command(host=args.host, port=args.port, dashboard_address=args.dashboard_address, extra=extra)
+    _run(cmd, env, "scheduler")
+    return 0  # not reached: execv returned only by raising
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -52,10 +89,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         env["DICOM_NODE_GPUS"] = args.gpu_ids
     if args.model_device:
         env["DICOM_NODE_MODEL_DEVICE"] = args.model_device
+    if args.once:
+        _run(cmd, env, "worker")  # the worker replaces this process
     print("dicom-node worker: " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd), flush=True)
     os.environ.update(env)
-    if args.once:
-        os.execv(cmd[0], cmd)  # the worker replaces this process (signals and exit code are its own)
     return _supervise(cmd, args.restart_delay_s)
 
 
@@ -105,3 +142,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--restart-delay-s", type=float, default=2.0, help="pause before starting it again")
     p.add_argument("dask_args", nargs=argparse.REMAINDER, help="after --: more `dask worker` options")
     p.set_defaults(func=_cmd_worker)
+
+    p = subparsers.add_parser("scheduler", help="run the Dask scheduler for executor kind dask (docs/scaling.md)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    p.add_argument("--port", type=int, default=8786, help="the port the node and the workers connect to")
+    p.add_argument("--dashboard-address", default=":8787", help="Dask's dashboard (firewall it to the operators)")
+    p.add_argument("dask_args", nargs=argparse.REMAINDER, help="after --: more `dask scheduler` options")
+    p.set_defaults(func=_cmd_scheduler)
