@@ -1,6 +1,7 @@
 """Soak benchmark: many concurrent senders for minutes while jobs run, hostile connections mixed in.
 
     python bench/soak.py [--senders 16] [--minutes 5] [--size 192x192x40] [--workers N] [--hostile-every 3]
+                         [--rate R]
 
 1. A small CT series is made once from ``$NODE_TEST_DATA/ct-body-3mm-small/ct.nii.gz``
    (:func:`node.tools.synth_series.write_series`, cached in ``$TMPDIR``).
@@ -9,7 +10,9 @@
 3. ``--senders`` processes each send that series again and again, under fresh Study/Series/SOP
    UIDs every time (one association per series), for ``--minutes``; each C-STORE's response time
    is measured in the sender, from sending the request (the instance already encoded to a file)
-   to the answer.
+   to the answer.  Without ``--rate`` each sender sends the next instance as soon as the last one
+   is answered (the node's throughput at saturation); with ``--rate R`` at most R instances a
+   second each, as a scanner sends (the response time at a given load).
 4. Every ``--hostile-every`` seconds a hostile connection (node/scp/guard.py's cases): a stalled
    partial PDU, a 4 GiB length claim, an unknown first PDU, one byte per second, a truncated data
    set over a real association.
@@ -97,7 +100,10 @@ def start_node(work: Path, workers: int | None) -> tuple[subprocess.Popen[bytes]
 # -- senders (processes: the client side must not share one GIL) ---------------------------
 
 
-def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> None:
+def sender(idx: int, port: int, files: list[str], until: float, out: Any, rate: float = 0.0) -> None:
+    """Send the series again and again until ``until``; ``rate`` > 0: at most that many instances a
+    second, on a fixed schedule (a send that falls behind it goes at once: the time an instance
+    waits for the previous one's answer is the sender's, not counted)."""
     from pydicom import dcmread
     from pydicom.uid import generate_uid
     from pynetdicom import AE, _config
@@ -125,6 +131,7 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
     failed = 0
     series: list[str] = []
     aborts: list[str] = []
+    due = time.perf_counter() + random.Random(idx).uniform(0, 1 / rate) if rate > 0 else 0.0  # senders apart
     while time.time() < until:
         study, ser = generate_uid(), generate_uid()
         assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
@@ -142,6 +149,11 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any) -> Non
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, ser
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             ds.save_as(current, enforce_file_format=True)
+            if rate > 0:
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                due = max(due, time.perf_counter()) + 1 / rate  # behind: the schedule goes on from now, no burst
             t = time.perf_counter()
             try:
                 status = assoc.send_c_store(current)
@@ -266,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="the node's CPU job slots (default: its own)")
     ap.add_argument("--hostile-every", type=float, default=3.0, help="seconds between hostile connections")
     ap.add_argument("--settle-minutes", type=float, default=10.0, help="wait this long for every series to be done")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="instances per second per sender (default 0: each sends as fast as it is answered)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = ap.parse_args(argv)
     if not NIFTI.is_file():
@@ -278,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dicom-node-soak-"))
     proc, port, db = start_node(work, args.workers)
     print(f"machine: {os.cpu_count()} CPU(s); series {w}x{h}x{n}; {args.senders} senders for {args.minutes} min; "
+          f"{f'{args.rate:g} instance(s)/s each' if args.rate > 0 else 'each as fast as it is answered'}; "
           f"a hostile connection every {args.hostile_every} s; node on port {port}, storage {work}", flush=True)
     try:
         until = time.time() + args.minutes * 60
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        procs = [ctx.Process(target=sender, args=(i, port, [str(f) for f in files], until, q))
+        started = time.time()
+        procs = [ctx.Process(target=sender, args=(i, port, [str(f) for f in files], until, q, args.rate))
                  for i in range(args.senders)]
         for p in procs:
             p.start()
@@ -296,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(5)
             cpu.append(psutil.cpu_percent(None))
         results = [q.get(timeout=600) for _ in procs]
+        sending_s = max(1e-9, time.time() - started)
         for p in procs:
             p.join(60)
         hostile_thread.join(120)
@@ -317,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
             p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1000
             print(f"C-STORE response time: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {times[-1] * 1000:.1f} ms "
                   f"(target p99 < 100 ms)")
+            # senders that each wait for an answer before the next send (no --rate, or a rate the node
+            # does not keep up with) are a closed loop: by Little's law their mean response time is
+            # at least senders / throughput, whatever the node does per instance
+            through = len(times) / sending_s
+            print(f"throughput: {through:.1f} C-STOREs/s (" + (
+                f"offered {args.rate * args.senders:g}/s)" if args.rate > 0 else
+                f"closed loop: senders / throughput = {args.senders / through * 1000:.0f} ms)"))
         print(f"CPU while sending: mean {statistics.mean(cpu) if cpu else 0:.0f} %, "
               f"min {min(cpu) if cpu else 0:.0f} % (all cores)")
         for key in sorted(tally):
