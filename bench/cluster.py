@@ -17,7 +17,8 @@ Orthanc (rule: CT -> bones -> Orthanc, quiet period 1 s, no early start).
 
 The order alternates (local, dask, dask, local, ...) so drift in the machine's load falls on
 both sides.  Prints each run, the median per side and the ratio dask / local (target: <= 1.05).
-Also the round trip of an empty task (Dask's own per-try cost).
+Also the round trip of an empty task (Dask's own per-try cost) and the CPU the idle cluster's
+processes use (taken from the jobs on the same cores).
 Then the PostgreSQL claims figures of ``bench/claims.py`` when that benchmark exists (the store
 side of the scale-out, issue 13), else says it is missing.  Figures only, no assertions.
 """
@@ -145,6 +146,32 @@ def task_round_trip(address: str, n: int = 40) -> tuple[float, float]:
     return statistics.median(times), times[int(0.9 * (len(times) - 1))]
 
 
+def idle_cpu(cluster: Any, seconds: float = 20.0) -> float:
+    """Percent of one core the cluster's own processes (scheduler, ``dicom-node worker`` supervisors,
+    nannies, workers and their helpers) use while no task runs: what they take from the jobs on the
+    same cores (Dask's timers, node.dask_worker.QUIET_DASK_CONFIG)."""
+    import psutil
+
+    procs: list[Any] = []
+    for p in [cluster.scheduler, *cluster.workers.values()]:
+        root = psutil.Process(p.pid)
+        procs += [root, *root.children(recursive=True)]
+
+    def used() -> float:
+        total = 0.0
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    before = used()
+    time.sleep(seconds)
+    return (used() - before) / seconds * 100
+
+
 def claims_figures(rounds: int) -> None:
     """The store side of the scale-out: :func:`bench.claims.claims` (PostgreSQL against SQLite, 4
     concurrent claimers), when bench/claims.py is in the tree."""
@@ -185,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster.wait_workers(args.workers)
             med_ms, p90_ms = task_round_trip(cluster.address)
             print(f"  empty Dask task round trip: median {med_ms:.1f} ms, p90 {p90_ms:.1f} ms", flush=True)
+            idle = idle_cpu(cluster)
+            print(f"  the cluster's processes while idle: {idle:.1f} % of one core", flush=True)
             order = []
             for r in range(args.rounds):
                 order += ["local", "dask"] if r % 2 == 0 else ["dask", "local"]
@@ -200,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"time to the last SEG, median: local {med['local']:.2f} s, dask {med['dask']:.2f} s, "
               f"ratio dask/local {med['dask'] / med['local']:.3f} (target <= 1.05)")
         if args.json:
-            Path(args.json).write_text(json.dumps({"runs": runs, "median": med, "task_ms": [med_ms, p90_ms]}, indent=2))
+            Path(args.json).write_text(json.dumps({"runs": runs, "median": med, "task_ms": [med_ms, p90_ms],
+                                                   "idle_cpu_percent": idle}, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if not args.no_claims:
