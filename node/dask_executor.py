@@ -226,6 +226,9 @@ class DaskExecutor(Executor):
                 self._segs.setdefault(str(msg["key"]), []).append(seg)
         except Exception:  # a malformed event: the SEG comes with the outcome
             log.debug("ignored SEG event %r", event, exc_info=True)
+            return
+        if self.waker is not None:
+            self.waker()  # the SEG goes on now, not at the pool's next round
 
     def seg_events(self, key: str) -> list[SegReady]:
         with self._lock:
@@ -257,6 +260,9 @@ class DaskExecutor(Executor):
         future = client.submit(run_try, spec, str(slot.kind), persistent, timeout_s, self.config.log_level,
                                self.config.log_phi, self.config.job_nice, key=key, pure=False, resources=resources,
                                retries=0)
+        waker = self.waker
+        if waker is not None:  # the outcome is taken at once, not at the pool's next round
+            future.add_done_callback(lambda _f: waker())
         info = SlotInfo(name=slot.name, kind=slot.kind, gpu=None, pid=0, process="slot" if persistent else "job",
                         device=spec.models.device, cuda_visible_devices=None, host=None, worker=None)
         return _DaskTry(self, future, info)

@@ -14,10 +14,12 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Callable
 
 from node.config import NodeConfig
 from node.contracts import JobSpec, ProcessInfo, Resource, SlotInfo
@@ -97,6 +99,12 @@ class Executor(ABC):
     #: seconds the pool adds to ``job_timeout_s`` before it kills a try itself (a remote executor
     #: enforces the timeout where the try runs and reports it; this is the safety net)
     timeout_grace_s: float = 0.0
+    #: called (from any thread) as soon as a try has news, a message or its end: the pool looks at
+    #: once instead of at its next round (set by the pool, :meth:`set_waker`)
+    waker: Callable[[], None] | None = None
+
+    def set_waker(self, waker: Callable[[], None]) -> None:
+        self.waker = waker
 
     @abstractmethod
     def slots(self) -> list[Slot]:
@@ -158,6 +166,28 @@ class _LocalTry(TryHandle):
         self.persistent = persistent
         self.slot_info = slot_info
         self._eof = False
+        self._over = threading.Event()  # the pool is done with this try
+        self._taken = threading.Event()  # the pool's poll() ran since the watch last woke it
+        if executor.waker is not None:
+            threading.Thread(target=self._watch, args=(executor.waker,), name=f"watch-{slot.name}",
+                             daemon=True).start()
+
+    def _watch(self, waker: Callable[[], None]) -> None:
+        """Wake the pool as soon as the try sends a message (the SEG, the outcome) or its process
+        ends, instead of at the pool's next round: the SEG goes on and the slot takes its next job
+        that much sooner."""
+        from multiprocessing.connection import wait
+
+        while not self._over.is_set():
+            try:
+                ready = wait([self.conn, self.proc.sentinel], timeout=1.0)
+            except (OSError, ValueError):  # the pool closed the pipe meanwhile
+                return
+            if ready and not self._over.is_set():
+                self._taken.clear()
+                waker()
+                # until the pool has taken the news (else this loop would spin on a pipe still readable)
+                self._taken.wait(1.0)
 
     def poll(self) -> list[Message]:
         out: list[Message] = []
@@ -166,12 +196,14 @@ class _LocalTry(TryHandle):
                 out.append(self.conn.recv())
         except (EOFError, OSError):
             self._eof = True
+        self._taken.set()
         return out
 
     def alive(self) -> bool:
         return not self._eof and self.proc.is_alive()
 
     def kill(self) -> None:
+        self._over.set()
         kill_tree(self.proc)
         if self.persistent:
             self.executor.forget(self.slot)  # a fresh one for the next model job
@@ -179,6 +211,7 @@ class _LocalTry(TryHandle):
             self._close()
 
     def died(self) -> str:
+        self._over.set()
         self.proc.join(10)
         if self.persistent:
             self.executor.forget(self.slot)
@@ -187,6 +220,7 @@ class _LocalTry(TryHandle):
         return f"job process died (exit code {self.proc.exitcode})"
 
     def finish(self) -> None:
+        self._over.set()
         if not self.persistent:
             self.proc.join(10)
             self._close()

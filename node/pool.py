@@ -130,13 +130,14 @@ class WorkerPool:
         if self._thread is not None:
             return
         self._stop.clear()
+        self.executor.set_waker(self.wake)  # a try's news is taken at once, not at the next round
         self.executor.start()
         self._thread = threading.Thread(target=self._loop, name="worker-pool", daemon=True)
         self._thread.start()
         log.info("worker pool: %s, job timeout %.0f s", self.executor.describe(), self.config.job_timeout_s)
 
     def wake(self) -> None:
-        """Look for due jobs now (called after routing created jobs)."""
+        """Look now: for due jobs (called after routing created jobs), or at a try's news (the executor)."""
         self._wake.set()
 
     def stop(self, grace_s: float = 5.0) -> None:

@@ -46,3 +46,64 @@ def test_a_gone_or_recycled_pid_is_not_the_node():
     assert not job_process._node_alive(proc.pid, started)
     with pytest.raises(psutil.NoSuchProcess):
         job_process.process_started(proc.pid)
+
+
+# -- the pool is woken by a try's news (node.executor._LocalTry's watch) ------------------------
+
+
+def _send_when_told(conn, gate) -> None:
+    gate.wait(60)
+    conn.send("news")
+
+
+def test_a_local_try_wakes_the_pool_when_it_has_news():
+    """The pool looks at its tries every 0.2 s; a try's message (the SEG, the outcome) and its end
+    wake it at once instead, so the SEG goes on and the slot takes its next job sooner."""
+    import multiprocessing
+    import threading
+
+    from node.config import NodeConfig
+    from node.contracts import Resource, SlotInfo
+    from node.executor import LocalExecutor, _LocalTry
+
+    ctx = multiprocessing.get_context("fork")  # the target is this module's; nothing else runs here
+    parent, child = ctx.Pipe(duplex=False)
+    gate = ctx.Event()
+    proc = ctx.Process(target=_send_when_told, args=(child, gate))
+    proc.start()
+    child.close()
+    executor = LocalExecutor(NodeConfig())
+    woken = threading.Event()
+    executor.set_waker(woken.set)
+    slot = executor.slots()[0]
+    info = SlotInfo(name=slot.name, kind=Resource.CPU, gpu=None, pid=proc.pid, process="job", device="cpu",
+                    cuda_visible_devices=None)
+    handle = _LocalTry(executor, slot, proc, parent, False, info)
+    try:
+        assert not woken.is_set()  # no news yet
+        gate.set()
+        assert woken.wait(30), "the try's message did not wake the pool"
+        woken.clear()
+        assert handle.poll() == ["news"]
+        assert woken.wait(30), "the try's end did not wake the pool"
+        proc.join(30)
+        assert handle.poll() == [] and not handle.alive()
+    finally:
+        handle.finish()
+        if proc.is_alive():
+            proc.kill()
+
+
+def test_a_dask_seg_event_wakes_the_pool():
+    from node.config import NodeConfig
+    from node.dask_executor import DaskExecutor
+
+    pytest.importorskip("distributed")
+    executor = DaskExecutor(NodeConfig(executor={"kind": "dask", "scheduler": "tcp://127.0.0.1:1"}))
+    woken: list[bool] = []
+    executor.set_waker(lambda: woken.append(True))
+    executor._on_seg_event((0.0, {"key": "k", "seg_early": "/r/1-seg.dcm", "seg_series_uid": "1.2.3"}))
+    assert woken == [True]
+    assert [s.seg_series_uid for s in executor.seg_events("k")] == ["1.2.3"]
+    executor._on_seg_event((0.0, {"key": "k"}))  # malformed: ignored, nothing to take
+    assert woken == [True]
