@@ -52,7 +52,7 @@ class ServedNode:
         cfg.update(overrides)
         (tmp / "node.yaml").write_text(yaml.safe_dump(cfg))
         store = Store(tmp / "var" / "node.db")
-        for name in ("viewer", "operator"):
+        for name in ("viewer", "operator", "admin"):
             create_user(store, name, Role.parse(name), password_of(name))
         store.close()
         self.log = tmp / "node.log"
@@ -185,6 +185,16 @@ def test_route_and_retry_through_the_console_reach_the_node(served: ServedNode, 
     again = wait_for(lambda: (lambda j: j if j["state"] == "failed" and j["finished_at"] != first["finished_at"]
                               else None)(job()), 60, "the retried job to run")
     assert again["attempts"] == 1 and "bad input" in again["error"]
+
+
+def test_a_rule_change_is_in_force_in_the_node_when_the_answer_comes(served: ServedNode) -> None:
+    """Applying reloads the node's rules over the channel (not at its next 2 s reload tick)."""
+    admin = served.client("admin")
+    for change in ("disable", "enable"):
+        r = admin.post(served.url + f"/api/v1/rules/rule/knee-liver/{change}", json={"comment": "test"}, timeout=30)
+        assert r.status_code == 200, r.text
+        live = served.get("/api/v1/rules").json()
+        assert live["loaded"]["version"] == live["version"] and live["rules"][0]["enabled"] is (change == "enable")
 
 
 def test_a_killed_console_comes_back_and_the_node_receives_meanwhile(served: ServedNode) -> None:
