@@ -139,6 +139,7 @@ def test_console_runs_in_its_own_niced_process_and_shows_the_node(served: Served
     console = psutil.Process(h["console_pid"])
     assert console.ppid() == served.proc.pid
     assert console.nice() == psutil.Process(served.proc.pid).nice() + CONSOLE_NICENESS
+    assert tuple(console.ionice()) == (psutil.IOPRIO_CLASS_BE, 7)
     assert h["receiver"]["up"] is True and h["receiver"]["port"] == served.port
     assert [s["slot"] for s in h["queue"]["slots"]] == ["cpu0"] and h["workers"]["executor"].startswith("local")
     # an association held open is counted by the node's receiver, seen through the console

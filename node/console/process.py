@@ -24,7 +24,8 @@ __all__ = ["ConsoleProcess", "CONSOLE_NICENESS", "START_TIMEOUT_S", "STOP_TIMEOU
 
 log = logging.getLogger("node.console")
 
-#: how much lower the console process runs than the node (nice increment)
+#: how much lower the console process runs than the node (nice increment; and the lowest best-effort
+#: I/O priority, as job processes)
 CONSOLE_NICENESS = 10
 #: how long the console process has to listen (it imports the web stack first)
 START_TIMEOUT_S = 60.0
@@ -43,15 +44,13 @@ def _console_main(config: NodeConfig, secret: bytes, conn: Connection, ready: Co
     # its own group: the node's Ctrl-C is the node's to handle, and _watch_node ends this group only
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.nice(CONSOLE_NICENESS)  # before any thread starts: they all inherit it
-    except OSError:
-        pass
+    from node.job_process import _lower_priority, _watch_node
+
+    _lower_priority(CONSOLE_NICENESS)  # CPU and I/O, before any thread starts: they all inherit it
     from node import logsafe
     from node.console.control import RemoteNode
     from node.console.context import ConsoleContext
     from node.console.server import ConsoleServer
-    from node.job_process import _watch_node
     from node.store import Store
 
     logging.basicConfig(level=log_level, stream=sys.stderr)  # the node's log: its stderr, its level
