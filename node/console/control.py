@@ -52,6 +52,12 @@ def serve_console(conn: Connection, node: NodeHandle, stop: threading.Event) -> 
             conn.send(reply)
         except OSError:
             return
+        except Exception as exc:  # noqa: BLE001 - an answer that cannot be pickled: say so, go on
+            log.warning("console request %s: cannot send the answer: %s: %s", name[:40], type(exc).__name__, exc)
+            try:
+                conn.send((number, False, f"cannot send the answer: {type(exc).__name__}"))
+            except OSError:
+                return
 
 
 class RemoteNode:
