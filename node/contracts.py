@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from node.config import ModelsConfig
 from node.pipeline.outputs.options import DEFAULT_OUTPUTS, OutputOptions
+
+if TYPE_CHECKING:  # annotation only: node.routing imports this module
+    from node.routing.rules import RuleSet
 
 __all__ = [
     "SeriesState",
@@ -28,6 +31,8 @@ __all__ = [
     "JobResult",
     "ProcessInfo",
     "JobSpec",
+    "NodeStatus",
+    "RulesInForce",
 ]
 
 
@@ -286,3 +291,29 @@ class JobSpec:
     outputs: OutputOptions = OutputOptions()  #: the result objects beside the SEG the rule asked for
     file_mode: int = 0o640  #: node.yaml's ``file_mode`` / ``dir_mode`` for what the try writes
     dir_mode: int = 0o750
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What the running node tells its console about its live parts (one snapshot; the console
+    runs in a process of its own and asks the node over node/console/control.py)."""
+
+    pid: int  #: the node process
+    started_at: float  #: when the node started (epoch s)
+    receiver_up: bool  #: the DICOM receiver listens
+    port: int  #: the receiver's port
+    tls_port: int | None  #: its DICOM-TLS port, when configured
+    associations_now: int  #: associations open now
+    receiver_stats: Mapping[str, int]  #: the receiver's counts since start (stored, duplicates, refused...)
+    slots: tuple[dict[str, Any], ...]  #: the worker pool's slots (``WorkerPool.snapshot()``)
+    executor: str  #: where tries run (``executor.describe()``)
+    last_errors: tuple[dict[str, Any], ...]  #: the node's last ERROR log records: at, logger, message
+
+
+@dataclass(frozen=True)
+class RulesInForce:
+    """The routing rules the running node uses now (they differ from the file while an edit of it
+    is broken), and why the file's content is not in force (None when it is)."""
+
+    ruleset: RuleSet
+    last_error: str | None

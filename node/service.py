@@ -1,6 +1,8 @@
 """The running node: one job store, the receiver, the periodic work (completion sweep and routing,
 rules reload, dispatch, spool retention on an APScheduler scheduler), the worker pool and the
-operations console (node/console/, when ``http.enabled``), with startup recovery and a clean stop.  See docs/architecture.md.
+operations console (node/console/, when ``http.enabled``: a process of its own, answered through
+:class:`NodeService`'s status and action methods), with startup recovery and a clean stop.  See
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import os
 import signal
 import socket
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 
 from apscheduler.jobstores.base import JobLookupError
+from prometheus_client import generate_latest
 
 from node.completion import sweep
 from node.config import NodeConfig
+from node.contracts import NodeStatus, RulesInForce
 from node.durable import makedirs_durable, set_modes
 from node.jobs import ensure_dispatches
+from node.metrics import REGISTRY
 from node.pool import WorkerPool
 from node.profiles import list_profiles
 from node.router import Router
@@ -29,9 +35,12 @@ from node.scp.tls import expiry_warning
 from node.spool import Spool
 from node.store import Store
 
-__all__ = ["NodeService"]
+__all__ = ["NodeService", "LAST_ERRORS_KEPT"]
 
 log = logging.getLogger("node.service")
+
+#: the node's ERROR log records kept for the console's health page
+LAST_ERRORS_KEPT = 20
 
 
 def _skip_overlap_notice(record: logging.LogRecord) -> bool:
@@ -41,11 +50,30 @@ def _skip_overlap_notice(record: logging.LogRecord) -> bool:
     return "maximum number of running instances reached" not in record.getMessage()
 
 
+class _LastErrors(logging.Handler):
+    """Keeps the node's last ERROR log records for the console's health page."""
+
+    def __init__(self, into: list[dict[str, Any]]) -> None:
+        super().__init__(level=logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not break logging
+            message = str(record.msg)
+        self.into.append({"at": record.created, "logger": record.name, "message": message[:500]})
+        del self.into[:-LAST_ERRORS_KEPT]
+
+
 class NodeService:
-    """The node (see the module docstring).
+    """The node (see the module docstring); for its console, a
+    :class:`node.console.context.NodeHandle` (status, rules in force, metrics, actions).
 
     Args:
         config: a loaded :class:`node.config.NodeConfig`.
+        console_in_process: run the console in a thread of this process rather than in a process of
+            its own (tests that reach into the console's app; ``dicom-node serve`` never does).
 
     After :meth:`start`, :attr:`port` is the port actually listened on.
     """
@@ -53,8 +81,13 @@ class NodeService:
     #: the lease on spool retention (run hourly by its holder)
     RETENTION_LEASE_S = 7200.0
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, console_in_process: bool = False) -> None:
         self.config = config
+        self.console_in_process = console_in_process
+        self.started_at = time.time()
+        #: the last ERROR log records (while the console runs), shown on its health page
+        self.last_errors: list[dict[str, Any]] = []
+        self._last_errors_handler: logging.Handler | None = None
         #: this node process, as its store leases and job claims name it
         self.node_id = f"{socket.gethostname()}:{os.getpid()}"
         self._leases: set[str] = set()
@@ -68,7 +101,7 @@ class NodeService:
         self._route_lock = threading.Lock()
         self._dispatcher: Any = None
         self._dispatcher_missing_logged = False
-        self.console: Any = None  # node.console.server.ConsoleServer when http.enabled
+        self.console: Any = None  # node.console ConsoleProcess (ConsoleServer in-process) when http.enabled
 
     @property
     def port(self) -> int:
@@ -114,6 +147,33 @@ class NodeService:
     def reload_rules(self) -> None:
         assert self.rules is not None
         self.rules.reload_if_changed()
+
+    # -- what the console asks (node.console.context.NodeHandle)
+    def status(self) -> NodeStatus:
+        """The live parts' status, one snapshot."""
+        r, pool = self.receiver, self.pool
+        return NodeStatus(
+            pid=os.getpid(), started_at=self.started_at,
+            receiver_up=bool(r is not None and getattr(r, "_servers", None)),
+            port=self.port, tls_port=r.tls_port if r is not None else None,
+            associations_now=r.policy.active() if r is not None else 0,
+            receiver_stats=dict(r.stats) if r is not None else {},
+            slots=tuple(pool.snapshot()) if pool is not None else (),
+            executor=pool.executor.describe() if pool is not None else self.config.executor.kind,
+            last_errors=tuple(self.last_errors),
+        )
+
+    def rules_in_force(self) -> RulesInForce | None:
+        holder = self.rules
+        return None if holder is None else RulesInForce(holder.ruleset, holder.last_error)
+
+    def metrics_text(self) -> bytes:
+        """This process's counters and histograms (node/metrics.py) in the Prometheus text format."""
+        return bytes(generate_latest(REGISTRY))
+
+    def wake_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.wake()
 
     def run_dispatch(self) -> None:
         """``node.dispatcher.Dispatcher(config, store).run_due()`` when the module exists."""
@@ -163,11 +223,15 @@ class NodeService:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         cfg = self.config
+        self.started_at = time.time()
         # patient data: the configured modes for what the node writes itself (node/durable.py), and
         # a umask to match for everything else (the SQLite files, job processes' libraries)
         set_modes(cfg.file_mode, cfg.dir_mode)
         os.umask(0o777 & ~(cfg.file_mode | cfg.dir_mode))
         makedirs_durable(cfg.storage)
+        if cfg.http.enabled:
+            self._last_errors_handler = _LastErrors(self.last_errors)
+            logging.getLogger().addHandler(self._last_errors_handler)
         self.store = store = Store(cfg.database_url)
         if store.shared:
             log.info("job store %s, shared with the other node processes", store.url)
@@ -207,7 +271,7 @@ class NodeService:
             from node.console.server import start_console  # the web stack loads only when the console runs
 
             try:
-                self.console = start_console(cfg, store, self)
+                self.console = start_console(cfg, store, self, in_process=self.console_in_process)
             except (RuntimeError, OSError) as exc:
                 # the DICOM path matters more than the console: the node goes on without it
                 log.error("console not started: %s", exc)
@@ -220,6 +284,8 @@ class NodeService:
         log.info("node stopping")
         if self.console is not None:
             self.console.stop()
+        if self._last_errors_handler is not None:
+            logging.getLogger().removeHandler(self._last_errors_handler)
         if self.receiver is not None:
             self.receiver.stop()
         if self.scheduler is not None:

@@ -119,7 +119,7 @@ def start_console_node(storage: Path, *, users: tuple[str, ...] = ROLES, **cfg: 
     for name in users:
         create_user(pre, name, Role.parse(name), password_of(name))
     pre.close()
-    svc = NodeService(config)
+    svc = NodeService(config, console_in_process=True)  # tests reach into its app (tests/test_console_process.py: a process)
     svc.start()
     assert svc.console is not None
     return ConsoleNode(service=svc, url=svc.console.url.rstrip("/"), store=svc.store)  # type: ignore[arg-type]  # started: not None

@@ -1,5 +1,6 @@
 """What every console route reaches through the ``get_ctx`` dependency: the configuration, the
-store and a handle to the running node's parts (receiver, pool, rules, scheduler hooks).
+console's own store connection and a :class:`NodeHandle` on the running node (its status, rules in
+force, metrics, and the actions: wake the pool, reload rules, dispatch now).
 """
 
 from __future__ import annotations
@@ -11,20 +12,31 @@ from typing import Any, Callable, Protocol
 from fastapi import Request
 
 from node.config import NodeConfig
+from node.contracts import NodeStatus, RulesInForce
 from node.store import Store
 
-__all__ = ["NodeHandle", "ConsoleContext", "get_ctx"]
+__all__ = ["NodeHandle", "NodeUnreachable", "ConsoleContext", "get_ctx"]
+
+
+class NodeUnreachable(ConnectionError):
+    """The node did not answer its console (it is gone or stuck)."""
 
 
 class NodeHandle(Protocol):
-    """The parts of a running :class:`node.service.NodeService` the console uses (the console does
-    not import the service: imports point down).  Attributes are None before the node started them."""
+    """What the console asks of the running node (the console does not import the service: imports
+    point down).  :class:`node.service.NodeService` is one, in its own process (tests, tools); the
+    console process reaches it through :class:`node.console.control.RemoteNode`.  Each call may raise
+    :class:`NodeUnreachable`."""
 
-    receiver: Any  # node.scp.receiver.Receiver
-    pool: Any  # node.pool.WorkerPool
-    rules: Any  # node.routing.rules.RuleSetHolder
-    router: Any  # node.router.Router
-    scheduler: Any  # APScheduler BackgroundScheduler
+    def status(self) -> NodeStatus: ...
+
+    def rules_in_force(self) -> RulesInForce | None: ...
+
+    def metrics_text(self) -> bytes:
+        """The node process's counters and histograms in the Prometheus text format."""
+        ...
+
+    def wake_pool(self) -> None: ...
 
     def reload_rules(self) -> None: ...
 
@@ -51,8 +63,6 @@ class ConsoleContext:
     started_at: float = field(default_factory=time.time)
     #: the address the console listens on once started (``https://127.0.0.1:8080``), for messages
     url: str = ""
-    #: recent error lines of the node (filled by a logging handler, shown on the health page)
-    last_errors: list[dict[str, Any]] = field(default_factory=list)
 
     #: :meth:`cached` values: key -> (time computed, value)
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from node.console.auth import Principal, Role, require
-from node.console.context import ConsoleContext, get_ctx
+from node.console.context import ConsoleContext, NodeUnreachable, get_ctx
 from node.console.web import render
-from node.contracts import JobState
+from node.contracts import JobState, NodeStatus
 
 router = APIRouter()
 _viewer = require(Role.VIEWER)
@@ -28,7 +28,17 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _ready_checks(ctx: ConsoleContext) -> dict[str, str]:
+def _node_status(ctx: ConsoleContext) -> NodeStatus | str | None:
+    """The node's status; the reason as text when it does not answer; None without a node."""
+    if ctx.node is None:
+        return None
+    try:
+        return ctx.node.status()
+    except NodeUnreachable as exc:
+        return str(exc) or "the node does not answer"
+
+
+def _ready_checks(ctx: ConsoleContext, status: NodeStatus | str | None) -> dict[str, str]:
     checks: dict[str, str] = {}
     try:
         ctx.store.schema_version()
@@ -42,9 +52,10 @@ def _ready_checks(ctx: ConsoleContext) -> dict[str, str]:
         checks["spool"] = "ok"
     except OSError as exc:
         checks["spool"] = f"not writable: {exc.strerror or exc}"
-    node = ctx.node
-    if node is not None:
-        checks["receiver"] = "ok" if node.receiver is not None and getattr(node.receiver, "_servers", None) else "down"
+    if isinstance(status, str):
+        checks["node"] = status
+    elif status is not None:
+        checks["receiver"] = "ok" if status.receiver_up else "down"
     return checks
 
 
@@ -52,7 +63,7 @@ def _ready_checks(ctx: ConsoleContext) -> dict[str, str]:
 def readyz(ctx: ConsoleContext = Depends(get_ctx)) -> Response:
     """Readiness: the store answers and the spool is writable (and the receiver listens, inside the node).
     503 with the failing checks otherwise (no login: for probes; says nothing about patients)."""
-    checks = _ready_checks(ctx)
+    checks = _ready_checks(ctx, _node_status(ctx))
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
@@ -60,9 +71,8 @@ def readyz(ctx: ConsoleContext = Depends(get_ctx)) -> Response:
 def health_report(ctx: ConsoleContext) -> dict[str, Any]:
     """What the health page shows (see ``GET /api/v1/health``)."""
     cfg = ctx.config
-    node = ctx.node
-    receiver = node.receiver if node is not None else None
-    pool = node.pool if node is not None else None
+    got = _node_status(ctx)
+    st = got if isinstance(got, NodeStatus) else None
     disk: dict[str, int | None]
     try:
         usage = shutil.disk_usage(cfg.storage)
@@ -73,18 +83,18 @@ def health_report(ctx: ConsoleContext) -> dict[str, Any]:
     by_state = {s.value: 0 for s in JobState}
     for state, _backend, n in gauges["jobs"]:
         by_state[state] = by_state.get(state, 0) + n
-    slots = pool.snapshot() if pool is not None else []
+    slots = list(st.slots) if st is not None else []
     queued = dict(gauges["queued"])
     return {
         "ae_title": cfg.ae_title,
-        "uptime_s": round(time.time() - ctx.started_at, 1),
+        "uptime_s": round(time.time() - (st.started_at if st is not None else ctx.started_at), 1),
         "receiver": {
-            "up": bool(receiver is not None and getattr(receiver, "_servers", None)),
-            "port": receiver.port if receiver is not None else cfg.port,
-            "tls_port": receiver.tls_port if receiver is not None else None,
-            "associations_now": receiver.policy.active() if receiver is not None else 0,
+            "up": bool(st is not None and st.receiver_up),
+            "port": st.port if st is not None else cfg.port,
+            "tls_port": st.tls_port if st is not None else None,
+            "associations_now": st.associations_now if st is not None else 0,
             "max_associations": cfg.max_associations,
-            "stats": dict(getattr(receiver, "stats", {}) or {}),
+            "stats": dict(st.receiver_stats) if st is not None else {},
         },
         "spool": {"path": str(cfg.spool_dir), "bytes": ctx.spool_bytes(), **disk,
                   "reserve_bytes": cfg.disk.reserve_free_mib * 1024 * 1024},
@@ -93,10 +103,11 @@ def health_report(ctx: ConsoleContext) -> dict[str, Any]:
         "workers": {"cpu_slots": cfg.workers, "gpus": list(cfg.gpus),
                     "processes": [s for s in slots if s["pid"] or s["slot_process"]],
                     # where tries run: the local slots or the Dask cluster (each job's host/worker/GPU: params.slot)
-                    "executor": pool.executor.describe() if pool is not None else cfg.executor.kind},
-        "pid": os.getpid(),
-        "checks": _ready_checks(ctx),
-        "last_errors": list(ctx.last_errors),
+                    "executor": st.executor if st is not None else cfg.executor.kind},
+        "pid": st.pid if st is not None else None,  # the node's
+        "console_pid": os.getpid(),  # the console runs in a process of its own (docs/console.md)
+        "checks": _ready_checks(ctx, got),
+        "last_errors": list(st.last_errors) if st is not None else [],
     }
 
 

@@ -147,9 +147,8 @@ def _audit(ctx: ConsoleContext, request: Request, p: Principal, action: str, out
 
 def _wake(ctx: ConsoleContext) -> None:
     """Let the running node's pool look at the queue now."""
-    pool = ctx.node.pool if ctx.node is not None else None
-    if pool is not None:
-        pool.wake()
+    if ctx.node is not None:
+        ctx.node.wake_pool()
 
 
 def _act(ctx: ConsoleContext, request: Request, p: Principal, job_id: int, what: str) -> Outcome:

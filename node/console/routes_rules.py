@@ -64,11 +64,11 @@ def admin_of(request: Request, ctx: ConsoleContext) -> RulesAdmin:
 
 def _loaded(ctx: ConsoleContext) -> dict[str, Any]:
     """The rules the running node uses now (they differ from the file while a hand edit is broken)."""
-    holder = ctx.node.rules if ctx.node is not None else None
-    if holder is None:
+    held = ctx.node.rules_in_force() if ctx.node is not None else None
+    if held is None:
         return {"version": None, "rules": None, "error": None}
-    rs = holder.ruleset
-    return {"version": rs.version, "rules": len(rs), "error": holder.last_error}
+    rs = held.ruleset
+    return {"version": rs.version, "rules": len(rs), "error": held.last_error}
 
 
 def _rules_table(rs: RuleSet | None) -> list[dict[str, Any]]:

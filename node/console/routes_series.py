@@ -55,7 +55,7 @@ def series_list(ctx: ConsoleContext, request: Request) -> dict[str, Any]:
 
 def _rule_names(ctx: ConsoleContext) -> list[str]:
     try:
-        return [r.name for r in current_rules(ctx.config, ctx.node.rules if ctx.node is not None else None).rules]
+        return [r.name for r in current_rules(ctx.config, ctx.node.rules_in_force() if ctx.node is not None else None).rules]
     except Exception:  # noqa: BLE001 - a broken rule file: no rule to choose (the rules page says why)
         return []
 
@@ -86,7 +86,7 @@ async def _body(request: Request) -> dict[str, Any]:
 def _act(ctx: ConsoleContext, request: Request, p: Principal, uid: str, what: str, body: dict[str, Any]) -> Outcome:
     if ctx.store.get_series(uid) is None:
         raise HTTPException(404, f"no series {uid}")
-    rules = current_rules(ctx.config, ctx.node.rules if ctx.node is not None else None)
+    rules = current_rules(ctx.config, ctx.node.rules_in_force() if ctx.node is not None else None)
     rule = str(body.get("rule") or "").strip() or None
     profile = str(body.get("profile") or "").strip() or None
     if what == "rerun":

@@ -1,5 +1,7 @@
-"""Runs the console app with uvicorn in a thread of the node's process (``dicom-node serve``), on
-``http.host``/``http.port``, with HTTPS when ``http.certificate``/``http.key`` are set.
+"""Runs the console app with uvicorn on ``http.host``/``http.port``, with HTTPS when
+``http.certificate``/``http.key`` are set: :func:`start_console` starts it for ``dicom-node serve`` in
+a process of its own (node/console/process.py), or in a thread of the caller's process
+(``in_process=True``: tests and tools that want the app beside them).
 """
 
 from __future__ import annotations
@@ -18,13 +20,10 @@ from node.config import NodeConfig
 from node.console.app import create_app
 from node.console.auth import ensure_first_admin
 from node.console.context import ConsoleContext, NodeHandle
+from node.console.process import CONSOLE_NICENESS, ConsoleProcess
 from node.store import Store
 
-__all__ = ["ConsoleServer", "start_console", "LAST_ERRORS_KEPT", "HEADER_TIMEOUT_S", "MAX_CONNECTIONS"]
-
-LAST_ERRORS_KEPT = 20
-#: how much lower the console's threads run than the node's (nice increment, Linux)
-CONSOLE_NICENESS = 10
+__all__ = ["ConsoleServer", "start_console", "HEADER_TIMEOUT_S", "MAX_CONNECTIONS", "CONSOLE_NICENESS"]
 
 log = logging.getLogger("node.console")
 
@@ -32,9 +31,8 @@ log = logging.getLogger("node.console")
 #: a connection that has not sent a whole request head this long after it opened is closed (uvicorn
 #: has no such limit: idle or trickling sockets were held for ever)
 HEADER_TIMEOUT_S = 10.0
-#: connections the console keeps open at most; more are closed as soon as they are accepted.  The
-#: console shares the node's process: its sockets must not use up the file descriptors the receiver,
-#: the spool and the store need.
+#: connections the console keeps open at most; more are closed as soon as they are accepted (its
+#: sockets must not use up the file descriptors of the process it runs in: the node's, in-process).
 MAX_CONNECTIONS = 256
 
 
@@ -54,10 +52,13 @@ class _GuardedH11(H11Protocol):
 
 
 class ConsoleServer:
-    """The console's HTTP server.  :meth:`start` returns once it listens; :attr:`port` is the real port."""
+    """The console's HTTP server in a thread.  :meth:`start` returns once it listens; :attr:`port` is the
+    real port.  ``lower_thread_priority``: nice its threads (in the node's process; a console process
+    is niced as a whole)."""
 
-    def __init__(self, ctx: ConsoleContext) -> None:
+    def __init__(self, ctx: ConsoleContext, *, lower_thread_priority: bool = True) -> None:
         self.ctx = ctx
+        self.lower_thread_priority = lower_thread_priority
         self.app = create_app(ctx)
         http = ctx.config.http
         self._config = uvicorn.Config(
@@ -68,7 +69,6 @@ class ConsoleServer:
         )
         self._server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None
-        self._log_handler: logging.Handler | None = None
         self.port = http.port
         #: set by :func:`start_console` when it created the first admin (for the start-up message)
         self.first_admin_password: str | None = None
@@ -82,11 +82,16 @@ class ConsoleServer:
     def _run(self) -> None:
         # The console must not slow the receiver: its thread, and the worker threads it starts (they
         # inherit it), run at a lower CPU priority than the node's own threads (Linux: per thread).
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CONSOLE_NICENESS)
-        except (OSError, AttributeError):  # not Linux, or not permitted: run at the node's priority
-            log.debug("console: cannot lower its thread priority", exc_info=True)
+        if self.lower_thread_priority:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CONSOLE_NICENESS)
+            except (OSError, AttributeError):  # not Linux, or not permitted: run at the node's priority
+                log.debug("console: cannot lower its thread priority", exc_info=True)
         self._server.run()
+
+    def serving(self) -> bool:
+        """Whether the server thread still runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self, timeout_s: float = 15.0) -> None:
         """Start serving in a daemon thread; raises ``RuntimeError`` when it does not listen in time."""
@@ -105,46 +110,32 @@ class ConsoleServer:
         self.ctx.url = self.url
 
     def stop(self) -> None:
-        if self._log_handler is not None:
-            logging.getLogger().removeHandler(self._log_handler)
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
 
 
-class _LastErrors(logging.Handler):
-    """Keeps the node's last ERROR log records for the health page."""
-
-    def __init__(self, into: list[dict[str, Any]]) -> None:
-        super().__init__(level=logging.ERROR)
-        self.into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string must not break logging
-            message = str(record.msg)
-        self.into.append({"at": record.created, "logger": record.name, "message": message[:500]})
-        del self.into[:-LAST_ERRORS_KEPT]
-
-
-def start_console(config: NodeConfig, store: Store, node: NodeHandle | None) -> ConsoleServer:
+def start_console(config: NodeConfig, store: Store, node: NodeHandle, *,
+                  in_process: bool = False) -> ConsoleServer | ConsoleProcess:
     """Start the console of a running node: the cookie key (made once, kept in the store), the first
-    admin when there is no user (its one-time password logged once), the server thread."""
-    secret = store.setdefault_setting("cookie_secret", secrets.token_hex(32))
-    ctx = ConsoleContext(config=config, store=store, node=node, secret=bytes.fromhex(secret))
+    admin when there is no user (its one-time password logged once), then the console process (or,
+    ``in_process``, the server thread).  Raises ``RuntimeError`` when it does not listen."""
+    secret = bytes.fromhex(store.setdefault_setting("cookie_secret", secrets.token_hex(32)))
     password = ensure_first_admin(store)
     if password is not None:  # logged at once: even if the server fails to start, it is not lost
         log.warning("console: created user 'admin' with the one-time password %s (it must be changed at first"
                     " login; `dicom-node users passwd admin` sets another)", password)
-    server = ConsoleServer(ctx)
+    server: ConsoleServer | ConsoleProcess
+    if in_process:
+        server = ConsoleServer(ConsoleContext(config=config, store=store, node=node, secret=secret))
+    else:
+        server = ConsoleProcess(config, node, secret)
     server.first_admin_password = password
     server.start()
-    handler = _LastErrors(ctx.last_errors)
-    logging.getLogger().addHandler(handler)
-    server._log_handler = handler
-    log.info("console listening on %s", server.url)
-    if not ctx.https and config.http.host not in ("127.0.0.1", "::1", "localhost"):
+    log.info("console listening on %s%s", server.url,
+             f" (process {server.pid})" if isinstance(server, ConsoleProcess) else "")
+    https = config.http.certificate is not None
+    if not https and config.http.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("console: listening on %s without HTTPS: passwords, tokens and patient data cross the network in"
                     " clear (set http.certificate and http.key)", config.http.host)
     return server
