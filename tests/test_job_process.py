@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -52,8 +53,10 @@ def test_a_gone_or_recycled_pid_is_not_the_node():
 
 
 def _send_when_told(conn, gate) -> None:
+    from node.job_process import SegReady
+
     gate.wait(60)
-    conn.send("news")
+    conn.send(SegReady(Path("/results/7-seg.dcm"), "1.2.3"))
 
 
 def test_a_local_try_wakes_the_pool_when_it_has_news():
@@ -76,7 +79,7 @@ def test_a_local_try_wakes_the_pool_when_it_has_news():
     woken = threading.Event()
     executor.set_waker(woken.set)
     slot = executor.slots()[0]
-    info = SlotInfo(name=slot.name, kind=Resource.CPU, gpu=None, pid=proc.pid, process="job", device="cpu",
+    info = SlotInfo(name=slot.name, kind=Resource.CPU, gpu=None, pid=int(proc.pid or 0), process="job", device="cpu",
                     cuda_visible_devices=None)
     handle = _LocalTry(executor, slot, proc, parent, False, info)
     try:
@@ -84,7 +87,7 @@ def test_a_local_try_wakes_the_pool_when_it_has_news():
         gate.set()
         assert woken.wait(30), "the try's message did not wake the pool"
         woken.clear()
-        assert handle.poll() == ["news"]
+        assert handle.poll() == [job_process.SegReady(Path("/results/7-seg.dcm"), "1.2.3")]
         assert woken.wait(30), "the try's end did not wake the pool"
         proc.join(30)
         assert handle.poll() == [] and not handle.alive()
