@@ -245,8 +245,34 @@ def test_failed_logins_are_rate_limited(tmp_path: Path) -> None:
         assert attempt("viewer-pass-1234") == 429  # even the right password, until the window passed
         refused = node.store.list_audit(action="login.refused")
         assert refused and refused[0]["username"] == "viewer"
+        # the user, from another address, is not locked out by the guesser's failures
+        assert _login_from("127.0.0.2", node.url, "viewer", "viewer-pass-1234") == 303
+        assert node.store.list_audit(action="login.success")[0]["client"] == "127.0.0.2"
     finally:
         node.service.stop()
+
+
+def _login_from(source: str, url: str, username: str, password: str) -> int:
+    """Log in over a connection from ``source`` (another loopback address: another client to the
+    console); returns the login answer's status."""
+    import http.client
+    import urllib.parse
+
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    conn = http.client.HTTPConnection(str(host), port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("GET", "/login")
+        page = conn.getresponse()
+        cookie = page.getheader("Set-Cookie", "").split(";", 1)[0]
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.read().decode()).group(1)  # type: ignore[union-attr]  # the form has one
+        body = urllib.parse.urlencode({"username": username, "password": password, "csrf_token": csrf})
+        conn.request("POST", "/login", body=body, headers={"Cookie": cookie,
+                                                           "Content-Type": "application/x-www-form-urlencoded"})
+        answer = conn.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        conn.close()
 
 
 def test_users_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -69,11 +69,19 @@ def login_form(request: Request, next: str = "/") -> Response:
 
 
 def _rate_limited(ctx: ConsoleContext, username: str, client: str) -> bool:
+    """Too many failed logins within the window: for this user name from this address, from this
+    address (4x: several people may log in from behind one proxy), or for this user name from
+    everywhere (10x: a guesser spread over many addresses).  Counting per user name alone let
+    anyone who knew a user name (``admin``) lock that user out with a few wrong passwords."""
     http = ctx.config.http
     since = time.time() - http.login_window_s
-    # per address more: several people may log in from behind one proxy
-    return (ctx.store.count_audit("login.failed", since=since, username=username) >= http.login_max_failures
-            or ctx.store.count_audit("login.failed", since=since, client=client) >= 4 * http.login_max_failures)
+    n = http.login_max_failures
+
+    def failed(**who: str) -> int:
+        return ctx.store.count_audit("login.failed", since=since, **who)
+
+    return (failed(username=username, client=client) >= n or failed(client=client) >= 4 * n
+            or failed(username=username) >= 10 * n)
 
 
 @router.post("/login", include_in_schema=False)
