@@ -1666,13 +1666,18 @@ class Store:
         return int(cur.lastrowid or 0)
 
     def list_audit(self, *, limit: int = 200, before_id: int | None = None, action: str | None = None,
-                   username: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
-        """Audit entries newest first, ``detail`` decoded: ``{id, at, username, client, action, target, detail}``."""
+                   username: str | None = None, since: float | None = None,
+                   after_id: int | None = None) -> list[dict[str, Any]]:
+        """Audit entries newest first (``after_id`` given: oldest first, from after that entry), ``detail``
+        decoded: ``{id, at, username, client, action, target, detail}``."""
         sql = "SELECT * FROM audit_log WHERE 1=1"
         args: list[object] = []
         if before_id is not None:
             sql += " AND id < ?"
             args.append(before_id)
+        if after_id is not None:
+            sql += " AND id > ?"
+            args.append(after_id)
         if action is not None:
             sql += " AND action = ?"
             args.append(action)
@@ -1682,7 +1687,7 @@ class Store:
         if since is not None:
             sql += " AND at >= ?"
             args.append(since)
-        sql += " ORDER BY id DESC LIMIT ?"
+        sql += f" ORDER BY id {'ASC' if after_id is not None else 'DESC'} LIMIT ?"
         args.append(limit)
         return [{**dict(r), "detail": _loads(r["detail"])} for r in self.conn.execute(sql, args)]
 

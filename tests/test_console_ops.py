@@ -372,3 +372,41 @@ def test_spool_bytes_leave_out_series_retention_cleaned(tmp_path: Path) -> None:
     g = store.gauges()
     assert g["jobs"] == [("queued", "hu_based", 1)] and g["dispatches"] == [("pending", "pacs", 1)]
     store.close()
+
+
+def test_audit_export_streams_page_by_page(tmp_path: Path) -> None:
+    """The export reads the log a page (1000 entries) at a time, oldest first, and writes each page as
+    it is read: a long audit log is never held whole in the console's memory."""
+    import asyncio
+
+    from node.console.context import ConsoleContext
+    from node.console.routes_audit import audit_export
+
+    store = Store(tmp_path / "node.db")
+    try:
+        for k in range(2500):
+            store.add_audit("job.retry", username="op", client="10.0.0.9", target=f"job {k}", detail={"k": k})
+        reads: list[int] = []
+        real = store.list_audit
+
+        def counted(**kw):  # the real query, counted
+            page = real(**kw)
+            reads.append(len(page))
+            return page
+
+        store.list_audit = counted  # type: ignore[method-assign]  # counts the real store's reads
+        resp = audit_export(since=None, _p=None, ctx=ConsoleContext(config=NodeConfig(storage=tmp_path), store=store))  # type: ignore[arg-type]  # the route's function, without its login
+
+        async def read_all() -> list[bytes]:
+            out: list[bytes] = []
+            async for chunk in resp.body_iterator:
+                if not out:
+                    assert reads == [1000]  # the first line goes out after one page was read
+                out.append(chunk if isinstance(chunk, bytes) else str(chunk).encode())
+            return out
+
+        lines = asyncio.run(read_all())
+        assert [json.loads(line)["detail"]["k"] for line in lines] == list(range(2500))  # oldest first
+        assert reads == [1000, 1000, 500, 0]
+    finally:
+        store.close()

@@ -39,18 +39,15 @@ def audit_export(since: float | None = None, _p: Principal = Depends(_admin),
     store = ctx.store
 
     def lines() -> Iterator[bytes]:
-        before: int | None = None
-        pages: list[list[dict[str, Any]]] = []
-        while True:  # newest first in pages of 1000, then written oldest first
-            page = store.list_audit(limit=1000, before_id=before, since=since)
+        after = 0
+        while True:  # oldest first, a page of 1000 at a time: never the whole log in memory
+            page = store.list_audit(limit=1000, after_id=after, since=since)
             if not page:
                 break
-            pages.append(page)
-            before = page[-1]["id"]
-        for page in reversed(pages):
-            for e in reversed(page):
+            for e in page:
                 e["time"] = dt.datetime.fromtimestamp(e["at"], dt.timezone.utc).isoformat()
                 yield (json.dumps(e, sort_keys=True, default=str) + "\n").encode()
+            after = page[-1]["id"]
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return StreamingResponse(lines(), media_type="application/x-ndjson",
