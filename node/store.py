@@ -30,7 +30,8 @@ from node.contracts import (
     SeriesState,
     SlotInfo,
 )
-from node.store_db import Connection, Engine, SQLiteEngine, open_engine, sqlite_add_column
+from node.store_db import Connection, Engine, SQLiteEngine, TransactionLost, open_engine, sqlite_add_column
+from node.store_group import GroupCommit
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -605,6 +606,9 @@ class Store:
         #: the SQLite file (for PostgreSQL: the URL without its password, for messages)
         self.path = Path(self.engine.path) if isinstance(self.engine, SQLiteEngine) else Path(self.engine.name)
         self.busy_timeout_s = busy_timeout_s
+        # record_instance_grouped's batching (made on first use, again in a forked child)
+        self._index_group: GroupCommit[InstanceRecord, Literal["new", "duplicate"]] | None = None
+        self._index_group_pid = 0
         if migrate:
             self.migrate()
 
@@ -686,88 +690,139 @@ class Store:
           ``last_received_at`` of the instance are bumped; the series clock is
           *not* restarted and nothing else changes.
         """
-        now = rec.received_at if rec.received_at is not None else time.time()
-        tags = json.dumps(dict(rec.tags), sort_keys=True)
+        tags, search = self._instance_texts(rec)
         with self.transaction() as c:
-            c.execute("DELETE FROM refused_instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
-            cur = c.execute(
-                "UPDATE instances SET received_count = received_count + 1, last_received_at = ?"
-                " WHERE sop_instance_uid = ?",
-                (now, rec.sop_instance_uid),
-            )
-            if cur.rowcount:
-                return "duplicate"
+            return self._record_instance_in(c, rec, tags, search)
+
+    def record_instances(self, recs: Sequence[InstanceRecord]) -> list[Literal["new", "duplicate"] | Exception]:
+        """Index several received instances in ONE transaction (group commit); one outcome per
+        instance, in order: ``"new"``, ``"duplicate"`` or the exception its statements raised.
+
+        Each instance is exactly :meth:`record_instance` run after the ones before it (a second
+        copy of a SOP Instance UID in the same batch is a ``"duplicate"``), inside a savepoint of
+        its own: a failure undoes that instance alone and the others are committed.  Raises when
+        the transaction as a whole fails (begin, commit, or an error that ended the transaction:
+        :class:`node.store_db.TransactionLost`); then nothing of it was committed.
+        """
+        out: list[Literal["new", "duplicate"] | Exception] = []
+        texts: list[tuple[str, str] | Exception] = []
+        for rec in recs:  # before taking the write lock
+            try:
+                texts.append(self._instance_texts(rec))
+            except Exception as exc:  # noqa: BLE001 - this instance's own failure, handed to its caller
+                texts.append(exc)
+        with self.transaction() as c:
+            for rec, text in zip(recs, texts):
+                if isinstance(text, Exception):
+                    out.append(text)
+                    continue
+                try:
+                    with self.engine.savepoint(c, "record_instance"):
+                        out.append(self._record_instance_in(c, rec, *text))
+                except TransactionLost:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this instance's own failure, handed to its caller
+                    out.append(exc)
+        return out
+
+    def record_instance_grouped(self, rec: InstanceRecord) -> Literal["new", "duplicate"]:
+        """:meth:`record_instance` for many concurrent callers (the receiver's association threads):
+        the instance joins the next batch of :meth:`record_instances` (node/store_group.py), and
+        this returns (or raises) only when that batch has committed, with this instance's outcome."""
+        group = self._index_group
+        if group is None or self._index_group_pid != os.getpid():  # a forked child gets its own
+            group = self._index_group = GroupCommit(self.record_instances, self.record_instance)
+            self._index_group_pid = os.getpid()
+        return group.submit(rec)
+
+    @staticmethod
+    def _instance_texts(rec: InstanceRecord) -> tuple[str, str]:
+        """The tags as stored (JSON) and the series' search text, for :meth:`_record_instance_in`."""
+        return json.dumps(dict(rec.tags), sort_keys=True), series_search_text(rec.tags)
+
+    def _record_instance_in(self, c: Connection, rec: InstanceRecord, tags: str,
+                            search: str) -> Literal["new", "duplicate"]:
+        """The statements of :meth:`record_instance`, inside the caller's transaction."""
+        now = rec.received_at if rec.received_at is not None else time.time()
+        c.execute("DELETE FROM refused_instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
+        cur = c.execute(
+            "UPDATE instances SET received_count = received_count + 1, last_received_at = ?"
+            " WHERE sop_instance_uid = ?",
+            (now, rec.sop_instance_uid),
+        )
+        if cur.rowcount:
+            return "duplicate"
+        c.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid, path,"
+            " transfer_syntax, size, sha256, calling_ae, called_ae, peer_address, received_at,"
+            " last_received_at, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                rec.sop_instance_uid,
+                rec.sop_class_uid,
+                rec.series_uid,
+                rec.study_uid,
+                str(rec.path),
+                rec.transfer_syntax,
+                rec.size,
+                rec.sha256,
+                rec.calling_ae,
+                rec.called_ae,
+                rec.peer_address,
+                now,
+                now,
+                tags,
+            ),
+        )
+        row = c.execute("SELECT state, generation FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone()
+        if row is None:
             c.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid, path,"
-                " transfer_syntax, size, sha256, calling_ae, called_ae, peer_address, received_at,"
-                " last_received_at, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO series (series_uid, study_uid, first_received_at, last_received_at,"
+                " instance_count, state, state_changed_at, calling_ae, called_ae, peer_address, tags, search)"
+                " VALUES (?,?,?,?,1,'receiving',?,?,?,?,?,?)",
                 (
-                    rec.sop_instance_uid,
-                    rec.sop_class_uid,
                     rec.series_uid,
                     rec.study_uid,
-                    str(rec.path),
-                    rec.transfer_syntax,
-                    rec.size,
-                    rec.sha256,
+                    now,
+                    now,
+                    now,
                     rec.calling_ae,
                     rec.called_ae,
                     rec.peer_address,
-                    now,
-                    now,
                     tags,
+                    search,
                 ),
             )
-            row = c.execute("SELECT state, generation FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone()
-            if row is None:
-                c.execute(
-                    "INSERT INTO series (series_uid, study_uid, first_received_at, last_received_at,"
-                    " instance_count, state, state_changed_at, calling_ae, called_ae, peer_address, tags, search)"
-                    " VALUES (?,?,?,?,1,'receiving',?,?,?,?,?,?)",
-                    (
-                        rec.series_uid,
-                        rec.study_uid,
-                        now,
-                        now,
-                        now,
-                        rec.calling_ae,
-                        rec.called_ae,
-                        rec.peer_address,
-                        tags,
-                        series_search_text(rec.tags),
-                    ),
-                )
-            elif row["state"] == SeriesState.RECEIVING:
-                c.execute(
-                    "UPDATE series SET instance_count = instance_count + 1,"
-                    " last_received_at = MAX(last_received_at, ?) WHERE series_uid = ?",
-                    (now, rec.series_uid),
-                )
-                # a series created by a refusal (record_refusal) has no tags until its first instance
-                c.execute("UPDATE series SET tags = ?, search = ? WHERE series_uid = ? AND instance_count = 1"
-                          " AND tags = '{}'", (tags, series_search_text(rec.tags), rec.series_uid))
-                # an early-started result of this generation no longer matches the series: run again
-                stale = [r[0] for r in c.execute(
-                    "SELECT id FROM jobs WHERE series_uid = ? AND generation = ? AND provisional = 1"
-                    " AND state IN (?, ?)", (rec.series_uid, row["generation"], JobState.DONE, JobState.FAILED))]
-                n = sum(self.requeue_job(job_id, "new instances arrived after an early start", counts_as_try=False,
-                                         discard_result=True, from_states=(JobState.DONE, JobState.FAILED))
-                        for job_id in stale)
-                if n:
-                    log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
-                             rec.series_uid, n)
-            else:
-                c.execute(
-                    "UPDATE series SET instance_count = instance_count + 1,"
-                    " last_received_at = MAX(last_received_at, ?), state = 'receiving',"
-                    " state_changed_at = ?, generation = generation + 1, error = NULL WHERE series_uid = ?",
-                    (now, now, rec.series_uid),
-                )
-                c.execute(
-                    "UPDATE jobs SET state = 'superseded', finished_at = ?,"
-                    " error = 'new instances arrived for the series' WHERE series_uid = ? AND state = 'queued'",
-                    (now, rec.series_uid),
-                )
+        elif row["state"] == SeriesState.RECEIVING:
+            c.execute(
+                "UPDATE series SET instance_count = instance_count + 1,"
+                " last_received_at = MAX(last_received_at, ?) WHERE series_uid = ?",
+                (now, rec.series_uid),
+            )
+            # a series created by a refusal (record_refusal) has no tags until its first instance
+            c.execute("UPDATE series SET tags = ?, search = ? WHERE series_uid = ? AND instance_count = 1"
+                      " AND tags = '{}'", (tags, search, rec.series_uid))
+            # an early-started result of this generation no longer matches the series: run again
+            stale = [r[0] for r in c.execute(
+                "SELECT id FROM jobs WHERE series_uid = ? AND generation = ? AND provisional = 1"
+                " AND state IN (?, ?)", (rec.series_uid, row["generation"], JobState.DONE, JobState.FAILED))]
+            n = sum(self.requeue_job(job_id, "new instances arrived after an early start", counts_as_try=False,
+                                     discard_result=True, from_states=(JobState.DONE, JobState.FAILED))
+                    for job_id in stale)
+            if n:
+                log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
+                         rec.series_uid, n)
+        else:
+            c.execute(
+                "UPDATE series SET instance_count = instance_count + 1,"
+                " last_received_at = MAX(last_received_at, ?), state = 'receiving',"
+                " state_changed_at = ?, generation = generation + 1, error = NULL WHERE series_uid = ?",
+                (now, now, rec.series_uid),
+            )
+            c.execute(
+                "UPDATE jobs SET state = 'superseded', finished_at = ?,"
+                " error = 'new instances arrived for the series' WHERE series_uid = ? AND state = 'queued'",
+                (now, rec.series_uid),
+            )
         return "new"
 
     def record_conflict(self, series_uid: str, replacement: InstanceRecord | None = None) -> None:
