@@ -502,3 +502,52 @@ def test_callers_waiting_meanwhile_are_indexed_in_one_transaction(store):
     assert len(began) == 2  # the first caller alone, then the 7 that queued behind it
     assert (store._index_group.batches, store._index_group.items) == (2, callers)
     assert store.get_series("S1").instance_count == callers
+
+
+def test_group_commit_a_failed_batch_is_done_again_item_by_item():
+    """When a batch's transaction fails as a whole (nothing committed), each of its items is run
+    alone: only the item that fails alone fails; and a lone caller never waits for company."""
+    from node.store_group import GroupCommit
+
+    gate = threading.Event()
+    done_alone: list[str] = []
+
+    def run_batch(items):
+        if list(items) == ["first"]:
+            gate.wait(10)  # the first batch is slow: the others queue meanwhile
+        if "poison" in items:
+            raise sqlite3.OperationalError("the transaction failed")
+        return [f"{i}:batch" for i in items]
+
+    def run_one(item):
+        if item == "poison":
+            raise ValueError("poison alone")
+        done_alone.append(item)
+        return f"{item}:alone"
+
+    group: GroupCommit[str, str] = GroupCommit(run_batch, run_one)
+    assert group.submit("solo") == "solo:batch" and (group.batches, group.items) == (1, 1)
+    results: dict[str, object] = {}
+
+    def call(item: str) -> None:
+        try:
+            results[item] = group.submit(item)
+        except Exception as exc:  # noqa: BLE001 - the item's error is what the test checks
+            results[item] = exc
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    while group._busy is False:
+        time.sleep(0.001)
+    others = [threading.Thread(target=call, args=(i,)) for i in ("a", "poison", "b")]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while group.pending() < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    gate.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert results["first"] == "first:batch" and results["a"] == "a:alone" and results["b"] == "b:alone"
+    assert isinstance(results["poison"], ValueError) and done_alone == ["a", "b"]
+    assert (group.batches, group.items, group.pending(), group._busy) == (3, 5, 0, False)
