@@ -30,7 +30,7 @@ from node.contracts import (
     SeriesState,
     SlotInfo,
 )
-from node.store_db import Connection, Engine, SQLiteEngine, TransactionLost, open_engine, sqlite_add_column
+from node.store_db import Connection, Engine, SQLiteEngine, open_engine, sqlite_add_column
 from node.store_group import GroupCommit
 
 __all__ = [
@@ -53,6 +53,10 @@ __all__ = [
 SCHEMA_VERSION = 11
 
 log = logging.getLogger("node.store")
+
+
+class _UndoBatch(Exception):
+    """Rolls back a :meth:`Store.record_instances` transaction in which one instance failed."""
 
 
 def _in(values: Iterable[str]) -> str:
@@ -689,41 +693,59 @@ class Store:
         * duplicate (same SOP Instance UID): ``received_count`` and
           ``last_received_at`` of the instance are bumped; the series clock is
           *not* restarted and nothing else changes.
+
+        Either way a refusal of the instance for want of resources (:meth:`record_refusal`) is
+        forgotten.
         """
         tags, search = self._instance_texts(rec)
         with self.transaction() as c:
-            return self._record_instance_in(c, rec, tags, search)
+            outcome = self._record_instance_in(c, rec, tags, search)
+            c.execute("DELETE FROM refused_instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
+        return outcome
 
     def record_instances(self, recs: Sequence[InstanceRecord]) -> list[Literal["new", "duplicate"] | Exception]:
         """Index several received instances in ONE transaction (group commit); one outcome per
         instance, in order: ``"new"``, ``"duplicate"`` or the exception its statements raised.
 
-        Each instance is exactly :meth:`record_instance` run after the ones before it (a second
-        copy of a SOP Instance UID in the same batch is a ``"duplicate"``), inside a savepoint of
-        its own: a failure undoes that instance alone and the others are committed.  Raises when
-        the transaction as a whole fails (begin, commit, or an error that ended the transaction:
-        :class:`node.store_db.TransactionLost`); then nothing of it was committed.
+        The result is that of :meth:`record_instance` called for each instance in this order (a
+        second copy of a SOP Instance UID in the same batch is a ``"duplicate"``), an instance
+        that fails leaving no trace: when one fails, the transaction is rolled back and run again
+        without it (rare; no savepoints, whose two extra statements per instance would each give
+        the GIL away in a busy receiver).  Raises when the transaction as a whole fails (begin,
+        commit, rollback); then nothing of it was committed.
         """
-        out: list[Literal["new", "duplicate"] | Exception] = []
-        texts: list[tuple[str, str] | Exception] = []
-        for rec in recs:  # before taking the write lock
+        out: list[Literal["new", "duplicate"] | Exception | None] = [None] * len(recs)
+        texts: list[tuple[str, str] | None] = []
+        for k, rec in enumerate(recs):  # before taking the write lock
             try:
                 texts.append(self._instance_texts(rec))
             except Exception as exc:  # noqa: BLE001 - this instance's own failure, handed to its caller
-                texts.append(exc)
-        with self.transaction() as c:
-            for rec, text in zip(recs, texts):
-                if isinstance(text, Exception):
-                    out.append(text)
-                    continue
-                try:
-                    with self.engine.savepoint(c, "record_instance"):
-                        out.append(self._record_instance_in(c, rec, *text))
-                except TransactionLost:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this instance's own failure, handed to its caller
-                    out.append(exc)
-        return out
+                texts.append(None)
+                out[k] = exc
+        todo = [k for k, text in enumerate(texts) if text is not None]
+        while todo:
+            failed: tuple[int, Exception] | None = None
+            try:
+                with self.transaction() as c:
+                    for k in todo:
+                        text = texts[k]
+                        assert text is not None
+                        try:
+                            out[k] = self._record_instance_in(c, recs[k], *text)
+                        except Exception as exc:  # this instance's own failure: undo the batch, run it again without
+                            failed = (k, exc)
+                            raise _UndoBatch() from exc
+                    # the refusals of all of them in one statement: nothing above reads that table
+                    uids = [recs[k].sop_instance_uid for k in todo]
+                    c.execute(f"DELETE FROM refused_instances WHERE sop_instance_uid IN ({','.join('?' * len(uids))})",
+                              uids)
+            except _UndoBatch:
+                pass
+            if failed is None:
+                break
+            out[failed[0]] = failed[1]  # the others again without it, as if it had never come
+            todo.remove(failed[0])
+        return [x if x is not None else RuntimeError("not indexed") for x in out]
 
     def record_instance_grouped(self, rec: InstanceRecord) -> Literal["new", "duplicate"]:
         """:meth:`record_instance` for many concurrent callers (the receiver's association threads):
@@ -742,20 +764,19 @@ class Store:
 
     def _record_instance_in(self, c: Connection, rec: InstanceRecord, tags: str,
                             search: str) -> Literal["new", "duplicate"]:
-        """The statements of :meth:`record_instance`, inside the caller's transaction."""
+        """The statements of :meth:`record_instance` but the refusal's, inside the caller's transaction.
+
+        Three statements in the usual case (insert or count the duplicate; the series with its
+        finished early starts counted; the series' update): each statement gives the GIL away
+        and waits to get it back, which is what a C-STORE's index time is made of in a busy
+        receiver (bench/README.md)."""
         now = rec.received_at if rec.received_at is not None else time.time()
-        c.execute("DELETE FROM refused_instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
-        cur = c.execute(
-            "UPDATE instances SET received_count = received_count + 1, last_received_at = ?"
-            " WHERE sop_instance_uid = ?",
-            (now, rec.sop_instance_uid),
-        )
-        if cur.rowcount:
-            return "duplicate"
-        c.execute(
+        (count,) = c.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid, path,"
             " transfer_syntax, size, sha256, calling_ae, called_ae, peer_address, received_at,"
-            " last_received_at, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " last_received_at, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (sop_instance_uid) DO UPDATE SET received_count = instances.received_count + 1,"
+            " last_received_at = excluded.last_received_at RETURNING received_count",
             (
                 rec.sop_instance_uid,
                 rec.sop_class_uid,
@@ -772,8 +793,13 @@ class Store:
                 now,
                 tags,
             ),
-        )
-        row = c.execute("SELECT state, generation FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone()
+        ).fetchall()[0]  # fetchall: the statement runs to its end (SQLite)
+        if count > 1:  # the row was there: a duplicate, counted
+            return "duplicate"
+        row = c.execute(
+            "SELECT state, generation, (SELECT COUNT(*) FROM jobs WHERE jobs.series_uid = series.series_uid"
+            " AND jobs.generation = series.generation AND provisional = 1 AND jobs.state IN (?, ?)) AS early"
+            " FROM series WHERE series_uid = ?", (JobState.DONE, JobState.FAILED, rec.series_uid)).fetchone()
         if row is None:
             c.execute(
                 "INSERT INTO series (series_uid, study_uid, first_received_at, last_received_at,"
@@ -793,24 +819,26 @@ class Store:
                 ),
             )
         elif row["state"] == SeriesState.RECEIVING:
+            # a series created by a refusal (record_refusal) has no tags until its first instance
             c.execute(
                 "UPDATE series SET instance_count = instance_count + 1,"
-                " last_received_at = MAX(last_received_at, ?) WHERE series_uid = ?",
-                (now, rec.series_uid),
+                " last_received_at = MAX(last_received_at, ?),"
+                " tags = CASE WHEN instance_count = 0 AND tags = '{}' THEN ? ELSE tags END,"
+                " search = CASE WHEN instance_count = 0 AND tags = '{}' THEN ? ELSE search END"
+                " WHERE series_uid = ?",
+                (now, tags, search, rec.series_uid),
             )
-            # a series created by a refusal (record_refusal) has no tags until its first instance
-            c.execute("UPDATE series SET tags = ?, search = ? WHERE series_uid = ? AND instance_count = 1"
-                      " AND tags = '{}'", (tags, search, rec.series_uid))
-            # an early-started result of this generation no longer matches the series: run again
-            stale = [r[0] for r in c.execute(
-                "SELECT id FROM jobs WHERE series_uid = ? AND generation = ? AND provisional = 1"
-                " AND state IN (?, ?)", (rec.series_uid, row["generation"], JobState.DONE, JobState.FAILED))]
-            n = sum(self.requeue_job(job_id, "new instances arrived after an early start", counts_as_try=False,
-                                     discard_result=True, from_states=(JobState.DONE, JobState.FAILED))
-                    for job_id in stale)
-            if n:
-                log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
-                         rec.series_uid, n)
+            if row["early"]:
+                # an early-started result of this generation no longer matches the series: run again
+                stale = [r[0] for r in c.execute(
+                    "SELECT id FROM jobs WHERE series_uid = ? AND generation = ? AND provisional = 1"
+                    " AND state IN (?, ?)", (rec.series_uid, row["generation"], JobState.DONE, JobState.FAILED))]
+                n = sum(self.requeue_job(job_id, "new instances arrived after an early start", counts_as_try=False,
+                                         discard_result=True, from_states=(JobState.DONE, JobState.FAILED))
+                        for job_id in stale)
+                if n:
+                    log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
+                             rec.series_uid, n)
         else:
             c.execute(
                 "UPDATE series SET instance_count = instance_count + 1,"

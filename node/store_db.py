@@ -24,15 +24,10 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 from urllib.parse import urlsplit
 
 __all__ = ["Cursor", "Connection", "Engine", "SQLiteEngine", "PostgresEngine", "open_engine",
-           "translate_pg", "is_postgres_url", "TransactionLost"]
+           "translate_pg", "is_postgres_url"]
 
 #: the advisory lock key that stands for SQLite's database-wide write lock ("dicomnod" in ASCII)
 _LOCK_KEY = 0x6469636F6D6E6F64
-
-
-class TransactionLost(Exception):
-    """The enclosing transaction is gone (a savepoint could not be rolled back to): nothing done in
-    it since its ``BEGIN`` will be committed, whatever succeeded inside it."""
 
 
 class Cursor(Protocol):
@@ -194,29 +189,6 @@ class Engine:
         raise NotImplementedError
         yield
 
-    def _raw(self, c: Any, sql: str) -> None:
-        """A transaction-control statement, past the connection's statement translation."""
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def savepoint(self, c: Any, name: str = "one") -> Iterator[None]:
-        """Inside :meth:`transaction`: what the block does is kept only if it ends without an
-        exception; otherwise it is undone alone (``ROLLBACK TO SAVEPOINT``) and the exception goes
-        on, the enclosing transaction still usable.  When the undo itself fails (the engine ended
-        the whole transaction, e.g. SQLite on a full disk) :class:`TransactionLost` is raised."""
-        self._raw(c, f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException as exc:
-            try:
-                self._raw(c, f"ROLLBACK TO SAVEPOINT {name}")
-                self._raw(c, f"RELEASE SAVEPOINT {name}")
-            except Exception as undo:  # noqa: BLE001 - whatever ended the transaction: it is lost
-                raise TransactionLost(f"savepoint {name} could not be rolled back to ({undo}) after: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-            raise
-        self._raw(c, f"RELEASE SAVEPOINT {name}")
-
     def add_column(self, c: Any, table: str, column: str, decl: str) -> None:
         raise NotImplementedError
 
@@ -263,9 +235,6 @@ class SQLiteEngine(Engine):
                 raise
             else:
                 c.execute("COMMIT")
-
-    def _raw(self, c: Any, sql: str) -> None:
-        c.execute(sql)
 
     def add_column(self, c: Any, table: str, column: str, decl: str) -> None:
         sqlite_add_column(c, table, column, decl)
@@ -482,9 +451,6 @@ class PostgresEngine(Engine):
                 yield c
             finally:
                 c.in_transaction = False
-
-    def _raw(self, c: Any, sql: str) -> None:
-        c._c.execute(sql)  # the psycopg connection: _PgConn refuses transaction control by design
 
     def add_column(self, c: Any, table: str, column: str, decl: str) -> None:
         c.execute(add_column_sql(table, column, decl, postgres=True))

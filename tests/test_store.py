@@ -389,7 +389,7 @@ def _index_scenario(store: Store, p: str, t0: float) -> list[InstanceRecord]:
     # an instance refused for want of space (its refusal row goes when it arrives)
     store.record_refusal(p + "r1", p + "REF", p + "T1", "disk full", now=t0)
     batch = [rec("e2", series="EARLY", at=t0 + 20), rec("d2", series="DONE", at=t0 + 21),
-             rec("r1", series="REF", at=t0 + 22), rec("n1", series="NEW", at=t0 + 23),
+             rec("r1", series="REF", at=t0 + 22, tags={"Modality": "CT", "PatientID": "P123"}), rec("n1", series="NEW", at=t0 + 23),
              rec("n1", series="NEW", at=t0 + 24),  # the same SOP instance twice in one batch
              rec("n2", series="NEW", at=t0 + 25), rec("e1", series="EARLY", at=t0 + 26)]
     return [_prefixed(r, p) for r in batch]
@@ -406,6 +406,10 @@ def test_record_instances_in_one_transaction_as_one_by_one(store):
     assert a == b
     assert a["refused"] == [] and {s[0]: s[3] for s in a["series"]} == {"DONE": 2, "EARLY": 1, "NEW": 1, "REF": 1}
     assert sorted((j[0], j[2]) for j in a["jobs"]) == [("DONE", "superseded"), ("EARLY", "queued")]
+    # the series a refusal made gets its tags from its first instance; the others keep their first's
+    assert {x[0]: (x[1], x[6]) for x in a["series"]}["REF"] == (1, '{"Modality": "CT", "PatientID": "P123"}')
+    refused = store.get_series("b.REF")
+    assert refused is not None and refused.tags["PatientID"] == "P123" and "p123" in (refused.search or "")
 
 
 def test_one_failing_instance_of_a_batch_fails_alone(store):
