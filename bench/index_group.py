@@ -1,6 +1,6 @@
 """Micro-benchmark: the receiver's index insert and spool write from many threads, one by one vs grouped.
 
-    python bench/index_group.py [--threads 16] [--instances 150] [--rounds 3] [--work-ms 2] [--spool]
+    PYTHONPATH=$PWD python bench/index_group.py [--threads 16] [--instances 150] [--rounds 3] [--work-ms 2] [--spool]
 
 Each of ``--threads`` threads plays an association: for each of ``--instances`` instances it does
 ``--work-ms`` of pure-Python work (holding the GIL, as the receiver's checks do), then indexes the
@@ -20,28 +20,28 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from node import durable  # noqa: E402 - after the path above
-from node.store import InstanceRecord, Store  # noqa: E402 - after the path above
+import node  # the code of the environment: PYTHONPATH=<checkout> picks the one to measure (printed)
+from node import durable
+from node.store import InstanceRecord, Store
 
 DATA = os.urandom(74 * 1024)  # the soak's instances are ~74 KB
 
 
-class FolderFsyncEach(durable.FolderSync):
-    """The folder fsync as before FolderSync: one per rename."""
+def folder_fsync_each() -> Any:
+    """A :class:`node.durable.FolderSync` that fsyncs the folder once per rename, as before it."""
 
-    def after_rename(self, folder: str | os.PathLike[str]) -> None:
-        durable.fsync_dir(folder)
-        self.fsyncs += 1
+    class FolderFsyncEach(durable.FolderSync):
+        def after_rename(self, folder: str | os.PathLike[str]) -> None:
+            durable.fsync_dir(folder)
+            self.fsyncs += 1
+
+    return FolderFsyncEach()
 
 
 def busy(ms: float) -> None:
@@ -60,9 +60,11 @@ def one_round(mode: str, args: argparse.Namespace, root: Path) -> dict[str, floa
     work = Path(tempfile.mkdtemp(dir=root))
     store = Store(work / "node.db")
     record = store.record_instance if mode == "one" else store.record_instance_grouped
-    saved = durable.FOLDER_SYNC
-    folder_sync = durable.FolderSync() if mode == "grouped" else FolderFsyncEach()
-    durable.FOLDER_SYNC = folder_sync  # what durable.atomic_write uses (restored after the round)
+    saved: Any = getattr(durable, "FOLDER_SYNC", None)  # (a checkout before FolderSync: --modes one, no --spool)
+    folder_sync: Any = None
+    if args.spool:
+        folder_sync = durable.FolderSync() if mode == "grouped" else folder_fsync_each()
+        durable.FOLDER_SYNC = folder_sync  # what durable.atomic_write uses (restored after the round)
     index_s: list[float] = []
     spool_s: list[float] = []
     lock = threading.Lock()
@@ -109,7 +111,8 @@ def one_round(mode: str, args: argparse.Namespace, root: Path) -> dict[str, floa
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    durable.FOLDER_SYNC = saved
+    if args.spool:
+        durable.FOLDER_SYNC = saved
     n = store.count_instances()
     assert n == args.threads * args.instances, n
     store.close()
@@ -132,14 +135,17 @@ def main() -> None:
     ap.add_argument("--work-ms", type=float, default=2.0, help="pure-Python work per instance before indexing")
     ap.add_argument("--spool", action="store_true", help="time the durable spool write too")
     ap.add_argument("--shared-series", action="store_true", help="all threads send the same series (one folder)")
+    ap.add_argument("--modes", default="one,grouped", choices=["one,grouped", "one", "grouped"],
+                    help="'one' alone runs on a checkout before group commit too (PYTHONPATH=that checkout)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-index-"))
     print(f"{args.threads} threads x {args.instances} instances, {args.work_ms} ms Python work each, "
           f"spool {'on' if args.spool else 'off'}{', one series' if args.shared_series else ''}; "
-          f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    results: dict[str, list[dict[str, float]]] = {"one": [], "grouped": []}
+          f"node code {Path(node.__file__).parent.parent}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    modes = tuple(args.modes.split(","))
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for r in range(args.rounds):
-        for mode in (("one", "grouped") if r % 2 == 0 else ("grouped", "one")):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
             res = one_round(mode, args, root)
             results[mode].append(res)
             spool = (f"  spool p50 {res['spool_p50']:6.1f} p99 {res['spool_p99']:6.1f} max {res['spool_max']:6.1f} ms,"
@@ -149,6 +155,9 @@ def main() -> None:
                   f"{res['transactions']:.0f} transactions{spool}", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for key in ("index_p50", "index_p99", "per_s") + (("spool_p50", "spool_p99") if args.spool else ()):
+        if len(modes) == 1:
+            print(f"median {key:10s} {modes[0]} {statistics.median(x[key] for x in results[modes[0]]):8.2f}")
+            continue
         one = statistics.median(x[key] for x in results["one"])
         grouped = statistics.median(x[key] for x in results["grouped"])
         print(f"median {key:10s} one {one:8.2f}  grouped {grouped:8.2f}  one/grouped {one / grouped:5.2f}x")
