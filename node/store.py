@@ -750,7 +750,9 @@ class Store:
     def record_instance_grouped(self, rec: InstanceRecord) -> Literal["new", "duplicate"]:
         """:meth:`record_instance` for many concurrent callers (the receiver's association threads):
         the instance joins the next batch of :meth:`record_instances` (node/store_group.py), and
-        this returns (or raises) only when that batch has committed, with this instance's outcome."""
+        this returns (or raises) only when that batch has committed, with this instance's outcome.
+        Not from inside :meth:`transaction` (the batch's leader would wait for that transaction's
+        lock while this thread waits for the batch)."""
         group = self._index_group
         if group is None or self._index_group_pid != os.getpid():  # a forked child gets its own
             group = self._index_group = GroupCommit(self.record_instances, self.record_instance)
