@@ -124,6 +124,15 @@ class FolderSync:
 FOLDER_SYNC = FolderSync()
 
 
+def _fresh_after_fork() -> None:
+    # a child forked while another thread held the lock or ran an fsync would wait forever
+    global FOLDER_SYNC
+    FOLDER_SYNC = FolderSync()
+
+
+os.register_at_fork(after_in_child=_fresh_after_fork)
+
+
 def makedirs_durable(path: str | os.PathLike[str]) -> None:
     """``mkdir -p`` that fsyncs the parent of every folder it creates (made with :func:`dir_mode`)."""
     missing = []

@@ -119,3 +119,28 @@ def test_folder_fsync_shared_by_concurrent_renames_never_before_each_rename(tmp_
         assert any(("end", folder, n) in log[i:back] for n in began_after), (folder, k)
     assert sync.fsyncs == 3  # a: the first rename alone, then one for the 11 that queued; b: one
     assert not sync._folders  # nothing kept once nobody waits
+
+
+def test_a_forked_child_does_not_inherit_a_held_folder_sync(tmp_path):
+    """A child forked while a thread of its parent is inside the folder fsync writes durably on its own."""
+    import threading
+
+    from node import durable
+
+    held = durable.FOLDER_SYNC._lock
+    held.acquire()  # as if another thread were inside after_rename when the fork happens
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its durable write must not wait for the parent's lock
+            code = 1
+            try:
+                t = threading.Thread(target=atomic_write, args=(tmp_path / "child" / "f", b"x"), daemon=True)
+                t.start()
+                t.join(5)
+                code = 0 if not t.is_alive() and (tmp_path / "child" / "f").read_bytes() == b"x" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        held.release()
+    assert os.waitstatus_to_exitcode(status) == 0
