@@ -449,18 +449,30 @@ def test_idle_association_threads_wait_instead_of_polling(receiver):
 
 
 @needs_data
-def test_concurrent_associations_each_answered_after_its_instance_is_indexed(receiver):
+@pytest.mark.parametrize("source", ["ct-j2k", "mr-synthetic"])
+def test_concurrent_associations_each_answered_after_its_instance_is_indexed(receiver, tmp_path, source):
     """8 associations at once (the index inserts of their C-STOREs grouped into shared transactions,
     Store.record_instance_grouped): every success comes after the instance's row is committed,
-    a SOP instance sent on two associations is stored once and counted twice, nothing is lost."""
+    a SOP instance sent on two associations is stored once and counted twice, nothing is lost.
+    A real J2K CT series, and a synthetic MR series (explicit VR) made from the MR volume."""
     import threading
 
-    from pydicom.uid import generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]  # sop_class makes its names at import
 
     from node.scp.sender import _associate
+    from node.tools.synth_series import write_series
 
     rx, store = receiver
-    files = sorted(J2K.glob("*.dcm"))[:6]
+    if source == "ct-j2k":
+        files = sorted(J2K.glob("*.dcm"))[:6]
+        ae = pynet_ae()
+    else:
+        files = sorted(write_series(DATA / "mr-small" / "mr.nii.gz", tmp_path / "mr", size=(64, 64, 6),
+                                    modality="MR", series_description="synthetic MR"))
+        ae = AE(ae_title="PYTEST")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
     series = [generate_uid() for _ in range(4)]  # two associations per series, as a PACS may send
     sops = [[generate_uid() for _ in files] for _ in series]
     not_indexed: list[str] = []
@@ -469,7 +481,7 @@ def test_concurrent_associations_each_answered_after_its_instance_is_indexed(rec
 
     def send(k: int) -> None:
         s = k // 2
-        assoc = _associate(pynet_ae(), ("DICOMNODE", "127.0.0.1", rx.port), "PYTEST")
+        assoc = _associate(ae, ("DICOMNODE", "127.0.0.1", rx.port), "PYTEST")
         try:
             for i, f in enumerate(files):
                 if k % 2 and i % 2:  # the second association of a series sends only every other instance
