@@ -291,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     files = make_series(Path(tempfile.gettempdir()) / f"dicom-node-soak-{w}x{h}x{n}", (w, h, n))
     work = Path(tempfile.mkdtemp(prefix="dicom-node-soak-"))
     proc, port, db = start_node(work, args.workers)
+    # the node runs the code its environment imports (an editable install's checkout unless
+    # PYTHONPATH says otherwise): name it, so that a figure is never credited to the wrong code
+    code = subprocess.run([sys.executable, "-c", "import node; print(node.__file__)"], capture_output=True,
+                          text=True, cwd=str(work)).stdout.strip()
     print(f"machine: {os.cpu_count()} CPU(s); series {w}x{h}x{n}; {args.senders} senders for {args.minutes} min; "
           f"{f'{args.rate:g} instance(s)/s each' if args.rate > 0 else 'each as fast as it is answered'}; "
-          f"a hostile connection every {args.hostile_every} s; node on port {port}, storage {work}", flush=True)
+          f"a hostile connection every {args.hostile_every} s; node on port {port}, storage {work}; "
+          f"node code {Path(code).parent.parent if code else '?'}; load average {os.getloadavg()[0]:.1f}", flush=True)
     try:
         until = time.time() + args.minutes * 60
         ctx = mp.get_context("spawn")

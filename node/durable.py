@@ -3,7 +3,8 @@
 A reader (a PACS pulling the share, the node after a crash) must never see a
 half-written file: everything is written to a temporary name in the target's
 folder, fsynced, renamed over the target, and the folder fsynced so the rename
-itself survives a power cut.  Files get the node's file mode and the folders it creates its folder
+itself survives a power cut (threads that renamed into the same folder share that fsync:
+:class:`FolderSync`).  Files get the node's file mode and the folders it creates its folder
 mode (:func:`set_modes`; 0640 / 0750 unless ``node.yaml`` says otherwise): they hold patient data.
 """
 
@@ -13,10 +14,11 @@ import hashlib
 import os
 import socket
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 
 _modes = {"file": 0o640, "dir": 0o750}
@@ -47,6 +49,88 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class _Folder:
+    __slots__ = ("renames", "synced", "running", "users", "cond")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.renames = 0  # renames announced so far (each finished before it was announced)
+        self.synced = 0  # every rename numbered up to this is covered by a finished fsync
+        self.running = False
+        self.users = 0
+        self.cond = threading.Condition(lock)
+
+
+class FolderSync:
+    """The fsync of a folder after a rename into it, shared by the threads of this process.
+
+    An fsync of a folder makes durable every change to it made before the fsync *began*.  So a
+    thread whose rename is finished needs a folder fsync that began after that: if none is
+    running, it runs one itself (and notes how many renames were announced when it began: all of
+    them are covered when it returns); if one is running, it may have begun before the rename, so
+    the thread waits for it and looks again; one fsync begun after several renames covers them all.
+    No thread returns before a folder fsync that began after its rename has returned, so
+    "durable before acknowledged" holds exactly as with one fsync per rename; fewer fsyncs run
+    only when several threads rename into the same folder at the same time.  Other processes
+    (other node hosts on a shared spool) run their own.
+    """
+
+    def __init__(self, fsync: Callable[[str], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[str, _Folder] = {}
+        self._fsync = fsync or fsync_dir
+        #: folder fsyncs run and renames covered (for tests and benchmarks)
+        self.fsyncs = 0
+        self.renames = 0
+
+    def after_rename(self, folder: str | os.PathLike[str]) -> None:
+        """Return once a fsync of ``folder`` that began after this call did (the caller's rename
+        into it is finished before the call)."""
+        key = os.fspath(folder)
+        with self._lock:
+            f = self._folders.get(key)
+            if f is None:
+                f = self._folders[key] = _Folder(self._lock)
+            f.users += 1
+            f.renames += 1
+            self.renames += 1
+            mine = f.renames
+            try:
+                while f.synced < mine:
+                    if f.running:  # it may have begun before this rename: wait, then look again
+                        f.cond.wait()
+                        continue
+                    f.running, began = True, f.renames
+                    self._lock.release()
+                    ok = False
+                    try:
+                        self._fsync(key)
+                        ok = True
+                    finally:
+                        self._lock.acquire()
+                        f.running = False
+                        if ok:
+                            f.synced = max(f.synced, began)
+                            self.fsyncs += 1
+                        f.cond.notify_all()
+            finally:
+                f.users -= 1
+                if f.users == 0:
+                    del self._folders[key]
+
+
+#: the process's folder syncs, used by :func:`atomic_open`
+FOLDER_SYNC = FolderSync()
+
+
+def _fresh_after_fork() -> None:
+    # a child forked while another thread held the lock or ran an fsync would wait forever
+    global FOLDER_SYNC
+    FOLDER_SYNC = FolderSync()
+
+
+os.register_at_fork(after_in_child=_fresh_after_fork)
 
 
 def makedirs_durable(path: str | os.PathLike[str]) -> None:
@@ -87,7 +171,7 @@ def atomic_open(path: str | os.PathLike[str], *, mode: int | None = None) -> Ite
         except OSError:
             pass
         raise
-    fsync_dir(target.parent)
+    FOLDER_SYNC.after_rename(target.parent)  # fsync_dir, shared with concurrent renames into the folder
 
 
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"

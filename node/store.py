@@ -31,6 +31,7 @@ from node.contracts import (
     SlotInfo,
 )
 from node.store_db import Connection, Engine, SQLiteEngine, open_engine, sqlite_add_column
+from node.store_group import GroupCommit
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -52,6 +53,10 @@ __all__ = [
 SCHEMA_VERSION = 11
 
 log = logging.getLogger("node.store")
+
+
+class _UndoBatch(Exception):
+    """Rolls back a :meth:`Store.record_instances` transaction in which one instance failed."""
 
 
 def _in(values: Iterable[str]) -> str:
@@ -605,6 +610,9 @@ class Store:
         #: the SQLite file (for PostgreSQL: the URL without its password, for messages)
         self.path = Path(self.engine.path) if isinstance(self.engine, SQLiteEngine) else Path(self.engine.name)
         self.busy_timeout_s = busy_timeout_s
+        # record_instance_grouped's batching (made on first use, again in a forked child)
+        self._index_group: GroupCommit[InstanceRecord, Literal["new", "duplicate"]] | None = None
+        self._index_group_pid = 0
         if migrate:
             self.migrate()
 
@@ -685,67 +693,144 @@ class Store:
         * duplicate (same SOP Instance UID): ``received_count`` and
           ``last_received_at`` of the instance are bumped; the series clock is
           *not* restarted and nothing else changes.
+
+        Either way a refusal of the instance for want of resources (:meth:`record_refusal`) is
+        forgotten.
         """
-        now = rec.received_at if rec.received_at is not None else time.time()
-        tags = json.dumps(dict(rec.tags), sort_keys=True)
+        tags, search = self._instance_texts(rec)
         with self.transaction() as c:
+            outcome = self._record_instance_in(c, rec, tags, search)
             c.execute("DELETE FROM refused_instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
-            cur = c.execute(
-                "UPDATE instances SET received_count = received_count + 1, last_received_at = ?"
-                " WHERE sop_instance_uid = ?",
-                (now, rec.sop_instance_uid),
-            )
-            if cur.rowcount:
-                return "duplicate"
+        return outcome
+
+    def record_instances(self, recs: Sequence[InstanceRecord]) -> list[Literal["new", "duplicate"] | Exception]:
+        """Index several received instances in ONE transaction (group commit); one outcome per
+        instance, in order: ``"new"``, ``"duplicate"`` or the exception its statements raised.
+
+        The result is that of :meth:`record_instance` called for each instance in this order (a
+        second copy of a SOP Instance UID in the same batch is a ``"duplicate"``), an instance
+        that fails leaving no trace: when one fails, the transaction is rolled back and run again
+        without it (rare; no savepoints, whose two extra statements per instance would each give
+        the GIL away in a busy receiver).  Raises when the transaction as a whole fails (begin,
+        commit, rollback); then nothing of it was committed.
+        """
+        out: list[Literal["new", "duplicate"] | Exception | None] = [None] * len(recs)
+        texts: list[tuple[str, str] | None] = []
+        for k, rec in enumerate(recs):  # before taking the write lock
+            try:
+                texts.append(self._instance_texts(rec))
+            except Exception as exc:  # noqa: BLE001 - this instance's own failure, handed to its caller
+                texts.append(None)
+                out[k] = exc
+        todo = [k for k, text in enumerate(texts) if text is not None]
+        while todo:
+            failed: tuple[int, Exception] | None = None
+            try:
+                with self.transaction() as c:
+                    for k in todo:
+                        text = texts[k]
+                        assert text is not None
+                        try:
+                            out[k] = self._record_instance_in(c, recs[k], *text)
+                        except Exception as exc:  # this instance's own failure: undo the batch, run it again without
+                            failed = (k, exc)
+                            raise _UndoBatch() from exc
+                    # the refusals of all of them in one statement: nothing above reads that table
+                    uids = [recs[k].sop_instance_uid for k in todo]
+                    c.execute(f"DELETE FROM refused_instances WHERE sop_instance_uid IN ({','.join('?' * len(uids))})",
+                              uids)
+            except _UndoBatch:
+                pass
+            if failed is None:
+                break
+            out[failed[0]] = failed[1]  # the others again without it, as if it had never come
+            todo.remove(failed[0])
+        return [x if x is not None else RuntimeError("not indexed") for x in out]
+
+    def record_instance_grouped(self, rec: InstanceRecord) -> Literal["new", "duplicate"]:
+        """:meth:`record_instance` for many concurrent callers (the receiver's association threads):
+        the instance joins the next batch of :meth:`record_instances` (node/store_group.py), and
+        this returns (or raises) only when that batch has committed, with this instance's outcome.
+        Not from inside :meth:`transaction` (the batch's leader would wait for that transaction's
+        lock while this thread waits for the batch)."""
+        group = self._index_group
+        if group is None or self._index_group_pid != os.getpid():  # a forked child gets its own
+            group = self._index_group = GroupCommit(self.record_instances, self.record_instance)
+            self._index_group_pid = os.getpid()
+        return group.submit(rec)
+
+    @staticmethod
+    def _instance_texts(rec: InstanceRecord) -> tuple[str, str]:
+        """The tags as stored (JSON) and the series' search text, for :meth:`_record_instance_in`."""
+        return json.dumps(dict(rec.tags), sort_keys=True), series_search_text(rec.tags)
+
+    def _record_instance_in(self, c: Connection, rec: InstanceRecord, tags: str,
+                            search: str) -> Literal["new", "duplicate"]:
+        """The statements of :meth:`record_instance` but the refusal's, inside the caller's transaction.
+
+        Three statements in the usual case (insert or count the duplicate; the series with its
+        finished early starts counted; the series' update): each statement gives the GIL away
+        and waits to get it back, which is what a C-STORE's index time is made of in a busy
+        receiver (bench/README.md)."""
+        now = rec.received_at if rec.received_at is not None else time.time()
+        (count,) = c.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid, path,"
+            " transfer_syntax, size, sha256, calling_ae, called_ae, peer_address, received_at,"
+            " last_received_at, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (sop_instance_uid) DO UPDATE SET received_count = instances.received_count + 1,"
+            " last_received_at = excluded.last_received_at RETURNING received_count",
+            (
+                rec.sop_instance_uid,
+                rec.sop_class_uid,
+                rec.series_uid,
+                rec.study_uid,
+                str(rec.path),
+                rec.transfer_syntax,
+                rec.size,
+                rec.sha256,
+                rec.calling_ae,
+                rec.called_ae,
+                rec.peer_address,
+                now,
+                now,
+                tags,
+            ),
+        ).fetchall()[0]  # fetchall: the statement runs to its end (SQLite)
+        if count > 1:  # the row was there: a duplicate, counted
+            return "duplicate"
+        row = c.execute(
+            "SELECT state, generation, (SELECT COUNT(*) FROM jobs WHERE jobs.series_uid = series.series_uid"
+            " AND jobs.generation = series.generation AND provisional = 1 AND jobs.state IN (?, ?)) AS early"
+            " FROM series WHERE series_uid = ?", (JobState.DONE, JobState.FAILED, rec.series_uid)).fetchone()
+        if row is None:
             c.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid, path,"
-                " transfer_syntax, size, sha256, calling_ae, called_ae, peer_address, received_at,"
-                " last_received_at, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO series (series_uid, study_uid, first_received_at, last_received_at,"
+                " instance_count, state, state_changed_at, calling_ae, called_ae, peer_address, tags, search)"
+                " VALUES (?,?,?,?,1,'receiving',?,?,?,?,?,?)",
                 (
-                    rec.sop_instance_uid,
-                    rec.sop_class_uid,
                     rec.series_uid,
                     rec.study_uid,
-                    str(rec.path),
-                    rec.transfer_syntax,
-                    rec.size,
-                    rec.sha256,
+                    now,
+                    now,
+                    now,
                     rec.calling_ae,
                     rec.called_ae,
                     rec.peer_address,
-                    now,
-                    now,
                     tags,
+                    search,
                 ),
             )
-            row = c.execute("SELECT state, generation FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone()
-            if row is None:
-                c.execute(
-                    "INSERT INTO series (series_uid, study_uid, first_received_at, last_received_at,"
-                    " instance_count, state, state_changed_at, calling_ae, called_ae, peer_address, tags, search)"
-                    " VALUES (?,?,?,?,1,'receiving',?,?,?,?,?,?)",
-                    (
-                        rec.series_uid,
-                        rec.study_uid,
-                        now,
-                        now,
-                        now,
-                        rec.calling_ae,
-                        rec.called_ae,
-                        rec.peer_address,
-                        tags,
-                        series_search_text(rec.tags),
-                    ),
-                )
-            elif row["state"] == SeriesState.RECEIVING:
-                c.execute(
-                    "UPDATE series SET instance_count = instance_count + 1,"
-                    " last_received_at = MAX(last_received_at, ?) WHERE series_uid = ?",
-                    (now, rec.series_uid),
-                )
-                # a series created by a refusal (record_refusal) has no tags until its first instance
-                c.execute("UPDATE series SET tags = ?, search = ? WHERE series_uid = ? AND instance_count = 1"
-                          " AND tags = '{}'", (tags, series_search_text(rec.tags), rec.series_uid))
+        elif row["state"] == SeriesState.RECEIVING:
+            # a series created by a refusal (record_refusal) has no tags until its first instance
+            c.execute(
+                "UPDATE series SET instance_count = instance_count + 1,"
+                " last_received_at = MAX(last_received_at, ?),"
+                " tags = CASE WHEN instance_count = 0 AND tags = '{}' THEN ? ELSE tags END,"
+                " search = CASE WHEN instance_count = 0 AND tags = '{}' THEN ? ELSE search END"
+                " WHERE series_uid = ?",
+                (now, tags, search, rec.series_uid),
+            )
+            if row["early"]:
                 # an early-started result of this generation no longer matches the series: run again
                 stale = [r[0] for r in c.execute(
                     "SELECT id FROM jobs WHERE series_uid = ? AND generation = ? AND provisional = 1"
@@ -756,18 +841,18 @@ class Store:
                 if n:
                     log.info("series %s: %d early-start result(s) discarded: new instances arrived; queued again",
                              rec.series_uid, n)
-            else:
-                c.execute(
-                    "UPDATE series SET instance_count = instance_count + 1,"
-                    " last_received_at = MAX(last_received_at, ?), state = 'receiving',"
-                    " state_changed_at = ?, generation = generation + 1, error = NULL WHERE series_uid = ?",
-                    (now, now, rec.series_uid),
-                )
-                c.execute(
-                    "UPDATE jobs SET state = 'superseded', finished_at = ?,"
-                    " error = 'new instances arrived for the series' WHERE series_uid = ? AND state = 'queued'",
-                    (now, rec.series_uid),
-                )
+        else:
+            c.execute(
+                "UPDATE series SET instance_count = instance_count + 1,"
+                " last_received_at = MAX(last_received_at, ?), state = 'receiving',"
+                " state_changed_at = ?, generation = generation + 1, error = NULL WHERE series_uid = ?",
+                (now, now, rec.series_uid),
+            )
+            c.execute(
+                "UPDATE jobs SET state = 'superseded', finished_at = ?,"
+                " error = 'new instances arrived for the series' WHERE series_uid = ? AND state = 'queued'",
+                (now, rec.series_uid),
+            )
         return "new"
 
     def record_conflict(self, series_uid: str, replacement: InstanceRecord | None = None) -> None:

@@ -57,3 +57,90 @@ def test_atomic_copy_returns_size_and_digest(tmp_path):
     size, digest = atomic_copy(src, tmp_path / "out" / "dst")
     assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "out" / "dst").read_bytes() == data
+
+
+def test_folder_fsync_shared_by_concurrent_renames_never_before_each_rename(tmp_path):
+    """Every caller returns only after a folder fsync that began after its rename has ended; renames
+    waiting while an fsync runs share the next one; another folder does not wait for this one."""
+    import itertools
+    import threading
+
+    from node.durable import FolderSync, fsync_dir
+
+    log: list[tuple[str, str, int]] = []
+    lock = threading.Lock()
+    first_may_end = threading.Event()
+    numbers = itertools.count()
+
+    def fsync(path: str) -> None:
+        with lock:
+            n = next(numbers)
+            log.append(("begin", path, n))
+        if n == 0:
+            first_may_end.wait(10)  # a slow disk: the renames behind it queue
+        fsync_dir(path)
+        with lock:
+            log.append(("end", path, n))
+
+    sync = FolderSync(fsync)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+
+    def write(folder, k: int) -> None:
+        tmp = folder / f".{k}.tmp"
+        tmp.write_bytes(b"x")
+        os.replace(tmp, folder / f"{k}.dcm")
+        with lock:
+            log.append(("rename", str(folder), k))
+        sync.after_rename(folder)
+        with lock:
+            log.append(("return", str(folder), k))
+
+    first = threading.Thread(target=write, args=(a, 0))
+    first.start()
+    while not log or log[-1][0] != "begin":
+        threading.Event().wait(0.001)
+    others = [threading.Thread(target=write, args=(a, k)) for k in range(1, 12)]
+    for t in others:
+        t.start()
+    while sync.renames < 12:
+        threading.Event().wait(0.001)
+    write(b, 99)  # another folder: its own fsync at once, not behind a's
+    first_may_end.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert sorted(k for e, f, k in log if e == "return" and f == str(a)) == list(range(12))
+    for i, (event, folder, k) in enumerate(log):
+        if event != "rename":
+            continue
+        back = next(j for j, e in enumerate(log) if e == ("return", folder, k))
+        began_after = {n for e, f, n in log[i:back] if e == "begin" and f == folder}
+        assert any(("end", folder, n) in log[i:back] for n in began_after), (folder, k)
+    assert sync.fsyncs == 3  # a: the first rename alone, then one for the 11 that queued; b: one
+    assert not sync._folders  # nothing kept once nobody waits
+
+
+def test_a_forked_child_does_not_inherit_a_held_folder_sync(tmp_path):
+    """A child forked while a thread of its parent is inside the folder fsync writes durably on its own."""
+    import threading
+
+    from node import durable
+
+    held = durable.FOLDER_SYNC._lock
+    held.acquire()  # as if another thread were inside after_rename when the fork happens
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its durable write must not wait for the parent's lock
+            code = 1
+            try:
+                t = threading.Thread(target=atomic_write, args=(tmp_path / "child" / "f", b"x"), daemon=True)
+                t.start()
+                t.join(5)
+                code = 0 if not t.is_alive() and (tmp_path / "child" / "f").read_bytes() == b"x" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        held.release()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -446,3 +446,70 @@ def test_idle_association_threads_wait_instead_of_polling(receiver):
         assert assoc.send_c_echo().Status == 0x0000  # a request wakes them
     finally:
         assoc.release()
+
+
+@needs_data
+@pytest.mark.parametrize("source", ["ct-j2k", "mr-synthetic"])
+def test_concurrent_associations_each_answered_after_its_instance_is_indexed(receiver, tmp_path, source):
+    """8 associations at once (the index inserts of their C-STOREs grouped into shared transactions,
+    Store.record_instance_grouped): every success comes after the instance's row is committed,
+    a SOP instance sent on two associations is stored once and counted twice, nothing is lost.
+    A real J2K CT series, and a synthetic MR series (explicit VR) made from the MR volume."""
+    import threading
+
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]  # sop_class makes its names at import
+
+    from node.scp.sender import _associate
+    from node.tools.synth_series import write_series
+
+    rx, store = receiver
+    if source == "ct-j2k":
+        files = sorted(J2K.glob("*.dcm"))[:6]
+        ae = pynet_ae()
+    else:
+        files = sorted(write_series(DATA / "mr-small" / "mr.nii.gz", tmp_path / "mr", size=(64, 64, 6),
+                                    modality="MR", series_description="synthetic MR"))
+        ae = AE(ae_title="PYTEST")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
+    series = [generate_uid() for _ in range(4)]  # two associations per series, as a PACS may send
+    sops = [[generate_uid() for _ in files] for _ in series]
+    not_indexed: list[str] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send(k: int) -> None:
+        s = k // 2
+        assoc = _associate(ae, ("DICOMNODE", "127.0.0.1", rx.port), "PYTEST")
+        try:
+            for i, f in enumerate(files):
+                if k % 2 and i % 2:  # the second association of a series sends only every other instance
+                    continue
+                ds = dcmread(f)
+                ds.SeriesInstanceUID, ds.SOPInstanceUID = series[s], sops[s][i]
+                ds.file_meta.MediaStorageSOPInstanceUID = sops[s][i]
+                status = assoc.send_c_store(ds).Status
+                # read at once from another connection: a success means the row is committed
+                row = store.get_instance(sops[s][i])
+                with lock:
+                    statuses.append(status)
+                    if row is None:
+                        not_indexed.append(sops[s][i])
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(2 * len(series))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    sent = len(series) * (len(files) + len(files) // 2)
+    assert statuses == [0x0000] * sent and not_indexed == []
+    assert store.count_instances() == len(series) * len(files)
+    for uid in series:
+        assert store.get_series(uid).instance_count == len(files)
+        assert sorted(i.received_count for i in store.series_instances(uid)) == [1, 1, 1, 2, 2, 2]
+    assert rx.stats["stored"] == len(series) * len(files) and rx.stats["duplicates"] == sent - len(series) * len(files)
+    group = store._index_group
+    assert group is not None and group.items == sent  # every index insert went through the grouping

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.contracts import JobParams, JobResult, JobState
+from node.contracts import JobParams, JobResult, JobState, Resource
 from node.store import SCHEMA_VERSION, InstanceRecord, Store
 
 
@@ -345,3 +345,213 @@ def test_job_rows_in_the_json_shape_written_before_stay_readable(store):
     bare = store.get_job(_insert_job(store, "{}", json.dumps({"output_dir": "/c", "meshes": []}), "queued"))
     assert bare.params == JobParams() and bare.params.supersede and bare.result.meshes == ()
     assert store.get_job(_insert_job(store, "{}", "{}")).result == JobResult()
+
+
+# -- group commit of the index (Store.record_instances, Store.record_instance_grouped) --------------
+
+def _prefixed(r: InstanceRecord, p: str) -> InstanceRecord:
+    return InstanceRecord(**{**r.__dict__, "sop_instance_uid": p + r.sop_instance_uid, "series_uid": p + r.series_uid,
+                             "study_uid": p + r.study_uid, "path": r.path.replace("/spool/", f"/spool/{p}")})
+
+
+def _index_state(store: Store, p: str) -> dict:
+    """What the index holds for the UIDs starting with ``p`` (prefix cut off; job ids left out)."""
+    like = (p + "%",)
+
+    def rows(sql: str) -> list:
+        # UIDs and paths without the prefix (tags and search text hold none)
+        return sorted(tuple(x.replace(p, "") if isinstance(x, str) and k not in ("tags", "search") else x
+                            for k, x in zip(r.keys(), r)) for r in store.conn.execute(sql, like))
+
+    return {
+        "instances": rows("SELECT sop_instance_uid, series_uid, path, size, received_at, last_received_at,"
+                          " received_count, tags FROM instances WHERE sop_instance_uid LIKE ?"),
+        "series": rows("SELECT series_uid, instance_count, state, generation, first_received_at, last_received_at,"
+                       " tags, search, error FROM series WHERE series_uid LIKE ?"),
+        "jobs": rows("SELECT series_uid, rule, state, attempts, provisional, error, result FROM jobs"
+                     " WHERE series_uid LIKE ?"),
+        "refused": rows("SELECT sop_instance_uid, reason FROM refused_instances WHERE sop_instance_uid LIKE ?"),
+    }
+
+
+def _index_scenario(store: Store, p: str, t0: float) -> list[InstanceRecord]:
+    """Series in every state record_instance treats differently; returns the instances to index next."""
+    # an early start that finished on EARLY's first instance (goes back to queued on a new one)
+    store.record_instance(_prefixed(rec("e1", series="EARLY", at=t0), p))
+    jid, _ = store.create_job(p + "EARLY", "r", profile="p", backend="b", rules_version="v", generation=1,
+                              provisional=True, resource=Resource.GPU)
+    claimed = store.claim_job("w", now=t0 + 60, early_quiet_s=1, kinds=[Resource.GPU])
+    assert claimed is not None and claimed.id == jid and store.complete_job(jid)
+    # a complete series with a queued job (a new instance: generation 2, the job superseded)
+    store.record_instance(_prefixed(rec("d1", series="DONE", at=t0), p))
+    assert store.complete_series(p + "DONE", quiet_period_s=1, now=t0 + 10)
+    store.create_job(p + "DONE", "r", profile="p", backend="b", rules_version="v", generation=1)
+    # an instance refused for want of space (its refusal row goes when it arrives)
+    store.record_refusal(p + "r1", p + "REF", p + "T1", "disk full", now=t0)
+    batch = [rec("e2", series="EARLY", at=t0 + 20), rec("d2", series="DONE", at=t0 + 21),
+             rec("r1", series="REF", at=t0 + 22, tags={"Modality": "CT", "PatientID": "P123"}), rec("n1", series="NEW", at=t0 + 23),
+             rec("n1", series="NEW", at=t0 + 24),  # the same SOP instance twice in one batch
+             rec("n2", series="NEW", at=t0 + 25), rec("e1", series="EARLY", at=t0 + 26)]
+    return [_prefixed(r, p) for r in batch]
+
+
+def test_record_instances_in_one_transaction_as_one_by_one(store):
+    t0 = time.time() - 1000
+    one = _index_scenario(store, "a.", t0)
+    many = _index_scenario(store, "b.", t0)
+    outcomes_one = [store.record_instance(r) for r in one]
+    outcomes_many = store.record_instances(many)
+    assert outcomes_one == outcomes_many == ["new", "new", "new", "new", "duplicate", "new", "duplicate"]
+    a, b = _index_state(store, "a."), _index_state(store, "b.")
+    assert a == b
+    assert a["refused"] == [] and {s[0]: s[3] for s in a["series"]} == {"DONE": 2, "EARLY": 1, "NEW": 1, "REF": 1}
+    assert sorted((j[0], j[2]) for j in a["jobs"]) == [("DONE", "superseded"), ("EARLY", "queued")]
+    # the series a refusal made gets its tags from its first instance; the others keep their first's
+    assert {x[0]: (x[1], x[6]) for x in a["series"]}["REF"] == (1, '{"Modality": "CT", "PatientID": "P123"}')
+    refused = store.get_series("b.REF")
+    assert refused is not None and refused.tags["PatientID"] == "P123" and "p123" in (refused.search or "")
+
+
+def test_one_failing_instance_of_a_batch_fails_alone(store):
+    t0 = time.time() - 100
+    store.record_refusal("bad", "S1", "T1", "disk full", now=t0)
+    bad = InstanceRecord(**{**rec("bad", at=t0 + 1).__dict__, "sop_class_uid": None})  # NOT NULL in the table
+    out = store.record_instances([rec("1", at=t0), bad, rec("2", at=t0 + 2)])
+    assert out[0] == out[2] == "new" and isinstance(out[1], sqlite3.IntegrityError)
+    assert store.get_instance("bad") is None and store.get_instance("1") and store.get_instance("2")
+    # the failed instance's own statements before the failing one were undone (its savepoint)
+    assert [r[0] for r in store.refused_instances("S1")] == ["bad"]
+    assert store.get_series("S1").instance_count == 2
+    # through the batching front: the error goes to its caller alone
+    with pytest.raises(sqlite3.IntegrityError):
+        store.record_instance_grouped(InstanceRecord(**{**bad.__dict__, "received_at": t0 + 3}))
+    assert store.record_instance_grouped(rec("3", at=t0 + 4)) == "new"
+
+
+def test_concurrent_callers_get_the_content_and_outcomes_of_one_by_one(store):
+    threads, per_thread = 16, 12
+    t0 = time.time() - 1000
+
+    def work(k: int) -> list[InstanceRecord]:
+        # 4 series shared by all threads (one receive time and the same tags per series, so that the
+        # order of arrival does not matter), and every SOP instance sent by two threads
+        return [rec(f"{(k // 2)}.{i}", series=f"S{i % 4}", at=t0 + i % 4) for i in range(per_thread)]
+
+    for i in range(per_thread):
+        store.record_instance(_prefixed(rec(f"x{i}", series=f"S{i % 4}", at=t0 + i % 4), "one."))
+    expected: dict[str, list[str]] = {}
+    for k in range(threads):
+        for r in work(k):
+            expected.setdefault(r.sop_instance_uid, []).append(store.record_instance(_prefixed(r, "one.")))
+
+    got: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+    for i in range(per_thread):
+        store.record_instance(_prefixed(rec(f"x{i}", series=f"S{i % 4}", at=t0 + i % 4), "many."))
+
+    def run(k: int) -> None:
+        try:
+            start.wait()
+            for r in work(k):
+                outcome = store.record_instance_grouped(_prefixed(r, "many."))
+                with lock:
+                    got.setdefault(r.sop_instance_uid, []).append(outcome)
+        except BaseException as exc:  # noqa: BLE001 - any failure in a thread, asserted below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors
+    # each SOP instance: one "new", one "duplicate", whichever thread came first
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in expected.items()}
+    assert all(sorted(v) == ["duplicate", "new"] for v in got.values())
+    assert _index_state(store, "many.") == _index_state(store, "one.")
+    group = store._index_group
+    assert group is not None and group.items == threads * per_thread and group.pending() == 0
+
+
+def test_callers_waiting_meanwhile_are_indexed_in_one_transaction(store):
+    """While one batch waits for the write lock, the callers arriving are all in the next one."""
+    began: list[int] = []
+    tx = store.engine.transaction
+
+    def counted():  # every transaction the store begins, on either engine
+        began.append(1)
+        return tx()
+
+    store.engine.transaction = counted
+    out: dict[str, str] = {}
+    callers = 8
+    with store.transaction():  # another writer holds the lock
+        began.clear()
+        ts = [threading.Thread(target=lambda k=k: out.__setitem__(str(k), store.record_instance_grouped(rec(str(k)))))
+              for k in range(callers)]
+        ts[0].start()
+        deadline = time.monotonic() + 10
+        while not began and time.monotonic() < deadline:  # the first caller leads, waiting for the lock
+            time.sleep(0.005)
+        for t in ts[1:]:
+            t.start()
+        while store._index_group.pending() < callers - 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert store._index_group.pending() == callers - 1
+    for t in ts:
+        t.join(30)
+    assert out == {str(k): "new" for k in range(callers)}
+    assert len(began) == 2  # the first caller alone, then the 7 that queued behind it
+    assert (store._index_group.batches, store._index_group.items) == (2, callers)
+    assert store.get_series("S1").instance_count == callers
+
+
+def test_group_commit_a_failed_batch_is_done_again_item_by_item():
+    """When a batch's transaction fails as a whole (nothing committed), each of its items is run
+    alone: only the item that fails alone fails; and a lone caller never waits for company."""
+    from node.store_group import GroupCommit
+
+    gate = threading.Event()
+    done_alone: list[str] = []
+
+    def run_batch(items):
+        if list(items) == ["first"]:
+            gate.wait(10)  # the first batch is slow: the others queue meanwhile
+        if "poison" in items:
+            raise sqlite3.OperationalError("the transaction failed")
+        return [f"{i}:batch" for i in items]
+
+    def run_one(item):
+        if item == "poison":
+            raise ValueError("poison alone")
+        done_alone.append(item)
+        return f"{item}:alone"
+
+    group: GroupCommit[str, str] = GroupCommit(run_batch, run_one)
+    assert group.submit("solo") == "solo:batch" and (group.batches, group.items) == (1, 1)
+    results: dict[str, object] = {}
+
+    def call(item: str) -> None:
+        try:
+            results[item] = group.submit(item)
+        except Exception as exc:  # noqa: BLE001 - the item's error is what the test checks
+            results[item] = exc
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    while group._busy is False:
+        time.sleep(0.001)
+    others = [threading.Thread(target=call, args=(i,)) for i in ("a", "poison", "b")]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while group.pending() < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    gate.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert results["first"] == "first:batch" and results["a"] == "a:alone" and results["b"] == "b:alone"
+    assert isinstance(results["poison"], ValueError) and done_alone == ["a", "b"]
+    assert (group.batches, group.items, group.pending(), group._busy) == (3, 5, 0, False)

@@ -14,10 +14,14 @@ import pytest
 from test_store import (  # the SQLite store tests, run again here against PostgreSQL (fixture below)
     rec,
     test_attempts_given_back_never_go_below_zero,
+    test_callers_waiting_meanwhile_are_indexed_in_one_transaction,
     test_claim_fail_retry_complete,
+    test_concurrent_callers_get_the_content_and_outcomes_of_one_by_one,
     test_dispatch_bookkeeping,
     test_job_rows_in_the_json_shape_written_before_stay_readable,
     test_late_instance_reopens_series_new_generation,
+    test_one_failing_instance_of_a_batch_fails_alone,
+    test_record_instances_in_one_transaction_as_one_by_one,
     test_record_new_duplicate_and_series,
     test_requeue_job_counts_the_try_or_gives_it_back,
     test_series_state_transitions,
@@ -33,6 +37,10 @@ __all__ = [  # re-exported tests: pytest collects them in this module, with this
     "test_job_rows_in_the_json_shape_written_before_stay_readable", "test_late_instance_reopens_series_new_generation",
     "test_record_new_duplicate_and_series", "test_requeue_job_counts_the_try_or_gives_it_back",
     "test_series_state_transitions",
+    # group commit of the index (savepoints per instance on PostgreSQL too)
+    "test_callers_waiting_meanwhile_are_indexed_in_one_transaction",
+    "test_concurrent_callers_get_the_content_and_outcomes_of_one_by_one",
+    "test_one_failing_instance_of_a_batch_fails_alone", "test_record_instances_in_one_transaction_as_one_by_one",
 ]
 
 

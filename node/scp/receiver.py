@@ -427,7 +427,7 @@ class Receiver:
                 self.store.record_conflict(series_uid, replacement=rec)
                 outcome = "replaced"
             else:
-                outcome = self.store.record_instance(rec)
+                outcome = self.store.record_instance_grouped(rec)  # one transaction with concurrent C-STOREs
         except Exception:  # the rescan at next start indexes the file
             self._count("index_errors")
             log.exception("C-STORE %s: stored %s but could not index it (will be indexed on rescan)", who, path)
