@@ -67,13 +67,15 @@ def make_series(folder: Path, size: tuple[int, int, int]) -> list[Path]:
                                series_description="CT Body soak", series_number=3))
 
 
-def start_node(work: Path, workers: int | None) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_node(work: Path, workers: int | None, jobs: bool = True) -> tuple[subprocess.Popen[bytes], int, Path]:
     import yaml
 
     port = free_port()
     rules = work / "routing_rules.yaml"
     rules.write_text(yaml.safe_dump({"rules": [{
-        "name": "soak-bones", "match": {"Modality": "CT"}, "profile": "bones", "destinations": [],
+        # --no-jobs: a rule no series matches (each is kept, unrouted): the receive path alone
+        "name": "soak-bones", "match": {"Modality": "CT" if jobs else "NO-SUCH-MODALITY"}, "profile": "bones",
+        "destinations": [],
         "share": False}]}))
     cfg: dict[str, Any] = {
         "ae_title": "DICOMNODE", "port": port, "bind_address": "127.0.0.1", "storage": str(work / "var"),
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle-minutes", type=float, default=10.0, help="wait this long for every series to be done")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="instances per second per sender (default 0: each sends as fast as it is answered)")
+    ap.add_argument("--no-jobs", action="store_true",
+                    help="route no series (no jobs run): the receive path alone, to compare with the default")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = ap.parse_args(argv)
     if not NIFTI.is_file():
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     w, h, n = (int(v) for v in args.size.split("x"))
     files = make_series(Path(tempfile.gettempdir()) / f"dicom-node-soak-{w}x{h}x{n}", (w, h, n))
     work = Path(tempfile.mkdtemp(prefix="dicom-node-soak-"))
-    proc, port, db = start_node(work, args.workers)
+    proc, port, db = start_node(work, args.workers, jobs=not args.no_jobs)
     # the node runs the code its environment imports (an editable install's checkout unless
     # PYTHONPATH says otherwise): name it, so that a figure is never credited to the wrong code
     code = subprocess.run([sys.executable, "-c", "import node; print(node.__file__)"], capture_output=True,
@@ -352,13 +356,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hostile: {tally[key]:4d} x {key}")
         n_stored, missing = stored(db, acked)
         print(f"acknowledged {len(acked)}, stored {n_stored}, lost {len(missing)}")
-        deadline = time.time() + args.settle_minutes * 60
+        deadline = time.time() + (0 if args.no_jobs else args.settle_minutes * 60)
         states = series_states(db, series)
         while states.get("done", 0) < len(series) and time.time() < deadline and proc.poll() is None:
             time.sleep(5)
             states = series_states(db, series)
-        print(f"series: {len(series)} sent, states {states}; every series done: "
-              f"{states.get('done', 0) == len(series)}")
+        print(f"series: {len(series)} sent, states {states}; " + (
+            "no jobs (--no-jobs)" if args.no_jobs else f"every series done: {states.get('done', 0) == len(series)}"))
         print(f"node still running: {proc.poll() is None}")
     finally:
         if proc.poll() is None:
