@@ -204,6 +204,11 @@ class NodeService:
         except JobLookupError:  # not scheduled yet, or shutting down
             pass
 
+    def checkpoint_store(self) -> None:
+        """The store's write-ahead log into its database file, off the receive path (Store.defer_checkpoints)."""
+        if self.store is not None:
+            self.store.checkpoint()
+
     def clean_spool(self) -> None:
         """Spool retention (:meth:`node.spool.Spool.clean`)."""
         assert self.store is not None
@@ -233,6 +238,7 @@ class NodeService:
             self._last_errors_handler = _LastErrors(self.last_errors)
             logging.getLogger().addHandler(self._last_errors_handler)
         self.store = store = Store(cfg.database_url)
+        store.defer_checkpoints()  # the scheduler's "store-checkpoint" job does them, off the receive path
         if store.shared:
             log.info("job store %s, shared with the other node processes", store.url)
         self.rules = RuleSetHolder(
@@ -262,6 +268,7 @@ class NodeService:
         sched.add_job(self.reload_rules, "interval", seconds=2, id="rules-reload")
         sched.add_job(self.run_dispatch, "interval", seconds=2, id="dispatch")
         sched.add_job(self.clean_spool, "interval", hours=1, id="spool-retention")
+        sched.add_job(self.checkpoint_store, "interval", seconds=1, id="store-checkpoint")
         if cfg.tls is not None:
             sched.add_job(self.check_certificate, "interval", hours=24, id="tls-certificate")
         sched.start()

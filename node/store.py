@@ -637,6 +637,24 @@ class Store:
         """Close every connection this object opened (in any thread)."""
         self.engine.close()
 
+    def defer_checkpoints(self) -> None:
+        """This store's commits stop checkpointing SQLite's write-ahead log; the caller runs
+        :meth:`checkpoint` every second or so from a thread of its own (the node does).
+
+        SQLite checkpoints in whichever commit makes the log pass 1000 pages: that commit copies
+        the log into the database file and syncs it while holding the write lock, so every few
+        hundred received instances one C-STORE (and those queued behind it) waited for a sync of
+        the database.  PostgreSQL: nothing to do.  Call it before other threads use the store
+        (their connections opened before keep SQLite's default).
+        """
+        if isinstance(self.engine, SQLiteEngine):
+            self.engine.defer_checkpoints()
+
+    def checkpoint(self) -> None:
+        """Checkpoint SQLite's write-ahead log without blocking writers (PostgreSQL: nothing to do)."""
+        if isinstance(self.engine, SQLiteEngine):
+            self.engine.checkpoint()
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error); yields the connection.

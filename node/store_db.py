@@ -212,6 +212,8 @@ class SQLiteEngine(Engine):
         # growing sleeps (up to 100 ms a try) kept a receiver thread waiting up to 2 s behind 15
         # others under the soak (bench/README.md); other processes still meet the busy timeout
         self._write_lock = threading.RLock()
+        #: False: commits never checkpoint the WAL (:meth:`checkpoint` does, from a thread of its own)
+        self.autocheckpoint = True
 
     def _open(self) -> _SQLiteConn:
         c = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None,
@@ -221,7 +223,20 @@ class SQLiteEngine(Engine):
         c.execute("PRAGMA journal_mode = WAL")
         c.execute("PRAGMA synchronous = NORMAL")
         c.execute("PRAGMA foreign_keys = ON")
+        if not self.autocheckpoint:
+            c.execute("PRAGMA wal_autocheckpoint = 0")
         return _SQLiteConn(c)
+
+    def defer_checkpoints(self) -> None:
+        self.autocheckpoint = False
+        c = getattr(self._local, "conn", None)
+        if c is not None:  # this thread's connection, opened already (the migration)
+            c.execute("PRAGMA wal_autocheckpoint = 0")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the database file and sync it, without blocking
+        writers (``PASSIVE``: pages a reader still uses wait for the next one)."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:

@@ -555,3 +555,34 @@ def test_group_commit_a_failed_batch_is_done_again_item_by_item():
     assert results["first"] == "first:batch" and results["a"] == "a:alone" and results["b"] == "b:alone"
     assert isinstance(results["poison"], ValueError) and done_alone == ["a", "b"]
     assert (group.batches, group.items, group.pending(), group._busy) == (3, 5, 0, False)
+
+
+def test_deferred_checkpoints_leave_the_wal_to_the_checkpoint_call(tmp_path):
+    """The node's store (Store.defer_checkpoints): no commit checkpoints SQLite's write-ahead log
+    (that commit synced the database file holding the write lock, and the C-STOREs behind it waited);
+    Store.checkpoint() does it, and the log is then written from its start again."""
+    from node.store import Store as S
+
+    def fill(store: S, n: int) -> None:
+        for k in range(n):  # about one 4 KB page each
+            store.add_audit("test.fill", username="t", detail={"pad": "x" * 3800, "k": k})
+
+    def wal_mb(store: S) -> float:
+        return store.path.with_name(store.path.name + "-wal").stat().st_size / 1e6
+
+    default = S(tmp_path / "default.db")
+    deferred = S(tmp_path / "deferred.db")
+    try:
+        deferred.defer_checkpoints()
+        fill(default, 3000)
+        fill(deferred, 3000)
+        assert wal_mb(default) < 6  # SQLite's autocheckpoint at 1000 pages kept reusing it
+        grown = wal_mb(deferred)
+        assert grown > 10  # nothing checkpointed it
+        deferred.checkpoint()
+        fill(deferred, 1000)
+        assert wal_mb(deferred) <= grown  # checkpointed: written from its start again, not appended to
+        assert deferred.count_audit("test.fill", since=0) == 4000
+    finally:
+        default.close()
+        deferred.close()
