@@ -205,6 +205,21 @@ class ConsoleLoad:
             t.join(timeout=60)
 
 
+def cpu_split(node: subprocess.Popen, console_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the node process, its console process and this benchmark
+    process (the console load's client threads): where the CPU went while the loaded arm sent."""
+    import psutil
+
+    def used(pid: int) -> float:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
+
+    return {"node": used(node.pid), "console": used(console_pid), "load clients": used(os.getpid())}
+
+
 def settle(proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
     """Wait until the node and its children are idle (under 10 % of a CPU over 1 s): the worker pool's
     forkserver preloads the pipeline modules in the background after the node listens, for several
@@ -247,9 +262,17 @@ def console_load(files: list[Path], repeat: int, clients: int, base: Path, mb: f
                     with ConsoleLoad(url, token, clients, think_s) as load:
                         time.sleep(1.0)  # the load is on before the send starts
                         before = len(load.latencies)
+                        import requests
+
+                        console_pid = int(requests.get(url + "/api/v1/health", timeout=30,
+                                                       headers={"Authorization": f"Bearer {token}"}).json()["console_pid"])
+                        cpu0 = cpu_split(proc, console_pid)
                         dt = storescu(port, "DICOMNODE", files)
+                        cpu1 = cpu_split(proc, console_pid)
                         during = load.latencies[before:]
                     served.append((len(during), dt, sorted(during), load.errors))
+                    used = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+                    print("  CPU during the send (s): " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()), flush=True)
                 else:
                     dt = storescu(port, "DICOMNODE", files)
                 times[arm].append(dt)
