@@ -1,7 +1,7 @@
 """Soak benchmark: many concurrent senders for minutes while jobs run, hostile connections mixed in.
 
     python bench/soak.py [--senders 16] [--minutes 5] [--size 192x192x40] [--workers N] [--hostile-every 3]
-                         [--rate R]
+                         [--rate R | --dcmtk-senders] [--no-jobs]
 
 1. A small CT series is made once from ``$NODE_TEST_DATA/ct-body-3mm-small/ct.nii.gz``
    (:func:`node.tools.synth_series.write_series`, cached in ``$TMPDIR``).
@@ -176,6 +176,80 @@ def sender(idx: int, port: int, files: list[str], until: float, out: Any, rate: 
     out.put((idx, times, acked, failed, series, aborts, warnings))
 
 
+_DCMTK_LOG = """log4cplus.rootLogger = INFO, console
+log4cplus.appender.console = log4cplus::ConsoleAppender
+log4cplus.appender.console.layout = log4cplus::PatternLayout
+log4cplus.appender.console.layout.ConversionPattern = %D{%s.%q} %m%n
+"""
+
+
+def _fresh_uid(uid: str, rng: random.Random) -> str:
+    """A new UID of the same length as ``uid`` (its last component's digits drawn again), so the
+    encoded files can be patched in place without re-encoding."""
+    head, _, tail = uid.rpartition(".")
+    digits = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(len(tail) - 1))
+    return f"{head}.{digits}"
+
+
+def dcmtk_sender(idx: int, port: int, files: list[str], until: float, out: Any, rate: float = 0.0) -> None:
+    """As :func:`sender`, with DCMTK's ``storescu`` (C: the client takes little CPU, as senders on other
+    hosts would not take any of the node's): one ``storescu`` per series (one association), the
+    series' files patched with fresh UIDs of the same length; each C-STORE's time from storescu's
+    own log (``Sending Store Request`` to ``Received Store Response``, millisecond timestamps).
+    No pacing (``rate`` is not supported here: storescu sends as fast as it is answered)."""
+    import re
+
+    from pydicom import dcmread
+
+    rng = random.Random(1000 + idx)
+    scratch = Path(tempfile.mkdtemp(prefix=f"dicom-node-soak-dcmtk{idx:02d}-"))
+    log_cfg = scratch / "log.cfg"
+    log_cfg.write_text(_DCMTK_LOG)
+    first = dcmread(files[0], stop_before_pixels=True)
+    study, ser = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    templates = [(Path(f).read_bytes(), str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)) for f in files]
+    sent_re = re.compile(r"(\d+\.\d+) Sending Store Request")
+    got_re = re.compile(r"(\d+\.\d+) Received Store Response \((\w+)")
+    times: list[float] = []
+    acked: list[str] = []
+    failed = 0
+    series: list[str] = []
+    aborts: list[str] = []
+    while time.time() < until:
+        new_study, new_ser = _fresh_uid(study, rng), _fresh_uid(ser, rng)
+        folder = scratch / "series"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        sops: list[str] = []
+        paths: list[str] = []
+        for k, (raw, sop) in enumerate(templates):
+            new_sop = _fresh_uid(sop, rng)
+            data = (raw.replace(study.encode(), new_study.encode()).replace(ser.encode(), new_ser.encode())
+                    .replace(sop.encode(), new_sop.encode()))
+            path = folder / f"{k:04d}.dcm"
+            path.write_bytes(data)
+            sops.append(new_sop)
+            paths.append(str(path))
+        series.append(new_ser)
+        r = subprocess.run(["storescu", "-lc", str(log_cfg), "-aet", f"SOAK{idx:02d}", "-aec", "DICOMNODE",
+                            "-to", "30", "-ta", "30", "-td", "30", "127.0.0.1", str(port), *paths],
+                           capture_output=True, text=True, timeout=600)
+        text = r.stdout + r.stderr
+        sent_at = [float(m.group(1)) for m in sent_re.finditer(text)]
+        answers = [(float(m.group(1)), m.group(2)) for m in got_re.finditer(text)]
+        for k, (t_sent, (t_got, status)) in enumerate(zip(sent_at, answers)):
+            times.append(t_got - t_sent)
+            if status == "Success":
+                acked.append(sops[k])
+            else:
+                failed += 1
+        failed += len(paths) - len(answers)
+        if r.returncode != 0:
+            aborts.append(f"storescu exit {r.returncode}: " + (text.strip().splitlines() or [""])[-1][:150])
+    shutil.rmtree(scratch, ignore_errors=True)
+    out.put((idx, times, acked, failed, series, aborts, []))
+
+
 # -- hostile connections ----------------------------------------------------------------------
 
 
@@ -282,10 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle-minutes", type=float, default=10.0, help="wait this long for every series to be done")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="instances per second per sender (default 0: each sends as fast as it is answered)")
+    ap.add_argument("--dcmtk-senders", action="store_true",
+                    help="senders run DCMTK's storescu (C) instead of pynetdicom (no --rate)")
     ap.add_argument("--no-jobs", action="store_true",
                     help="route no series (no jobs run): the receive path alone, to compare with the default")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = ap.parse_args(argv)
+    if args.dcmtk_senders and args.rate:
+        ap.error("--rate is for the pynetdicom senders (storescu sends as fast as it is answered)")
     if not NIFTI.is_file():
         print(f"{NIFTI} not found (set NODE_TEST_DATA)")
         return 2
@@ -300,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     code = subprocess.run([sys.executable, "-c", "import node; print(node.__file__)"], capture_output=True,
                           text=True, cwd=str(work)).stdout.strip()
     print(f"machine: {os.cpu_count()} CPU(s); series {w}x{h}x{n}; {args.senders} senders for {args.minutes} min; "
-          f"{f'{args.rate:g} instance(s)/s each' if args.rate > 0 else 'each as fast as it is answered'}; "
+          f"{f'{args.rate:g} instance(s)/s each' if args.rate > 0 else 'each as fast as it is answered'}"
+          f"{' (DCMTK storescu)' if args.dcmtk_senders else ' (pynetdicom)'}; "
           f"a hostile connection every {args.hostile_every} s; node on port {port}, storage {work}; "
           f"node code {Path(code).parent.parent if code else '?'}; load average {os.getloadavg()[0]:.1f}", flush=True)
     try:
@@ -308,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         started = time.time()
-        procs = [ctx.Process(target=sender, args=(i, port, [str(f) for f in files], until, q, args.rate))
+        target = dcmtk_sender if args.dcmtk_senders else sender
+        procs = [ctx.Process(target=target, args=(i, port, [str(f) for f in files], until, q, args.rate))
                  for i in range(args.senders)]
         for p in procs:
             p.start()
