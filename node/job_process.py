@@ -25,7 +25,7 @@ from node.config import ModelsConfig
 from node.contracts import FailureKind, JobResult, JobSpec, ProcessInfo
 from node.jobs import early_seg_path
 
-__all__ = ["JobDone", "JobFailed", "SegReady", "Message", "process_started"]
+__all__ = ["JobDone", "JobFailed", "SegReady", "Message", "process_started", "watch_node", "lower_priority"]
 
 log = logging.getLogger("node.job_process")
 
@@ -101,7 +101,7 @@ def _end_process_group() -> None:
         os._exit(1)
 
 
-def _watch_node(node_pid: int, node_started: float, interval_s: float = 0.5) -> None:
+def watch_node(node_pid: int, node_started: float, interval_s: float = 0.5) -> None:
     """Kill this job's process group as soon as the node process is gone (a daemon thread).
 
     The parent of a job process is the forkserver, which outlives a node killed
@@ -279,7 +279,7 @@ class _JobIdFilter(logging.Filter):
         return True
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
     """Run below the node: ``nice`` more, and the lowest best-effort I/O priority (inherited by the
     decoders and decimators this process starts)."""
     if nice <= 0:
@@ -298,8 +298,8 @@ def _setup_process(info: ProcessInfo, slot_label: str) -> None:
     except OSError:
         pass
     _apply_env(dict(info.env))
-    _lower_priority(info.nice)
-    _watch_node(info.node_pid, info.node_started)
+    lower_priority(info.nice)
+    watch_node(info.node_pid, info.node_started)
     fmt = f"%(asctime)s %(levelname)s %(name)s [{slot_label}job %(job)s]: %(message)s"
     logging.basicConfig(level=info.log_level, format=fmt)
     logsafe.install(log_phi=info.log_phi, fmt=fmt)  # one line per record, no PHI unless log_phi

@@ -16,7 +16,8 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-__all__ = ["safe", "phi", "set_log_phi", "log_phi_enabled", "log_context", "SafeFormatter", "install", "MAX_FIELD"]
+__all__ = ["safe", "phi", "set_log_phi", "log_phi_enabled", "log_context", "SafeFormatter", "install", "MAX_FIELD",
+           "RecentErrors", "RECENT_ERRORS_KEPT"]
 
 #: longest value logged whole (longer ones are cut, with the length said)
 MAX_FIELD = 200
@@ -118,3 +119,24 @@ def install(handlers: Iterable[logging.Handler] | None = None, *, log_phi: bool 
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     if log_phi is not None:
         set_log_phi(log_phi)
+
+
+#: ERROR records :class:`RecentErrors` keeps
+RECENT_ERRORS_KEPT = 20
+
+
+class RecentErrors(logging.Handler):
+    """Keeps this process's last ERROR log records (``at``, ``logger``, ``message``) in ``into``, for
+    the console's health page (the node's, and the console process's own)."""
+
+    def __init__(self, into: list[dict[str, Any]]) -> None:
+        super().__init__(level=logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not break logging
+            message = str(record.msg)
+        self.into.append({"at": record.created, "logger": record.name, "message": message[:500]})
+        del self.into[:-RECENT_ERRORS_KEPT]

@@ -20,6 +20,7 @@ from typing import Any
 from apscheduler.jobstores.base import JobLookupError
 from prometheus_client import generate_latest
 
+from node import logsafe
 from node.completion import sweep
 from node.config import NodeConfig
 from node.contracts import NodeStatus, RulesInForce
@@ -35,12 +36,9 @@ from node.scp.tls import expiry_warning
 from node.spool import Spool
 from node.store import Store
 
-__all__ = ["NodeService", "LAST_ERRORS_KEPT"]
+__all__ = ["NodeService"]
 
 log = logging.getLogger("node.service")
-
-#: the node's ERROR log records kept for the console's health page
-LAST_ERRORS_KEPT = 20
 
 
 def _skip_overlap_notice(record: logging.LogRecord) -> bool:
@@ -48,22 +46,6 @@ def _skip_overlap_notice(record: logging.LogRecord) -> bool:
     still runs: routing a large series takes longer than the 0.5 s tick, and skipping is intended
     (``max_instances: 1``, ``coalesce``)."""
     return "maximum number of running instances reached" not in record.getMessage()
-
-
-class _LastErrors(logging.Handler):
-    """Keeps the node's last ERROR log records for the console's health page."""
-
-    def __init__(self, into: list[dict[str, Any]]) -> None:
-        super().__init__(level=logging.ERROR)
-        self.into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string must not break logging
-            message = str(record.msg)
-        self.into.append({"at": record.created, "logger": record.name, "message": message[:500]})
-        del self.into[:-LAST_ERRORS_KEPT]
 
 
 class NodeService:
@@ -235,7 +217,7 @@ class NodeService:
         os.umask(0o777 & ~(cfg.file_mode | cfg.dir_mode))
         makedirs_durable(cfg.storage)
         if cfg.http.enabled:
-            self._last_errors_handler = _LastErrors(self.last_errors)
+            self._last_errors_handler = logsafe.RecentErrors(self.last_errors)
             logging.getLogger().addHandler(self._last_errors_handler)
         self.store = store = Store(cfg.database_url)
         store.defer_checkpoints()  # the scheduler's "store-checkpoint" job does them, off the receive path

@@ -410,3 +410,29 @@ def test_audit_export_streams_page_by_page(tmp_path: Path) -> None:
         assert reads == [1000, 1000, 500, 0]
     finally:
         store.close()
+
+
+def test_the_console_process_own_errors_are_on_the_health_page(tmp_path: Path) -> None:
+    """In its own process the console keeps its own ERROR records (an unhandled request is logged
+    there, not in the node); the health report shows them with the node's, in time order."""
+    from node import logsafe
+    from node.console.context import ConsoleContext
+    from node.console.routes_health import health_report
+
+    store = Store(tmp_path / "node.db")
+    ctx = ConsoleContext(config=NodeConfig(storage=tmp_path), store=store)
+    handler = logsafe.RecentErrors(ctx.own_errors)
+    logger = logging.getLogger("test.console.errors")
+    logger.addHandler(handler)
+    try:
+        logger.error("Exception in ASGI application: %s", "boom")
+        logger.warning("not an error")
+        got = health_report(ctx)["last_errors"]
+        assert [(e["logger"], e["message"]) for e in got] == [("test.console.errors", "Exception in ASGI application: boom")]
+        for k in range(logsafe.RECENT_ERRORS_KEPT + 5):
+            logger.error("error %d", k)
+        got = health_report(ctx)["last_errors"]
+        assert len(got) == logsafe.RECENT_ERRORS_KEPT and got[-1]["message"] == f"error {logsafe.RECENT_ERRORS_KEPT + 4}"
+    finally:
+        logger.removeHandler(handler)
+        store.close()

@@ -63,6 +63,9 @@ class ConsoleContext:
     started_at: float = field(default_factory=time.time)
     #: the address the console listens on once started (``https://127.0.0.1:8080``), for messages
     url: str = ""
+    #: the console process's own last ERROR records (node.logsafe.RecentErrors; the node's come in its
+    #: status); empty when the console runs in the node's process, whose records the node keeps
+    own_errors: list[dict[str, Any]] = field(default_factory=list)
 
     #: :meth:`cached` values: key -> (time computed, value)
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)

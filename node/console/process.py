@@ -41,12 +41,12 @@ def _console_main(config: NodeConfig, secret: bytes, conn: Connection, ready: Co
                   node: tuple[int, float], log_level: int) -> None:
     """The console process: niced, in a process group of its own, watching the node; serves the
     console until SIGTERM (from the node) or the node is gone."""
-    # its own group: the node's Ctrl-C is the node's to handle, and _watch_node ends this group only
+    # its own group: the node's Ctrl-C is the node's to handle, and watch_node ends this group only
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from node.job_process import _lower_priority, _watch_node
+    from node.job_process import lower_priority, watch_node
 
-    _lower_priority(CONSOLE_NICENESS)  # CPU and I/O, before any thread starts: they all inherit it
+    lower_priority(CONSOLE_NICENESS)  # CPU and I/O, before any thread starts: they all inherit it
     from node import logsafe
     from node.console.control import RemoteNode
     from node.console.context import ConsoleContext
@@ -55,12 +55,14 @@ def _console_main(config: NodeConfig, secret: bytes, conn: Connection, ready: Co
 
     logging.basicConfig(level=log_level, stream=sys.stderr)  # the node's log: its stderr, its level
     logsafe.install(log_phi=config.log_phi)
-    _watch_node(*node)
+    watch_node(*node)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
     store = Store(config.database_url)
-    server = ConsoleServer(ConsoleContext(config=config, store=store, node=RemoteNode(conn), secret=secret),
-                           lower_thread_priority=False)
+    ctx = ConsoleContext(config=config, store=store, node=RemoteNode(conn), secret=secret)
+    # this process's own errors (an unhandled request) reach the health page beside the node's
+    logging.getLogger().addHandler(logsafe.RecentErrors(ctx.own_errors))
+    server = ConsoleServer(ctx, lower_thread_priority=False)
     try:
         server.start(timeout_s=START_TIMEOUT_S)
     except RuntimeError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from node.logsafe import RECENT_ERRORS_KEPT
 from node.console.auth import Principal, Role, require
 from node.console.context import ConsoleContext, NodeUnreachable, get_ctx
 from node.console.web import render
@@ -107,7 +108,9 @@ def health_report(ctx: ConsoleContext) -> dict[str, Any]:
         "pid": st.pid if st is not None else None,  # the node's
         "console_pid": os.getpid(),  # the console runs in a process of its own (docs/console.md)
         "checks": _ready_checks(ctx, got),
-        "last_errors": list(st.last_errors) if st is not None else [],
+        # the node's and the console process's own, in time order
+        "last_errors": sorted([*(st.last_errors if st is not None else ()), *ctx.own_errors],
+                              key=lambda e: float(e["at"]))[-RECENT_ERRORS_KEPT:],
     }
 
 
