@@ -289,19 +289,22 @@ class NodeService:
 
     def run_forever(self, on_ready: Any = None) -> None:
         """Start, call ``on_ready(self)``, serve until SIGTERM/SIGINT, then stop cleanly."""
-        stop_requested = threading.Event()
+        # The handler only appends to a list: a handler that took a lock (Event.set, logging) ran
+        # again, in the same thread, when a second signal came while the first held it (Ctrl-C
+        # twice, `timeout` and a kill) and waited for itself for ever: the node never stopped.
+        received: list[int] = []
 
         def _signal(signum: int, _frame: Any) -> None:
-            log.info("received %s", signal.Signals(signum).name)
-            stop_requested.set()
+            received.append(signum)
 
         old = {s: signal.signal(s, _signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
             if on_ready is not None:
                 on_ready(self)
-            while not stop_requested.wait(1.0):
-                pass
+            while not received:
+                time.sleep(0.2)
+            log.info("received %s", ", ".join(signal.Signals(s).name for s in received))
         finally:
             self.stop()
             for s, h in old.items():

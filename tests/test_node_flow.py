@@ -595,3 +595,29 @@ def test_sigkill_during_an_early_start(node_factory):
         assert len(s.list_dispatches(job_id=job.id)) == 2
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_in_a_burst_stop_the_node(node_factory, sig):
+    """Ctrl-C twice, or `timeout` and a kill: a second signal came while the first one's handler
+    held a lock (Event.set), the handler ran again in the same thread and waited for itself: the
+    node never stopped.  Signals in a burst now stop it like one, console process included."""
+    node = node_factory().start()
+    assert node.proc is not None
+    pid = node.proc.pid
+    console = [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    end = time.monotonic() + 3.0  # signals keep coming while the node stops
+    while time.monotonic() < end and node.proc.poll() is None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+    try:
+        node.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        raise AssertionError(f"the node did not stop after a burst of {sig.name}; log:\n"
+                             f"{node.log.read_text()[-3000:]}") from None
+    assert "node stopped" in node.log.read_text()
+    gone = psutil.wait_procs(console, timeout=15)[1]
+    assert not gone, f"the console process outlived its node: {gone}"

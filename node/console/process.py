@@ -56,8 +56,8 @@ def _console_main(config: NodeConfig, secret: bytes, conn: Connection, ready: Co
     logging.basicConfig(level=log_level, stream=sys.stderr)  # the node's log: its stderr, its level
     logsafe.install(log_phi=config.log_phi)
     watch_node(*node)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    stopping: list[int] = []  # the handler takes no lock (see NodeService.run_forever): a list
+    signal.signal(signal.SIGTERM, lambda signum, _f: stopping.append(signum))
     store = Store(config.database_url)
     ctx = ConsoleContext(config=config, store=store, node=RemoteNode(conn), secret=secret)
     # this process's own errors (an unhandled request) reach the health page beside the node's
@@ -71,8 +71,8 @@ def _console_main(config: NodeConfig, secret: bytes, conn: Connection, ready: Co
         sys.exit(1)
     ready.send(("ready", server.port))
     ready.close()
-    while not stop.wait(0.5) and server.serving():
-        pass
+    while not stopping and server.serving():
+        time.sleep(0.5)
     server.stop()
     store.close()
 
