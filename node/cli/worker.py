@@ -62,10 +62,15 @@ def _quiet_env() -> dict[str, str]:
     return {k: v for k, v in quiet_dask_env().items() if k not in os.environ}
 
 
-def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
-    """Print the command line, then replace this process by it (signals and exit code are its own)."""
+def _announce(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Print the command line with its environment (usable as it is), and set that environment here."""
     print(f"dicom-node {what}: " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd), flush=True)
     os.environ.update(env)
+
+
+def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Print the command line, then replace this process by it (signals and exit code are its own)."""
+    _announce(cmd, env, what)
     os.execv(cmd[0], cmd)
 
 
@@ -91,8 +96,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         env["DICOM_NODE_MODEL_DEVICE"] = args.model_device
     if args.once:
         _run(cmd, env, "worker")  # the worker replaces this process
-    print("dicom-node worker: " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd), flush=True)
-    os.environ.update(env)
+    _announce(cmd, env, "worker")
     return _supervise(cmd, args.restart_delay_s)
 
 
