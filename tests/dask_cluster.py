@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["DaskCluster", "try_pid"]
+__all__ = ["DaskCluster", "try_pid", "running_job"]
 
 BIN = Path(sys.executable).parent
 
@@ -31,6 +31,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def running_job(list_jobs: Callable[..., list[Any]], uid: str, timeout_s: float = 120) -> Any:
+    """The running job of series ``uid``, once there is one (``list_jobs``: a store's ``list_jobs`` or
+    a test node's ``jobs``)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        running = [j for j in list_jobs(series_uid=uid) if j.state == "running"]
+        if running:
+            return running[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no running job for {uid}: {[(j.id, j.state, j.error) for j in list_jobs()]}")
 
 
 def try_pid(results: Path, job_id: int, timeout_s: float = 120) -> int:

@@ -22,11 +22,10 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from dask_cluster import try_pid
+from dask_cluster import running_job, try_pid
 from multinode_helpers import (
     SharedNode,
     acknowledged,
@@ -41,7 +40,6 @@ from multinode_helpers import (
 from test_e2e_orthanc import DICOM_NODE, J2K
 from test_e2e_orthanc import RULES as HU_RULES
 
-from node.store import Store
 
 HAVE_AI = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("nnunetv2") is not None
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
@@ -114,15 +112,6 @@ def group(tmp_path, orthanc, pg_url, cluster):
             n.stop()
 
 
-def running_job(store: Store, uid: str, timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        running = [j for j in store.list_jobs(series_uid=uid) if j.state == "running"]
-        if running:
-            return running[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no running job: {[(j.id, j.state, j.error) for j in store.list_jobs()]}")
-
 
 def jobs_show(node: SharedNode, job_id: int) -> str:
     r = subprocess.run([str(DICOM_NODE), "jobs", "show", str(job_id), "--config", str(node.config_path)],
@@ -174,7 +163,7 @@ def test_kill_9_a_dask_worker_mid_job(group, cluster, series):
     acked = send_split(nodes, files)
     store = nodes[0].store
     try:
-        job = running_job(store, uid)
+        job = running_job(store.list_jobs, uid, 60)
         pid = try_pid(shared / "results", job.id)
         try_proc = psutil.Process(pid)
         forkserver = try_proc.parent()
@@ -203,7 +192,7 @@ def test_kill_9_the_scheduler_mid_job_and_restart_it(group, cluster, series):
     acked = send_split(nodes, files)
     store = nodes[0].store
     try:
-        job = running_job(store, uid)
+        job = running_job(store.list_jobs, uid, 60)
         try_pid(shared / "results", job.id)
         cluster.kill_scheduler()
         time.sleep(1.0)
@@ -228,7 +217,7 @@ def test_kill_9_a_node_mid_job(group, cluster, series):
     acked = send_split(nodes, files)
     store = nodes[0].store
     try:
-        job = running_job(store, uid)
+        job = running_job(store.list_jobs, uid, 60)
         try_pid(shared / "results", job.id)  # the try is running on a worker
         assert job.worker, job
         pid = int(job.worker.split(":")[1])

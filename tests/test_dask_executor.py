@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from dask_cluster import try_pid
+from dask_cluster import running_job, try_pid
 from pydicom import dcmread
 
 from node.config import ConfigError, NodeConfig, load_config
@@ -281,15 +281,6 @@ def test_timeout_on_dask_kills_the_try_where_it_runs(tmp_path, orthanc, cluster,
         node.stop()
 
 
-def _running_job(node: Any, uid: str, timeout_s: float = 120) -> Any:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        jobs = [j for j in node.jobs(series_uid=uid) if j.state == "running"]
-        if jobs:
-            return jobs[0]
-        time.sleep(0.1)
-    raise AssertionError(f"no running job for {uid}: {[(j.state, j.error) for j in node.jobs()]}")
-
 
 @pytest.mark.slow
 def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, cluster, series):
@@ -303,7 +294,7 @@ def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, clu
     try:
         files, uid = series["synth0"]
         node.send(files)
-        job = _running_job(node, uid)
+        job = running_job(node.jobs, uid)
         pid = try_pid(results, job.id)
         try_proc = psutil.Process(pid)
         forkserver = try_proc.parent()
@@ -320,7 +311,7 @@ def test_kill_9_the_gpu_worker_mid_job_then_the_scheduler(tmp_path, orthanc, clu
         # the scheduler: SIGKILL under a running job, then back on the same port
         files2, uid2 = series["j2k"]
         node.send(files2)
-        job2 = _running_job(node, uid2)
+        job2 = running_job(node.jobs, uid2)
         try_pid(results, job2.id)
         cluster.kill_scheduler()
         time.sleep(1.0)
@@ -345,7 +336,7 @@ def test_early_start_overtaken_on_dask_kills_the_try_on_the_worker(tmp_path, ort
     try:
         files, uid = series["j2k"]
         node.send(files[:10])
-        job = _running_job(node, uid)
+        job = running_job(node.jobs, uid)
         pid = try_pid(node.storage / "results", job.id)
         node.send(files[10:])
         try:
